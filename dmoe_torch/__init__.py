@@ -1,0 +1,3 @@
+"""dmoe-torch: wireless-aware distributed Mixture-of-Experts (DMoE) in PyTorch."""
+
+__version__ = "0.1.0"
