@@ -1,0 +1,122 @@
+"""The DMoE image classifier: CNN stem -> L residual MoE layers -> LayerNorm -> linear head.
+
+The coordinator runs the stem, every gate, the combine step and the head; the experts of
+MoE layer l live on the K edge devices (device k hosts expert k of every layer).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .moe import MoELayer, RouterSpec
+from .selection import Selection
+
+__all__ = ["DMoEClassifier", "ModelOutput"]
+
+
+@dataclass
+class ModelOutput:
+    """Result of :meth:`DMoEClassifier.forward`.
+
+    logits         [B, num_classes]
+    aux_loss       scalar, mean over layers of the load-balancing loss (1.0 = balanced)
+    layer_metrics  L metric dicts of the MoE layers (per-batch means, see moe.METRIC_WEIGHTS)
+    selections     L Selections (CPU)
+    """
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    layer_metrics: list[dict[str, torch.Tensor]]
+    selections: list[Selection]
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    # conv-BN-ReLU-maxpool, with the ReLU after the pooling: the same function (max-pooling
+    # and ReLU commute, both being monotone) with 4x fewer elements to rectify.
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.MaxPool2d(2),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DMoEClassifier(nn.Module):
+    """Image classifier with L distributed MoE layers.
+
+    in_channels, num_classes, image_size  from the dataset (image_size: H = W)
+    d_model         width of the hidden state sent to the experts
+    num_experts     K experts per layer (one per edge device)
+    num_moe_layers  L
+    hidden_mult     expert hidden width = hidden_mult * d_model
+
+    Stem: two conv(3x3)-BN-ReLU-maxpool(2) blocks (32, 64 channels), flatten, linear to d_model.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        d_model: int = 128,
+        num_experts: int = 8,
+        num_moe_layers: int = 2,
+        hidden_mult: int = 2,
+    ) -> None:
+        super().__init__()
+        for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
+                           ("model.image_size", image_size), ("model.num_moe_layers", num_moe_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+        if image_size < 4:
+            raise ValueError(f"model.image_size must be >= 4 (two 2x poolings), got {image_size}")
+        self.num_experts = num_experts
+        self.num_moe_layers = num_moe_layers
+        reduced = image_size // 4
+        self.stem = nn.Sequential(
+            _conv_block(in_channels, 32),
+            _conv_block(32, 64),
+            nn.Flatten(),
+            nn.Linear(64 * reduced * reduced, d_model),
+        )
+        # channels_last convolutions run ~1.5x faster on CPU (oneDNN) than NCHW ones.
+        self.stem.to(memory_format=torch.channels_last)
+        self.moe_layers = nn.ModuleList(
+            MoELayer(d_model, num_experts, hidden_mult) for _ in range(num_moe_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        costs: list[torch.Tensor],
+        specs: list[RouterSpec],
+        generator: torch.Generator | None = None,
+    ) -> ModelOutput:
+        """x [B, C, H, W]; costs: L float64 CPU tensors [B, K, N] (J, +inf = outage);
+        specs: L RouterSpecs (one per layer); generator: for random policies."""
+        L = self.num_moe_layers
+        if len(costs) != L:
+            raise ValueError(f"costs must hold one tensor per MoE layer ({L}), got {len(costs)}")
+        if len(specs) != L:
+            raise ValueError(f"specs must hold one RouterSpec per MoE layer ({L}), got {len(specs)}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be an image batch [B, C, H, W], got {tuple(x.shape)}")
+        h = self.stem(x.contiguous(memory_format=torch.channels_last))
+        aux_losses, layer_metrics, selections = [], [], []
+        for layer, layer_costs, spec in zip(self.moe_layers, costs, specs):
+            result = layer(h, layer_costs, spec, generator=generator)
+            h = result.out
+            aux_losses.append(result.aux_loss)
+            layer_metrics.append(result.metrics)
+            selections.append(result.selection)
+        logits = self.head(self.norm(h))
+        return ModelOutput(
+            logits=logits,
+            aux_loss=torch.stack(aux_losses).mean(),
+            layer_metrics=layer_metrics,
+            selections=selections,
+        )

@@ -1,0 +1,272 @@
+"""The Mixture-of-Experts layer of the DMoE protocol: gate, routing, dispatch, combine.
+
+Per input (one frame) and layer (DESIGN.md section 1):
+
+1. the gate scores the hidden state: ``s = softmax(gate(h))`` over the K experts;
+2. a routing policy (:func:`dmoe_torch.selection.route`) picks the experts and their
+   subcarriers from the scores and the channel costs, without gradients;
+3. the selected experts whose links are not in outage run on the input (each expert only on
+   the rows routed to it: gather, run, scale, index-add);
+4. combine: ``h <- h + sum_{k in S'} w_k f_k(h)`` with ``w_k = s_k / sum_{j in S'} s_j`` over the
+   effective set ``S' = selected and not failed``.  Gradients reach the gate through ``w``.
+   A row with no effective expert (dropped, or every selected link failed) passes ``h``
+   through unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .selection import POLICIES, Selection, route
+
+__all__ = [
+    "RouterSpec",
+    "Expert",
+    "MoELayer",
+    "MoEOutput",
+    "METRIC_WEIGHTS",
+    "MetricAverager",
+    "load_balancing_loss",
+    "perfect_costs",
+]
+
+
+@dataclass
+class RouterSpec:
+    """How one MoE layer routes.
+
+    policy          one of ``dmoe_torch.selection.POLICIES``
+    gamma           relevance target (importance factor) in (0, 1] of des / jesa / optimal
+    k               number of experts of topk / channel_topk / random_topk
+    k_min, k_max    cardinality bounds of des / jesa / optimal (k_max None: K)
+    failure_energy  joules counted per failed attempt of a channel-unaware policy (P_ap * T_max)
+
+    Raises ValueError naming the ``router.*`` key on a bad value.
+    """
+
+    policy: str
+    gamma: float = 1.0
+    k: int = 2
+    k_min: int = 1
+    k_max: int | None = None
+    failure_energy: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"router.policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"router.gamma must be a float in (0, 1], got {self.gamma!r}")
+        for key in ("k", "k_min"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"router.{key} must be an int >= 1, got {value!r}")
+        if self.k_max is not None and (
+            isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or self.k_max < self.k_min
+        ):
+            raise ValueError(f"router.k_max must be null or an int >= router.k_min ({self.k_min}), got {self.k_max!r}")
+        fe = self.failure_energy
+        if isinstance(fe, bool) or not isinstance(fe, (int, float)) or not (math.isfinite(fe) and fe >= 0):
+            raise ValueError(f"router.failure_energy must be a finite float >= 0 (joules), got {fe!r}")
+
+
+class Expert(nn.Module):
+    """Pre-LayerNorm MLP: ``x -> W2 gelu(W1 LN(x))``, d -> hidden_mult * d -> d.
+
+    The residual is added by the MoE layer, so ``forward`` returns ``f(x)`` only.
+    x: [rows, d] -> [rows, d].
+    """
+
+    def __init__(self, d_model: int, hidden_mult: int = 2) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, hidden_mult * d_model)
+        self.fc2 = nn.Linear(hidden_mult * d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+@dataclass
+class MoEOutput:
+    """Result of :meth:`MoELayer.forward`.
+
+    out        [B, d]  h + sum_k w_k f_k(h)
+    aux_loss   scalar  Switch-style load-balancing loss (1.0 = perfect balance), differentiable
+    metrics    dict of detached CPU tensors, per-batch means (see :data:`METRIC_WEIGHTS`)
+    selection  the policy's :class:`Selection` (CPU)
+    """
+
+    out: torch.Tensor
+    aux_loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    selection: Selection
+
+
+# Every metric of MoELayer is a per-batch mean; this is the batch quantity it is a mean over,
+# i.e. the weight to average it over batches with (see MetricAverager):
+#   count           inputs in the batch
+#   selected_links  selected (expert, input) links in the batch (failed ones included)
+METRIC_WEIGHTS = {
+    "energy_j": "count",            # mean energy per input spent by this layer, J
+    "experts_per_input": "count",   # mean number of effective experts (selected, not failed)
+    "outage_rate": "selected_links",  # failed selected links / selected links
+    "violation_rate": "count",      # share of inputs whose relevance target was not reachable
+    "drop_rate": "count",           # share of inputs with no effective expert (passed through)
+    "certified_rate": "count",      # share of inputs whose selection is proven optimal
+    "nodes": "count",               # mean branch-and-bound nodes per input
+    "gate_entropy": "count",        # mean entropy of the gate's softmax, nats
+    "utilisation": "count",         # [K] share of inputs each expert effectively served
+}
+
+
+class MetricAverager:
+    """Averages MoE metrics over batches, weighting each batch's means correctly.
+
+    ``update(metrics)`` with a metrics dict of :class:`MoEOutput`; ``compute()`` returns
+    ``{name: float}`` (``utilisation`` as a list of floats), equal to the metric over all the
+    inputs seen, e.g. outage_rate = all failed links / all selected links.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._weights: dict[str, float] = {"count": 0.0, "selected_links": 0.0}
+
+    def update(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, weight_name in METRIC_WEIGHTS.items():
+            weight = float(metrics[weight_name])
+            value = metrics[name].detach().to("cpu", torch.float64) * weight
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
+        for weight_name in self._weights:
+            self._weights[weight_name] += float(metrics[weight_name])
+
+    def compute(self) -> dict[str, float | list[float]]:
+        result: dict[str, float | list[float]] = {}
+        for name, total in self._sums.items():
+            weight = self._weights[METRIC_WEIGHTS[name]]
+            mean = total / weight if weight > 0 else torch.zeros_like(total)
+            result[name] = mean.tolist() if mean.dim() else float(mean)
+        result.update(self._weights)
+        return result
+
+
+def load_balancing_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Switch-style load-balancing loss over the full softmax.
+
+        loss = K * sum_k f_k * P_k,
+        P_k  = mean over the batch of s_k                       (differentiable)
+        f_k  = (inputs routed to k) / (total routed slots)      (from the selection mask)
+
+    Both f and P sum to 1, so perfectly balanced routing (f_k = P_k = 1/K) gives exactly 1.0;
+    concentrating load and probability on fewer experts raises it (at most K).  A batch with
+    no routed slot gives 0.  scores [B, K] (rows sum to 1); mask [B, K] bool (routing
+    decision, failed links included: they were routed).  Returns a scalar on scores' device.
+    """
+    K = scores.shape[1]
+    slots = mask.to(scores.dtype)
+    total = slots.sum()
+    load = slots.sum(0) / total.clamp_min(1.0)
+    importance = scores.mean(0)
+    return K * (load.detach() * importance).sum()
+
+
+def perfect_costs(batch: int, num_experts: int, num_subcarriers: int) -> torch.Tensor:
+    """An ideal channel: every link reachable at zero energy.  float64 CPU [B, K, N]."""
+    return torch.zeros(batch, num_experts, num_subcarriers, dtype=torch.float64)
+
+
+class MoELayer(nn.Module):
+    """A residual MoE layer whose experts sit on K edge devices.
+
+    d_model      width of h
+    num_experts  K
+    hidden_mult  expert hidden width = hidden_mult * d_model
+    The gate is ``nn.Linear(d_model, K)`` producing logits; the softmax is taken in forward.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, hidden_mult: int = 2) -> None:
+        super().__init__()
+        for key, value in (("model.d_model", d_model), ("model.num_experts", num_experts),
+                           ("model.hidden_mult", hidden_mult)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.gate = nn.Linear(d_model, num_experts)
+        self.experts = nn.ModuleList(Expert(d_model, hidden_mult) for _ in range(num_experts))
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        costs: torch.Tensor,
+        spec: RouterSpec,
+        generator: torch.Generator | None = None,
+    ) -> MoEOutput:
+        """h [B, d]; costs [B, K, N] float64 J (+inf = outage), CPU; spec: routing config;
+        generator: CPU torch.Generator for random policies."""
+        if h.dim() != 2 or h.shape[1] != self.d_model:
+            raise ValueError(f"h must be [B, {self.d_model}], got {tuple(h.shape)}")
+        B, K = h.shape[0], self.num_experts
+        if costs.dim() != 3 or costs.shape[0] != B or costs.shape[1] != K:
+            raise ValueError(f"costs must be [B={B}, K={K}, N], got {tuple(costs.shape)}")
+
+        logits = self.gate(h)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the softmax and combine weights in at least float32
+        scores = torch.softmax(logits, dim=-1)
+
+        with torch.no_grad():
+            selection = route(
+                spec.policy, scores.detach().cpu(), costs,
+                gamma=spec.gamma, k=spec.k, k_min=spec.k_min, k_max=spec.k_max,
+                failure_energy=spec.failure_energy, generator=generator,
+            )
+        effective_cpu = selection.mask & ~selection.failed
+        effective = effective_cpu.to(h.device)
+        has_expert = effective.any(dim=1, keepdim=True)
+
+        # w = s_k / sum_{j in S'} s_j computed as a softmax over the effective logits: the
+        # same value, but no 0/0 when every effective score underflows.  Rows without an
+        # effective expert get constant logits (no gradient, no NaN) and weight 0.
+        masked_logits = logits.masked_fill(~effective, -math.inf)
+        masked_logits = torch.where(has_expert, masked_logits, torch.zeros_like(logits))
+        weights = torch.softmax(masked_logits, dim=-1) * effective
+
+        out = h
+        for k in range(K):
+            rows = effective_cpu[:, k].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            rows = rows.to(h.device)
+            expert_out = self.experts[k](h.index_select(0, rows))
+            scaled = expert_out * weights.index_select(0, rows)[:, k : k + 1].to(expert_out.dtype)
+            out = out.index_add(0, rows, scaled)
+
+        aux_loss = load_balancing_loss(scores, selection.mask.to(h.device))
+        metrics = self._metrics(scores.detach(), selection, effective_cpu)
+        return MoEOutput(out=out, aux_loss=aux_loss, metrics=metrics, selection=selection)
+
+    @staticmethod
+    def _metrics(scores: torch.Tensor, selection: Selection, effective: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-batch means (see METRIC_WEIGHTS) as detached float64 CPU tensors."""
+        B = effective.shape[0]
+        inputs = max(B, 1)
+        f64 = torch.float64
+        selected_links = selection.mask.sum()
+        s = scores.to("cpu", f64)
+        entropy = -torch.special.xlogy(s, s).sum(1)
+        return {
+            "count": torch.tensor(float(B), dtype=f64),
+            "selected_links": selected_links.to(f64),
+            "energy_j": selection.energy.to(f64).sum() / inputs,
+            "experts_per_input": effective.sum().to(f64) / inputs,
+            "outage_rate": selection.failed.sum().to(f64) / max(int(selected_links), 1),
+            "violation_rate": selection.violation.sum().to(f64) / inputs,
+            "drop_rate": (~effective.any(1)).sum().to(f64) / inputs,
+            "certified_rate": selection.certified.sum().to(f64) / inputs,
+            "nodes": selection.nodes.sum().to(f64) / inputs,
+            "gate_entropy": entropy.sum() / inputs,
+            "utilisation": effective.sum(0).to(f64) / inputs,
+        }

@@ -1,0 +1,166 @@
+"""Baseline routing policies on the static subcarrier plan a(k) = k mod N.
+
+Every function is batched and vectorised: scores ``[B, K]`` (rows sum to 1) and per-link
+costs ``[B, K, N]`` (joules, ``+inf`` = link in outage) in, a :class:`Selection` out.
+Expert k always transmits on its static subcarrier a(k) = k mod N, whose cost is
+``costs[b, k, k mod N]``.  The static plan gives every expert its own subcarrier only when
+N >= K, so these policies require N >= K (a ValueError otherwise); with N < K two experts
+would share one subcarrier in the same frame, which the DMoE protocol does not allow.
+
+Channel-unaware policies (``topk``, ``random_topk``) may select an expert whose static link
+is in outage.  That attempt fails: ``failed[b, k]`` is set, the expert's contribution is
+lost, and the energy ``failure_energy`` (P_ap * T_max, the downlink spent until the latency
+budget ran out) is counted instead of the link energy.  ``dropped[b]`` is set when every
+selected link failed (the layer then passes the input through unchanged).
+
+These policies have no relevance target: ``violation`` equals ``dropped``, ``nodes`` is 0,
+``lower_bound`` is nan and ``certified`` is False.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import Selection, validate_inputs
+
+__all__ = ["static_subcarriers", "static_costs", "topk", "channel_topk", "random_topk", "dense"]
+
+
+def static_subcarriers(num_experts: int, num_subcarriers: int) -> torch.Tensor:
+    """Static subcarrier plan a(k) = k mod N as an int64 tensor [K]."""
+    return torch.arange(num_experts, dtype=torch.int64) % num_subcarriers
+
+
+def static_costs(costs: torch.Tensor) -> torch.Tensor:
+    """Costs [B, K, N] -> [B, K]: each expert's cost on its static subcarrier k mod N."""
+    B, K, N = costs.shape
+    plan = static_subcarriers(K, N)
+    return costs.gather(2, plan.view(1, K, 1).expand(B, K, 1)).squeeze(2)
+
+
+def _check_static_plan(costs: torch.Tensor) -> None:
+    K, N = costs.shape[1], costs.shape[2]
+    if N < K:
+        raise ValueError(
+            f"costs has N={N} subcarriers for K={K} experts: the static subcarrier plan "
+            "a(k) = k mod N needs N >= K (use policy 'jesa' or 'optimal' when N < K)"
+        )
+
+
+def _check_k(k, num_experts: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int, got {k!r}")
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k must be in [1, K={num_experts}], got {k}")
+    return k
+
+
+def _check_failure_energy(failure_energy) -> float:
+    if isinstance(failure_energy, bool) or not isinstance(failure_energy, (int, float)):
+        raise ValueError(f"failure_energy must be a float >= 0 (joules), got {failure_energy!r}")
+    value = float(failure_energy)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"failure_energy must be a finite float >= 0 (joules), got {failure_energy!r}")
+    return value
+
+
+def _validate(scores: torch.Tensor, costs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s, c, _, _, _ = validate_inputs(scores, costs, 1.0, 1, None, cost_ndim=3)
+    _check_static_plan(c)
+    return s, c
+
+
+def _static_selection(mask: torch.Tensor, costs: torch.Tensor, failure_energy: float) -> Selection:
+    """Build the Selection of a static-plan policy from its mask [B, K] and costs [B, K, N]."""
+    B, K, N = costs.shape
+    link_cost = static_costs(costs)
+    failed = mask & torch.isinf(link_cost)
+    delivered = mask & ~failed
+    energy = torch.where(delivered, link_cost, torch.zeros_like(link_cost)).sum(1)
+    energy = energy + failure_energy * failed.sum(1).to(torch.float64)
+    dropped = ~delivered.any(1)
+    plan = static_subcarriers(K, N).expand(B, K)
+    subcarrier = torch.where(mask, plan, torch.full_like(plan, -1))
+    return Selection(
+        mask=mask,
+        subcarrier=subcarrier,
+        energy=energy,
+        violation=dropped.clone(),
+        dropped=dropped,
+        nodes=torch.zeros(B, dtype=torch.int64),
+        lower_bound=torch.full((B,), math.nan, dtype=torch.float64),
+        certified=torch.zeros(B, dtype=torch.bool),
+        failed=failed,
+    )
+
+
+def _mask_from_ranking(ranked_experts: torch.Tensor, count: int, num_experts: int) -> torch.Tensor:
+    """Mask [B, K] with the first `count` experts of each row of ranked_experts [B, K]."""
+    B = ranked_experts.shape[0]
+    mask = torch.zeros(B, num_experts, dtype=torch.bool)
+    mask.scatter_(1, ranked_experts[:, :count], True)
+    return mask
+
+
+def topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_energy: float = 0.0) -> Selection:
+    """The k experts with the highest scores (ties: lower index first), channel-blind.
+
+    scores [B, K]; costs [B, K, N] in J (+inf = outage).  Selected experts whose static link
+    is in outage are marked ``failed`` and cost ``failure_energy`` J each.
+    """
+    s, c = _validate(scores, costs)
+    k = _check_k(k, s.shape[1])
+    fe = _check_failure_energy(failure_energy)
+    ranking = torch.sort(s, dim=1, descending=True, stable=True).indices
+    return _static_selection(_mask_from_ranking(ranking, k, s.shape[1]), c, fe)
+
+
+def channel_topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_energy: float = 0.0) -> Selection:
+    """The k cheapest reachable experts on their static subcarriers, relevance-blind.
+
+    Rows with fewer than k reachable experts select all reachable ones; rows with none are
+    dropped.  Ties in cost: lower index first.  Never selects a link in outage.
+    """
+    s, c = _validate(scores, costs)
+    k = _check_k(k, s.shape[1])
+    fe = _check_failure_energy(failure_energy)
+    link_cost = static_costs(c)
+    ranking = torch.sort(link_cost, dim=1, stable=True).indices
+    mask = _mask_from_ranking(ranking, k, s.shape[1]) & torch.isfinite(link_cost)
+    return _static_selection(mask, c, fe)
+
+
+def random_topk(
+    scores: torch.Tensor,
+    costs: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None = None,
+    *,
+    failure_energy: float = 0.0,
+) -> Selection:
+    """k experts drawn uniformly without replacement per row, channel- and relevance-blind.
+
+    generator: a CPU torch.Generator for reproducibility (None: torch's global generator).
+    """
+    s, c = _validate(scores, costs)
+    k = _check_k(k, s.shape[1])
+    fe = _check_failure_energy(failure_energy)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    B, K = s.shape
+    # Ranking i.i.d. uniform keys gives a uniformly random permutation per row.
+    keys = torch.rand(B, K, generator=generator, dtype=torch.float64)
+    ranking = torch.argsort(keys, dim=1)
+    return _static_selection(_mask_from_ranking(ranking, k, K), c, fe)
+
+
+def dense(scores: torch.Tensor, costs: torch.Tensor, *, failure_energy: float = 0.0) -> Selection:
+    """Every reachable expert on its static subcarrier (the dense mixture over the reachable set).
+
+    Rows with no reachable expert are dropped.  Never selects a link in outage.
+    """
+    s, c = _validate(scores, costs)
+    fe = _check_failure_energy(failure_energy)
+    mask = torch.isfinite(static_costs(c))
+    return _static_selection(mask, c, fe)

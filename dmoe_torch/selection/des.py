@@ -1,0 +1,652 @@
+"""DES: exact expert selection (problem P1 of DESIGN.md section 3) by branch-and-bound.
+
+Per row b (one input at one MoE layer), with scores s [K] and costs c [K] (J, +inf = unreachable):
+
+    minimise  sum_k c_k x_k   s.t.  sum_k s_k x_k >= gamma - RELEVANCE_TOL,
+              k_min <= sum_k x_k <= k_max,  x binary,  x_k = 0 where c_k = +inf.
+
+Entry points
+------------
+``des(scores, costs, gamma, k_min=1, k_max=None) -> Selection``
+    Batched torch API (validated). scores [B, K], costs [B, K] (static subcarriers).
+``des_numpy(scores, costs, gamma, k_min, k_max)``
+    Same solver on float64 numpy arrays, no validation, for callers in loops (JESA).
+    Returns (mask bool[B,K], energy float64[B], violation bool[B], dropped bool[B],
+    nodes int64[B], root_bound float64[B]).
+``des_solve_one(s, c, gamma, k_min, k_max, out_mask) -> (energy, feasible, nodes, bound)``
+    numba-jitted single instance, callable from other ``@njit`` code. s, c: float64[K];
+    out_mask: bool[K], overwritten. gamma is the raw importance factor (the tolerance is
+    applied inside). feasible=False means infeasible: out_mask then holds the fallback (the
+    min(k_max, #reachable) reachable experts with the highest scores) and bound is nan; an
+    all-False out_mask with feasible=False means no expert is reachable (dropped, energy 0).
+``des_reference(...)``
+    Pure-Python branch-and-bound kept as a readable specification for the tests.
+
+Infeasible rows (no allowed set reaches gamma, including fewer than k_min reachable
+experts) get the fallback above with violation=True; rows with no reachable expert get an
+empty mask, energy 0, dropped=True, violation=True.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit
+
+from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
+
+__all__ = ["des", "des_numpy", "des_solve_one", "des_reference"]
+
+
+# --------------------------------------------------------------------------------------
+# numba solver
+# --------------------------------------------------------------------------------------
+# Per row: (1) drop unreachable experts; (2) feasibility from the top-k_max scores;
+# (3) k_max-dominance filter; (4) order the survivors by cost per relevance; (5) DFS
+# include/exclude with, at every node, an exact completion when the k_min cheapest items
+# already reach the target, a feasibility prune, the Dantzig (fractional knapsack) bound and
+# the Lagrangian bound of the cardinality-constrained relaxation.
+#
+# Why the dominance filter is exact: order the items by (cost asc, index asc).  If at least
+# k_max items precede item k with score >= s_k, then among the optimal sets take one with the
+# smallest sum of positions; if it held k, one of those k_max predecessors is missing (the
+# set has at most k_max - 1 other items), and swapping k for it keeps the count, does not
+# lower the relevance, does not raise the cost and lowers the position sum: contradiction.
+# So some optimal set avoids every filtered item.
+#
+# Why the Lagrangian bound is valid for every lam >= 0: for the residual problem (need g
+# more relevance, between m_min and m more items), relaxing the relevance constraint gives
+#     L(lam) = lam * g + min_{m_min <= |X| <= m} sum_{k in X} (c_k - lam s_k)
+#            <= cost of any feasible X,
+# and the inner minimum is exact (the m_min smallest values of c - lam s, then further
+# negative ones up to m).  max_lam L(lam) equals the LP relaxation with the cardinality
+# constraints; it is found by Kelley's cutting planes in one dimension, but exactness never
+# depends on reaching it: any lam gives a valid bound.
+
+_ROOT_ITERATIONS = 60  # Kelley steps at the root (reports the LP bound)
+_NODE_ITERATIONS = 8  # Kelley steps at other nodes (any lam is valid; these only prune)
+
+
+@njit(cache=True)
+def _insert_by_score(buf, length, cap, k, s, c):
+    """Insert item k into buf[:length], kept sorted by (score desc, cost asc, insertion order),
+    holding at most cap items.  Returns the new length."""
+    if length == cap:
+        last = buf[length - 1]
+        if not (s[k] > s[last] or (s[k] == s[last] and c[k] < c[last])):
+            return length
+        length -= 1
+    p = length
+    while p > 0:
+        j = buf[p - 1]
+        if s[k] > s[j] or (s[k] == s[j] and c[k] < c[j]):
+            buf[p] = j
+            p -= 1
+        else:
+            break
+    buf[p] = k
+    return length + 1
+
+
+@njit(cache=True)
+def _insert_by_cost(buf, length, cap, k, s, c):
+    """Like _insert_by_score with the order (cost asc, score desc, insertion order)."""
+    if cap == 0:
+        return 0
+    if length == cap:
+        last = buf[length - 1]
+        if not (c[k] < c[last] or (c[k] == c[last] and s[k] > s[last])):
+            return length
+        length -= 1
+    p = length
+    while p > 0:
+        j = buf[p - 1]
+        if c[k] < c[j] or (c[k] == c[j] and s[k] > s[j]):
+            buf[p] = j
+            p -= 1
+        else:
+            break
+    buf[p] = k
+    return length + 1
+
+
+@njit(cache=True)
+def _suffix_select(ws, wc, pos, n, m, by_score, out):
+    """Positions of the m best items of positions pos..n-1 (by score or by cost) into out."""
+    length = 0
+    for t in range(pos, n):
+        if by_score:
+            length = _insert_by_score(out, length, m, t, ws, wc)
+        else:
+            length = _insert_by_cost(out, length, m, t, ws, wc)
+    return length
+
+
+@njit(cache=True)
+def _lagrangian(ws, wc, pos, n, lam, g, m, m_min, xbuf, xval):
+    """L(lam) over positions pos..n-1; returns (L, cost of X, score of X, |X|), X in xbuf."""
+    length = 0
+    for t in range(pos, n):
+        v = wc[t] - lam * ws[t]
+        if length == m:
+            if v >= xval[m - 1]:
+                continue
+            length -= 1
+        p = length
+        while p > 0 and xval[p - 1] > v:
+            xval[p] = xval[p - 1]
+            xbuf[p] = xbuf[p - 1]
+            p -= 1
+        xval[p] = v
+        xbuf[p] = t
+        length += 1
+    inner = 0.0
+    cost = 0.0
+    score = 0.0
+    size = 0
+    for q in range(length):
+        if q >= m_min and xval[q] >= 0.0:
+            break
+        inner += xval[q]
+        cost += wc[xbuf[q]]
+        score += ws[xbuf[q]]
+        size += 1
+    return lam * g + inner, cost, score, size
+
+
+@njit(cache=True)
+def _dantzig(prefix_s, prefix_c, ratio, pos, n_positive, g):
+    """Fractional-knapsack bound over positions pos.. (ratio order); returns (bound, lam)."""
+    target = prefix_s[pos] + g
+    if prefix_s[n_positive] < target:
+        return np.inf, np.inf
+    lo = pos  # smallest j with prefix_s[j + 1] >= target
+    hi = n_positive - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if prefix_s[mid + 1] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    j = lo
+    partial = g - (prefix_s[j] - prefix_s[pos])
+    if partial < 0.0:
+        partial = 0.0
+    return prefix_c[j] - prefix_c[pos] + partial * ratio[j], ratio[j]
+
+
+@njit(cache=True)
+def _sort_items(items, n, primary, secondary):
+    """Sort items[:n] in place by (primary[k], secondary[k], k) ascending.
+
+    items[:n] must arrive in ascending index order (the large-n path relies on stable sorts).
+    """
+    if n <= 48:
+        for i in range(1, n):
+            k = items[i]
+            p = i
+            while p > 0:
+                j = items[p - 1]
+                if primary[j] > primary[k] or (primary[j] == primary[k] and secondary[j] > secondary[k]):
+                    items[p] = j
+                    p -= 1
+                else:
+                    break
+            items[p] = k
+        return
+    sub = items[:n].copy()
+    sub = sub[np.argsort(secondary[sub], kind="mergesort")]
+    sub = sub[np.argsort(primary[sub], kind="mergesort")]
+    items[:n] = sub
+
+
+@njit(cache=True)
+def _workspace(K, k_min, k_max):
+    """Scratch arrays for _solve (reused across the rows of a batch): (ints, floats)."""
+    ints = 5 * (k_max + 1) + (k_min + 1) + 3 * K + 3 * (K + 2) + k_max
+    floats = 2 * (k_max + 1) + 4 * K + 2 * (K + 1) + 2 * (K + 1) * (k_max + 1) + 2 * (K + 1) * (k_min + 1) + 3 * (K + 2)
+    return np.empty(ints, np.int64), np.empty(floats)
+
+
+@njit(cache=True)
+def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
+    """Core of des_solve_one with scratch arrays from _workspace; returns
+    (energy, feasible, nodes, root bound)."""
+    K = s.shape[0]
+    for k in range(K):
+        out_mask[k] = False
+    thr = gamma - RELEVANCE_TOL
+    # carve the scratch arrays
+    io = 0
+    top = iw[io : io + k_max + 1]
+    io += k_max + 1
+    tbuf = iw[io : io + k_max + 1]
+    io += k_max + 1
+    xbuf = iw[io : io + k_max + 1]
+    io += k_max + 1
+    sel = iw[io : io + k_max + 1]
+    io += k_max + 1
+    best_items = iw[io : io + k_max + 1]
+    io += k_max + 1
+    cbuf = iw[io : io + k_min + 1]
+    io += k_min + 1
+    reach = iw[io : io + K]
+    io += K
+    keep = iw[io : io + K]
+    io += K
+    order = iw[io : io + K]
+    io += K
+    st_pos = iw[io : io + K + 2]
+    io += K + 2
+    st_cnt = iw[io : io + K + 2]
+    io += K + 2
+    st_item = iw[io : io + K + 2]
+    io += K + 2
+    path = iw[io : io + k_max]
+    fo = 0
+    best_scores = fw[fo : fo + k_max + 1]
+    fo += k_max + 1
+    xval = fw[fo : fo + k_max + 1]
+    fo += k_max + 1
+    item_ratio = fw[fo : fo + K]
+    fo += K
+    ws = fw[fo : fo + K]
+    fo += K
+    wc = fw[fo : fo + K]
+    fo += K
+    ratio = fw[fo : fo + K]
+    fo += K
+    prefix_s = fw[fo : fo + K + 1]
+    fo += K + 1
+    prefix_c = fw[fo : fo + K + 1]
+    fo += K + 1
+    st_s = fw[fo : fo + K + 2]
+    fo += K + 2
+    st_c = fw[fo : fo + K + 2]
+    fo += K + 2
+    st_bound = fw[fo : fo + K + 2]
+    fo += K + 2
+
+    # (1)-(2) reachable experts, the top-k_max by score (the fallback), feasibility
+    n_reach = 0
+    n_top = 0
+    for k in range(K):
+        if c[k] < np.inf:
+            reach[n_reach] = k
+            n_reach += 1
+            n_top = _insert_by_score(top, n_top, k_max, k, s, c)
+    if n_reach == 0:
+        return 0.0, False, 0, np.nan
+    top_score = 0.0
+    top_cost = 0.0
+    for t in range(n_top):
+        top_score += s[top[t]]
+        top_cost += c[top[t]]
+    if n_reach < k_min or top_score < thr:
+        for t in range(n_top):
+            out_mask[top[t]] = True
+        return top_cost, False, 0, np.nan
+
+    # (3) dominance filter over the reachable experts in (cost asc, index asc) order
+    _sort_items(reach, n_reach, c, c)
+    n_best = 0  # best_scores[:n_best]: the k_max highest scores seen so far, descending
+    n = 0
+    for t in range(n_reach):
+        k = reach[t]
+        v = s[k]
+        if n_best < k_max or best_scores[n_best - 1] < v:
+            keep[n] = k
+            n += 1
+            if n_best == k_max:
+                n_best -= 1
+            p = n_best
+            while p > 0 and best_scores[p - 1] < v:
+                best_scores[p] = best_scores[p - 1]
+                p -= 1
+            best_scores[p] = v
+            n_best += 1
+    keep[:n] = np.sort(keep[:n])  # back to index order (ties below rank by index)
+
+    # (4) ratio order (zero scores last; ties by cost then index), copied contiguously
+    for t in range(n):
+        k = keep[t]
+        item_ratio[k] = c[k] / s[k] if s[k] > 0.0 else np.inf
+        order[t] = k
+    _sort_items(order, n, item_ratio, c)
+    prefix_s[0] = 0.0
+    prefix_c[0] = 0.0
+    n_positive = 0
+    for t in range(n):
+        k = order[t]
+        ws[t] = s[k]
+        wc[t] = c[k]
+        ratio[t] = item_ratio[k]
+        if s[k] > 0.0:
+            n_positive += 1
+        prefix_s[t + 1] = prefix_s[t] + s[k]
+        prefix_c[t + 1] = prefix_c[t] + c[k]
+
+    # suffix tables: score and cost of the top-m by score and the m cheapest of positions t..
+    size_top = (n + 1) * (k_max + 1)
+    size_cheap = (n + 1) * (k_min + 1)
+    top_s = fw[fo : fo + size_top].reshape((n + 1, k_max + 1))
+    fo += size_top
+    top_c = fw[fo : fo + size_top].reshape((n + 1, k_max + 1))
+    fo += size_top
+    cheap_s = fw[fo : fo + size_cheap].reshape((n + 1, k_min + 1))
+    fo += size_cheap
+    cheap_c = fw[fo : fo + size_cheap].reshape((n + 1, k_min + 1))
+    n_tbuf = 0
+    n_cbuf = 0
+    top_s[n, 0] = 0.0
+    top_c[n, 0] = 0.0
+    cheap_s[n, 0] = 0.0
+    cheap_c[n, 0] = 0.0
+    for t in range(n - 1, -1, -1):
+        n_tbuf = _insert_by_score(tbuf, n_tbuf, k_max, t, ws, wc)
+        n_cbuf = _insert_by_cost(cbuf, n_cbuf, k_min, t, ws, wc)
+        top_s[t, 0] = 0.0
+        top_c[t, 0] = 0.0
+        cheap_s[t, 0] = 0.0
+        cheap_c[t, 0] = 0.0
+        for q in range(n_tbuf):
+            top_s[t, q + 1] = top_s[t, q] + ws[tbuf[q]]
+            top_c[t, q + 1] = top_c[t, q] + wc[tbuf[q]]
+        for q in range(n_cbuf):
+            cheap_s[t, q + 1] = cheap_s[t, q] + ws[cbuf[q]]
+            cheap_c[t, q + 1] = cheap_c[t, q] + wc[cbuf[q]]
+
+    # incumbent: the (feasible) top-score set
+    best = top_cost
+    best_len = n_top
+    for t in range(n_top):
+        best_items[t] = top[t]
+
+    # (5) DFS with an explicit stack; a node is (position, #chosen, relevance, cost,
+    # item included on the way in or -1, bound inherited from the parent)
+    st_pos[0] = 0
+    st_cnt[0] = 0
+    st_item[0] = -1
+    st_s[0] = 0.0
+    st_c[0] = 0.0
+    st_bound[0] = 0.0
+    sp = 1
+    nodes = 0
+    root_bound = np.nan
+    while sp > 0:
+        sp -= 1
+        pos = st_pos[sp]
+        cnt = st_cnt[sp]
+        acc_s = st_s[sp]
+        acc_c = st_c[sp]
+        bound = st_bound[sp]
+        if st_item[sp] >= 0:
+            path[cnt - 1] = st_item[sp]
+        is_root = nodes == 0
+        nodes += 1
+        if bound >= best or acc_c >= best:
+            continue
+        m = k_max - cnt
+        m_min = k_min - cnt if k_min > cnt else 0
+        rem = n - pos
+        g = thr - acc_s
+        if rem < m_min:
+            continue
+        # the m_min cheapest remaining items already reach the target: exact completion
+        if cheap_s[pos, m_min] >= g:
+            if is_root:
+                root_bound = cheap_c[pos, m_min]
+            if acc_c + cheap_c[pos, m_min] < best:
+                best = acc_c + cheap_c[pos, m_min]
+                size = _suffix_select(ws, wc, pos, n, m_min, False, sel)
+                for t in range(cnt):
+                    best_items[t] = path[t]
+                for t in range(size):
+                    best_items[cnt + t] = order[sel[t]]
+                best_len = cnt + size
+            continue
+        if m == 0 or rem == 0:
+            continue
+        m_top = m if m < rem else rem
+        if top_s[pos, m_top] < g:
+            continue  # even the highest remaining scores cannot reach the target
+        if acc_c + top_c[pos, m_top] < best:  # the top-score completion is feasible
+            best = acc_c + top_c[pos, m_top]
+            size = _suffix_select(ws, wc, pos, n, m_top, True, sel)
+            for t in range(cnt):
+                best_items[t] = path[t]
+            for t in range(size):
+                best_items[cnt + t] = order[sel[t]]
+            best_len = cnt + size
+        dantzig, lam = _dantzig(prefix_s, prefix_c, ratio, pos, n_positive, g)
+        if acc_c + dantzig > bound:
+            bound = acc_c + dantzig
+        if bound < best:
+            # Kelley's cutting planes on the concave L(lam): lines through a point below
+            # (relevance short of g) and one above (relevance reached)
+            lo_c = cheap_c[pos, m_min]
+            lo_s = cheap_s[pos, m_min]
+            hi_c = top_c[pos, m_top]
+            hi_s = top_s[pos, m_top]
+            limit = np.inf if is_root else best
+            iterations = _ROOT_ITERATIONS if is_root else _NODE_ITERATIONS
+            for _ in range(iterations):
+                if not (lam >= 0.0 and lam < np.inf):
+                    break
+                value, x_c, x_s, x_size = _lagrangian(ws, wc, pos, n, lam, g, m, m_min, xbuf, xval)
+                if acc_c + value > bound:
+                    bound = acc_c + value
+                if bound >= limit:
+                    break
+                if x_s >= g:
+                    model = lo_c + lam * (g - lo_s)
+                    if acc_c + x_c < best:  # X(lam) is a feasible completion
+                        best = acc_c + x_c
+                        for t in range(cnt):
+                            best_items[t] = path[t]
+                        for t in range(x_size):
+                            best_items[cnt + t] = order[xbuf[t]]
+                        best_len = cnt + x_size
+                        if not is_root:
+                            limit = best
+                        if bound >= limit:
+                            break
+                    hi_c = x_c
+                    hi_s = x_s
+                else:
+                    model = hi_c + lam * (g - hi_s)
+                    lo_c = x_c
+                    lo_s = x_s
+                if value >= model - 1e-12 * (abs(model) + abs(value)):
+                    break  # the cutting-plane model is tight: lam maximises L
+                if hi_s <= lo_s:
+                    break
+                lam = (hi_c - lo_c) / (hi_s - lo_s)
+        if is_root:
+            root_bound = bound
+        if bound >= best:
+            continue
+        # branch on the item at pos: exclude below include so include is explored first
+        k = order[pos]
+        st_pos[sp] = pos + 1
+        st_cnt[sp] = cnt
+        st_item[sp] = -1
+        st_s[sp] = acc_s
+        st_c[sp] = acc_c
+        st_bound[sp] = bound
+        sp += 1
+        st_pos[sp] = pos + 1
+        st_cnt[sp] = cnt + 1
+        st_item[sp] = k
+        st_s[sp] = acc_s + ws[pos]
+        st_c[sp] = acc_c + wc[pos]
+        st_bound[sp] = bound
+        sp += 1
+
+    energy = 0.0
+    for t in range(best_len):
+        out_mask[best_items[t]] = True
+    for k in range(K):
+        if out_mask[k]:
+            energy += c[k]
+    return energy, True, nodes, root_bound
+
+
+@njit(cache=True)
+def des_solve_one(s, c, gamma, k_min, k_max, out_mask):
+    """Solve one P1 instance exactly; see the module docstring for the contract."""
+    iw, fw = _workspace(s.shape[0], k_min, k_max)
+    return _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw)
+
+
+@njit(cache=True)
+def _des_rows(scores, costs, gamma, k_min, k_max, mask, energy, violation, dropped, nodes, bound):
+    iw, fw = _workspace(scores.shape[1], k_min, k_max)
+    for b in range(scores.shape[0]):
+        e, feasible, nd, lb = _solve(scores[b], costs[b], gamma, k_min, k_max, mask[b], iw, fw)
+        energy[b] = e
+        violation[b] = not feasible
+        nodes[b] = nd
+        bound[b] = lb
+        any_selected = False
+        for k in range(scores.shape[1]):
+            if mask[b, k]:
+                any_selected = True
+                break
+        dropped[b] = not any_selected
+
+
+def des_numpy(scores: np.ndarray, costs: np.ndarray, gamma: float, k_min: int, k_max: int):
+    """DES on float64 arrays scores [B, K], costs [B, K] (J, +inf unreachable); no validation.
+
+    Returns (mask bool[B,K], energy float64[B] J, violation bool[B], dropped bool[B],
+    nodes int64[B], root_bound float64[B] J, nan on infeasible rows).
+    """
+    scores = np.ascontiguousarray(scores, dtype=np.float64)
+    costs = np.ascontiguousarray(costs, dtype=np.float64)
+    B, K = scores.shape
+    mask = np.zeros((B, K), dtype=np.bool_)
+    energy = np.zeros(B)
+    violation = np.zeros(B, dtype=np.bool_)
+    dropped = np.zeros(B, dtype=np.bool_)
+    nodes = np.zeros(B, dtype=np.int64)
+    bound = np.full(B, np.nan)
+    if B:
+        _des_rows(scores, costs, float(gamma), int(k_min), int(k_max), mask, energy, violation, dropped, nodes, bound)
+    return mask, energy, violation, dropped, nodes, bound
+
+
+def _to_selection(mask, energy, violation, dropped, nodes, bound) -> Selection:
+    B, K = mask.shape
+    sel = empty_selection(B, K)
+    sel.mask = torch.from_numpy(mask)
+    sel.energy = torch.from_numpy(energy)
+    sel.violation = torch.from_numpy(violation)
+    sel.dropped = torch.from_numpy(dropped)
+    sel.nodes = torch.from_numpy(nodes)
+    sel.lower_bound = torch.from_numpy(bound)
+    sel.certified = ~sel.violation
+    return sel
+
+
+def des(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1, k_max: int | None = None) -> Selection:
+    """Exact P1 per row. scores [B, K] (rows sum to 1), costs [B, K] J (+inf unreachable).
+
+    Returns a Selection (subcarrier all -1: the caller assigns static subcarriers).
+    """
+    s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=2)
+    return _to_selection(*des_numpy(s.numpy(), c.numpy(), gamma, k_min, k_max))
+
+
+# --------------------------------------------------------------------------------------
+# pure-Python reference
+# --------------------------------------------------------------------------------------
+def _fallback_python(s, c, reach, k_max):
+    """The min(k_max, #reachable) reachable experts with the highest scores (ties: lower cost, lower index)."""
+    ranked = sorted(reach, key=lambda k: (-s[k], c[k], k))
+    return ranked[: min(k_max, len(ranked))]
+
+
+def _des_reference_row(s, c, gamma, k_min, k_max):
+    """One row of the reference B&B; returns (chosen list, feasible, nodes, root bound)."""
+    thr = gamma - RELEVANCE_TOL
+    reach = [k for k in range(len(s)) if math.isfinite(c[k])]
+    if not reach:
+        return [], False, 0, math.nan
+    fallback = _fallback_python(s, c, reach, k_max)
+    if len(reach) < k_min or sum(s[k] for k in fallback) < thr:
+        return fallback, False, 0, math.nan
+    order = sorted(reach, key=lambda k: (c[k] / s[k] if s[k] > 0 else math.inf, c[k], k))
+
+    def lp_bound(start, need):
+        """Linear relaxation of the remaining covering knapsack (greedy fractional fill)."""
+        total, got = 0.0, 0.0
+        for k in order[start:]:
+            if s[k] <= 0:
+                break
+            if got + s[k] >= need:
+                return total + (need - got) * c[k] / s[k]
+            got += s[k]
+            total += c[k]
+        return math.inf
+
+    # greedy incumbent in ratio order, then the (feasible) top-score fallback set
+    greedy, got = [], 0.0
+    for k in order:
+        if got >= thr or len(greedy) == k_max:
+            break
+        greedy.append(k)
+        got += s[k]
+    for k in sorted(set(reach) - set(greedy), key=lambda k: (c[k], k)):
+        if len(greedy) >= k_min:
+            break
+        greedy.append(k)
+    incumbent = [fallback, sum(c[k] for k in fallback)]
+    if got >= thr and k_min <= len(greedy) <= k_max and sum(c[k] for k in greedy) < incumbent[1]:
+        incumbent = [greedy, sum(c[k] for k in greedy)]
+    nodes = 0
+
+    def dfs(pos, chosen, acc_s, acc_c):
+        nonlocal nodes
+        nodes += 1
+        if acc_c >= incumbent[1]:
+            return
+        if acc_s >= thr and len(chosen) >= k_min:
+            incumbent[0], incumbent[1] = list(chosen), acc_c
+            return
+        if len(chosen) == k_max or pos == len(order) or len(order) - pos < k_min - len(chosen):
+            return
+        if acc_s < thr and acc_c + lp_bound(pos, thr - acc_s) >= incumbent[1]:
+            return
+        k = order[pos]
+        chosen.append(k)
+        dfs(pos + 1, chosen, acc_s + s[k], acc_c + c[k])
+        chosen.pop()
+        dfs(pos + 1, chosen, acc_s, acc_c)
+
+    dfs(0, [], 0.0, 0.0)
+    return incumbent[0], True, nodes, lp_bound(0, thr)
+
+
+def des_reference(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1, k_max: int | None = None) -> Selection:
+    """Pure-Python DES (DESIGN.md section 3) with the same signature and semantics as :func:`des`."""
+    s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=2)
+    B, K = s.shape
+    s_rows, c_rows = s.tolist(), c.tolist()
+    mask = np.zeros((B, K), dtype=np.bool_)
+    energy = np.zeros(B)
+    violation = np.zeros(B, dtype=np.bool_)
+    dropped = np.zeros(B, dtype=np.bool_)
+    nodes = np.zeros(B, dtype=np.int64)
+    bound = np.full(B, np.nan)
+    for b in range(B):
+        chosen, feasible, nd, lb = _des_reference_row(s_rows[b], c_rows[b], gamma, k_min, k_max)
+        mask[b, chosen] = True
+        energy[b] = float(np.sum(c[b].numpy()[mask[b]]))
+        violation[b] = not feasible
+        dropped[b] = not chosen
+        nodes[b] = nd
+        if feasible:
+            bound[b] = lb
+    return _to_selection(mask, energy, violation, dropped, nodes, bound)

@@ -1,0 +1,87 @@
+"""One entry point for every routing policy: :func:`route`.
+
+The MoE layer calls ``route(policy, scores, costs, ...)`` with the gate's scores ``[B, K]``
+and the channel's per-link costs ``[B, K, N]`` (joules, ``+inf`` = outage) for every policy,
+so switching policy is a config change.
+
+Subcarriers.  ``jesa`` and ``optimal`` choose a subcarrier per selected expert from the full
+cost tensor.  The other policies use the static plan a(k) = k mod N: ``des`` solves P1 on
+``costs[b, k, k mod N]`` and the registry fills ``subcarrier`` with a(k) for the selected
+experts.  The static plan gives distinct subcarriers only when N >= K, so static policies
+raise a ValueError when N < K; with it every policy's result uses each subcarrier at most
+once per input.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import baselines
+from .common import Selection, validate_inputs
+from .des import des
+from .jesa import jesa
+
+POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal")
+STATIC_POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des")
+# Policies whose cardinality is the fixed `k` (the others use gamma, k_min, k_max or take all).
+FIXED_K_POLICIES = ("topk", "channel_topk", "random_topk")
+
+__all__ = ["POLICIES", "STATIC_POLICIES", "FIXED_K_POLICIES", "route"]
+
+
+def route(
+    policy: str,
+    scores: torch.Tensor,
+    costs: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    k: int = 2,
+    k_min: int = 1,
+    k_max: int | None = None,
+    failure_energy: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Selection:
+    """Run routing policy `policy` on a batch.
+
+    scores [B, K] gate probabilities (rows sum to 1); costs [B, K, N] link energies in J
+    (+inf = outage).  gamma, k_min, k_max: the relevance target and cardinality bounds of
+    des / jesa / optimal; k: the cardinality of topk / channel_topk / random_topk;
+    failure_energy: J counted per failed attempt of a channel-unaware policy (P_ap * T_max);
+    generator: torch.Generator for random_topk.  Returns a CPU :class:`Selection`.
+    Raises ValueError naming the bad argument.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    # Validate the shared arguments for every policy, so a bad config fails whatever the policy.
+    validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=3)
+    if policy in STATIC_POLICIES:
+        baselines._check_static_plan(costs)
+    if policy in FIXED_K_POLICIES:
+        baselines._check_k(k, scores.shape[1])
+
+    if policy == "topk":
+        return baselines.topk(scores, costs, k, failure_energy=failure_energy)
+    if policy == "channel_topk":
+        return baselines.channel_topk(scores, costs, k, failure_energy=failure_energy)
+    if policy == "random_topk":
+        return baselines.random_topk(scores, costs, k, generator, failure_energy=failure_energy)
+    if policy == "dense":
+        return baselines.dense(scores, costs, failure_energy=failure_energy)
+    if policy == "des":
+        return _static_des(scores, costs, gamma, k_min, k_max)
+    if policy == "jesa":
+        return jesa(scores, costs, gamma, k_min, k_max)
+    # policy == "optimal": exact P2 by MILP; imported lazily (scipy.optimize.milp is only
+    # needed for this reference policy).
+    from .exact import milp_p2
+
+    return milp_p2(scores, costs, gamma, k_min, k_max)
+
+
+def _static_des(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int, k_max: int | None) -> Selection:
+    """DES (P1) on the static plan: costs[b, k, k mod N], subcarrier a(k) for selected experts."""
+    costs64 = costs.detach().to("cpu", torch.float64)
+    result = des(scores, baselines.static_costs(costs64), gamma, k_min, k_max)
+    B, K, N = costs64.shape
+    plan = baselines.static_subcarriers(K, N).expand(B, K)
+    result.subcarrier = torch.where(result.mask, plan, torch.full_like(plan, -1))
+    return result
