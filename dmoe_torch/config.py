@@ -24,11 +24,10 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-# Kept in sync with dmoe_torch.selection.registry / dmoe_torch.data (imported lazily by the
-# builders; duplicated here so that validating a config does not import numba solvers).
-POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal")
-STATIC_POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des")
-FIXED_K_POLICIES = ("topk", "channel_topk", "random_topk")
+from .data import DATASETS
+from .selection.registry import FIXED_K_POLICIES, POLICIES, STATIC_POLICIES
+
+# Policies with a relevance target gamma and cardinality bounds k_min..k_max.
 GAMMA_POLICIES = ("des", "jesa", "optimal")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
@@ -152,8 +151,6 @@ def validate_device(cfg: DictConfig, key: str = "device") -> str:
 
 
 def validate_data(cfg: DictConfig, *, training: bool) -> None:
-    from .data import DATASETS
-
     get_str(cfg, "data.name", choices=DATASETS)
     get_str(cfg, "data.root")
     get_int(cfg, "data.batch_size", minimum=1)
@@ -257,6 +254,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     get_float(cfg, "train.grad_clip", exclusive_minimum=0.0, optional=True)
     get_int(cfg, "train.warmup_steps", minimum=0)
     get_int(cfg, "train.log_every", minimum=1)
+    get_int(cfg, "train.stop_after_epochs", minimum=1, optional=True)
     resume = get_str(cfg, "resume", optional=True)
     if resume is not None and not os.path.isfile(resume_path(cfg)):
         raise ConfigError(f"resume={resume!r}: no such file; pass the checkpoint.pt of an earlier run")

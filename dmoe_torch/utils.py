@@ -43,6 +43,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], Any]) -> Path:
     """Write a file via ``write(fileobj)`` into a temporary file beside it, then rename it.
 
@@ -53,6 +62,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], A
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual mode
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

@@ -65,7 +65,7 @@ __all__ = ["des", "des_numpy", "des_solve_one", "des_reference"]
 # depends on reaching it: any lam gives a valid bound.
 
 _ROOT_ITERATIONS = 60  # Kelley steps at the root (reports the LP bound)
-_NODE_ITERATIONS = 8  # Kelley steps at other nodes (any lam is valid; these only prune)
+_NODE_ITERATIONS = 0  # Kelley steps at other nodes (any lam is valid; these only prune)
 
 
 @njit(cache=True)
@@ -373,7 +373,7 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
     st_bound[0] = 0.0
     sp = 1
     nodes = 0
-    root_bound = np.nan
+    root_bound = 0.0  # costs are >= 0; replaced by the relaxation bound at the root
     while sp > 0:
         sp -= 1
         pos = st_pos[sp]

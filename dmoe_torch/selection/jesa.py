@@ -31,7 +31,11 @@ Algorithm (docs/method.md proves the properties used here):
    and it is returned with violation=True, exactly like DES's P1 fallback.  No reachable
    expert at all: empty mask, energy 0, dropped=True, violation=True.
 
-Everything per row runs in one numba-compiled loop (no Python per row).
+Per-row work runs in numba-compiled loops over the batch; DES runs batched through
+``des_numpy`` (once for the whole batch, then once per iteration round on the rows still
+improving), so there is no Python work per row.  The numba code here deliberately calls no
+jitted function of another module: numba's on-disk cache does not notice when such a callee
+changes, and a stale cached JESA would silently run an old DES.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ import torch
 from numba import njit
 
 from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
-from .des import des_solve_one
+from .des import des_numpy
 
 __all__ = ["jesa", "jesa_numpy", "JesaResult", "min_cost_assignment", "DEFAULT_MAX_ITERATIONS"]
 
@@ -310,97 +314,114 @@ def _max_relevance_set(s, e, best_cost, k_max, out_mask, match_of_sub, sub_of_ex
 
 
 @njit(cache=True)
-def _jesa_rows(
-    s_all, e_all, gamma, k_min, k_max, max_iterations,
-    mask_out, sub_out, energy_out, violation_out, dropped_out, certified_out, nodes_out, bound_out, iters_out,
-):
+def _best_links_rows(e_all, best_sub, best_cost):
+    for b in range(e_all.shape[0]):
+        _best_links(e_all[b], best_sub[b], best_cost[b])
+
+
+@njit(cache=True)
+def _first_pass(e_all, mask_all, violation, lower, best_sub, sub_out, energy_out, certified_out, dropped_out, iters_out):
+    """Rows whose DES(c*) selection uses distinct best links are final; returns a status per row.
+
+    status 0: final.  1: P1 under c* feasible but best links collide (iterative phase).
+    2: P1 under c* infeasible and the fallback's best links collide (P2 fallback).
+    """
     B, K, N = e_all.shape
-    thr = gamma - RELEVANCE_TOL
-    best_sub = np.empty(K, np.int64)
-    best_cost = np.empty(K)
-    costs_now = np.empty(K)
-    cand_mask = np.empty(K, np.bool_)
-    cand_sub = np.empty(K, np.int64)
-    cur_sub = np.empty(K, np.int64)
     used = np.empty(N, np.bool_)
+    status = np.zeros(B, np.int64)
+    for b in range(B):
+        mask = mask_all[b]
+        iters_out[b] = 1
+        if not _best_links_distinct(mask, best_sub[b], used):
+            status[b] = 2 if violation[b] else 1
+            continue
+        count = 0
+        for k in range(K):
+            sub_out[b, k] = -1
+            if mask[k]:
+                sub_out[b, k] = best_sub[b, k]
+                count += 1
+        energy_out[b] = lower[b]  # DES's energy under c*: the sum of the best-link costs
+        if violation[b]:
+            dropped_out[b] = count == 0
+            if count == 0:
+                iters_out[b] = 0
+        else:
+            certified_out[b] = True  # structural property: optimal for P2
+    return status
+
+
+@njit(cache=True)
+def _updated_costs_rows(e_all, sub_all, out_cost):
+    used = np.empty(e_all.shape[2], np.bool_)
+    for b in range(e_all.shape[0]):
+        _updated_costs(e_all[b], sub_all[b], out_cost[b], used)
+
+
+@njit(cache=True)
+def _fallback_rows(s_all, e_all, best_cost, k_max, k_min, threshold, mask_out, sub_out, energy_out, feasible_out):
+    """P2 fallback per row: the maximum-relevance matchable set and its min-cost assignment.
+
+    feasible_out[b]: the set reaches the relevance threshold with at least k_min experts.
+    """
+    B, K, N = e_all.shape
     work_cost = np.empty((K, N))
     work_rows = np.empty(K, np.int64)
     work_cols = np.empty(K, np.int64)
     match_of_sub = np.empty(N, np.int64)
     sub_of_expert = np.empty(K, np.int64)
+    visited = np.empty(N, np.bool_)
     parent = np.empty(N, np.int64)
     queue = np.empty(K + 1, np.int64)
     for b in range(B):
-        s = s_all[b]
-        e = e_all[b]
-        mask = mask_out[b]
-        sub = sub_out[b]
-        _best_links(e, best_sub, best_cost)
-        lower, feasible, nodes, _root = des_solve_one(s, best_cost, gamma, k_min, k_max, mask)
-        nodes_out[b] = nodes
-        iters_out[b] = 1
-        distinct = _best_links_distinct(mask, best_sub, used)
-        p1_infeasible = not feasible
-        if p1_infeasible:
-            # P1 under c* is infeasible, hence so is P2 (its feasible sets are a subset).
-            violation_out[b] = True
-            bound_out[b] = np.nan
-            if distinct:  # DES's fallback (top scores) is matchable on the best links
-                count = 0
-                for k in range(K):
-                    sub[k] = -1
-                    if mask[k]:
-                        sub[k] = best_sub[k]
-                        count += 1
-                dropped_out[b] = count == 0
-                if count == 0:
-                    iters_out[b] = 0
-                energy_out[b] = lower
-                continue
-        else:
-            bound_out[b] = lower
-            if distinct:  # structural property: optimal for P2
-                for k in range(K):
-                    sub[k] = best_sub[k] if mask[k] else -1
-                energy_out[b] = lower
-                certified_out[b] = True
-                continue
-            # iterative phase; the first candidate is "DES under c*, then min-cost assignment"
-            best_energy = _assign_selected(e, mask, sub, work_cost, work_rows, work_cols)
-            cur_sub[:] = sub
-            for _ in range(max_iterations - 1):
-                if best_energy <= lower * (1.0 + ENERGY_RTOL):
-                    break  # reached the lower bound: nothing can improve it
-                _updated_costs(e, cur_sub, costs_now, used)
-                _e, ok, nd, _r = des_solve_one(s, costs_now, gamma, k_min, k_max, cand_mask)
-                nodes_out[b] += nd
-                iters_out[b] += 1
-                if not ok:
-                    break
-                energy = _assign_selected(e, cand_mask, cand_sub, work_cost, work_rows, work_cols)
-                if not energy < best_energy * (1.0 - ENERGY_RTOL):
-                    break
-                best_energy = energy
-                mask[:] = cand_mask
-                sub[:] = cand_sub
-                cur_sub[:] = cand_sub
-            if best_energy < np.inf:
-                energy_out[b] = best_energy
-                certified_out[b] = True
-                continue
-        # P2 fallback: maximum-relevance matchable set; feasible iff it meets gamma and k_min.
         count = _max_relevance_set(
-            s, e, best_cost, k_max, mask, match_of_sub, sub_of_expert, used, parent, queue
+            s_all[b], e_all[b], best_cost[b], k_max, mask_out[b], match_of_sub, sub_of_expert, visited, parent, queue
         )
-        energy_out[b] = _assign_selected(e, mask, sub, work_cost, work_rows, work_cols)
+        energy_out[b] = _assign_selected(e_all[b], mask_out[b], sub_out[b], work_cost, work_rows, work_cols)
         relevance = 0.0
         for k in range(K):
-            if mask[k]:
-                relevance += s[k]
-        violation_out[b] = p1_infeasible or not (relevance >= thr and count >= k_min)
-        dropped_out[b] = count == 0
-        if count == 0:
-            energy_out[b] = 0.0
+            if mask_out[b, k]:
+                relevance += s_all[b, k]
+        feasible_out[b] = relevance >= threshold and count >= k_min
+
+
+def _iterate(s, e, lower, mask, gamma, k_min, k_max, max_iterations):
+    """JESA's iterative phase on the rows given (all with a feasible P1 under c*).
+
+    s [R, K], e [R, K, N], lower [R] (P1 optimum under c*), mask [R, K] (DES under c*).
+    Returns (mask, subcarrier, energy (+inf: no feasible candidate found), nodes, iterations).
+    Each round runs DES once on every still-active row (batched), so the Python work is per
+    round, not per row.
+    """
+    R, K = mask.shape
+    sub = np.full((R, K), -1, dtype=np.int64)
+    energy = np.zeros(R)
+    _assignment_rows(e, mask, sub, energy)  # first candidate: DES under c*, then assignment
+    nodes = np.zeros(R, dtype=np.int64)
+    iterations = np.ones(R, dtype=np.int64)
+    active = energy > lower * (1.0 + ENERGY_RTOL)  # rows at the bound are already optimal
+    for _ in range(max_iterations - 1):
+        rows = np.flatnonzero(active)
+        if rows.size == 0:
+            break
+        e_rows = e[rows]
+        costs_now = np.empty((rows.size, K))
+        _updated_costs_rows(e_rows, sub[rows], costs_now)
+        new_mask, _, new_violation, _, new_nodes, _ = des_numpy(s[rows], costs_now, gamma, k_min, k_max)
+        nodes[rows] += new_nodes
+        iterations[rows] += 1
+        new_sub = np.full((rows.size, K), -1, dtype=np.int64)
+        new_energy = np.zeros(rows.size)
+        _assignment_rows(e_rows, new_mask, new_sub, new_energy)
+        new_energy[new_violation] = np.inf
+        improved = new_energy < energy[rows] * (1.0 - ENERGY_RTOL)
+        better = rows[improved]
+        mask[better] = new_mask[improved]
+        sub[better] = new_sub[improved]
+        energy[better] = new_energy[improved]
+        active[rows[~improved]] = False
+        active[better] = energy[better] > lower[better] * (1.0 + ENERGY_RTOL)
+    return mask, sub, energy, nodes, iterations
 
 
 def jesa_numpy(
@@ -415,28 +436,66 @@ def jesa_numpy(
 
     k_max is capped at N here (each selected expert needs its own subcarrier).
     """
-    scores = np.ascontiguousarray(scores, dtype=np.float64)
-    costs = np.ascontiguousarray(costs, dtype=np.float64)
-    B, K, N = costs.shape
+    s = np.ascontiguousarray(scores, dtype=np.float64)
+    e = np.ascontiguousarray(costs, dtype=np.float64)
+    B, K, N = e.shape
     k_max = min(int(k_max), N)
-    result = JesaResult(
-        mask=np.zeros((B, K), dtype=np.bool_),
-        subcarrier=np.full((B, K), -1, dtype=np.int64),
-        energy=np.zeros(B),
-        violation=np.zeros(B, dtype=np.bool_),
-        dropped=np.zeros(B, dtype=np.bool_),
-        certified=np.zeros(B, dtype=np.bool_),
-        nodes=np.zeros(B, dtype=np.int64),
-        lower_bound=np.full(B, np.nan),
-        iterations=np.zeros(B, dtype=np.int64),
-    )
-    if B:
-        _jesa_rows(
-            scores, costs, float(gamma), int(k_min), k_max, max(1, int(max_iterations)),
-            result.mask, result.subcarrier, result.energy, result.violation, result.dropped,
-            result.certified, result.nodes, result.lower_bound, result.iterations,
+    gamma = float(gamma)
+    max_iterations = max(1, int(max_iterations))
+    sub = np.full((B, K), -1, dtype=np.int64)
+    energy = np.zeros(B)
+    certified = np.zeros(B, dtype=np.bool_)
+    dropped = np.zeros(B, dtype=np.bool_)
+    iterations = np.zeros(B, dtype=np.int64)
+    if B == 0:
+        empty = np.zeros((0, K), dtype=np.bool_)
+        return JesaResult(empty, sub, energy, certified.copy(), dropped, certified,
+                          np.zeros(0, dtype=np.int64), np.zeros(0), iterations)
+
+    # (1) c*, DES under c* for the whole batch
+    best_sub = np.empty((B, K), dtype=np.int64)
+    best_cost = np.empty((B, K))
+    _best_links_rows(e, best_sub, best_cost)
+    mask, lower, violation, _, nodes, _ = des_numpy(s, best_cost, gamma, k_min, k_max)
+    lower_bound = np.where(violation, np.nan, lower)
+    # (2) distinct best links: final (certified when feasible)
+    status = _first_pass(e, mask, violation, lower, best_sub, sub, energy, certified, dropped, iterations)
+
+    # (3) iterative phase on the rows whose selected experts' best links collide
+    fallback = status == 2
+    rows = np.flatnonzero(status == 1)
+    if rows.size:
+        r_mask, r_sub, r_energy, r_nodes, r_iterations = _iterate(
+            s[rows], e[rows], lower[rows], mask[rows], gamma, k_min, k_max, max_iterations
         )
-    return result
+        found = np.isfinite(r_energy)
+        done = rows[found]
+        mask[done] = r_mask[found]
+        sub[done] = r_sub[found]
+        energy[done] = r_energy[found]
+        certified[done] = r_energy[found] <= lower[done] * (1.0 + ENERGY_RTOL)
+        nodes[rows] += r_nodes
+        iterations[rows] = r_iterations
+        fallback[rows[~found]] = True
+
+    # (4) P2 fallback: maximum-relevance matchable set; feasible iff it meets gamma and k_min
+    rows = np.flatnonzero(fallback)
+    if rows.size:
+        f_mask = np.zeros((rows.size, K), dtype=np.bool_)
+        f_sub = np.full((rows.size, K), -1, dtype=np.int64)
+        f_energy = np.zeros(rows.size)
+        f_feasible = np.zeros(rows.size, dtype=np.bool_)
+        _fallback_rows(
+            s[rows], e[rows], best_cost[rows], k_max, k_min, gamma - RELEVANCE_TOL, f_mask, f_sub, f_energy, f_feasible
+        )
+        mask[rows] = f_mask
+        sub[rows] = f_sub
+        empty = ~f_mask.any(1)
+        energy[rows] = np.where(empty, 0.0, f_energy)
+        # P1 under c* infeasible implies P2 infeasible, whatever the float sums say
+        violation[rows] = violation[rows] | ~f_feasible
+        dropped[rows] = empty
+    return JesaResult(mask, sub, energy, violation, dropped, certified, nodes, lower_bound, iterations)
 
 
 def jesa(

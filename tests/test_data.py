@@ -1,0 +1,156 @@
+"""Datasets: real Fashion-MNIST from the Debian package, seeded splits, loaders, errors."""
+from __future__ import annotations
+
+import gzip
+
+import pytest
+import torch
+
+from dmoe_torch import data
+from dmoe_torch.data import DataUnavailableError, build_datasets, make_loader
+
+DEBIAN_FILES = [data.DEBIAN_FASHION_MNIST_DIR / f"{stem}.gz" for stem in data._IDX_FILES]
+needs_debian = pytest.mark.skipif(
+    not all(p.is_file() for p in DEBIAN_FILES),
+    reason="Debian package dataset-fashion-mnist not installed (sudo apt-get install dataset-fashion-mnist)",
+)
+
+LIMITS = dict(val_size=100, limit_train=600, limit_test=200)
+
+
+@pytest.fixture(scope="module")
+def fashion_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def fashion(fashion_root):
+    return build_datasets("fashion_mnist", fashion_root, seed=0, download=False, **LIMITS)
+
+
+def idx_labels(stem: str, count: int) -> torch.Tensor:
+    """The first `count` labels of an IDX label archive of the Debian package (8-byte header)."""
+    with gzip.open(data.DEBIAN_FASHION_MNIST_DIR / f"{stem}.gz", "rb") as f:
+        raw = f.read(8 + count)
+    return torch.tensor(list(raw[8:]), dtype=torch.int64)
+
+
+@needs_debian
+def test_fashion_mnist_loads_from_debian_files(fashion, fashion_root):
+    train, val, test, info = fashion
+    assert (info.name, info.in_channels, info.num_classes, info.image_size) == ("fashion_mnist", 1, 10, 28)
+    assert len(info.class_names) == 10
+    # limit_train=600 -> validation min(100, 600 // 5) = 100, training 500.
+    assert (len(train), len(val), len(test)) == (500, 100, 200)
+    image, label, sample_id = test[5]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert isinstance(label, int) and isinstance(sample_id, int) and sample_id == 5
+    # Labels are the real ones, in file order.
+    torch.testing.assert_close(test.labels, idx_labels("t10k-labels-idx1-ubyte", 200))
+    train_labels = idx_labels("train-labels-idx1-ubyte", 600)
+    torch.testing.assert_close(train.labels, train_labels[train.sample_ids])
+    torch.testing.assert_close(val.labels, train_labels[val.sample_ids])
+    # Normalised with the dataset's statistics: roughly zero mean, unit spread.
+    images = train[torch.arange(len(train))][0]
+    assert abs(images.mean().item()) < 0.1 and abs(images.std().item() - 1) < 0.1
+    # Decompressed into torchvision's layout, atomically (no temporary files left behind).
+    raw = fashion_root / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(data._IDX_FILES)
+
+
+@needs_debian
+def test_split_is_seeded_disjoint_and_complete(fashion, fashion_root):
+    train, val, _, _ = fashion
+    train_ids, val_ids = set(train.sample_ids.tolist()), set(val.sample_ids.tolist())
+    assert not train_ids & val_ids
+    assert train_ids | val_ids == set(range(600))
+    again = build_datasets("fashion_mnist", fashion_root, seed=0, download=False, **LIMITS)
+    assert torch.equal(again[1].sample_ids, val.sample_ids)
+    other = build_datasets("fashion_mnist", fashion_root, seed=1, download=False, **LIMITS)
+    assert not torch.equal(other[1].sample_ids, val.sample_ids)
+
+
+@needs_debian
+def test_full_sizes_and_limit_test(fashion_root):
+    train, val, test, _ = build_datasets("fashion_mnist", fashion_root, val_size=5000, limit_test=37, download=False)
+    assert (len(train), len(val), len(test)) == (55000, 5000, 37)
+    assert torch.equal(test.sample_ids, torch.arange(37))
+    assert train.sample_ids.max() < 60000
+
+
+@needs_debian
+def test_item_and_batch_indexing_agree(fashion):
+    train = fashion[0]
+    images, labels, ids = train[[3, 0, 7]]
+    for row, index in enumerate([3, 0, 7]):
+        image, label, sample_id = train[index]
+        assert torch.equal(images[row], image)
+        assert (labels[row].item(), ids[row].item()) == (label, sample_id)
+
+
+@needs_debian
+def test_loader_is_seeded_and_covers_each_image_once(fashion):
+    train = fashion[0]
+
+    def epoch_ids(loader):
+        return torch.cat([ids for _, _, ids in loader])
+
+    loader = make_loader(train, 64, shuffle=True, seed=3)
+    first_epoch, second_epoch = epoch_ids(loader), epoch_ids(loader)
+    assert sorted(first_epoch.tolist()) == sorted(train.sample_ids.tolist())
+    assert not torch.equal(first_epoch, second_epoch)  # a new order each epoch
+    assert torch.equal(first_epoch, epoch_ids(make_loader(train, 64, shuffle=True, seed=3)))
+    assert not torch.equal(first_epoch, epoch_ids(make_loader(train, 64, shuffle=True, seed=4)))
+    images, labels, ids = next(iter(make_loader(train, 64, shuffle=False, seed=0)))
+    assert images.shape == (64, 1, 28, 28) and labels.shape == ids.shape == (64,)
+    assert torch.equal(ids, train.sample_ids[:64])
+    sizes = [len(ids) for _, _, ids in make_loader(train, 64, shuffle=False, seed=0, drop_last=True)]
+    assert sizes == [64] * (500 // 64)
+
+
+def test_random_crop_flip_takes_windows_of_the_padded_image():
+    B, H, W = 16, 6, 5
+    x = torch.arange(B * H * W, dtype=torch.float32).view(B, 1, H, W) + 1  # no zeros inside
+    out = data._random_crop_flip(x, padding=2, flip=True, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    flips = 0
+    for b in range(B):
+        windows = [
+            padded[b, :, dy : dy + H, dx : dx + W]
+            for dy in range(5)
+            for dx in range(5)
+        ]
+        straight = any(torch.equal(out[b], w) for w in windows)
+        mirrored = any(torch.equal(out[b], w.flip(-1)) for w in windows)
+        assert straight or mirrored
+        flips += mirrored and not straight
+    assert 0 < flips < B
+    again = data._random_crop_flip(x, padding=2, flip=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_unknown_dataset_name_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.name.*fashion_mnist, mnist, cifar10.*'svhn'"):
+        build_datasets("svhn", tmp_path)
+
+
+def test_bad_val_size_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.val_size"):
+        build_datasets("fashion_mnist", tmp_path, val_size=-1)
+
+
+def test_missing_data_gives_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-such-package")
+    empty_root = tmp_path / "empty"
+    with pytest.raises(DataUnavailableError) as caught:
+        build_datasets("fashion_mnist", empty_root, download=False)
+    message = str(caught.value)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert str(empty_root) in message and "no-such-package" in message
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, RuntimeError)
+
+
+def test_missing_mnist_without_download(tmp_path):
+    with pytest.raises(DataUnavailableError, match="'mnist' not found"):
+        build_datasets("mnist", tmp_path, download=False)

@@ -1,0 +1,177 @@
+"""End to end through the real entry points on real Fashion-MNIST (a few hundred images).
+
+train.py -> checkpoint, config, metrics, TensorBoard; evaluate.py -> results table and plot;
+resume equality; evaluation determinism and independence of the batch size.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
+from dmoe_torch.report import RESULT_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny model on 400 training / 200 test images: each run takes seconds.
+TINY_RUN = (
+    "data.limit_train=400", "data.limit_test=200", "data.batch_size=64", "train.epochs=2",
+    "model.d_model=32", "model.num_experts=4", "train.warmup_steps=2", "device=cpu",
+)
+EVAL_ARGS = (
+    "eval.policies=[topk@2,dense,des,jesa]", "eval.gammas=[0.3,0.9]", "eval.channel_draws=2",
+    "data.limit_test=100", "device=cpu", "progress=false",
+)
+EVAL_ROWS = 2 + 2 * 2  # topk@2, dense, then des and jesa at two gammas
+
+
+def run_cli(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would (from the repo root); HYDRA_FULL_ERROR unset."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    """A fresh data.root: data.py fills it from the Debian package's Fashion-MNIST files."""
+    if not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST not installed in {DEBIAN_FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def train(run_dir: Path, data_root: str, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("train.py", *TINY_RUN, f"data.root={data_root}", f"hydra.run.dir={run_dir}", "progress=false", *extra)
+
+
+def evaluate(ckpt: Path, run_dir: Path, data_root: str, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("evaluate.py", f"ckpt={ckpt}", *EVAL_ARGS, f"data.root={data_root}", f"hydra.run.dir={run_dir}", *extra)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_root) -> Path:
+    """An uninterrupted 2-epoch run."""
+    run_dir = tmp_path_factory.mktemp("train")
+    check_ok(train(run_dir, data_root))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, trained, data_root) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("eval")
+    result = check_ok(evaluate(trained / "checkpoint.pt", run_dir, data_root, "data.batch_size=100"))
+    return run_dir, result
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_train_writes_checkpoint_config_metrics_and_tensorboard(trained):
+    checkpoint = torch.load(trained / "checkpoint.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "epoch", "config", "metrics", "rng"):
+        assert key in checkpoint
+    assert checkpoint["epoch"] == 2 and checkpoint["step_in_epoch"] == 0
+    assert checkpoint["config"]["model"]["d_model"] == 32
+    assert (trained / "config.yaml").read_text().count("d_model: 32") == 1
+
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["epochs_completed"] == 2 and len(metrics["history"]) == 2
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and metrics["test"]["inputs"] == 200
+    # Two epochs on 320 images beat chance (10 classes) by far.
+    assert metrics["test"]["accuracy"] > 0.3
+    assert metrics["test"]["energy_uj"] > 0
+    assert metrics["history"][1]["train"]["loss"] < metrics["history"][0]["train"]["loss"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list(trained.glob("events.out.tfevents.*"))
+    assert len(events) == 1  # one SummaryWriter per run
+    accumulator = EventAccumulator(str(trained))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    expected = {
+        "train/loss", "train/accuracy", "train/lr", "val/loss", "val/accuracy", "router/energy_uj",
+        "router/experts_per_input", "router/outage_rate", "router/violation_rate", "router/drop_rate",
+        "router/gate_entropy", *(f"router/utilisation_{k}" for k in range(4)),
+    }
+    assert expected <= tags, expected - tags
+    assert len(accumulator.Scalars("val/accuracy")) == 2
+
+
+def test_evaluate_writes_table_csv_and_plot(evaluated):
+    run_dir, result = evaluated
+    rows = read_rows(run_dir / "results.csv")
+    assert len(rows) == EVAL_ROWS
+    assert tuple(rows[0].keys()) == RESULT_COLUMNS
+    assert [r["policy"] for r in rows] == ["topk@2", "dense", "des", "des", "jesa", "jesa"]
+    assert [r["gamma"] for r in rows] == ["", "", "0.3", "0.9", "0.3", "0.9"]
+    for row in rows:
+        assert 0.0 <= float(row["accuracy_mean"]) <= 1.0
+        assert float(row["energy_uj_mean"]) > 0
+        assert int(row["draws"]) == 2 and int(row["inputs"]) == 100
+    by_setting = {(r["policy"], r["gamma"]): r for r in rows}
+    dense_energy = float(by_setting[("dense", "")]["energy_uj_mean"])
+    assert float(by_setting[("des", "0.3")]["energy_uj_mean"]) <= dense_energy
+    assert float(by_setting[("jesa", "0.3")]["energy_uj_mean"]) <= float(by_setting[("des", "0.3")]["energy_uj_mean"]) + 1e-9
+    assert float(by_setting[("topk@2", "")]["experts_per_input"]) <= 2.0
+
+    table = (run_dir / "results.md").read_text()
+    assert table.count("\n| des | 0.3 |") == 1 and "| jesa | 0.9 |" in table
+    assert "| des | 0.3 |" in result.stdout  # the table is printed
+    assert (run_dir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(run_dir.glob("events.out.tfevents.*"))
+
+
+def test_evaluate_is_deterministic_and_independent_of_batch_size(evaluated, trained, data_root, tmp_path):
+    run_dir, _ = evaluated
+    reference = (run_dir / "results.csv").read_text()
+    again = check_ok(evaluate(trained / "checkpoint.pt", tmp_path / "again", data_root, "data.batch_size=100"))
+    assert (tmp_path / "again" / "results.csv").read_text() == reference, again.stderr[-2000:]
+    check_ok(evaluate(trained / "checkpoint.pt", tmp_path / "small_batches", data_root, "data.batch_size=50"))
+    assert (tmp_path / "small_batches" / "results.csv").read_text() == reference
+
+
+def assert_same_run(run_a: Path, run_b: Path) -> None:
+    """Identical final weights, optimizer state and metrics (timings aside)."""
+    a = torch.load(run_a / "checkpoint.pt", map_location="cpu", weights_only=True)
+    b = torch.load(run_b / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(state_a["exp_avg"], state_b["exp_avg"])
+    metrics_a = json.loads((run_a / "metrics.json").read_text())
+    metrics_b = json.loads((run_b / "metrics.json").read_text())
+    assert metrics_a["test"] == metrics_b["test"]
+    for epoch_a, epoch_b in zip(metrics_a["history"], metrics_b["history"], strict=True):
+        assert epoch_a["train"] == epoch_b["train"] and epoch_a["val"] == epoch_b["val"]
+
+
+def test_resume_after_one_epoch_matches_uninterrupted_run(trained, data_root, tmp_path):
+    # The 2-epoch schedule, stopped after epoch 1 (as a time-limited job would be)...
+    stopped = check_ok(train(tmp_path, data_root, "train.stop_after_epochs=1"))
+    assert "Stopping after epoch 1 of 2" in stopped.stderr
+    first = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert (first["epoch"], first["step_in_epoch"]) == (1, 0)
+    assert not (tmp_path / "metrics.json").exists()
+    # ...then the same command in the same run directory resumes from checkpoint.pt.
+    resumed = check_ok(train(tmp_path, data_root))
+    assert "Resuming" in resumed.stderr
+    assert_same_run(trained, tmp_path)
