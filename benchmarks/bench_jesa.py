@@ -97,7 +97,7 @@ def quality(K: int, ratios, gammas, B: int, seed: int) -> list[dict]:
     return rows
 
 
-def _rate(fn, count: int, repeats: int = 3) -> float:
+def _rate(fn, count: int, repeats: int = 2) -> float:
     """Instances per second of fn() (best of `repeats`)."""
     best = np.inf
     for _ in range(repeats):
@@ -178,11 +178,11 @@ def _print_throughput(rows):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experts", type=int, default=8, help="K for the quality table")
-    parser.add_argument("--instances", type=int, default=200, help="instances per quality cell")
+    parser.add_argument("--instances", type=int, default=150, help="instances per quality cell")
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.5, 0.8, 0.95])
     parser.add_argument("--ratios", type=int, nargs="+", default=[1, 2, 4, 8], help="N/K values")
     parser.add_argument("--throughput-instances", type=int, default=20000)
-    parser.add_argument("--milp-instances", type=int, default=100, help="instances the MILP timing solves")
+    parser.add_argument("--milp-instances", type=int, default=30, help="instances the MILP timing solves")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     args = parser.parse_args()

@@ -148,10 +148,11 @@ class ImageTensorDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index):
-        if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0):
-            images, labels, ids = self._batch(torch.as_tensor([int(index)]))
+        batch_index = torch.as_tensor(index, dtype=torch.int64)
+        if batch_index.dim() == 0:  # int, numpy integer or 0-d tensor: one item
+            images, labels, ids = self._batch(batch_index.view(1))
             return images[0], int(labels[0]), int(ids[0])
-        return self._batch(torch.as_tensor(index, dtype=torch.int64))
+        return self._batch(batch_index)
 
     def _batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.images.index_select(0, index).to(torch.float32)
@@ -273,11 +274,19 @@ def make_loader(
         return DataLoader(
             ds, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),
             num_workers=num_workers, generator=generator,
+            worker_init_fn=_seed_worker_augmentation if num_workers else None,
         )
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=num_workers, generator=generator,
     )
+
+
+def _seed_worker_augmentation(worker_id: int) -> None:
+    # Each worker holds a copy of the dataset: give each copy its own augmentation stream
+    # (torch derives the worker seed from the loader's seeded generator, so it is reproducible).
+    info = torch.utils.data.get_worker_info()
+    info.dataset.generator.manual_seed(info.seed)
 
 
 # ---------------------------------------------------------------------------------------------

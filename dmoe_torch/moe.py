@@ -234,15 +234,18 @@ class MoELayer(nn.Module):
         masked_logits = torch.where(has_expert, masked_logits, torch.zeros_like(logits))
         weights = torch.softmax(masked_logits, dim=-1) * effective
 
+        # Dispatch: gather the routed rows once, grouped by expert (expert-major order), run
+        # each expert on its own group only, scale by w and scatter-add back onto h.
+        routed = effective_cpu.t().nonzero()  # [M, 2] (expert, row), rows ascending per expert
         out = h
-        for k in range(K):
-            rows = effective_cpu[:, k].nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            rows = rows.to(h.device)
-            expert_out = self.experts[k](h.index_select(0, rows))
-            scaled = expert_out * weights.index_select(0, rows)[:, k : k + 1].to(expert_out.dtype)
-            out = out.index_add(0, rows, scaled)
+        if routed.numel():
+            experts_of_slot = routed[:, 0].to(h.device)
+            rows = routed[:, 1].to(h.device)
+            counts = effective_cpu.sum(0).tolist()
+            groups = h.index_select(0, rows).split(counts)
+            expert_out = torch.cat([self.experts[k](group) for k, group in enumerate(groups) if counts[k]])
+            slot_weights = weights[rows, experts_of_slot].unsqueeze(1).to(expert_out.dtype)
+            out = h.index_add(0, rows, (expert_out * slot_weights).to(h.dtype))
 
         aux_loss = load_balancing_loss(scores, selection.mask.to(h.device))
         metrics = self._metrics(scores.detach(), selection, effective_cpu)

@@ -154,3 +154,25 @@ def test_missing_data_gives_one_clear_error(tmp_path, monkeypatch):
 def test_missing_mnist_without_download(tmp_path):
     with pytest.raises(DataUnavailableError, match="'mnist' not found"):
         build_datasets("mnist", tmp_path, download=False)
+
+
+@needs_debian
+def test_augmented_training_set_is_reproducible_with_workers(fashion_root):
+    import numpy as np
+
+    def first_batches(num_workers):
+        train = build_datasets("fashion_mnist", fashion_root, seed=0, augment=True, download=False, **LIMITS)[0]
+        loader = make_loader(train, 100, shuffle=True, seed=1, num_workers=num_workers)
+        return [(images, ids) for images, _, ids in loader][:3], train
+
+    (batches, train), (again, _) = first_batches(2), first_batches(2)
+    for (images, ids), (images_again, ids_again) in zip(batches, again):
+        assert torch.equal(ids, ids_again) and torch.equal(images, images_again)
+    # The same images without augmentation: look the batch's sample ids up by position.
+    positions = (train.sample_ids[None, :] == batches[0][1][:, None]).nonzero()[:, 1]
+    train.augment = False
+    plain = train[positions][0]
+    assert plain.shape == batches[0][0].shape
+    assert not torch.equal(batches[0][0], plain)
+    # A numpy integer indexes one item like an int.
+    assert torch.equal(train[np.int64(4)][0], train[4][0])

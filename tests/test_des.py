@@ -109,6 +109,26 @@ def result_slice(result, rows):
     return replace(result, **{f.name: getattr(result, f.name)[rows] for f in fields(result)})
 
 
+def test_des_matches_brute_force_when_cardinality_binds():
+    # flat scores and gamma close to the best k_max-subset relevance: the LP without the
+    # cardinality constraint is weak here, so this exercises the Lagrangian bound
+    rng = np.random.default_rng(21)
+    K = 14
+    scores = torch.from_numpy(softmax(rng.normal(size=(80, K)) * 0.5))
+    costs = torch.from_numpy(np.where(rng.random((80, K)) < 0.1, np.inf, 1e-5 * rng.lognormal(0, 1, (80, K))))
+    reachable_scores = torch.where(torch.isinf(costs), 0.0, scores)
+    for k_max in (2, 3, 5):
+        best_relevance = reachable_scores.sort(1, descending=True).values[:, :k_max].sum(1)
+        for k_min in (1, k_max):
+            for q in (0.2, 0.5):
+                gamma = float(best_relevance.quantile(q))
+                result = des(scores, costs, gamma, k_min, k_max)
+                assert_valid(result, scores, costs, gamma, k_min, k_max)
+                assert_same_optimum(result, brute_force_p1(scores, costs, gamma, k_min, k_max), f"k_max={k_max} q={q}")
+                assert (~result.violation).sum() >= 30
+                assert (result.mask.sum(1)[~result.violation] == k_max).float().mean() > 0.5  # binding
+
+
 def test_des_matches_milp_on_larger_instances():
     # K=40 exercises the dominance filter (k_max << K) and deeper trees
     for seed, (gamma, k_min, k_max) in enumerate([(0.5, 1, 4), (0.8, 2, 6), (0.3, 3, 3), (0.9, 1, 40)]):

@@ -87,7 +87,16 @@ def test_eval_output_of_a_row_does_not_depend_on_the_batch():
     torch.testing.assert_close(whole, singles, rtol=1e-5, atol=1e-5)
 
 
-def test_model_fits_a_fixed_batch():
+@pytest.fixture
+def single_thread():
+    # Tiny ops: one thread avoids OpenMP contention on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_model_fits_a_fixed_batch(single_thread):
     model = small_model(image_size=12)  # small images keep the 30 steps cheap
     B = 32
     x = images(B, size=12)

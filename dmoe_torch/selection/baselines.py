@@ -65,6 +65,12 @@ def _check_failure_energy(failure_energy) -> float:
     return value
 
 
+def _check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
 def _validate(scores: torch.Tensor, costs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s, c, _, _, _ = validate_inputs(scores, costs, 1.0, 1, None, cost_ndim=3)
     _check_static_plan(c)
@@ -110,10 +116,13 @@ def topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_energy: f
     is in outage are marked ``failed`` and cost ``failure_energy`` J each.
     """
     s, c = _validate(scores, costs)
-    k = _check_k(k, s.shape[1])
-    fe = _check_failure_energy(failure_energy)
+    return topk_validated(s, c, _check_k(k, s.shape[1]), _check_failure_energy(failure_energy))
+
+
+def topk_validated(s: torch.Tensor, c: torch.Tensor, k: int, failure_energy: float) -> Selection:
+    """:func:`topk` on checked inputs (CPU float64 scores [B, K], costs [B, K, N], N >= K)."""
     ranking = torch.sort(s, dim=1, descending=True, stable=True).indices
-    return _static_selection(_mask_from_ranking(ranking, k, s.shape[1]), c, fe)
+    return _static_selection(_mask_from_ranking(ranking, k, s.shape[1]), c, failure_energy)
 
 
 def channel_topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_energy: float = 0.0) -> Selection:
@@ -123,12 +132,15 @@ def channel_topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_e
     dropped.  Ties in cost: lower index first.  Never selects a link in outage.
     """
     s, c = _validate(scores, costs)
-    k = _check_k(k, s.shape[1])
-    fe = _check_failure_energy(failure_energy)
+    return channel_topk_validated(s, c, _check_k(k, s.shape[1]), _check_failure_energy(failure_energy))
+
+
+def channel_topk_validated(s: torch.Tensor, c: torch.Tensor, k: int, failure_energy: float) -> Selection:
+    """:func:`channel_topk` on checked inputs."""
     link_cost = static_costs(c)
     ranking = torch.sort(link_cost, dim=1, stable=True).indices
     mask = _mask_from_ranking(ranking, k, s.shape[1]) & torch.isfinite(link_cost)
-    return _static_selection(mask, c, fe)
+    return _static_selection(mask, c, failure_energy)
 
 
 def random_topk(
@@ -145,14 +157,18 @@ def random_topk(
     """
     s, c = _validate(scores, costs)
     k = _check_k(k, s.shape[1])
-    fe = _check_failure_energy(failure_energy)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return random_topk_validated(s, c, k, _check_generator(generator), _check_failure_energy(failure_energy))
+
+
+def random_topk_validated(
+    s: torch.Tensor, c: torch.Tensor, k: int, generator: torch.Generator | None, failure_energy: float
+) -> Selection:
+    """:func:`random_topk` on checked inputs."""
     B, K = s.shape
     # Ranking i.i.d. uniform keys gives a uniformly random permutation per row.
     keys = torch.rand(B, K, generator=generator, dtype=torch.float64)
     ranking = torch.argsort(keys, dim=1)
-    return _static_selection(_mask_from_ranking(ranking, k, K), c, fe)
+    return _static_selection(_mask_from_ranking(ranking, k, K), c, failure_energy)
 
 
 def dense(scores: torch.Tensor, costs: torch.Tensor, *, failure_energy: float = 0.0) -> Selection:
@@ -161,6 +177,9 @@ def dense(scores: torch.Tensor, costs: torch.Tensor, *, failure_energy: float = 
     Rows with no reachable expert are dropped.  Never selects a link in outage.
     """
     s, c = _validate(scores, costs)
-    fe = _check_failure_energy(failure_energy)
-    mask = torch.isfinite(static_costs(c))
-    return _static_selection(mask, c, fe)
+    return dense_validated(s, c, _check_failure_energy(failure_energy))
+
+
+def dense_validated(s: torch.Tensor, c: torch.Tensor, failure_energy: float) -> Selection:
+    """:func:`dense` on checked inputs."""
+    return _static_selection(torch.isfinite(static_costs(c)), c, failure_energy)

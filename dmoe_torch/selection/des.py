@@ -65,7 +65,7 @@ __all__ = ["des", "des_numpy", "des_solve_one", "des_reference"]
 # depends on reaching it: any lam gives a valid bound.
 
 _ROOT_ITERATIONS = 60  # Kelley steps at the root (reports the LP bound)
-_NODE_ITERATIONS = 0  # Kelley steps at other nodes (any lam is valid; these only prune)
+_NODE_ITERATIONS = 8  # Kelley steps at other nodes (any lam is valid; these only prune)
 
 
 @njit(cache=True)
@@ -141,39 +141,42 @@ def _lagrangian(ws, wc, pos, n, lam, g, m, m_min, xbuf, xval):
         xval[p] = v
         xbuf[p] = t
         length += 1
-    inner = 0.0
     cost = 0.0
     score = 0.0
     size = 0
     for q in range(length):
         if q >= m_min and xval[q] >= 0.0:
             break
-        inner += xval[q]
         cost += wc[xbuf[q]]
         score += ws[xbuf[q]]
         size += 1
-    return lam * g + inner, cost, score, size
+    # L = lam g + sum_X (c - lam s) = cost + lam (g - score), less a bound on its rounding
+    # error: for a large lam the two terms cancel and the error can exceed tiny energies
+    value = cost + lam * (g - score)
+    value -= 1e-14 * (cost + lam * (abs(g) + score))
+    return value, cost, score, size
 
 
 @njit(cache=True)
-def _dantzig(prefix_s, prefix_c, ratio, pos, n_positive, g):
-    """Fractional-knapsack bound over positions pos.. (ratio order); returns (bound, lam)."""
-    target = prefix_s[pos] + g
-    if prefix_s[n_positive] < target:
-        return np.inf, np.inf
-    lo = pos  # smallest j with prefix_s[j + 1] >= target
-    hi = n_positive - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if prefix_s[mid + 1] >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    j = lo
-    partial = g - (prefix_s[j] - prefix_s[pos])
-    if partial < 0.0:
-        partial = 0.0
-    return prefix_c[j] - prefix_c[pos] + partial * ratio[j], ratio[j]
+def _dantzig(ws, wc, ratio, pos, n, g):
+    """Fractional-knapsack bound over positions pos..n-1 (ratio order) for a need g > 0.
+
+    Returns (bound, lam, size): lam is the critical ratio (the LP multiplier) and size the
+    sum of the LP solution's x (whole items plus the fraction of the critical one).  Summed
+    directly rather than from prefix sums: differences of prefix sums carry an absolute error
+    relative to the whole prefix, which could lift the bound above a tiny optimum.
+    """
+    got = 0.0
+    total = 0.0
+    for t in range(pos, n):
+        if ws[t] <= 0.0:
+            break  # zero scores sort last and add no relevance
+        if got + ws[t] >= g:
+            partial = g - got
+            return total + partial * ratio[t], ratio[t], (t - pos) + partial / ws[t]
+        got += ws[t]
+        total += wc[t]
+    return np.inf, np.inf, 0.0
 
 
 @njit(cache=True)
@@ -205,7 +208,7 @@ def _sort_items(items, n, primary, secondary):
 def _workspace(K, k_min, k_max):
     """Scratch arrays for _solve (reused across the rows of a batch): (ints, floats)."""
     ints = 5 * (k_max + 1) + (k_min + 1) + 3 * K + 3 * (K + 2) + k_max
-    floats = 2 * (k_max + 1) + 4 * K + 2 * (K + 1) + 2 * (K + 1) * (k_max + 1) + 2 * (K + 1) * (k_min + 1) + 3 * (K + 2)
+    floats = 2 * (k_max + 1) + 4 * K + 2 * (K + 1) * (k_max + 1) + 2 * (K + 1) * (k_min + 1) + 3 * (K + 2)
     return np.empty(ints, np.int64), np.empty(floats)
 
 
@@ -257,10 +260,6 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
     fo += K
     ratio = fw[fo : fo + K]
     fo += K
-    prefix_s = fw[fo : fo + K + 1]
-    fo += K + 1
-    prefix_c = fw[fo : fo + K + 1]
-    fo += K + 1
     st_s = fw[fo : fo + K + 2]
     fo += K + 2
     st_c = fw[fo : fo + K + 2]
@@ -314,18 +313,11 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
         item_ratio[k] = c[k] / s[k] if s[k] > 0.0 else np.inf
         order[t] = k
     _sort_items(order, n, item_ratio, c)
-    prefix_s[0] = 0.0
-    prefix_c[0] = 0.0
-    n_positive = 0
     for t in range(n):
         k = order[t]
         ws[t] = s[k]
         wc[t] = c[k]
         ratio[t] = item_ratio[k]
-        if s[k] > 0.0:
-            n_positive += 1
-        prefix_s[t + 1] = prefix_s[t] + s[k]
-        prefix_c[t + 1] = prefix_c[t] + c[k]
 
     # suffix tables: score and cost of the top-m by score and the m cheapest of positions t..
     size_top = (n + 1) * (k_max + 1)
@@ -419,10 +411,12 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
             for t in range(size):
                 best_items[cnt + t] = order[sel[t]]
             best_len = cnt + size
-        dantzig, lam = _dantzig(prefix_s, prefix_c, ratio, pos, n_positive, g)
+        dantzig, lam, lp_size = _dantzig(ws, wc, ratio, pos, n, g)
         if acc_c + dantzig > bound:
             bound = acc_c + dantzig
-        if bound < best:
+        # the Dantzig solution is also optimal for the LP with cardinality constraints unless
+        # it uses more than m or fewer than m_min items; only then can Lagrange do better
+        if bound < best and (lp_size > m + 1e-9 or lp_size < m_min - 1e-9):
             # Kelley's cutting planes on the concave L(lam): lines through a point below
             # (relevance short of g) and one above (relevance reached)
             lo_c = cheap_c[pos, m_min]

@@ -48,7 +48,7 @@ from numba import njit
 from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
 from .des import des_numpy
 
-__all__ = ["jesa", "jesa_numpy", "JesaResult", "min_cost_assignment", "DEFAULT_MAX_ITERATIONS"]
+__all__ = ["jesa", "jesa_validated", "jesa_numpy", "JesaResult", "min_cost_assignment", "DEFAULT_MAX_ITERATIONS"]
 
 # Upper limit on DES solves per row in the iterative phase (the energy strictly decreases
 # every iteration, so the loop also ends on its own; the limit bounds the worst case).
@@ -511,6 +511,11 @@ def jesa(
     P2), failed (all False).  Raises ValueError naming a bad argument.
     """
     s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=3)
+    return jesa_validated(s, c, gamma, k_min, k_max)
+
+
+def jesa_validated(s: torch.Tensor, c: torch.Tensor, gamma: float, k_min: int, k_max: int) -> Selection:
+    """:func:`jesa` on inputs already checked by ``validate_inputs`` (CPU float64, k_max resolved)."""
     B, K = s.shape
     if B == 0:
         return empty_selection(0, K)

@@ -18,7 +18,7 @@ import torch
 from . import baselines
 from .common import Selection, validate_inputs
 from .des import des
-from .jesa import jesa
+from .jesa import jesa_validated
 
 POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal")
 STATIC_POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des")
@@ -51,37 +51,38 @@ def route(
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
-    # Validate the shared arguments for every policy, so a bad config fails whatever the policy.
-    validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=3)
+    # Validate the shared arguments once, for every policy, so a bad config fails whatever
+    # the policy; the policies below then run on the checked CPU float64 tensors.
+    s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=3)
     if policy in STATIC_POLICIES:
-        baselines._check_static_plan(costs)
+        baselines._check_static_plan(c)
     if policy in FIXED_K_POLICIES:
-        baselines._check_k(k, scores.shape[1])
+        k = baselines._check_k(k, s.shape[1])
+    failure_energy = baselines._check_failure_energy(failure_energy)
 
     if policy == "topk":
-        return baselines.topk(scores, costs, k, failure_energy=failure_energy)
+        return baselines.topk_validated(s, c, k, failure_energy)
     if policy == "channel_topk":
-        return baselines.channel_topk(scores, costs, k, failure_energy=failure_energy)
+        return baselines.channel_topk_validated(s, c, k, failure_energy)
     if policy == "random_topk":
-        return baselines.random_topk(scores, costs, k, generator, failure_energy=failure_energy)
+        return baselines.random_topk_validated(s, c, k, baselines._check_generator(generator), failure_energy)
     if policy == "dense":
-        return baselines.dense(scores, costs, failure_energy=failure_energy)
+        return baselines.dense_validated(s, c, failure_energy)
     if policy == "des":
-        return _static_des(scores, costs, gamma, k_min, k_max)
+        return _static_des(s, c, gamma, k_min, k_max)
     if policy == "jesa":
-        return jesa(scores, costs, gamma, k_min, k_max)
+        return jesa_validated(s, c, gamma, k_min, k_max)
     # policy == "optimal": exact P2 by MILP; imported lazily (scipy.optimize.milp is only
     # needed for this reference policy).
     from .exact import milp_p2
 
-    return milp_p2(scores, costs, gamma, k_min, k_max)
+    return milp_p2(s, c, gamma, k_min, k_max)
 
 
-def _static_des(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int, k_max: int | None) -> Selection:
-    """DES (P1) on the static plan: costs[b, k, k mod N], subcarrier a(k) for selected experts."""
-    costs64 = costs.detach().to("cpu", torch.float64)
-    result = des(scores, baselines.static_costs(costs64), gamma, k_min, k_max)
-    B, K, N = costs64.shape
+def _static_des(s: torch.Tensor, c: torch.Tensor, gamma: float, k_min: int, k_max: int) -> Selection:
+    """DES (P1) on the static plan: costs c[b, k, k mod N], subcarrier a(k) for selected experts."""
+    result = des(s, baselines.static_costs(c), gamma, k_min, k_max)
+    B, K, N = c.shape
     plan = baselines.static_subcarriers(K, N).expand(B, K)
     result.subcarrier = torch.where(result.mask, plan, torch.full_like(plan, -1))
     return result
