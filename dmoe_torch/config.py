@@ -260,6 +260,19 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"resume={resume!r}: no such file; pass the checkpoint.pt of an earlier run")
 
 
+def validate_checkpoint_config(cfg: DictConfig) -> None:
+    """The parts of a checkpoint's training config that evaluate.py rebuilds: the seed, the
+    dataset split, the model, the channel and the training router (only these, so that
+    checkpoints stay usable when train.yaml gains new keys)."""
+    get_int(cfg, "seed", minimum=0)
+    get_str(cfg, "data.name", choices=DATASETS)
+    get_int(cfg, "data.val_size", minimum=0)
+    get_int(cfg, "data.limit_train", minimum=1, optional=True)
+    get_bool(cfg, "data.augment")
+    shape = validate_model(cfg)
+    validate_router(cfg, "router", shape, channel_config(cfg).num_subcarriers)
+
+
 def resume_path(cfg: DictConfig) -> str | None:
     resume = cfg.get("resume")
     return None if resume is None else _absolute(resume)

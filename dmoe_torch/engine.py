@@ -39,6 +39,7 @@ from .config import (
     resume_path,
     router_specs,
     setting_specs,
+    validate_checkpoint_config,
     validate_train_config,
 )
 from .moe import MetricAverager
@@ -577,23 +578,16 @@ def _test(model, test_ds, cfg: DictConfig, channel, specs, device, seed: int, sh
 
 
 def load_trained(cfg: DictConfig) -> tuple[dict, DictConfig]:
-    """Load ``cfg.ckpt`` and return (checkpoint, its training config validated)."""
+    """Load ``cfg.ckpt`` and return (checkpoint, its training config, checked)."""
     from hydra.utils import to_absolute_path
 
     checkpoint = load_checkpoint(to_absolute_path(cfg.ckpt), key="ckpt")
     train_cfg = OmegaConf.create(checkpoint["config"])
     try:
-        validate_train_config_for_eval(train_cfg)
+        validate_checkpoint_config(train_cfg)
     except ConfigError as exc:
         raise ConfigError(f"ckpt={cfg.ckpt!r}: the checkpoint's config is invalid ({exc})") from None
     return checkpoint, train_cfg
-
-
-def validate_train_config_for_eval(train_cfg: DictConfig) -> None:
-    """The checkpoint's own config, minus what does not matter on this machine (device, data
-    root, resume file), must still be valid."""
-    checked = OmegaConf.merge(train_cfg, {"device": "cpu", "resume": None})
-    validate_train_config(checked)
 
 
 def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:

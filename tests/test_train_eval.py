@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -144,8 +145,18 @@ def test_evaluate_is_deterministic_and_independent_of_batch_size(evaluated, trai
     reference = (run_dir / "results.csv").read_text()
     again = check_ok(evaluate(trained / "checkpoint.pt", tmp_path / "again", data_root, "data.batch_size=100"))
     assert (tmp_path / "again" / "results.csv").read_text() == reference, again.stderr[-2000:]
+    # Channel draws are keyed by sample id, so routing and energies do not depend on the batch
+    # size.  The CPU kernels' float rounding does (by ~1e-7), which reaches the mean loss and
+    # the branch-and-bound node counts but no decision in this test.
     check_ok(evaluate(trained / "checkpoint.pt", tmp_path / "small_batches", data_root, "data.batch_size=50"))
-    assert (tmp_path / "small_batches" / "results.csv").read_text() == reference
+    small = read_rows(tmp_path / "small_batches" / "results.csv")
+    for row, ref in zip(small, read_rows(run_dir / "results.csv"), strict=True):
+        for column in RESULT_COLUMNS:
+            if column in ("loss", "nodes"):
+                tolerance = 1e-5 if column == "loss" else 0.1  # a search may take another path
+                assert float(row[column]) == pytest.approx(float(ref[column]), rel=tolerance), column
+            else:
+                assert row[column] == ref[column], (column, row, ref)
 
 
 def assert_same_run(run_a: Path, run_b: Path) -> None:
@@ -172,6 +183,35 @@ def test_resume_after_one_epoch_matches_uninterrupted_run(trained, data_root, tm
     assert (first["epoch"], first["step_in_epoch"]) == (1, 0)
     assert not (tmp_path / "metrics.json").exists()
     # ...then the same command in the same run directory resumes from checkpoint.pt.
+    resumed = check_ok(train(tmp_path, data_root))
+    assert "Resuming" in resumed.stderr
+    assert_same_run(trained, tmp_path)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(trained, data_root, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    args = [*TINY_RUN, f"data.root={data_root}", f"hydra.run.dir={tmp_path}", "progress=true"]
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    seen = b""
+    # The first epoch's progress bar appears once the signal handlers are installed.
+    while b"epoch 1/2" not in seen:
+        chunk = process.stderr.read1(4096)
+        if not chunk:
+            break
+        seen += chunk
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=600)
+    stderr = (seen + rest).decode(errors="replace")
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert "Stopped by SIGTERM" in stderr and "checkpoint saved" in stderr
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] < 10  # stopped before the end of training (2 x 5 steps)
+    assert not (tmp_path / "metrics.json").exists()
+
     resumed = check_ok(train(tmp_path, data_root))
     assert "Resuming" in resumed.stderr
     assert_same_run(trained, tmp_path)

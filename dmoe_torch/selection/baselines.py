@@ -39,7 +39,7 @@ def static_costs(costs: torch.Tensor) -> torch.Tensor:
     return costs.gather(2, plan.view(1, K, 1).expand(B, K, 1)).squeeze(2)
 
 
-def _check_static_plan(costs: torch.Tensor) -> None:
+def check_static_plan(costs: torch.Tensor) -> None:
     K, N = costs.shape[1], costs.shape[2]
     if N < K:
         raise ValueError(
@@ -48,7 +48,7 @@ def _check_static_plan(costs: torch.Tensor) -> None:
         )
 
 
-def _check_k(k, num_experts: int) -> int:
+def check_k(k, num_experts: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise ValueError(f"k must be an int, got {k!r}")
     if not 1 <= k <= num_experts:
@@ -56,7 +56,7 @@ def _check_k(k, num_experts: int) -> int:
     return k
 
 
-def _check_failure_energy(failure_energy) -> float:
+def check_failure_energy(failure_energy) -> float:
     if isinstance(failure_energy, bool) or not isinstance(failure_energy, (int, float)):
         raise ValueError(f"failure_energy must be a float >= 0 (joules), got {failure_energy!r}")
     value = float(failure_energy)
@@ -65,7 +65,7 @@ def _check_failure_energy(failure_energy) -> float:
     return value
 
 
-def _check_generator(generator):
+def check_generator(generator):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     return generator
@@ -73,7 +73,7 @@ def _check_generator(generator):
 
 def _validate(scores: torch.Tensor, costs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s, c, _, _, _ = validate_inputs(scores, costs, 1.0, 1, None, cost_ndim=3)
-    _check_static_plan(c)
+    check_static_plan(c)
     return s, c
 
 
@@ -116,7 +116,7 @@ def topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_energy: f
     is in outage are marked ``failed`` and cost ``failure_energy`` J each.
     """
     s, c = _validate(scores, costs)
-    return topk_validated(s, c, _check_k(k, s.shape[1]), _check_failure_energy(failure_energy))
+    return topk_validated(s, c, check_k(k, s.shape[1]), check_failure_energy(failure_energy))
 
 
 def topk_validated(s: torch.Tensor, c: torch.Tensor, k: int, failure_energy: float) -> Selection:
@@ -132,7 +132,7 @@ def channel_topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_e
     dropped.  Ties in cost: lower index first.  Never selects a link in outage.
     """
     s, c = _validate(scores, costs)
-    return channel_topk_validated(s, c, _check_k(k, s.shape[1]), _check_failure_energy(failure_energy))
+    return channel_topk_validated(s, c, check_k(k, s.shape[1]), check_failure_energy(failure_energy))
 
 
 def channel_topk_validated(s: torch.Tensor, c: torch.Tensor, k: int, failure_energy: float) -> Selection:
@@ -156,8 +156,8 @@ def random_topk(
     generator: a CPU torch.Generator for reproducibility (None: torch's global generator).
     """
     s, c = _validate(scores, costs)
-    k = _check_k(k, s.shape[1])
-    return random_topk_validated(s, c, k, _check_generator(generator), _check_failure_energy(failure_energy))
+    k = check_k(k, s.shape[1])
+    return random_topk_validated(s, c, k, check_generator(generator), check_failure_energy(failure_energy))
 
 
 def random_topk_validated(
@@ -177,7 +177,7 @@ def dense(scores: torch.Tensor, costs: torch.Tensor, *, failure_energy: float = 
     Rows with no reachable expert are dropped.  Never selects a link in outage.
     """
     s, c = _validate(scores, costs)
-    return dense_validated(s, c, _check_failure_energy(failure_energy))
+    return dense_validated(s, c, check_failure_energy(failure_energy))
 
 
 def dense_validated(s: torch.Tensor, c: torch.Tensor, failure_energy: float) -> Selection:

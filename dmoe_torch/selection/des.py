@@ -114,7 +114,7 @@ def _insert_by_cost(buf, length, cap, k, s, c):
 @njit(cache=True)
 def _suffix_select(ws, wc, pos, n, m, by_score, out):
     """Positions of the m best items of positions pos..n-1 (by score or by cost) into out."""
-    length = 0
+    length = np.int64(0)
     for t in range(pos, n):
         if by_score:
             length = _insert_by_score(out, length, m, t, ws, wc)
@@ -126,7 +126,7 @@ def _suffix_select(ws, wc, pos, n, m, by_score, out):
 @njit(cache=True)
 def _lagrangian(ws, wc, pos, n, lam, g, m, m_min, xbuf, xval):
     """L(lam) over positions pos..n-1; returns (L, cost of X, score of X, |X|), X in xbuf."""
-    length = 0
+    length = np.int64(0)
     for t in range(pos, n):
         v = wc[t] - lam * ws[t]
         if length == m:
@@ -143,7 +143,7 @@ def _lagrangian(ws, wc, pos, n, lam, g, m, m_min, xbuf, xval):
         length += 1
     cost = 0.0
     score = 0.0
-    size = 0
+    size = np.int64(0)
     for q in range(length):
         if q >= m_min and xval[q] >= 0.0:
             break
@@ -180,28 +180,56 @@ def _dantzig(ws, wc, ratio, pos, n, g):
 
 
 @njit(cache=True)
+def _before(a, b, primary, secondary):
+    """Item a precedes item b in the order (primary, secondary, index) ascending."""
+    if primary[a] != primary[b]:
+        return primary[a] < primary[b]
+    if secondary[a] != secondary[b]:
+        return secondary[a] < secondary[b]
+    return a < b
+
+
+@njit(cache=True)
 def _sort_items(items, n, primary, secondary):
     """Sort items[:n] in place by (primary[k], secondary[k], k) ascending.
 
-    items[:n] must arrive in ascending index order (the large-n path relies on stable sorts).
+    The key is a total order, so an unstable sort is fine: insertion sort for short lists,
+    heapsort otherwise (numba's own np.argsort/np.sort would add seconds of compile time).
     """
-    if n <= 48:
+    if n <= 32:
         for i in range(1, n):
             k = items[i]
             p = i
-            while p > 0:
-                j = items[p - 1]
-                if primary[j] > primary[k] or (primary[j] == primary[k] and secondary[j] > secondary[k]):
-                    items[p] = j
-                    p -= 1
-                else:
-                    break
+            while p > 0 and _before(k, items[p - 1], primary, secondary):
+                items[p] = items[p - 1]
+                p -= 1
             items[p] = k
         return
-    sub = items[:n].copy()
-    sub = sub[np.argsort(secondary[sub], kind="mergesort")]
-    sub = sub[np.argsort(primary[sub], kind="mergesort")]
-    items[:n] = sub
+    # heapsort with a max-heap on the same order
+    for start in range(n // 2 - 1, -1, -1):
+        _sift_down(items, start, n, primary, secondary)
+    for end in range(n - 1, 0, -1):
+        k = items[0]
+        items[0] = items[end]
+        items[end] = k
+        _sift_down(items, 0, end, primary, secondary)
+
+
+@njit(cache=True)
+def _sift_down(items, root, end, primary, secondary):
+    while True:
+        child = 2 * root + 1
+        if child >= end:
+            return
+        if child + 1 < end and _before(items[child], items[child + 1], primary, secondary):
+            child += 1
+        if _before(items[root], items[child], primary, secondary):
+            k = items[root]
+            items[root] = items[child]
+            items[child] = k
+            root = child
+        else:
+            return
 
 
 @njit(cache=True)
@@ -268,8 +296,8 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
     fo += K + 2
 
     # (1)-(2) reachable experts, the top-k_max by score (the fallback), feasibility
-    n_reach = 0
-    n_top = 0
+    n_reach = np.int64(0)
+    n_top = np.int64(0)
     for k in range(K):
         if c[k] < np.inf:
             reach[n_reach] = k
@@ -290,7 +318,7 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
     # (3) dominance filter over the reachable experts in (cost asc, index asc) order
     _sort_items(reach, n_reach, c, c)
     n_best = 0  # best_scores[:n_best]: the k_max highest scores seen so far, descending
-    n = 0
+    n = np.int64(0)
     for t in range(n_reach):
         k = reach[t]
         v = s[k]
@@ -305,7 +333,15 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
                 p -= 1
             best_scores[p] = v
             n_best += 1
-    keep[:n] = np.sort(keep[:n])  # back to index order (ties below rank by index)
+    # back to index order (ties in the ratio order below then rank by index): mark and scan
+    for t in range(n):
+        out_mask[keep[t]] = True
+    n = np.int64(0)
+    for k in range(K):
+        if out_mask[k]:
+            out_mask[k] = False
+            keep[n] = k
+            n += 1
 
     # (4) ratio order (zero scores last; ties by cost then index), copied contiguously
     for t in range(n):
@@ -329,8 +365,8 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
     cheap_s = fw[fo : fo + size_cheap].reshape((n + 1, k_min + 1))
     fo += size_cheap
     cheap_c = fw[fo : fo + size_cheap].reshape((n + 1, k_min + 1))
-    n_tbuf = 0
-    n_cbuf = 0
+    n_tbuf = np.int64(0)
+    n_cbuf = np.int64(0)
     top_s[n, 0] = 0.0
     top_c[n, 0] = 0.0
     cheap_s[n, 0] = 0.0
@@ -364,7 +400,7 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
     st_c[0] = 0.0
     st_bound[0] = 0.0
     sp = 1
-    nodes = 0
+    nodes = np.int64(0)
     root_bound = 0.0  # costs are >= 0; replaced by the relaxation bound at the root
     while sp > 0:
         sp -= 1

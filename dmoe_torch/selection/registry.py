@@ -55,17 +55,17 @@ def route(
     # the policy; the policies below then run on the checked CPU float64 tensors.
     s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=3)
     if policy in STATIC_POLICIES:
-        baselines._check_static_plan(c)
+        baselines.check_static_plan(c)
     if policy in FIXED_K_POLICIES:
-        k = baselines._check_k(k, s.shape[1])
-    failure_energy = baselines._check_failure_energy(failure_energy)
+        k = baselines.check_k(k, s.shape[1])
+    failure_energy = baselines.check_failure_energy(failure_energy)
 
     if policy == "topk":
         return baselines.topk_validated(s, c, k, failure_energy)
     if policy == "channel_topk":
         return baselines.channel_topk_validated(s, c, k, failure_energy)
     if policy == "random_topk":
-        return baselines.random_topk_validated(s, c, k, baselines._check_generator(generator), failure_energy)
+        return baselines.random_topk_validated(s, c, k, baselines.check_generator(generator), failure_energy)
     if policy == "dense":
         return baselines.dense_validated(s, c, failure_energy)
     if policy == "des":
