@@ -556,6 +556,7 @@ def des_numpy(scores: np.ndarray, costs: np.ndarray, gamma: float, k_min: int, k
     scores = np.ascontiguousarray(scores, dtype=np.float64)
     costs = np.ascontiguousarray(costs, dtype=np.float64)
     B, K = scores.shape
+    k_max = K if k_max is None else k_max
     mask = np.zeros((B, K), dtype=np.bool_)
     energy = np.zeros(B)
     violation = np.zeros(B, dtype=np.bool_)
