@@ -14,6 +14,7 @@ and metrics as an uninterrupted one (on CPU).
 """
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import sys
@@ -44,6 +45,8 @@ from .config import (
 )
 from .moe import MetricAverager
 from .utils import atomic_write_json, atomic_write_text, derive_seed, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
 
 VAL_STREAM = 10_000_000
 EVAL_STREAM_BASE = 20_000_000
@@ -446,15 +449,15 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
         load_model_state(model, checkpoint["model"], key="resume")
         diffs = _config_differences(checkpoint["config"], config_dict)
         if diffs:
-            print(f"Warning: resuming {resume_from} with a different config ({'; '.join(diffs)}); "
-                  "the result will differ from an uninterrupted run", file=sys.stderr)
+            log.warning("resuming %s with a different config (%s); the result will differ from an uninterrupted run",
+                        resume_from, "; ".join(diffs))
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, global_step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
         history = list(checkpoint["metrics"].get("history", []))
         if checkpoint["step_in_epoch"]:
             progress = EpochProgress.from_state_dict(checkpoint["metrics"]["epoch_progress"])
-        print(f"Resuming from {resume_from} at epoch {start_epoch + 1}, step {checkpoint['step_in_epoch']}", file=sys.stderr)
+        log.info("Resuming from %s at epoch %d, step %d", resume_from, start_epoch + 1, checkpoint["step_in_epoch"])
 
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(config_dict))
     from torch.utils.tensorboard import SummaryWriter
@@ -476,6 +479,9 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
 
     show = bool(cfg.progress)
     stop_after = cfg.train.stop_after_epochs
+    if checkpoint is not None and not progress.steps:
+        # At an epoch boundary nothing below draws from the global RNGs before the loop does.
+        restore_rng_state(checkpoint["rng"], generators)
     try:
         with StopSignal() as stop:
             for epoch in range(start_epoch, epochs):
@@ -519,14 +525,14 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                 }
                 history.append(record)
                 report.log_epoch(writer, record, global_step)
-                print(report.epoch_line(record, epochs), file=sys.stderr, flush=True)
+                log.info(report.epoch_line(record, epochs))
                 progress = EpochProgress()
                 save(epoch + 1, 0, None)
                 if stop.requested:
                     return _interrupted(stop, ckpt_path, epoch + 1, 0)
                 if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < epochs:
-                    print(f"Stopping after epoch {epoch + 1} of {epochs} (train.stop_after_epochs={stop_after}); "
-                          f"checkpoint saved to {ckpt_path}; run again without it to continue.", file=sys.stderr, flush=True)
+                    log.info("Stopping after epoch %d of %d (train.stop_after_epochs=%d); checkpoint saved to %s; "
+                             "run again to continue.", epoch + 1, epochs, stop_after, ckpt_path)
                     return 0
 
         test_metrics = _test(model, test_ds, cfg, channel, eval_specs, device, seed, show)
@@ -541,8 +547,8 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
         }
         atomic_write_json(output_dir / "metrics.json", results)
         report.log_scalars(writer, "test", test_metrics, global_step)
-        print(f"test accuracy {test_metrics['accuracy']:.4f}, energy {test_metrics['energy_uj']:.2f} uJ/input "
-              f"({cfg.eval_router.policy}); outputs in {output_dir}", file=sys.stderr, flush=True)
+        log.info("test accuracy %.4f, energy %.2f uJ/input (%s); outputs in %s",
+                 test_metrics["accuracy"], test_metrics["energy_uj"], cfg.eval_router.policy, output_dir)
         return 0
     finally:
         writer.close()
@@ -550,9 +556,8 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
 
 def _interrupted(stop: StopSignal, ckpt_path: Path, epoch: int, step: int) -> int:
     where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
-    print(f"Stopped by {stop.name} at {where}; checkpoint saved to {ckpt_path}. "
-          "Run the same command again (same hydra.run.dir) or pass resume=<checkpoint> to continue.",
-          file=sys.stderr, flush=True)
+    log.warning("Stopped by %s at %s; checkpoint saved to %s. Run the same command again (same hydra.run.dir) "
+                "or pass resume=<checkpoint> to continue.", stop.name, where, ckpt_path)
     return 128 + int(stop.signum)
 
 

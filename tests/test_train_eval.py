@@ -43,7 +43,7 @@ def run_cli(script: str, *args: str, timeout: float = 600) -> subprocess.Complet
 
 
 def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr
     return result
 
@@ -178,13 +178,13 @@ def assert_same_run(run_a: Path, run_b: Path) -> None:
 def test_resume_after_one_epoch_matches_uninterrupted_run(trained, data_root, tmp_path):
     # The 2-epoch schedule, stopped after epoch 1 (as a time-limited job would be)...
     stopped = check_ok(train(tmp_path, data_root, "train.stop_after_epochs=1"))
-    assert "Stopping after epoch 1 of 2" in stopped.stderr
+    assert "Stopping after epoch 1 of 2" in stopped.stdout  # logged (console and train.log)
     first = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert (first["epoch"], first["step_in_epoch"]) == (1, 0)
     assert not (tmp_path / "metrics.json").exists()
     # ...then the same command in the same run directory resumes from checkpoint.pt.
     resumed = check_ok(train(tmp_path, data_root))
-    assert "Resuming" in resumed.stderr
+    assert "Resuming" in resumed.stdout
     assert_same_run(trained, tmp_path)
 
 
@@ -193,25 +193,26 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(trained, data_ro
     args = [*TINY_RUN, f"data.root={data_root}", f"hydra.run.dir={tmp_path}", "progress=true"]
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     seen = b""
     # The first epoch's progress bar appears once the signal handlers are installed.
     while b"epoch 1/2" not in seen:
-        chunk = process.stderr.read1(4096)
+        chunk = process.stdout.read1(4096)
         if not chunk:
             break
         seen += chunk
     process.send_signal(signal.SIGTERM)
-    _, rest = process.communicate(timeout=600)
-    stderr = (seen + rest).decode(errors="replace")
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "Traceback" not in stderr
-    assert "Stopped by SIGTERM" in stderr and "checkpoint saved" in stderr
+    rest, _ = process.communicate(timeout=600)
+    output = (seen + rest).decode(errors="replace")
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Traceback" not in output
+    assert "Stopped by SIGTERM" in output and "checkpoint saved" in output
+    assert "Stopped by SIGTERM" in (tmp_path / "train.log").read_text()
     checkpoint = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] < 10  # stopped before the end of training (2 x 5 steps)
     assert not (tmp_path / "metrics.json").exists()
 
     resumed = check_ok(train(tmp_path, data_root))
-    assert "Resuming" in resumed.stderr
+    assert "Resuming" in resumed.stdout
     assert_same_run(trained, tmp_path)
