@@ -32,6 +32,7 @@ GAMMA_POLICIES = ("des", "jesa", "optimal")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
 EXIT_CONFIG_ERROR = 2
+EXIT_RUNTIME_ERROR = 1
 
 
 class ConfigError(ValueError):
@@ -439,7 +440,8 @@ def build_channel(cfg: DictConfig, seed: int | None = None):
 
 @contextmanager
 def report_errors(*error_types: type[BaseException]) -> Iterator[None]:
-    """Turn ConfigError (and ``error_types``) into one stderr line and exit status 2.
+    """Turn a ConfigError into one stderr line and exit status 2, and the other
+    ``error_types`` (e.g. missing data, a diverging loss) into one line and exit status 1.
 
     With ``HYDRA_FULL_ERROR=1`` the exception propagates with its traceback instead.
     """
@@ -450,4 +452,4 @@ def report_errors(*error_types: type[BaseException]) -> Iterator[None]:
             raise
         message = " ".join(str(exc).split("\n"))
         print(f"Error: {message}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+        sys.exit(EXIT_CONFIG_ERROR if isinstance(exc, ConfigError) else EXIT_RUNTIME_ERROR)

@@ -124,10 +124,14 @@ def _suffix_select(ws, wc, pos, n, m, by_score, out):
 
 
 @njit(cache=True)
-def _lagrangian(ws, wc, pos, n, lam, g, m, m_min, xbuf, xval):
-    """L(lam) over positions pos..n-1; returns (L, cost of X, score of X, |X|), X in xbuf."""
+def _lagrangian(ws, wc, forbid, pos, n, lam, g, m, m_min, xbuf, xval):
+    """L(lam) over the allowed positions pos..n-1; returns (L, cost of X, score of X, |X|),
+    X in xbuf.  Fewer than m_min allowed items: L is still a valid bound for what remains
+    (none of it is feasible), X is then short and must not be used as a solution."""
     length = np.int64(0)
     for t in range(pos, n):
+        if forbid[t] > 0:
+            continue
         v = wc[t] - lam * ws[t]
         if length == m:
             if v >= xval[m - 1]:
@@ -158,25 +162,51 @@ def _lagrangian(ws, wc, pos, n, lam, g, m, m_min, xbuf, xval):
 
 
 @njit(cache=True)
-def _dantzig(ws, wc, ratio, pos, n, g):
-    """Fractional-knapsack bound over positions pos..n-1 (ratio order) for a need g > 0.
-
-    Returns (bound, lam, size): lam is the critical ratio (the LP multiplier) and size the
-    sum of the LP solution's x (whole items plus the fraction of the critical one).  Summed
-    directly rather than from prefix sums: differences of prefix sums carry an absolute error
-    relative to the whole prefix, which could lift the bound above a tiny optimum.
-    """
+def _fill(ws, wc, ratio, forbid, pos, n, g, skip):
+    """Greedy fractional fill of a need g > 0 over the allowed positions pos..n-1 other than
+    skip, in ratio order.  Returns (cost, critical position or -1 if g is out of reach,
+    whole items used, fraction of the critical item)."""
     got = 0.0
     total = 0.0
+    used = 0
     for t in range(pos, n):
         if ws[t] <= 0.0:
             break  # zero scores sort last and add no relevance
+        if forbid[t] > 0 or t == skip:
+            continue
         if got + ws[t] >= g:
             partial = g - got
-            return total + partial * ratio[t], ratio[t], (t - pos) + partial / ws[t]
+            return total + partial * ratio[t], t, used, partial / ws[t]
         got += ws[t]
         total += wc[t]
-    return np.inf, np.inf, 0.0
+        used += 1
+    return np.inf, -1, used, 0.0
+
+
+@njit(cache=True)
+def _dantzig(ws, wc, ratio, forbid, pos, n, g):
+    """LP (fractional knapsack) bound over positions pos..n-1 for a need g > 0, and the
+    Martello-Toth refinement that branches on the critical item: every integer solution
+    either leaves it out (fill on without it) or takes it whole (fill g - its score with the
+    others), so the smaller of those two LP values is a bound too, and >= the LP.
+
+    Returns (LP bound, refined bound, lam, size): lam is the critical ratio (the LP
+    multiplier), size the sum of the LP solution's x.  Sums are taken directly, not from
+    prefix sums, whose differences carry an absolute error relative to the whole prefix.
+    """
+    lp, critical, used, fraction = _fill(ws, wc, ratio, forbid, pos, n, g, -1)
+    if critical < 0:
+        return np.inf, np.inf, np.inf, 0.0
+    without, _, _, _ = _fill(ws, wc, ratio, forbid, pos, n, g, critical)
+    rest = g - ws[critical]
+    with_it = wc[critical]
+    if rest > 0.0:
+        more, _, _, _ = _fill(ws, wc, ratio, forbid, pos, n, rest, critical)
+        with_it += more
+    refined = without if without < with_it else with_it
+    if refined < lp:
+        refined = lp
+    return lp, refined, ratio[critical], used + fraction
 
 
 @njit(cache=True)
@@ -235,7 +265,7 @@ def _sift_down(items, root, end, primary, secondary):
 @njit(cache=True)
 def _workspace(K, k_min, k_max):
     """Scratch arrays for _solve (reused across the rows of a batch): (ints, floats)."""
-    ints = 5 * (k_max + 1) + (k_min + 1) + 3 * K + 3 * (K + 2) + k_max
+    ints = 5 * (k_max + 1) + (k_min + 1) + 4 * K + 3 * (K + 2) + k_max
     floats = 2 * (k_max + 1) + 4 * K + 2 * (K + 1) * (k_max + 1) + 2 * (K + 1) * (k_min + 1) + 3 * (K + 2)
     return np.empty(ints, np.int64), np.empty(floats)
 
@@ -272,8 +302,10 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
     io += K + 2
     st_cnt = iw[io : io + K + 2]
     io += K + 2
-    st_item = iw[io : io + K + 2]
+    st_stage = iw[io : io + K + 2]
     io += K + 2
+    forbid = iw[io : io + K]
+    io += K
     path = iw[io : io + k_max]
     fo = 0
     best_scores = fw[fo : fo + k_max + 1]
@@ -391,11 +423,18 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
     for t in range(n_top):
         best_items[t] = top[t]
 
-    # (5) DFS with an explicit stack; a node is (position, #chosen, relevance, cost,
-    # item included on the way in or -1, bound inherited from the parent)
+    # (5) DFS over the ratio order, written as an explicit stack of frames (position,
+    # #chosen, relevance, cost, bound, stage).  Stage 0 evaluates the node and descends into
+    # "include order[pos]"; stage 1 then excludes it and descends; stage 2 undoes the
+    # exclusion.  Excluding an item forbids every later item it dominates (cost >= and
+    # score <=): some optimal set never holds an item while leaving out an earlier one that
+    # dominates it (swap them: same count, no less relevance, no more cost), so the search
+    # may skip such sets, and the bounds skip forbidden items.
+    for t in range(n):
+        forbid[t] = 0
     st_pos[0] = 0
     st_cnt[0] = 0
-    st_item[0] = -1
+    st_stage[0] = 0
     st_s[0] = 0.0
     st_c[0] = 0.0
     st_bound[0] = 0.0
@@ -403,25 +442,51 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
     nodes = np.int64(0)
     root_bound = 0.0  # costs are >= 0; replaced by the relaxation bound at the root
     while sp > 0:
-        sp -= 1
-        pos = st_pos[sp]
-        cnt = st_cnt[sp]
-        acc_s = st_s[sp]
-        acc_c = st_c[sp]
-        bound = st_bound[sp]
-        if st_item[sp] >= 0:
-            path[cnt - 1] = st_item[sp]
+        f = sp - 1
+        pos = st_pos[f]
+        stage = st_stage[f]
+        if stage == 2:
+            for t in range(pos + 1, n):
+                if wc[t] >= wc[pos] and ws[t] <= ws[pos]:
+                    forbid[t] -= 1
+            sp -= 1
+            continue
+        cnt = st_cnt[f]
+        acc_s = st_s[f]
+        acc_c = st_c[f]
+        bound = st_bound[f]
+        if stage == 1:
+            if bound >= best:
+                sp -= 1
+                continue
+            for t in range(pos + 1, n):
+                if wc[t] >= wc[pos] and ws[t] <= ws[pos]:
+                    forbid[t] += 1
+            st_stage[f] = 2
+            st_pos[sp] = pos + 1
+            st_cnt[sp] = cnt
+            st_stage[sp] = 0
+            st_s[sp] = acc_s
+            st_c[sp] = acc_c
+            st_bound[sp] = bound
+            sp += 1
+            continue
+
+        # stage 0: evaluate the node
         is_root = nodes == 0
         nodes += 1
         if bound >= best or acc_c >= best:
+            sp -= 1
             continue
         m = k_max - cnt
         m_min = k_min - cnt if k_min > cnt else 0
         rem = n - pos
         g = thr - acc_s
         if rem < m_min:
+            sp -= 1
             continue
         # the m_min cheapest remaining items already reach the target: exact completion
+        # (optimal over all completions, forbidden items included, so the node is closed)
         if cheap_s[pos, m_min] >= g:
             if is_root:
                 root_bound = cheap_c[pos, m_min]
@@ -433,11 +498,14 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
                 for t in range(size):
                     best_items[cnt + t] = order[sel[t]]
                 best_len = cnt + size
+            sp -= 1
             continue
         if m == 0 or rem == 0:
+            sp -= 1
             continue
         m_top = m if m < rem else rem
         if top_s[pos, m_top] < g:
+            sp -= 1
             continue  # even the highest remaining scores cannot reach the target
         if acc_c + top_c[pos, m_top] < best:  # the top-score completion is feasible
             best = acc_c + top_c[pos, m_top]
@@ -447,9 +515,9 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
             for t in range(size):
                 best_items[cnt + t] = order[sel[t]]
             best_len = cnt + size
-        dantzig, lam, lp_size = _dantzig(ws, wc, ratio, pos, n, g)
-        if acc_c + dantzig > bound:
-            bound = acc_c + dantzig
+        dantzig, refined, lam, lp_size = _dantzig(ws, wc, ratio, forbid, pos, n, g)
+        if acc_c + refined > bound:
+            bound = acc_c + refined
         # the Dantzig solution is also optimal for the LP with cardinality constraints unless
         # it uses more than m or fewer than m_min items; only then can Lagrange do better
         if bound < best and (lp_size > m + 1e-9 or lp_size < m_min - 1e-9):
@@ -464,14 +532,14 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
             for _ in range(iterations):
                 if not (lam >= 0.0 and lam < np.inf):
                     break
-                value, x_c, x_s, x_size = _lagrangian(ws, wc, pos, n, lam, g, m, m_min, xbuf, xval)
+                value, x_c, x_s, x_size = _lagrangian(ws, wc, forbid, pos, n, lam, g, m, m_min, xbuf, xval)
                 if acc_c + value > bound:
                     bound = acc_c + value
                 if bound >= limit:
                     break
                 if x_s >= g:
                     model = lo_c + lam * (g - lo_s)
-                    if acc_c + x_c < best:  # X(lam) is a feasible completion
+                    if acc_c + x_c < best and x_size >= m_min:  # X(lam) is a feasible completion
                         best = acc_c + x_c
                         for t in range(cnt):
                             best_items[t] = path[t]
@@ -496,19 +564,20 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
         if is_root:
             root_bound = bound
         if bound >= best:
+            sp -= 1
             continue
-        # branch on the item at pos: exclude below include so include is explored first
-        k = order[pos]
-        st_pos[sp] = pos + 1
-        st_cnt[sp] = cnt
-        st_item[sp] = -1
-        st_s[sp] = acc_s
-        st_c[sp] = acc_c
-        st_bound[sp] = bound
-        sp += 1
+        st_bound[f] = bound
+        if forbid[pos] > 0:
+            # order[pos] is forbidden: only "exclude" remains, and the items it dominates
+            # are already forbidden by whatever dominates it; reuse the frame
+            st_pos[f] = pos + 1
+            continue
+        # descend into "include order[pos]"; this frame resumes at stage 1 afterwards
+        st_stage[f] = 1
+        path[cnt] = order[pos]
         st_pos[sp] = pos + 1
         st_cnt[sp] = cnt + 1
-        st_item[sp] = k
+        st_stage[sp] = 0
         st_s[sp] = acc_s + ws[pos]
         st_c[sp] = acc_c + wc[pos]
         st_bound[sp] = bound

@@ -32,12 +32,7 @@ __all__ = ["brute_force_p1", "milp_p1", "brute_force_p2", "milp_p2", "subset_cou
 
 # HiGHS defaults (absolute gap 1e-6, feasibility 1e-6/1e-7) are coarse next to energies of
 # ~1e-5 J and the 1e-6 relevance tolerance, so the references ask for exact optimality.
-_HIGHS_OPTIONS = dict(
-    mip_rel_gap=0.0,
-    mip_abs_gap=0.0,
-    primal_feasibility_tolerance=1e-10,
-    mip_feasibility_tolerance=1e-10,
-)
+_HIGHS_OPTIONS = dict(mip_rel_gap=0.0, mip_abs_gap=0.0)
 # Brute force refuses more subsets than this per instance.
 _MAX_SUBSETS = 2_000_000
 
@@ -116,7 +111,11 @@ def brute_force_p1(scores, costs, gamma: float, k_min: int = 1, k_max: int | Non
 
 def _solve_milp(objective, A, lower, upper):
     """Binary program min objective @ y s.t. lower <= A y <= upper; returns y (bool) or None."""
-    scale = np.max(objective) if objective.size and np.max(objective) > 0 else 1.0
+    # HiGHS's tolerances are absolute (~1e-7 .. 1e-6): in joules (~1e-5) every energy
+    # would look alike, and scaled by the largest cost a cheap optimum would still drown.
+    # Scaled by the smallest non-zero cost, every non-zero coefficient is >= 1.
+    positive = objective[objective > 0]
+    scale = positive.min() if positive.size else 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # HiGHS options passed through verbatim
         res = milp(
