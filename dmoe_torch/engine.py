@@ -439,8 +439,9 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(epochs * steps_per_epoch, int(cfg.train.warmup_steps))
     )
-    router_generator = torch.Generator()
-    generators = {"router": router_generator, "augment": train_ds.generator}
+    # Generators whose state a mid-epoch checkpoint records; "router" (random routing) is
+    # created per epoch below.
+    generators = {"augment": train_ds.generator}
 
     start_epoch, global_step = 0, 0
     history: list[dict[str, Any]] = []
@@ -487,7 +488,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
             for epoch in range(start_epoch, epochs):
                 epoch_start = time.perf_counter()
                 train_ds.generator.manual_seed(derive_seed(seed, "augment", epoch))
-                router_generator.manual_seed(derive_seed(seed, "router", epoch))
+                generators["router"] = routing_generator(seed, train_stream(epoch))
                 loader = make_loader(
                     train_ds, batch_size, shuffle=True, seed=derive_seed(seed, "shuffle", epoch),
                     num_workers=int(cfg.data.num_workers), drop_last=drop_last,
@@ -504,7 +505,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                     model, batches, optimizer, scheduler, channel=channel, specs=specs,
                     stream=train_stream(epoch), device=device, aux_loss_coef=float(cfg.train.aux_loss_coef),
                     grad_clip=None if cfg.train.grad_clip is None else float(cfg.train.grad_clip),
-                    generator=router_generator, progress=progress, stop=stop, on_step=step_logger,
+                    generator=generators["router"], progress=progress, stop=stop, on_step=step_logger,
                 )
                 bar.close()
                 global_step = step_logger.global_step
@@ -514,7 +515,10 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                 step_logger.flush(progress)
 
                 train_summary = progress.summary()
-                val_metrics = _validate(model, val_loader, channel, eval_specs, device, seed, show) if len(val_ds) else {}
+                val_metrics = _evaluate_with_bar(
+                    model, val_loader, desc="validation", show=show, seed=seed, stream=VAL_STREAM,
+                    channel=channel, specs=eval_specs, device=device,
+                ) if len(val_ds) else {}
                 record = {
                     "epoch": epoch + 1,
                     "global_step": global_step,
@@ -536,7 +540,11 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                     return 0
 
             # A signal from here on lets the test evaluation finish (seconds); the checkpoint is saved.
-            test_metrics = _test(model, test_ds, cfg, channel, eval_specs, device, seed, show)
+            test_loader = make_loader(test_ds, batch_size, shuffle=False, seed=seed, num_workers=int(cfg.data.num_workers))
+            test_metrics = _evaluate_with_bar(
+                model, test_loader, desc="test", show=show, seed=seed, stream=eval_stream(0),
+                channel=channel, specs=eval_specs, device=device,
+            )
             results = {
                 "epochs_completed": epochs,
                 "global_step": global_step,
@@ -562,21 +570,16 @@ def _interrupted(stop: StopSignal, ckpt_path: Path, epoch: int, step: int) -> in
     return 128 + int(stop.signum)
 
 
-def _validate(model, val_loader, channel, specs, device, seed: int, show: bool) -> dict[str, float]:
-    generator = torch.Generator().manual_seed(derive_seed(seed, "router", "validation"))
-    with tqdm(total=len(val_loader), desc="validation", disable=not show, leave=False, dynamic_ncols=True) as bar:
-        return evaluate(model, val_loader, channel=channel, specs=specs, stream=VAL_STREAM, device=device,
-                        generator=generator, on_batch=lambda: bar.update(1))
+def routing_generator(seed: int, stream: int) -> torch.Generator:
+    """The generator of random routing (random_topk) on channel stream ``stream``: a pass
+    draws the same random choices whatever ran before it."""
+    return torch.Generator().manual_seed(derive_seed(seed, "router", stream))
 
 
-def _test(model, test_ds, cfg: DictConfig, channel, specs, device, seed: int, show: bool) -> dict[str, float]:
-    from .data import make_loader
-
-    loader = make_loader(test_ds, int(cfg.data.batch_size), shuffle=False, seed=seed, num_workers=int(cfg.data.num_workers))
-    generator = torch.Generator().manual_seed(derive_seed(seed, "router", "evaluation", 0))
-    with tqdm(total=len(loader), desc="test", disable=not show, leave=False, dynamic_ncols=True) as bar:
-        return evaluate(model, loader, channel=channel, specs=specs, stream=eval_stream(0), device=device,
-                        generator=generator, on_batch=lambda: bar.update(1))
+def _evaluate_with_bar(model, loader, *, desc: str, show: bool, seed: int, stream: int, **kwargs) -> dict[str, float]:
+    with tqdm(total=len(loader), desc=desc, disable=not show, leave=False, dynamic_ncols=True) as bar:
+        return evaluate(model, loader, stream=stream, generator=routing_generator(seed, stream),
+                        on_batch=lambda: bar.update(1), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,11 +635,12 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
             costs_cache: list = []  # one channel draw, shared by every setting
             for index, setting in enumerate(settings):
                 bar.set_postfix_str(f"draw {draw + 1}/{draws} {setting.label} {report.format_gamma(setting.gamma)}")
-                generator = torch.Generator().manual_seed(derive_seed(seed, "router", "evaluation", draw))
                 specs = setting_specs(setting, num_layers, channel.failure_energy_j)
+                stream = eval_stream(draw)
                 per_setting[index].append(
-                    evaluate(model, loader, channel=channel, specs=specs, stream=eval_stream(draw), device=device,
-                             generator=generator, costs_cache=costs_cache, on_batch=lambda: bar.update(1))
+                    evaluate(model, loader, channel=channel, specs=specs, stream=stream, device=device,
+                             generator=routing_generator(seed, stream), costs_cache=costs_cache,
+                             on_batch=lambda: bar.update(1))
                 )
     rows = [report.summarise_draws(setting, results) for setting, results in zip(settings, per_setting)]
     report.write_results(rows, output_dir, title=f"{cfg.ckpt} ({info.name}, {len(test_ds)} test images, {draws} channel draws)")

@@ -73,6 +73,16 @@ def test_every_router_group_option_validates_and_builds_specs(router):
     assert cfg.eval_router.policy == cfg.router.policy
 
 
+@pytest.mark.parametrize("experiment", ["quick", "channel_aware"])
+def test_experiment_presets_compose_and_validate(experiment):
+    cfg = compose_cfg("train", [f"+experiment={experiment}"])
+    validate_train_config(cfg)
+    if experiment == "quick":
+        assert cfg.model.d_model == 32 and cfg.train.epochs == 1 and cfg.data.limit_train == 2000
+    else:
+        assert cfg.router.policy == cfg.eval_router.policy == "jesa" and cfg.router.gamma == 0.9
+
+
 def test_eval_router_overrides_are_independent_of_the_training_router():
     cfg = compose_cfg("train", ["router=des", "router.gamma=0.8", "eval_router.policy=jesa"])
     validate_train_config(cfg)

@@ -33,12 +33,18 @@ EVAL_ARGS = (
 EVAL_ROWS = 2 + 2 * 2  # topk@2, dense, then des and jesa at two gammas
 
 
-def run_cli(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run an entry point as a user would (from the repo root); HYDRA_FULL_ERROR unset."""
+def cli_env() -> dict[str, str]:
+    """The caller's environment without HYDRA_FULL_ERROR; one compute thread per run, since
+    a tiny model gains nothing from two and the test runs share the machine."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would (from the repo root)."""
     return subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=cli_env(),
     )
 
 
@@ -189,11 +195,10 @@ def test_resume_after_one_epoch_matches_uninterrupted_run(trained, data_root, tm
 
 
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(trained, data_root, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     args = [*TINY_RUN, f"data.root={data_root}", f"hydra.run.dir={tmp_path}", "progress=true"]
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     seen = b""
     # The first epoch's progress bar appears once the signal handlers are installed.

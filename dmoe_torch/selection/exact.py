@@ -33,6 +33,10 @@ __all__ = ["brute_force_p1", "milp_p1", "brute_force_p2", "milp_p2", "subset_cou
 # HiGHS defaults (absolute gap 1e-6, feasibility 1e-6/1e-7) are coarse next to energies of
 # ~1e-5 J and the 1e-6 relevance tolerance, so the references ask for exact optimality.
 _HIGHS_OPTIONS = dict(mip_rel_gap=0.0, mip_abs_gap=0.0)
+# HiGHS accepts constraint violations up to ~1e-6 (absolute); the relevance row is scaled up
+# so that this slack is ~1e-10 in score units, far inside RELEVANCE_TOL.  (Tightening HiGHS's
+# own feasibility tolerances instead made it return wrong optima.)
+_RELEVANCE_ROW_SCALE = 1e4
 # Brute force refuses more subsets than this per instance.
 _MAX_SUBSETS = 2_000_000
 
@@ -143,8 +147,9 @@ def milp_p1(scores, costs, gamma: float, k_min: int = 1, k_max: int | None = Non
     for b in range(B):
         reach = np.flatnonzero(np.isfinite(c[b]))
         if reach.size >= k_min:
-            A = np.vstack([s[b, reach], np.ones(reach.size)])
-            x = _solve_milp(c[b, reach], A, np.array([thr, k_min]), np.array([np.inf, k_max]))
+            R = _RELEVANCE_ROW_SCALE
+            A = np.vstack([R * s[b, reach], np.ones(reach.size)])
+            x = _solve_milp(c[b, reach], A, np.array([R * thr, k_min]), np.array([np.inf, k_max]))
             if x is not None:
                 feasible[b] = True
                 mask[b, reach[x]] = True
@@ -241,8 +246,9 @@ def milp_p2(scores, costs, gamma: float, k_min: int = 1, k_max: int | None = Non
             expert_rows[ks, cols] = 1.0
             subcarrier_rows = np.zeros((N, V))
             subcarrier_rows[ns, cols] = 1.0
-            A = np.vstack([expert_rows, subcarrier_rows, s[b, ks][None, :], np.ones((1, V))])
-            lower = np.concatenate([np.zeros(K + N), [thr, k_min]])
+            R = _RELEVANCE_ROW_SCALE
+            A = np.vstack([expert_rows, subcarrier_rows, R * s[b, ks][None, :], np.ones((1, V))])
+            lower = np.concatenate([np.zeros(K + N), [R * thr, k_min]])
             upper = np.concatenate([np.ones(K + N), [np.inf, k_max]])
             y = _solve_milp(e[b, ks, ns], A, lower, upper)
             if y is not None:
