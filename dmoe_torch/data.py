@@ -28,12 +28,13 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from .utils import atomic_write
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10")
 
@@ -353,14 +354,6 @@ def _install_debian_fashion_mnist(root: Path) -> bool:
         target = raw / stem
         if target.is_file():
             continue
-        fd, tmp_name = tempfile.mkstemp(dir=raw, prefix=f".{stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, gzip.open(source, "rb") as src:
-                shutil.copyfileobj(src, out, length=1 << 20)
-            os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the data is not private
-            os.replace(tmp_name, target)
-        except BaseException:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
-            raise
+        with gzip.open(source, "rb") as src:
+            atomic_write(target, lambda out: shutil.copyfileobj(src, out, length=1 << 20))
     return True

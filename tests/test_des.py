@@ -225,6 +225,21 @@ def test_float32_scores_and_numpy_entry_agree():
     assert np.array_equal(bound, result64.lower_bound.numpy(), equal_nan=True)
 
 
+def test_rows_that_exhaust_the_node_budget_are_finished_exactly():
+    # with a budget of 2 nodes most feasible rows stop early and are handed to HiGHS
+    scores, costs = make_instances(77, 16, 40, "mixed")
+    s, c = scores.numpy(), costs.numpy()
+    full = des_numpy(s, c, 0.9, 1, 40)
+    capped = des_numpy(s, c, 0.9, 1, 40, node_limit=2)
+    stopped = ~capped[2] & (capped[4] == 2)
+    assert stopped.sum() >= 3 and (full[4][stopped] > 2).all()
+    assert np.array_equal(capped[2], full[2])
+    assert np.allclose(capped[1], full[1], rtol=1e-9, atol=0.0)
+    feasible = ~capped[2]
+    assert (capped[5][feasible] <= capped[1][feasible] * (1 + 1e-9)).all()  # a valid bound
+    assert (capped[5][stopped] >= full[5][stopped] * (1 - 1e-9)).all()  # no weaker than the root
+
+
 @njit(cache=True)
 def _solve_rows_in_numba(scores, costs, gamma, k_min, k_max):
     B, K = scores.shape

@@ -66,6 +66,11 @@ __all__ = ["des", "des_numpy", "des_solve_one", "des_reference"]
 
 _ROOT_ITERATIONS = 60  # Kelley steps at the root (reports the LP bound)
 _NODE_ITERATIONS = 8  # Kelley steps at other nodes (any lam is valid; these only prune)
+# Safety valve: P1 is NP-hard and some far-from-MoE instances (hundreds of experts, k_max or
+# k_min in the tens, costs spread over many decades) defeat the bounds.  After this many
+# nodes the search stops with its best set and the best proven bound; des/des_numpy then
+# solve that row with HiGHS instead.  Router-sized problems stay orders of magnitude below.
+DES_NODE_LIMIT = 2_000_000
 
 
 @njit(cache=True)
@@ -271,7 +276,7 @@ def _workspace(K, k_min, k_max):
 
 
 @njit(cache=True)
-def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
+def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw, node_limit):
     """Core of des_solve_one with scratch arrays from _workspace; returns
     (energy, feasible, nodes, root bound)."""
     K = s.shape[0]
@@ -474,6 +479,13 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
 
         # stage 0: evaluate the node
         is_root = nodes == 0
+        if nodes >= node_limit:
+            # stop: the open frames hold every unexplored subtree, with valid bounds
+            root_bound = best
+            for q in range(sp):
+                if st_stage[q] < 2 and st_bound[q] < root_bound:
+                    root_bound = st_bound[q]
+            break
         nodes += 1
         if bound >= best or acc_c >= best:
             sp -= 1
@@ -596,14 +608,14 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw):
 def des_solve_one(s, c, gamma, k_min, k_max, out_mask):
     """Solve one P1 instance exactly; see the module docstring for the contract."""
     iw, fw = _workspace(s.shape[0], k_min, k_max)
-    return _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw)
+    return _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw, DES_NODE_LIMIT)
 
 
 @njit(cache=True)
-def _des_rows(scores, costs, gamma, k_min, k_max, mask, energy, violation, dropped, nodes, bound):
+def _des_rows(scores, costs, gamma, k_min, k_max, node_limit, mask, energy, violation, dropped, nodes, bound):
     iw, fw = _workspace(scores.shape[1], k_min, k_max)
     for b in range(scores.shape[0]):
-        e, feasible, nd, lb = _solve(scores[b], costs[b], gamma, k_min, k_max, mask[b], iw, fw)
+        e, feasible, nd, lb = _solve(scores[b], costs[b], gamma, k_min, k_max, mask[b], iw, fw, node_limit)
         energy[b] = e
         violation[b] = not feasible
         nodes[b] = nd
@@ -616,11 +628,13 @@ def _des_rows(scores, costs, gamma, k_min, k_max, mask, energy, violation, dropp
         dropped[b] = not any_selected
 
 
-def des_numpy(scores: np.ndarray, costs: np.ndarray, gamma: float, k_min: int, k_max: int):
+def des_numpy(scores: np.ndarray, costs: np.ndarray, gamma: float, k_min: int, k_max: int, *, node_limit: int = DES_NODE_LIMIT):
     """DES on float64 arrays scores [B, K], costs [B, K] (J, +inf unreachable); no validation.
 
     Returns (mask bool[B,K], energy float64[B] J, violation bool[B], dropped bool[B],
-    nodes int64[B], root_bound float64[B] J, nan on infeasible rows).
+    nodes int64[B], root_bound float64[B] J, nan on infeasible rows).  A row whose search
+    reaches node_limit nodes is finished by HiGHS (see DES_NODE_LIMIT); its nodes entry is
+    then node_limit and its bound the best one proven when the search stopped.
     """
     scores = np.ascontiguousarray(scores, dtype=np.float64)
     costs = np.ascontiguousarray(costs, dtype=np.float64)
@@ -633,7 +647,14 @@ def des_numpy(scores: np.ndarray, costs: np.ndarray, gamma: float, k_min: int, k
     nodes = np.zeros(B, dtype=np.int64)
     bound = np.full(B, np.nan)
     if B:
-        _des_rows(scores, costs, float(gamma), int(k_min), int(k_max), mask, energy, violation, dropped, nodes, bound)
+        _des_rows(scores, costs, float(gamma), int(k_min), int(k_max), int(node_limit), mask, energy, violation, dropped, nodes, bound)
+    for b in np.flatnonzero(~violation & (nodes >= node_limit)):
+        from .exact import milp_p1_row  # only for rows that exhausted the node budget
+
+        chosen = milp_p1_row(scores[b], costs[b], gamma, k_min, k_max)
+        if chosen is not None and costs[b, chosen].sum() < energy[b]:
+            mask[b] = chosen
+            energy[b] = costs[b, chosen].sum()
     return mask, energy, violation, dropped, nodes, bound
 
 

@@ -28,7 +28,7 @@ from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 
 from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
 
-__all__ = ["brute_force_p1", "milp_p1", "brute_force_p2", "milp_p2", "subset_count"]
+__all__ = ["brute_force_p1", "milp_p1", "milp_p1_row", "brute_force_p2", "milp_p2", "subset_count"]
 
 # HiGHS defaults (absolute gap 1e-6, feasibility 1e-6/1e-7) are coarse next to energies of
 # ~1e-5 J and the 1e-6 relevance tolerance, so the references ask for exact optimality.
@@ -136,24 +136,36 @@ def _solve_milp(objective, A, lower, upper):
     return res.x > 0.5
 
 
+def milp_p1_row(s: np.ndarray, c: np.ndarray, gamma: float, k_min: int, k_max: int):
+    """One P1 instance by HiGHS: s, c float64 [K]; returns the optimal mask bool [K], or None
+    when no allowed set reaches gamma.  No validation (DES calls it for rows that exhaust
+    its node budget)."""
+    reach = np.flatnonzero(np.isfinite(c))
+    if reach.size < k_min:
+        return None
+    R = _RELEVANCE_ROW_SCALE
+    A = np.vstack([R * s[reach], np.ones(reach.size)])
+    x = _solve_milp(c[reach], A, np.array([R * (gamma - RELEVANCE_TOL), k_min]), np.array([np.inf, k_max]))
+    if x is None:
+        return None
+    mask = np.zeros(c.shape[0], dtype=np.bool_)
+    mask[reach[x]] = True
+    return mask
+
+
 def milp_p1(scores, costs, gamma: float, k_min: int = 1, k_max: int | None = None) -> Selection:
     """Exact P1 per instance by scipy.optimize.milp (HiGHS). scores [B, K], costs [B, K] J."""
     s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=2)
     s, c = s.numpy(), c.numpy()
     B, K = s.shape
-    thr = gamma - RELEVANCE_TOL
     mask = np.zeros((B, K), dtype=np.bool_)
     feasible = np.zeros(B, dtype=np.bool_)
     for b in range(B):
-        reach = np.flatnonzero(np.isfinite(c[b]))
-        if reach.size >= k_min:
-            R = _RELEVANCE_ROW_SCALE
-            A = np.vstack([R * s[b, reach], np.ones(reach.size)])
-            x = _solve_milp(c[b, reach], A, np.array([R * thr, k_min]), np.array([np.inf, k_max]))
-            if x is not None:
-                feasible[b] = True
-                mask[b, reach[x]] = True
-        if not feasible[b]:
+        chosen = milp_p1_row(s[b], c[b], gamma, k_min, k_max)
+        if chosen is not None:
+            feasible[b] = True
+            mask[b] = chosen
+        else:
             mask[b, _fallback(s[b], c[b], k_max)] = True
     energy = np.where(mask, c, 0.0).sum(1)
     return _selection(mask, energy, feasible, np.zeros(B, dtype=np.int64))
