@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -86,6 +87,11 @@ def assert_valid(result, scores, costs, gamma, k_min, k_max):
     assert (result.nodes[feasible] >= 1).all()
 
 
+def result_slice(result, rows):
+    """The rows `rows` of a Selection."""
+    return replace(result, **{f.name: getattr(result, f.name)[rows] for f in fields(result)})
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_des_matches_brute_force_and_reference(family):
     K = 9
@@ -101,12 +107,6 @@ def test_des_matches_brute_force_and_reference(family):
             assert_same_optimum(result_slice(result, head), des_reference(scores[head], costs[head], gamma, k_min, k_max), label)
             checked += scores.shape[0]
     assert checked == 6 * len(GAMMAS) * 60
-
-
-def result_slice(result, rows):
-    from dataclasses import fields, replace
-
-    return replace(result, **{f.name: getattr(result, f.name)[rows] for f in fields(result)})
 
 
 def test_des_matches_brute_force_when_cardinality_binds():
@@ -240,7 +240,7 @@ def test_rows_that_exhaust_the_node_budget_are_finished_exactly():
     assert (capped[5][stopped] >= full[5][stopped] * (1 - 1e-9)).all()  # no weaker than the root
 
 
-@njit(cache=True)
+@njit  # no cache: numba's cache would not notice edits to des.py, which this inlines
 def _solve_rows_in_numba(scores, costs, gamma, k_min, k_max):
     B, K = scores.shape
     mask = np.zeros((B, K), dtype=np.bool_)

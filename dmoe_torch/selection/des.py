@@ -5,26 +5,53 @@ Per row b (one input at one MoE layer), with scores s [K] and costs c [K] (J, +i
     minimise  sum_k c_k x_k   s.t.  sum_k s_k x_k >= gamma - RELEVANCE_TOL,
               k_min <= sum_k x_k <= k_max,  x binary,  x_k = 0 where c_k = +inf.
 
+Infeasible rows (no allowed set reaches gamma, including fewer than k_min reachable
+experts) get the fallback: the min(k_max, #reachable) reachable experts with the highest
+scores (ties: lower cost, then lower index), violation=True.  Rows with no reachable expert
+get an empty mask, energy 0, dropped=True, violation=True.
+
 Entry points
 ------------
 ``des(scores, costs, gamma, k_min=1, k_max=None) -> Selection``
-    Batched torch API (validated). scores [B, K], costs [B, K] (static subcarriers).
-``des_numpy(scores, costs, gamma, k_min, k_max)``
-    Same solver on float64 numpy arrays, no validation, for callers in loops (JESA).
-    Returns (mask bool[B,K], energy float64[B], violation bool[B], dropped bool[B],
-    nodes int64[B], root_bound float64[B]).
+    Batched torch API (validated).  scores [B, K] float32/64, costs [B, K] J (static
+    subcarriers).  energy = sum of the selected costs (float64), nodes = B&B nodes per row,
+    lower_bound = the root relaxation bound (nan on infeasible rows), certified = feasible,
+    subcarrier all -1 (the registry fills static subcarriers), failed all False.
+``des_numpy(scores, costs, gamma, k_min, k_max) -> (mask, energy, violation, dropped, nodes, root_bound)``
+    The same on float64 numpy arrays [B, K], without validation, for callers in loops
+    (JESA): bool[B,K], float64[B], bool[B], bool[B], int64[B], float64[B].
 ``des_solve_one(s, c, gamma, k_min, k_max, out_mask) -> (energy, feasible, nodes, bound)``
-    numba-jitted single instance, callable from other ``@njit`` code. s, c: float64[K];
-    out_mask: bool[K], overwritten. gamma is the raw importance factor (the tolerance is
-    applied inside). feasible=False means infeasible: out_mask then holds the fallback (the
-    min(k_max, #reachable) reachable experts with the highest scores) and bound is nan; an
-    all-False out_mask with feasible=False means no expert is reachable (dropped, energy 0).
+    numba-jitted, one instance, callable from other ``@njit`` code (or from Python).
+    s, c: float64[K] (C-contiguous); out_mask: bool[K], overwritten with the selection;
+    gamma is the raw importance factor (RELEVANCE_TOL is applied inside).
+    feasible=True: out_mask is optimal, bound is the root relaxation bound.
+    feasible=False: out_mask holds the fallback and bound is nan; an all-False out_mask
+    then means no expert is reachable (dropped, energy 0).
+    nodes == DES_NODE_LIMIT: the search budget ran out (far-from-router instances only, see
+    DES_NODE_LIMIT); out_mask is the best set found (feasible, maybe not optimal) and bound
+    the best proven lower bound.  des/des_numpy finish such rows with HiGHS.
+    Note: numba's on-disk cache does not track callees, so an ``@njit(cache=True)`` caller
+    keeps a stale copy of DES after this file changes; clear its cache (or skip cache=True).
 ``des_reference(...)``
-    Pure-Python branch-and-bound kept as a readable specification for the tests.
+    Pure-Python branch-and-bound of DESIGN.md (ratio order, greedy incumbent, DFS include/
+    exclude, LP-relaxation bound), same signature and semantics as ``des``; a readable
+    specification for the tests, not for production.
 
-Infeasible rows (no allowed set reaches gamma, including fewer than k_min reachable
-experts) get the fallback above with violation=True; rows with no reachable expert get an
-empty mask, energy 0, dropped=True, violation=True.
+Algorithm (numba, one row at a time, no Python per row)
+-------------------------------------------------------
+1. drop unreachable experts; the top-k_max scores decide feasibility (and are the fallback);
+2. k_max-dominance filter: an expert with at least k_max cheaper-or-equal experts of
+   higher-or-equal score is never needed (K=1024, k_max=8 keeps about 50 of 1024);
+3. order the survivors by cost per relevance c/s;
+4. depth-first include/exclude search.  At every node: an exact completion when the k_min
+   cheapest remaining experts already reach gamma; a feasibility prune from the best
+   remaining scores; the Dantzig (fractional knapsack) bound refined Martello-Toth style by
+   branching on its critical item; and, when the knapsack LP breaks the cardinality limits,
+   the Lagrangian bound of the cardinality-constrained LP.  Leaving an expert out forbids
+   every later expert it dominates (exclusion dominance), which the bounds respect.
+   The incumbent starts as the top-score set and improves with every completion the bounds
+   produce (top-score, cheapest, Lagrangian sets).
+The proofs of the filter, the dominance rule and the bounds are in comments next to the code.
 """
 from __future__ import annotations
 
@@ -42,11 +69,7 @@ __all__ = ["des", "des_numpy", "des_solve_one", "des_reference"]
 # --------------------------------------------------------------------------------------
 # numba solver
 # --------------------------------------------------------------------------------------
-# Per row: (1) drop unreachable experts; (2) feasibility from the top-k_max scores;
-# (3) k_max-dominance filter; (4) order the survivors by cost per relevance; (5) DFS
-# include/exclude with, at every node, an exact completion when the k_min cheapest items
-# already reach the target, a feasibility prune, the Dantzig (fractional knapsack) bound and
-# the Lagrangian bound of the cardinality-constrained relaxation.
+# (The steps are listed in the module docstring; why each one is exact follows.)
 #
 # Why the dominance filter is exact: order the items by (cost asc, index asc).  If at least
 # k_max items precede item k with score >= s_k, then among the optimal sets take one with the
@@ -64,13 +87,17 @@ __all__ = ["des", "des_numpy", "des_solve_one", "des_reference"]
 # constraints; it is found by Kelley's cutting planes in one dimension, but exactness never
 # depends on reaching it: any lam gives a valid bound.
 
+_SMALL_M = 16  # above this many free slots the Lagrangian sorts instead of inserting
 _ROOT_ITERATIONS = 60  # Kelley steps at the root (reports the LP bound)
 _NODE_ITERATIONS = 8  # Kelley steps at other nodes (any lam is valid; these only prune)
 # Safety valve: P1 is NP-hard and some far-from-MoE instances (hundreds of experts, k_max or
-# k_min in the tens, costs spread over many decades) defeat the bounds.  After this many
-# nodes the search stops with its best set and the best proven bound; des/des_numpy then
-# solve that row with HiGHS instead.  Router-sized problems stay orders of magnitude below.
+# k_min in the tens or hundreds, costs spread over many decades) defeat the bounds.  After
+# DES_NODE_LIMIT nodes, or _WORK_PER_NODE * DES_NODE_LIMIT items scanned by node evaluations
+# (about a second), the search stops with its best set and the best proven bound and reports
+# nodes = DES_NODE_LIMIT; des/des_numpy then solve that row with HiGHS.  Router-sized
+# problems stay orders of magnitude below (K=1024, k_max=8: at most a few hundred nodes).
 DES_NODE_LIMIT = 2_000_000
+_WORK_PER_NODE = 32
 
 
 @njit(cache=True)
@@ -129,10 +156,12 @@ def _suffix_select(ws, wc, pos, n, m, by_score, out):
 
 
 @njit(cache=True)
-def _lagrangian(ws, wc, forbid, pos, n, lam, g, m, m_min, xbuf, xval):
+def _lagrangian(ws, wc, forbid, pos, n, lam, g, m, m_min, xbuf, xval, scratch_v, scratch_t):
     """L(lam) over the allowed positions pos..n-1; returns (L, cost of X, score of X, |X|),
     X in xbuf.  Fewer than m_min allowed items: L is still a valid bound for what remains
     (none of it is feasible), X is then short and must not be used as a solution."""
+    if m > _SMALL_M:
+        return _lagrangian_large(ws, wc, forbid, pos, n, lam, g, m, m_min, xbuf, scratch_v, scratch_t)
     length = np.int64(0)
     for t in range(pos, n):
         if forbid[t] > 0:
@@ -150,20 +179,59 @@ def _lagrangian(ws, wc, forbid, pos, n, lam, g, m, m_min, xbuf, xval):
         xval[p] = v
         xbuf[p] = t
         length += 1
-    cost = 0.0
-    score = 0.0
     size = np.int64(0)
     for q in range(length):
         if q >= m_min and xval[q] >= 0.0:
             break
+        size += 1
+    return _lagrangian_value(ws, wc, xbuf, size, lam, g)
+
+
+@njit(cache=True)
+def _lagrangian_value(ws, wc, xbuf, size, lam, g):
+    cost = 0.0
+    score = 0.0
+    for q in range(size):
         cost += wc[xbuf[q]]
         score += ws[xbuf[q]]
-        size += 1
     # L = lam g + sum_X (c - lam s) = cost + lam (g - score), less a bound on its rounding
     # error: for a large lam the two terms cancel and the error can exceed tiny energies
     value = cost + lam * (g - score)
     value -= 1e-14 * (cost + lam * (abs(g) + score))
     return value, cost, score, size
+
+
+@njit(cache=True)
+def _lagrangian_large(ws, wc, forbid, pos, n, lam, g, m, m_min, xbuf, scratch_v, scratch_t):
+    """_lagrangian for large m (k_max in the tens or more), O(n log n) instead of O(n m):
+    usually X is simply every negative c - lam s, otherwise sort."""
+    allowed = 0
+    negative = 0
+    for t in range(pos, n):
+        if forbid[t] > 0:
+            continue
+        v = wc[t] - lam * ws[t]
+        scratch_v[t] = v
+        scratch_t[allowed] = t
+        allowed += 1
+        if v < 0.0:
+            negative += 1
+    size = negative if negative > m_min else m_min
+    if size > m:
+        size = m
+    if size > allowed:
+        size = allowed
+    if size == negative:
+        q = 0
+        for i in range(allowed):
+            if scratch_v[scratch_t[i]] < 0.0:
+                xbuf[q] = scratch_t[i]
+                q += 1
+    else:
+        _sort_items(scratch_t, allowed, scratch_v, scratch_v)
+        for q in range(size):
+            xbuf[q] = scratch_t[q]
+    return _lagrangian_value(ws, wc, xbuf, size, lam, g)
 
 
 @njit(cache=True)
@@ -270,8 +338,8 @@ def _sift_down(items, root, end, primary, secondary):
 @njit(cache=True)
 def _workspace(K, k_min, k_max):
     """Scratch arrays for _solve (reused across the rows of a batch): (ints, floats)."""
-    ints = 5 * (k_max + 1) + (k_min + 1) + 4 * K + 3 * (K + 2) + k_max
-    floats = 2 * (k_max + 1) + 4 * K + 2 * (K + 1) * (k_max + 1) + 2 * (K + 1) * (k_min + 1) + 3 * (K + 2)
+    ints = 5 * (k_max + 1) + (k_min + 1) + 5 * K + 3 * (K + 2) + k_max
+    floats = 2 * (k_max + 1) + 5 * K + 2 * (K + 1) * (k_max + 1) + 2 * (K + 1) * (k_min + 1) + 3 * (K + 2)
     return np.empty(ints, np.int64), np.empty(floats)
 
 
@@ -311,6 +379,8 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw, node_limit):
     io += K + 2
     forbid = iw[io : io + K]
     io += K
+    scratch_t = iw[io : io + K]
+    io += K
     path = iw[io : io + k_max]
     fo = 0
     best_scores = fw[fo : fo + k_max + 1]
@@ -324,6 +394,8 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw, node_limit):
     wc = fw[fo : fo + K]
     fo += K
     ratio = fw[fo : fo + K]
+    fo += K
+    scratch_v = fw[fo : fo + K]
     fo += K
     st_s = fw[fo : fo + K + 2]
     fo += K + 2
@@ -445,6 +517,7 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw, node_limit):
     st_bound[0] = 0.0
     sp = 1
     nodes = np.int64(0)
+    work = np.int64(0)  # items scanned by the node evaluations, for the budget
     root_bound = 0.0  # costs are >= 0; replaced by the relaxation bound at the root
     while sp > 0:
         f = sp - 1
@@ -479,14 +552,16 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw, node_limit):
 
         # stage 0: evaluate the node
         is_root = nodes == 0
-        if nodes >= node_limit:
+        if nodes >= node_limit or work >= _WORK_PER_NODE * node_limit:
             # stop: the open frames hold every unexplored subtree, with valid bounds
             root_bound = best
             for q in range(sp):
                 if st_stage[q] < 2 and st_bound[q] < root_bound:
                     root_bound = st_bound[q]
+            nodes = node_limit
             break
         nodes += 1
+        work += n - pos
         if bound >= best or acc_c >= best:
             sp -= 1
             continue
@@ -544,7 +619,7 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw, node_limit):
             for _ in range(iterations):
                 if not (lam >= 0.0 and lam < np.inf):
                     break
-                value, x_c, x_s, x_size = _lagrangian(ws, wc, forbid, pos, n, lam, g, m, m_min, xbuf, xval)
+                value, x_c, x_s, x_size = _lagrangian(ws, wc, forbid, pos, n, lam, g, m, m_min, xbuf, xval, scratch_v, scratch_t)
                 if acc_c + value > bound:
                     bound = acc_c + value
                 if bound >= limit:
@@ -648,13 +723,15 @@ def des_numpy(scores: np.ndarray, costs: np.ndarray, gamma: float, k_min: int, k
     bound = np.full(B, np.nan)
     if B:
         _des_rows(scores, costs, float(gamma), int(k_min), int(k_max), int(node_limit), mask, energy, violation, dropped, nodes, bound)
-    for b in np.flatnonzero(~violation & (nodes >= node_limit)):
-        from .exact import milp_p1_row  # only for rows that exhausted the node budget
+    unfinished = np.flatnonzero(~violation & (nodes >= node_limit))
+    if unfinished.size:
+        from .exact import milp_p1_row  # imports scipy; only ever needed for such rows
 
-        chosen = milp_p1_row(scores[b], costs[b], gamma, k_min, k_max)
-        if chosen is not None and costs[b, chosen].sum() < energy[b]:
-            mask[b] = chosen
-            energy[b] = costs[b, chosen].sum()
+        for b in unfinished:
+            chosen = milp_p1_row(scores[b], costs[b], gamma, k_min, k_max)
+            if chosen is not None and costs[b, chosen].sum() < energy[b]:
+                mask[b] = chosen
+                energy[b] = costs[b, chosen].sum()
     return mask, energy, violation, dropped, nodes, bound
 
 
@@ -751,7 +828,10 @@ def _des_reference_row(s, c, gamma, k_min, k_max):
 
 
 def des_reference(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1, k_max: int | None = None) -> Selection:
-    """Pure-Python DES (DESIGN.md section 3) with the same signature and semantics as :func:`des`."""
+    """Pure-Python DES (DESIGN.md section 3) with the same signature and semantics as :func:`des`.
+
+    Recursive, one row at a time: for tests and small K (recursion depth grows with K).
+    """
     s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=2)
     B, K = s.shape
     s_rows, c_rows = s.tolist(), c.tolist()
