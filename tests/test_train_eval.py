@@ -146,15 +146,17 @@ def test_evaluate_writes_table_csv_and_plot(evaluated):
     assert list(run_dir.glob("events.out.tfevents.*"))
 
 
-def test_evaluate_is_deterministic_and_independent_of_batch_size(evaluated, trained, data_root, tmp_path):
+def test_evaluate_is_deterministic_and_independent_of_batch_size_and_workers(evaluated, trained, data_root, tmp_path):
     run_dir, _ = evaluated
     reference = (run_dir / "results.csv").read_text()
     again = check_ok(evaluate(trained / "checkpoint.pt", tmp_path / "again", data_root, "data.batch_size=100"))
     assert (tmp_path / "again" / "results.csv").read_text() == reference, again.stderr[-2000:]
     # Channel draws are keyed by sample id, so routing and energies do not depend on the batch
     # size.  The CPU kernels' float rounding does (by ~1e-7), which reaches the mean loss and
-    # the branch-and-bound node counts but no decision in this test.
-    check_ok(evaluate(trained / "checkpoint.pt", tmp_path / "small_batches", data_root, "data.batch_size=50"))
+    # the branch-and-bound node counts but no decision in this test.  Two loader workers
+    # deliver the same batches, so they change nothing either.
+    check_ok(evaluate(trained / "checkpoint.pt", tmp_path / "small_batches", data_root,
+                      "data.batch_size=50", "data.num_workers=2"))
     small = read_rows(tmp_path / "small_batches" / "results.csv")
     for row, ref in zip(small, read_rows(run_dir / "results.csv"), strict=True):
         for column in RESULT_COLUMNS:
