@@ -32,6 +32,12 @@ def static_subcarriers(num_experts: int, num_subcarriers: int) -> torch.Tensor:
     return torch.arange(num_experts, dtype=torch.int64) % num_subcarriers
 
 
+def static_plan_for(mask: torch.Tensor, num_subcarriers: int) -> torch.Tensor:
+    """Subcarriers [B, K] of a static-plan selection: a(k) where mask [B, K] is set, else -1."""
+    plan = static_subcarriers(mask.shape[1], num_subcarriers).expand_as(mask)
+    return torch.where(mask, plan, torch.full_like(plan, -1))
+
+
 def static_costs(costs: torch.Tensor) -> torch.Tensor:
     """Costs [B, K, N] -> [B, K]: each expert's cost on its static subcarrier k mod N."""
     B, K, N = costs.shape
@@ -86,8 +92,7 @@ def _static_selection(mask: torch.Tensor, costs: torch.Tensor, failure_energy: f
     energy = torch.where(delivered, link_cost, torch.zeros_like(link_cost)).sum(1)
     energy = energy + failure_energy * failed.sum(1).to(torch.float64)
     dropped = ~delivered.any(1)
-    plan = static_subcarriers(K, N).expand(B, K)
-    subcarrier = torch.where(mask, plan, torch.full_like(plan, -1))
+    subcarrier = static_plan_for(mask, N)
     return Selection(
         mask=mask,
         subcarrier=subcarrier,

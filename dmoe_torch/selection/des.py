@@ -63,7 +63,7 @@ from numba import njit
 
 from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
 
-__all__ = ["des", "des_numpy", "des_solve_one", "des_reference"]
+__all__ = ["des", "des_validated", "des_numpy", "des_solve_one", "des_reference"]
 
 
 # --------------------------------------------------------------------------------------
@@ -754,6 +754,11 @@ def des(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1,
     Returns a Selection (subcarrier all -1: the caller assigns static subcarriers).
     """
     s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=2)
+    return des_validated(s, c, gamma, k_min, k_max)
+
+
+def des_validated(s: torch.Tensor, c: torch.Tensor, gamma: float, k_min: int, k_max: int) -> Selection:
+    """:func:`des` on inputs already checked by ``validate_inputs`` (CPU float64, k_max resolved)."""
     return _to_selection(*des_numpy(s.numpy(), c.numpy(), gamma, k_min, k_max))
 
 

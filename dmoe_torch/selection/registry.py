@@ -17,7 +17,7 @@ import torch
 
 from . import baselines
 from .common import Selection, validate_inputs
-from .des import des
+from .des import des_validated
 from .jesa import jesa_validated
 
 POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal")
@@ -81,8 +81,6 @@ def route(
 
 def _static_des(s: torch.Tensor, c: torch.Tensor, gamma: float, k_min: int, k_max: int) -> Selection:
     """DES (P1) on the static plan: costs c[b, k, k mod N], subcarrier a(k) for selected experts."""
-    result = des(s, baselines.static_costs(c), gamma, k_min, k_max)
-    B, K, N = c.shape
-    plan = baselines.static_subcarriers(K, N).expand(B, K)
-    result.subcarrier = torch.where(result.mask, plan, torch.full_like(plan, -1))
+    result = des_validated(s, baselines.static_costs(c), gamma, k_min, k_max)
+    result.subcarrier = baselines.static_plan_for(result.mask, c.shape[2])
     return result
