@@ -336,6 +336,12 @@ def _sift_down(items, root, end, primary, secondary):
 
 
 @njit(cache=True)
+def _take(buffer, offset, size):
+    """The next `size` entries of a scratch buffer: (view, offset after it)."""
+    return buffer[offset : offset + size], offset + size
+
+
+@njit(cache=True)
 def _workspace(K, k_min, k_max):
     """Scratch arrays for _solve (reused across the rows of a batch): (ints, floats)."""
     ints = 5 * (k_max + 1) + (k_min + 1) + 5 * K + 3 * (K + 2) + k_max
@@ -353,56 +359,32 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw, node_limit):
     thr = gamma - RELEVANCE_TOL
     # carve the scratch arrays
     io = 0
-    top = iw[io : io + k_max + 1]
-    io += k_max + 1
-    tbuf = iw[io : io + k_max + 1]
-    io += k_max + 1
-    xbuf = iw[io : io + k_max + 1]
-    io += k_max + 1
-    sel = iw[io : io + k_max + 1]
-    io += k_max + 1
-    best_items = iw[io : io + k_max + 1]
-    io += k_max + 1
-    cbuf = iw[io : io + k_min + 1]
-    io += k_min + 1
-    reach = iw[io : io + K]
-    io += K
-    keep = iw[io : io + K]
-    io += K
-    order = iw[io : io + K]
-    io += K
-    st_pos = iw[io : io + K + 2]
-    io += K + 2
-    st_cnt = iw[io : io + K + 2]
-    io += K + 2
-    st_stage = iw[io : io + K + 2]
-    io += K + 2
-    forbid = iw[io : io + K]
-    io += K
-    scratch_t = iw[io : io + K]
-    io += K
+    top, io = _take(iw, io, k_max + 1)
+    tbuf, io = _take(iw, io, k_max + 1)
+    xbuf, io = _take(iw, io, k_max + 1)
+    sel, io = _take(iw, io, k_max + 1)
+    best_items, io = _take(iw, io, k_max + 1)
+    cbuf, io = _take(iw, io, k_min + 1)
+    reach, io = _take(iw, io, K)
+    keep, io = _take(iw, io, K)
+    order, io = _take(iw, io, K)
+    st_pos, io = _take(iw, io, K + 2)
+    st_cnt, io = _take(iw, io, K + 2)
+    st_stage, io = _take(iw, io, K + 2)
+    forbid, io = _take(iw, io, K)
+    scratch_t, io = _take(iw, io, K)
     path = iw[io : io + k_max]
     fo = 0
-    best_scores = fw[fo : fo + k_max + 1]
-    fo += k_max + 1
-    xval = fw[fo : fo + k_max + 1]
-    fo += k_max + 1
-    item_ratio = fw[fo : fo + K]
-    fo += K
-    ws = fw[fo : fo + K]
-    fo += K
-    wc = fw[fo : fo + K]
-    fo += K
-    ratio = fw[fo : fo + K]
-    fo += K
-    scratch_v = fw[fo : fo + K]
-    fo += K
-    st_s = fw[fo : fo + K + 2]
-    fo += K + 2
-    st_c = fw[fo : fo + K + 2]
-    fo += K + 2
-    st_bound = fw[fo : fo + K + 2]
-    fo += K + 2
+    best_scores, fo = _take(fw, fo, k_max + 1)
+    xval, fo = _take(fw, fo, k_max + 1)
+    item_ratio, fo = _take(fw, fo, K)
+    ws, fo = _take(fw, fo, K)
+    wc, fo = _take(fw, fo, K)
+    ratio, fo = _take(fw, fo, K)
+    scratch_v, fo = _take(fw, fo, K)
+    st_s, fo = _take(fw, fo, K + 2)
+    st_c, fo = _take(fw, fo, K + 2)
+    st_bound, fo = _take(fw, fo, K + 2)
 
     # (1)-(2) reachable experts, the top-k_max by score (the fallback), feasibility
     n_reach = np.int64(0)
@@ -467,12 +449,12 @@ def _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw, node_limit):
     # suffix tables: score and cost of the top-m by score and the m cheapest of positions t..
     size_top = (n + 1) * (k_max + 1)
     size_cheap = (n + 1) * (k_min + 1)
-    top_s = fw[fo : fo + size_top].reshape((n + 1, k_max + 1))
-    fo += size_top
-    top_c = fw[fo : fo + size_top].reshape((n + 1, k_max + 1))
-    fo += size_top
-    cheap_s = fw[fo : fo + size_cheap].reshape((n + 1, k_min + 1))
-    fo += size_cheap
+    flat, fo = _take(fw, fo, size_top)
+    top_s = flat.reshape((n + 1, k_max + 1))
+    flat, fo = _take(fw, fo, size_top)
+    top_c = flat.reshape((n + 1, k_max + 1))
+    flat, fo = _take(fw, fo, size_cheap)
+    cheap_s = flat.reshape((n + 1, k_min + 1))
     cheap_c = fw[fo : fo + size_cheap].reshape((n + 1, k_min + 1))
     n_tbuf = np.int64(0)
     n_cbuf = np.int64(0)
