@@ -18,7 +18,7 @@ def main(cfg: DictConfig) -> None:
         validate_eval_config(cfg)
 
         from dmoe_torch.data import DataUnavailableError
-        from dmoe_torch.engine import run_evaluation
+        from dmoe_torch.evaluation import run_evaluation
 
         with report_errors(DataUnavailableError):
             run_evaluation(cfg, HydraConfig.get().runtime.output_dir)

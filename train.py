@@ -16,7 +16,7 @@ def main(cfg: DictConfig) -> None:
         validate_train_config(cfg)  # the whole config, before any import of torch models or data
 
         from dmoe_torch.data import DataUnavailableError
-        from dmoe_torch.engine import NonFiniteLossError, fit
+        from dmoe_torch.training import NonFiniteLossError, fit
 
         with report_errors(DataUnavailableError, NonFiniteLossError):
             status = fit(cfg, HydraConfig.get().runtime.output_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
-from dmoe_torch.model import DMoEClassifier
+from dmoe_torch.models import DMoEClassifier
 from dmoe_torch.moe import RouterSpec
 from dmoe_torch.selection import route
 

@@ -412,7 +412,7 @@ def _plain(value: Any) -> Any:
 
 def build_model(cfg: DictConfig, info):
     """The classifier described by ``cfg.model`` for a dataset described by ``info`` (DataInfo)."""
-    from .model import DMoEClassifier
+    from .models import DMoEClassifier
 
     return DMoEClassifier(
         in_channels=info.in_channels,

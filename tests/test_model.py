@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dmoe_torch.model import DMoEClassifier
+from dmoe_torch.models import DMoEClassifier
 from dmoe_torch.moe import RouterSpec, perfect_costs
 
 K, N = 4, 4

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .moe import MoELayer, RouterSpec
-from .selection import Selection
+from ..moe import MoELayer, RouterSpec
+from ..selection import Selection
 
 __all__ = ["DMoEClassifier", "ModelOutput"]
 
