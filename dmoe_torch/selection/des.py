@@ -52,14 +52,25 @@ Algorithm (numba, one row at a time, no Python per row)
    The incumbent starts as the top-score set and improves with every completion the bounds
    produce (top-score, cheapest, Lagrangian sets).
 The proofs of the filter, the dominance rule and the bounds are in comments next to the code.
+
+Threads
+-------
+The row loop runs in parallel (numba ``prange`` over chunks of rows, each chunk with its own
+scratch workspace).  Every row's result depends on that row alone, so the output is
+bit-identical for any number of threads.  The thread count follows torch's intra-op setting
+(``torch.get_num_threads()``, i.e. ``OMP_NUM_THREADS`` or ``torch.set_num_threads``), capped
+at numba's pool size ``NUMBA_NUM_THREADS``; ``des_numpy(..., num_threads=n)`` overrides it
+for one call (``solver_threads``).  So ``OMP_NUM_THREADS=1`` means one thread everywhere.
+The caller's ``numba.get_num_threads()`` is restored after each call.
 """
 from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
 from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
 
@@ -98,6 +109,9 @@ _NODE_ITERATIONS = 8  # Kelley steps at other nodes (any lam is valid; these onl
 # problems stay orders of magnitude below (K=1024, k_max=8: at most a few hundred nodes).
 DES_NODE_LIMIT = 2_000_000
 _WORK_PER_NODE = 32
+# Row loops run in parallel over chunks of rows (see row_chunks).
+CHUNKS_PER_THREAD = 4
+MIN_CHUNK_ROWS = 64
 
 
 @njit(cache=True)
@@ -668,30 +682,79 @@ def des_solve_one(s, c, gamma, k_min, k_max, out_mask):
     return _solve(s, c, gamma, k_min, k_max, out_mask, iw, fw, DES_NODE_LIMIT)
 
 
-@njit(cache=True)
-def _des_rows(scores, costs, gamma, k_min, k_max, node_limit, mask, energy, violation, dropped, nodes, bound):
-    iw, fw = _workspace(scores.shape[1], k_min, k_max)
-    for b in range(scores.shape[0]):
-        e, feasible, nd, lb = _solve(scores[b], costs[b], gamma, k_min, k_max, mask[b], iw, fw, node_limit)
-        energy[b] = e
-        violation[b] = not feasible
-        nodes[b] = nd
-        bound[b] = lb
-        any_selected = False
-        for k in range(scores.shape[1]):
-            if mask[b, k]:
-                any_selected = True
-                break
-        dropped[b] = not any_selected
+@njit(cache=True, parallel=True)
+def _des_rows(scores, costs, gamma, k_min, k_max, node_limit, num_chunks, mask, energy, violation, dropped, nodes, bound):
+    """_solve on every row, rows split into num_chunks contiguous chunks run in parallel.
+
+    Each chunk has its own workspace and every row's result depends on that row alone
+    (_solve initialises whatever it reads), so the output is the same for any number of
+    chunks and threads.
+    """
+    B, K = scores.shape
+    for chunk in prange(num_chunks):
+        iw, fw = _workspace(K, k_min, k_max)
+        for b in range(chunk * B // num_chunks, (chunk + 1) * B // num_chunks):
+            e, feasible, nd, lb = _solve(scores[b], costs[b], gamma, k_min, k_max, mask[b], iw, fw, node_limit)
+            energy[b] = e
+            violation[b] = not feasible
+            nodes[b] = nd
+            bound[b] = lb
+            any_selected = False
+            for k in range(K):
+                if mask[b, k]:
+                    any_selected = True
+                    break
+            dropped[b] = not any_selected
 
 
-def des_numpy(scores: np.ndarray, costs: np.ndarray, gamma: float, k_min: int, k_max: int, *, node_limit: int = DES_NODE_LIMIT):
+def solver_threads(num_threads: int | None = None) -> int:
+    """Threads the solvers' row loops use: num_threads, or torch.get_num_threads() when None
+    (so OMP_NUM_THREADS / torch.set_num_threads govern both), capped at numba's pool size
+    NUMBA_NUM_THREADS and at least 1."""
+    wanted = torch.get_num_threads() if num_threads is None else int(num_threads)
+    return max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
+
+
+def row_chunks(rows: int, threads: int) -> int:
+    """Chunks to split `rows` rows into: CHUNKS_PER_THREAD per thread (handed out one at a
+    time, so a few per thread even out rows of unequal cost), at most one per MIN_CHUNK_ROWS
+    rows, at least 1."""
+    return max(1, min(threads * CHUNKS_PER_THREAD, rows // MIN_CHUNK_ROWS))
+
+
+def run_parallel(kernel, num_threads: int | None, *args) -> None:
+    """Call the parallel numba kernel(*args) on solver_threads(num_threads) threads, its prange
+    iterations handed out one at a time; then restore the caller's numba settings.  (Both are
+    set here, not inside the kernel: numba cannot cache a function using parallel_chunksize.)"""
+    previous_threads = numba.get_num_threads()
+    previous_chunksize = numba.get_parallel_chunksize()
+    numba.set_num_threads(solver_threads(num_threads))
+    numba.set_parallel_chunksize(1)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_parallel_chunksize(previous_chunksize)
+        numba.set_num_threads(previous_threads)
+
+
+def des_numpy(
+    scores: np.ndarray,
+    costs: np.ndarray,
+    gamma: float,
+    k_min: int,
+    k_max: int,
+    *,
+    node_limit: int = DES_NODE_LIMIT,
+    num_threads: int | None = None,
+):
     """DES on float64 arrays scores [B, K], costs [B, K] (J, +inf unreachable); no validation.
 
     Returns (mask bool[B,K], energy float64[B] J, violation bool[B], dropped bool[B],
     nodes int64[B], root_bound float64[B] J, nan on infeasible rows).  A row whose search
     reaches node_limit nodes is finished by HiGHS (see DES_NODE_LIMIT); its nodes entry is
     then node_limit and its bound the best one proven when the search stopped.
+    num_threads: threads for the row loop (None: torch.get_num_threads(), see solver_threads);
+    the results do not depend on it.
     """
     scores = np.ascontiguousarray(scores, dtype=np.float64)
     costs = np.ascontiguousarray(costs, dtype=np.float64)
@@ -704,7 +767,9 @@ def des_numpy(scores: np.ndarray, costs: np.ndarray, gamma: float, k_min: int, k
     nodes = np.zeros(B, dtype=np.int64)
     bound = np.full(B, np.nan)
     if B:
-        _des_rows(scores, costs, float(gamma), int(k_min), int(k_max), int(node_limit), mask, energy, violation, dropped, nodes, bound)
+        chunks = row_chunks(B, solver_threads(num_threads))
+        args = (scores, costs, float(gamma), int(k_min), int(k_max), int(node_limit), chunks, mask, energy, violation, dropped, nodes, bound)
+        run_parallel(_des_rows, num_threads, *args)
     unfinished = np.flatnonzero(~violation & (nodes >= node_limit))
     if unfinished.size:
         from .exact import milp_p1_row  # imports scipy; only ever needed for such rows

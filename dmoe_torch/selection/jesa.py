@@ -33,9 +33,12 @@ Algorithm (docs/method.md proves the properties used here):
 
 Per-row work runs in numba-compiled loops over the batch; DES runs batched through
 ``des_numpy`` (once for the whole batch, then once per iteration round on the rows still
-improving), so there is no Python work per row.  The numba code here deliberately calls no
-jitted function of another module: numba's on-disk cache does not notice when such a callee
-changes, and a stale cached JESA would silently run an old DES.
+improving), so there is no Python work per row.  The row loops run in parallel over chunks of
+rows on as many threads as torch's intra-op setting (``torch.get_num_threads()``, capped at
+``NUMBA_NUM_THREADS``; ``jesa_numpy(..., num_threads=n)`` overrides it), with results
+bit-identical for any thread count: see "Threads" in des.py.  The numba code here
+deliberately calls no jitted function of another module: numba's on-disk cache does not
+notice when such a callee changes, and a stale cached JESA would silently run an old DES.
 """
 from __future__ import annotations
 
@@ -43,10 +46,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
 from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
-from .des import des_numpy
+from .des import des_numpy, row_chunks, run_parallel, solver_threads
 
 __all__ = ["jesa", "jesa_validated", "jesa_numpy", "JesaResult", "min_cost_assignment", "DEFAULT_MAX_ITERATIONS"]
 
@@ -174,22 +177,32 @@ def _assign_selected(e, mask, out_sub, work_cost, work_rows, work_cols):
     return energy
 
 
-@njit(cache=True)
-def _assignment_rows(e, mask, out_sub, out_energy):
-    K, N = e.shape[1], e.shape[2]
-    work_cost = np.empty((K, N))
-    work_rows = np.empty(K, np.int64)
-    work_cols = np.empty(K, np.int64)
-    for b in range(e.shape[0]):
-        out_energy[b] = _assign_selected(e[b], mask[b], out_sub[b], work_cost, work_rows, work_cols)
+@njit(cache=True, parallel=True)
+def _assignment_rows(e, mask, num_chunks, out_sub, out_energy):
+    B, K, N = e.shape
+    for chunk in prange(num_chunks):
+        work_cost = np.empty((K, N))
+        work_rows = np.empty(K, np.int64)
+        work_cols = np.empty(K, np.int64)
+        for b in range(chunk * B // num_chunks, (chunk + 1) * B // num_chunks):
+            out_energy[b] = _assign_selected(e[b], mask[b], out_sub[b], work_cost, work_rows, work_cols)
 
 
-def min_cost_assignment(costs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _assignment(e, mask, out_sub, out_energy, num_threads):
+    """_assignment_rows on solver_threads(num_threads) threads."""
+    chunks = row_chunks(e.shape[0], solver_threads(num_threads))
+    run_parallel(_assignment_rows, num_threads, e, mask, chunks, out_sub, out_energy)
+
+
+def min_cost_assignment(
+    costs: np.ndarray, mask: np.ndarray, *, num_threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Min-cost assignment of each row's selected experts to distinct subcarriers.
 
     costs float64[B, K, N] J (+inf outage), mask bool[B, K] with at most N experts per row.
     Returns (subcarrier int64[B, K], -1 where not selected or no finite link could be given;
     energy float64[B] J, +inf where some selected expert got no finite link).
+    num_threads: threads for the row loop (None: torch's setting, see the module docstring).
     """
     costs = np.ascontiguousarray(costs, dtype=np.float64)
     mask = np.ascontiguousarray(mask, dtype=np.bool_)
@@ -199,7 +212,7 @@ def min_cost_assignment(costs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray
     sub = np.full((B, K), -1, dtype=np.int64)
     energy = np.zeros(B)
     if B:
-        _assignment_rows(costs, mask, sub, energy)
+        _assignment(costs, mask, sub, energy, num_threads)
     return sub, energy
 
 
@@ -313,90 +326,95 @@ def _max_relevance_set(s, e, best_cost, k_max, out_mask, match_of_sub, sub_of_ex
     return count
 
 
-@njit(cache=True)
-def _best_links_rows(e_all, best_sub, best_cost):
-    for b in range(e_all.shape[0]):
-        _best_links(e_all[b], best_sub[b], best_cost[b])
+@njit(cache=True, parallel=True)
+def _best_links_rows(e_all, num_chunks, best_sub, best_cost):
+    B = e_all.shape[0]
+    for chunk in prange(num_chunks):
+        for b in range(chunk * B // num_chunks, (chunk + 1) * B // num_chunks):
+            _best_links(e_all[b], best_sub[b], best_cost[b])
 
 
-@njit(cache=True)
-def _first_pass(e_all, mask_all, violation, lower, best_sub, sub_out, energy_out, certified_out, dropped_out, iters_out):
-    """Rows whose DES(c*) selection uses distinct best links are final; returns a status per row.
+@njit(cache=True, parallel=True)
+def _first_pass(e_all, mask_all, violation, lower, best_sub, num_chunks, status, sub_out, energy_out, certified_out, dropped_out, iters_out):
+    """Rows whose DES(c*) selection uses distinct best links are final; writes a status per row.
 
     status 0: final.  1: P1 under c* feasible but best links collide (iterative phase).
     2: P1 under c* infeasible and the fallback's best links collide (P2 fallback).
     """
     B, K, N = e_all.shape
-    used = np.empty(N, np.bool_)
-    status = np.zeros(B, np.int64)
-    for b in range(B):
-        mask = mask_all[b]
-        iters_out[b] = 1
-        if not _best_links_distinct(mask, best_sub[b], used):
-            status[b] = 2 if violation[b] else 1
-            continue
-        count = 0
-        for k in range(K):
-            sub_out[b, k] = -1
-            if mask[k]:
-                sub_out[b, k] = best_sub[b, k]
-                count += 1
-        energy_out[b] = lower[b]  # DES's energy under c*: the sum of the best-link costs
-        if violation[b]:
-            dropped_out[b] = count == 0
-            if count == 0:
-                iters_out[b] = 0
-        else:
-            certified_out[b] = True  # structural property: optimal for P2
-    return status
+    for chunk in prange(num_chunks):
+        used = np.empty(N, np.bool_)
+        for b in range(chunk * B // num_chunks, (chunk + 1) * B // num_chunks):
+            mask = mask_all[b]
+            iters_out[b] = 1
+            status[b] = 0
+            if not _best_links_distinct(mask, best_sub[b], used):
+                status[b] = 2 if violation[b] else 1
+                continue
+            count = 0
+            for k in range(K):
+                sub_out[b, k] = -1
+                if mask[k]:
+                    sub_out[b, k] = best_sub[b, k]
+                    count += 1
+            energy_out[b] = lower[b]  # DES's energy under c*: the sum of the best-link costs
+            if violation[b]:
+                dropped_out[b] = count == 0
+                if count == 0:
+                    iters_out[b] = 0
+            else:
+                certified_out[b] = True  # structural property: optimal for P2
 
 
-@njit(cache=True)
-def _updated_costs_rows(e_all, sub_all, out_cost):
-    used = np.empty(e_all.shape[2], np.bool_)
-    for b in range(e_all.shape[0]):
-        _updated_costs(e_all[b], sub_all[b], out_cost[b], used)
+@njit(cache=True, parallel=True)
+def _updated_costs_rows(e_all, sub_all, num_chunks, out_cost):
+    B, N = e_all.shape[0], e_all.shape[2]
+    for chunk in prange(num_chunks):
+        used = np.empty(N, np.bool_)
+        for b in range(chunk * B // num_chunks, (chunk + 1) * B // num_chunks):
+            _updated_costs(e_all[b], sub_all[b], out_cost[b], used)
 
 
-@njit(cache=True)
-def _fallback_rows(s_all, e_all, best_cost, k_max, k_min, threshold, mask_out, sub_out, energy_out, feasible_out):
+@njit(cache=True, parallel=True)
+def _fallback_rows(s_all, e_all, best_cost, k_max, k_min, threshold, num_chunks, mask_out, sub_out, energy_out, feasible_out):
     """P2 fallback per row: the maximum-relevance matchable set and its min-cost assignment.
 
     feasible_out[b]: the set reaches the relevance threshold with at least k_min experts.
     """
     B, K, N = e_all.shape
-    work_cost = np.empty((K, N))
-    work_rows = np.empty(K, np.int64)
-    work_cols = np.empty(K, np.int64)
-    match_of_sub = np.empty(N, np.int64)
-    sub_of_expert = np.empty(K, np.int64)
-    visited = np.empty(N, np.bool_)
-    parent = np.empty(N, np.int64)
-    queue = np.empty(K + 1, np.int64)
-    for b in range(B):
-        count = _max_relevance_set(
-            s_all[b], e_all[b], best_cost[b], k_max, mask_out[b], match_of_sub, sub_of_expert, visited, parent, queue
-        )
-        energy_out[b] = _assign_selected(e_all[b], mask_out[b], sub_out[b], work_cost, work_rows, work_cols)
-        relevance = 0.0
-        for k in range(K):
-            if mask_out[b, k]:
-                relevance += s_all[b, k]
-        feasible_out[b] = relevance >= threshold and count >= k_min
+    for chunk in prange(num_chunks):
+        work_cost = np.empty((K, N))
+        work_rows = np.empty(K, np.int64)
+        work_cols = np.empty(K, np.int64)
+        match_of_sub = np.empty(N, np.int64)
+        sub_of_expert = np.empty(K, np.int64)
+        visited = np.empty(N, np.bool_)
+        parent = np.empty(N, np.int64)
+        queue = np.empty(K + 1, np.int64)
+        for b in range(chunk * B // num_chunks, (chunk + 1) * B // num_chunks):
+            count = _max_relevance_set(
+                s_all[b], e_all[b], best_cost[b], k_max, mask_out[b], match_of_sub, sub_of_expert, visited, parent, queue
+            )
+            energy_out[b] = _assign_selected(e_all[b], mask_out[b], sub_out[b], work_cost, work_rows, work_cols)
+            relevance = 0.0
+            for k in range(K):
+                if mask_out[b, k]:
+                    relevance += s_all[b, k]
+            feasible_out[b] = relevance >= threshold and count >= k_min
 
 
-def _iterate(s, e, lower, mask, gamma, k_min, k_max, max_iterations):
+def _iterate(s, e, lower, mask, gamma, k_min, k_max, max_iterations, threads):
     """JESA's iterative phase on the rows given (all with a feasible P1 under c*).
 
     s [R, K], e [R, K, N], lower [R] (P1 optimum under c*), mask [R, K] (DES under c*).
     Returns (mask, subcarrier, energy (+inf: no feasible candidate found), nodes, iterations).
     Each round runs DES once on every still-active row (batched), so the Python work is per
-    round, not per row.
+    round, not per row.  threads: as solver_threads returns.
     """
     R, K = mask.shape
     sub = np.full((R, K), -1, dtype=np.int64)
     energy = np.zeros(R)
-    _assignment_rows(e, mask, sub, energy)  # first candidate: DES under c*, then assignment
+    _assignment(e, mask, sub, energy, threads)  # first candidate: DES under c*, then assignment
     nodes = np.zeros(R, dtype=np.int64)
     iterations = np.ones(R, dtype=np.int64)
     active = energy > lower * (1.0 + ENERGY_RTOL)  # rows at the bound are already optimal
@@ -406,13 +424,13 @@ def _iterate(s, e, lower, mask, gamma, k_min, k_max, max_iterations):
             break
         e_rows = e[rows]
         costs_now = np.empty((rows.size, K))
-        _updated_costs_rows(e_rows, sub[rows], costs_now)
-        new_mask, _, new_violation, _, new_nodes, _ = des_numpy(s[rows], costs_now, gamma, k_min, k_max)
+        run_parallel(_updated_costs_rows, threads, e_rows, sub[rows], row_chunks(rows.size, threads), costs_now)
+        new_mask, _, new_violation, _, new_nodes, _ = des_numpy(s[rows], costs_now, gamma, k_min, k_max, num_threads=threads)
         nodes[rows] += new_nodes
         iterations[rows] += 1
         new_sub = np.full((rows.size, K), -1, dtype=np.int64)
         new_energy = np.zeros(rows.size)
-        _assignment_rows(e_rows, new_mask, new_sub, new_energy)
+        _assignment(e_rows, new_mask, new_sub, new_energy, threads)
         new_energy[new_violation] = np.inf
         improved = new_energy < energy[rows] * (1.0 - ENERGY_RTOL)
         better = rows[improved]
@@ -431,10 +449,14 @@ def jesa_numpy(
     k_min: int,
     k_max: int,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    *,
+    num_threads: int | None = None,
 ) -> JesaResult:
     """JESA on float64 arrays scores [B, K], costs [B, K, N] (J, +inf outage); no validation.
 
     k_max is capped at N here (each selected expert needs its own subcarrier).
+    num_threads: threads for the row loops (None: torch.get_num_threads(), see the module
+    docstring); the results do not depend on it.
     """
     s = np.ascontiguousarray(scores, dtype=np.float64)
     e = np.ascontiguousarray(costs, dtype=np.float64)
@@ -442,6 +464,7 @@ def jesa_numpy(
     k_max = min(int(k_max), N)
     gamma = float(gamma)
     max_iterations = max(1, int(max_iterations))
+    threads = solver_threads(num_threads)
     sub = np.full((B, K), -1, dtype=np.int64)
     energy = np.zeros(B)
     certified = np.zeros(B, dtype=np.bool_)
@@ -455,18 +478,21 @@ def jesa_numpy(
     # (1) c*, DES under c* for the whole batch
     best_sub = np.empty((B, K), dtype=np.int64)
     best_cost = np.empty((B, K))
-    _best_links_rows(e, best_sub, best_cost)
-    mask, lower, violation, _, nodes, _ = des_numpy(s, best_cost, gamma, k_min, k_max)
+    chunks = row_chunks(B, threads)
+    run_parallel(_best_links_rows, threads, e, chunks, best_sub, best_cost)
+    mask, lower, violation, _, nodes, _ = des_numpy(s, best_cost, gamma, k_min, k_max, num_threads=threads)
     lower_bound = np.where(violation, np.nan, lower)
     # (2) distinct best links: final (certified when feasible)
-    status = _first_pass(e, mask, violation, lower, best_sub, sub, energy, certified, dropped, iterations)
+    status = np.empty(B, dtype=np.int64)
+    args = (e, mask, violation, lower, best_sub, chunks, status, sub, energy, certified, dropped, iterations)
+    run_parallel(_first_pass, threads, *args)
 
     # (3) iterative phase on the rows whose selected experts' best links collide
     fallback = status == 2
     rows = np.flatnonzero(status == 1)
     if rows.size:
         r_mask, r_sub, r_energy, r_nodes, r_iterations = _iterate(
-            s[rows], e[rows], lower[rows], mask[rows], gamma, k_min, k_max, max_iterations
+            s[rows], e[rows], lower[rows], mask[rows], gamma, k_min, k_max, max_iterations, threads
         )
         found = np.isfinite(r_energy)
         done = rows[found]
@@ -485,9 +511,8 @@ def jesa_numpy(
         f_sub = np.full((rows.size, K), -1, dtype=np.int64)
         f_energy = np.zeros(rows.size)
         f_feasible = np.zeros(rows.size, dtype=np.bool_)
-        _fallback_rows(
-            s[rows], e[rows], best_cost[rows], k_max, k_min, gamma - RELEVANCE_TOL, f_mask, f_sub, f_energy, f_feasible
-        )
+        args = (s[rows], e[rows], best_cost[rows], k_max, k_min, gamma - RELEVANCE_TOL, row_chunks(rows.size, threads))
+        run_parallel(_fallback_rows, threads, *args, f_mask, f_sub, f_energy, f_feasible)
         mask[rows] = f_mask
         sub[rows] = f_sub
         empty = ~f_mask.any(1)
