@@ -49,94 +49,122 @@ def eval_stream(draw: int) -> int:
     return EVAL_STREAM_BASE + draw
 
 
-def layer_costs(channel, sample_ids: torch.Tensor, num_layers: int, stream: int) -> list[torch.Tensor]:
-    """Per-layer link costs of a batch: L float64 CPU tensors [B, K, N] (J, +inf = outage)."""
-    return [channel.costs(sample_ids, layer, stream) for layer in range(num_layers)]
+def frame_ids(sample_ids: torch.Tensor, tokens_per_input: int) -> torch.Tensor:
+    """Frame id of every routed token: ``sample_id * T + token`` (int64 [B*T], row b*T + t).
+
+    One frame is one input of the DMoE protocol; the channel of a frame is a pure function of
+    (seed, stream, MoE layer, frame id), so draws do not depend on batch size, order or workers.
+    """
+    ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1, 1)
+    return (ids * tokens_per_input + torch.arange(tokens_per_input, dtype=torch.int64)).reshape(-1)
+
+
+def layer_costs(channel, sample_ids: torch.Tensor, num_layers: int, stream: int, tokens_per_input: int = 1) -> list[torch.Tensor]:
+    """Per-layer link costs of a batch: L float64 CPU tensors [B*T, K, N] (J, +inf = outage)."""
+    frames = frame_ids(sample_ids, tokens_per_input)
+    return [channel.costs(frames, layer, stream) for layer in range(num_layers)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Routing metrics
 
 
-def combine_layers(per_layer: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-input router metrics from the per-layer results of ``MetricAverager.compute()``.
+def combine_layers(per_layer: list[dict[str, Any]], tokens_per_input: int = 1) -> dict[str, Any]:
+    """Router metrics from the per-layer results of ``MetricAverager.compute()`` (whose rows
+    are tokens).
 
-    energy_uj: summed over layers (microjoules per input); outage_rate: all failed links over
-    all selected links; the other rates, experts_per_input, nodes, gate_entropy and
-    utilisation [K]: averaged over layers (so experts_per_input is per MoE layer).
+    energy_uj: microjoules per image, summed over tokens and MoE layers; outage_rate: all
+    failed links over all selected links; experts_per_token (per token and MoE layer), the
+    other rates, nodes, gate_entropy and utilisation [K]: averaged over layers.
     """
     L = len(per_layer)
     links = sum(m["selected_links"] for m in per_layer)
     combined = {
-        "energy_uj": 1e6 * sum(m["energy_j"] for m in per_layer),
+        "energy_uj": 1e6 * tokens_per_input * sum(m["energy_j"] for m in per_layer),
         "outage_rate": sum(m["outage_rate"] * m["selected_links"] for m in per_layer) / links if links else 0.0,
+        "experts_per_token": sum(m["experts_per_input"] for m in per_layer) / L,
     }
-    for name in ("experts_per_input", "violation_rate", "drop_rate", "certified_rate", "nodes", "gate_entropy"):
+    for name in ("violation_rate", "drop_rate", "certified_rate", "nodes", "gate_entropy"):
         combined[name] = sum(m[name] for m in per_layer) / L
     K = len(per_layer[0]["utilisation"])
     combined["utilisation"] = [sum(m["utilisation"][k] for m in per_layer) / L for k in range(K)]
     return combined
 
 
+# Per-MoE-layer counters of EvalTotals (one integer per layer).
+_LAYER_COUNTS = ("selected_links", "failed_links", "effective_experts", "violations", "drops", "certified", "nodes")
+
+
 @dataclass
 class EvalTotals:
-    """Exact per-input sums over an evaluation pass; independent of batch size and order.
+    """Exact sums over an evaluation pass; independent of batch size and order.
 
-    Integer counts are exact; per-input losses and energies are kept and summed with
-    ``math.fsum`` (correctly rounded, hence order-independent).
+    An image is routed as T tokens (T = 1 for the per-image model) at each of L MoE layers;
+    one (token, layer) pair is a frame.  Integer counts are exact; per-image losses and
+    energies are kept and summed with ``math.fsum`` (correctly rounded, hence order-independent).
     """
 
     num_layers: int
+    tokens_per_input: int = 1
     inputs: int = 0
     correct: int = 0
-    frames_selected: int = 0  # (input, layer) selected links
-    failed_links: int = 0
-    effective_experts: int = 0
-    violations: int = 0
-    drops: int = 0
-    certified: int = 0
-    nodes: int = 0
+    counts: dict[str, list[int]] = field(default_factory=dict)  # name -> [L]
     losses: list[torch.Tensor] = field(default_factory=list)
-    energies: list[torch.Tensor] = field(default_factory=list)
+    energies: list[torch.Tensor] = field(default_factory=list)  # [B, L] J per image and layer
+
+    def __post_init__(self) -> None:
+        self.counts = {name: [0] * self.num_layers for name in _LAYER_COUNTS}
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, selections: list) -> None:
-        self.inputs += len(labels)
+        B, T = len(labels), self.tokens_per_input
+        self.inputs += B
         self.correct += int((logits.argmax(1) == labels).sum())
         self.losses.append(F.cross_entropy(logits.float(), labels, reduction="none").detach().to("cpu", torch.float64))
-        energy = torch.zeros(len(labels), dtype=torch.float64)
-        for sel in selections:
+        energy = torch.zeros(B, self.num_layers, dtype=torch.float64)
+        for layer, sel in enumerate(selections):
             effective = sel.mask & ~sel.failed
-            energy = energy + sel.energy.to(torch.float64)
-            self.frames_selected += int(sel.mask.sum())
-            self.failed_links += int(sel.failed.sum())
-            self.effective_experts += int(effective.sum())
-            self.violations += int(sel.violation.sum())
-            self.drops += int((~effective.any(1)).sum())
-            self.certified += int(sel.certified.sum())
-            self.nodes += int(sel.nodes.sum())
+            energy[:, layer] = sel.energy.to(torch.float64).view(B, T).sum(1)
+            for name, value in (("selected_links", sel.mask), ("failed_links", sel.failed), ("effective_experts", effective),
+                                ("violations", sel.violation), ("drops", ~effective.any(1)),
+                                ("certified", sel.certified), ("nodes", sel.nodes)):
+                self.counts[name][layer] += int(value.sum())
         self.energies.append(energy)
 
-    def compute(self) -> dict[str, float]:
-        """Means per input (rates per (input, layer) frame, energy summed over layers)."""
+    def compute(self) -> dict[str, Any]:
+        """Accuracy and loss per image; energy per image (summed over tokens and layers) and per
+        token; experts per token and the rates per frame (averaged over layers); outage over
+        selected links.  ``layers``: the same router metrics for each MoE layer."""
         n = max(self.inputs, 1)
-        frames = max(self.inputs * self.num_layers, 1)
+        T, L = self.tokens_per_input, self.num_layers
+        energies = torch.cat(self.energies) if self.energies else torch.zeros(0, L, dtype=torch.float64)
 
-        def exact_sum(parts: list[torch.Tensor]) -> float:
-            return math.fsum(torch.cat(parts).tolist()) if parts else 0.0
+        def router_metrics(counts: dict[str, int], energy_j: float, layers: int) -> dict[str, float]:
+            frames = max(self.inputs * T * layers, 1)
+            return {
+                "energy_uj": 1e6 * energy_j / n,
+                "energy_per_token_uj": 1e6 * energy_j / (n * T),
+                "experts_per_token": counts["effective_experts"] / frames,
+                "outage_rate": counts["failed_links"] / max(counts["selected_links"], 1),
+                "violation_rate": counts["violations"] / frames,
+                "drop_rate": counts["drops"] / frames,
+                "certified_rate": counts["certified"] / frames,
+                "nodes": counts["nodes"] / frames,
+            }
 
-        return {
+        total = {name: sum(values) for name, values in self.counts.items()}
+        result = {
             "inputs": self.inputs,
+            "tokens_per_input": T,
             "accuracy": self.correct / n,
-            "loss": exact_sum(self.losses) / n,
-            "energy_uj": 1e6 * exact_sum(self.energies) / n,
-            "experts_per_input": self.effective_experts / frames,
-            "outage_rate": self.failed_links / max(self.frames_selected, 1),
-            "violation_rate": self.violations / frames,
-            "drop_rate": self.drops / frames,
-            "certified_rate": self.certified / frames,
-            "nodes": self.nodes / frames,
+            "loss": math.fsum(torch.cat(self.losses).tolist()) / n if self.losses else 0.0,
+            **router_metrics(total, math.fsum(energies.sum(1).tolist()), L),
         }
-
+        result["layers"] = [
+            router_metrics({name: values[layer] for name, values in self.counts.items()},
+                           math.fsum(energies[:, layer].tolist()), 1)
+            for layer in range(L)
+        ]
+        return result
 
 
 @torch.no_grad()
@@ -159,12 +187,13 @@ def evaluate(
     policies on one channel draw).  Results do not depend on the batch size.
     """
     model.eval()
-    totals = EvalTotals(num_layers=len(specs))
+    tokens = model.tokens_per_input
+    totals = EvalTotals(num_layers=len(specs), tokens_per_input=tokens)
     for index, (images, labels, sample_ids) in enumerate(batches):
         if costs_cache is not None and index < len(costs_cache):
             costs = costs_cache[index]
         else:
-            costs = layer_costs(channel, sample_ids, len(specs), stream)
+            costs = layer_costs(channel, sample_ids, len(specs), stream, tokens)
             if costs_cache is not None:
                 costs_cache.append(costs)
         output = model(images.to(device, non_blocking=True), costs, specs, generator=generator)
@@ -242,7 +271,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
     load_model_state(model, checkpoint["model"], key="ckpt")
     model.to(device)
     channel = build_channel(run_cfg)
-    num_layers = int(train_cfg.model.num_moe_layers)
+    num_layers = model.num_moe_layers
     loader = make_loader(test_ds, int(cfg.data.batch_size), shuffle=False, seed=seed, num_workers=int(cfg.data.num_workers))
     draws = int(cfg.eval.channel_draws)
 

@@ -15,8 +15,10 @@ from typing import Any
 
 from .utils import atomic_write, atomic_write_text
 
-# Columns of results.csv, in order.  energy: per input, all MoE layers summed, microjoules;
-# experts_per_input and the rates: per (input, MoE layer) frame, averaged over the draws.
+# Columns of results.csv, in order.  energy_uj: per image, summed over its tokens and all MoE
+# layers, microjoules; energy_per_token_uj: the same per token; experts_per_token and the rates:
+# per (token, MoE layer) frame, averaged over the draws (a token is the whole image for the
+# per-image model); outage_rate: failed selected links / selected links.
 RESULT_COLUMNS = (
     "policy",
     "gamma",
@@ -24,7 +26,8 @@ RESULT_COLUMNS = (
     "accuracy_std",
     "energy_uj_mean",
     "energy_uj_std",
-    "experts_per_input",
+    "energy_per_token_uj",
+    "experts_per_token",
     "outage_rate",
     "violation_rate",
     "drop_rate",
@@ -34,7 +37,7 @@ RESULT_COLUMNS = (
     "draws",
     "inputs",
 )
-_MEAN_OVER_DRAWS = ("experts_per_input", "outage_rate", "violation_rate", "drop_rate", "certified_rate", "nodes", "loss")
+_MEAN_OVER_DRAWS = ("energy_per_token_uj", "experts_per_token", "outage_rate", "violation_rate", "drop_rate", "certified_rate", "nodes", "loss")
 # Policies that solve an optimisation problem and can certify optimality.
 _CERTIFYING = ("des", "jesa", "optimal")
 
@@ -82,7 +85,7 @@ def results_csv(rows: list[dict[str, Any]]) -> str:
 
 def results_markdown(rows: list[dict[str, Any]]) -> str:
     """A markdown table: accuracy and energy as mean ± std over channel draws."""
-    header = ("policy", "gamma", "accuracy", "energy (uJ/input)", "experts/input", "outage", "violation", "drop", "certified")
+    header = ("policy", "gamma", "accuracy", "energy (uJ/image)", "experts/token", "outage", "violation", "drop", "certified")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
         name = row["policy"].split("@")[0]
@@ -91,7 +94,7 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
             row["gamma"] or "-",
             f"{row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f}",
             f"{row['energy_uj_mean']:.2f} ± {row['energy_uj_std']:.2f}",
-            f"{row['experts_per_input']:.2f}",
+            f"{row['experts_per_token']:.2f}",
             f"{row['outage_rate']:.2%}",
             f"{row['violation_rate']:.2%}",
             f"{row['drop_rate']:.2%}",
@@ -176,7 +179,10 @@ def log_scalars(writer, prefix: str, metrics: dict[str, Any], step: int) -> None
     for name, value in metrics.items():
         if isinstance(value, (list, tuple)):
             for index, item in enumerate(value):
-                writer.add_scalar(f"{prefix}/{name}_{index}", float(item), step)
+                if isinstance(item, dict):  # per-layer metrics
+                    log_scalars(writer, f"{prefix}/{name}_{index}", item, step)
+                else:
+                    writer.add_scalar(f"{prefix}/{name}_{index}", float(item), step)
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             writer.add_scalar(f"{prefix}/{name}", float(value), step)
 
@@ -206,6 +212,6 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     if val:
         parts.append(f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} energy {val['energy_uj']:.2f} uJ")
     if router:
-        parts.append(f"train experts/input {router['experts_per_input']:.2f} outage {router['outage_rate']:.2%}")
+        parts.append(f"train experts/token {router['experts_per_token']:.2f} outage {router['outage_rate']:.2%}")
     parts.append(f"{record['epoch_time_s']:.1f} s")
     return " | ".join(parts)

@@ -119,8 +119,8 @@ class EpochProgress:
     def from_state_dict(cls, state: dict[str, Any]) -> "EpochProgress":
         return cls(**state)
 
-    def summary(self) -> dict[str, Any]:
-        """Epoch means: loss, accuracy and the combined router metrics."""
+    def summary(self, tokens_per_input: int = 1) -> dict[str, Any]:
+        """Epoch means: loss, accuracy and the combined router metrics (see combine_layers)."""
         averagers = [MetricAverager() for _ in self.batch_metrics[0]] if self.batch_metrics else []
         for step_metrics in self.batch_metrics:
             for averager, metrics in zip(averagers, step_metrics):
@@ -128,7 +128,7 @@ class EpochProgress:
         n = max(self.inputs, 1)
         result = {"loss": self.loss_sum / n, "accuracy": self.correct / n, "steps": self.steps}
         if averagers:
-            result["router"] = combine_layers([a.compute() for a in averagers])
+            result["router"] = combine_layers([a.compute() for a in averagers], tokens_per_input)
         return result
 
 
@@ -159,7 +159,7 @@ def train_one_epoch(
     model.train()
     num_layers = len(specs)
     for images, labels, sample_ids in batches:
-        costs = layer_costs(channel, sample_ids, num_layers, stream)
+        costs = layer_costs(channel, sample_ids, num_layers, stream, model.tokens_per_input)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         output = model(images, costs, specs, generator=generator)
         loss = F.cross_entropy(output.logits, labels) + aux_loss_coef * output.aux_loss
@@ -355,7 +355,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                     return _interrupted(stop, ckpt_path, epoch, progress.steps)
                 step_logger.flush(progress)
 
-                train_summary = progress.summary()
+                train_summary = progress.summary(model.tokens_per_input)
                 val_metrics = evaluate_with_bar(
                     model, val_loader, desc="validation", show=show, seed=seed, stream=VAL_STREAM,
                     channel=channel, specs=eval_specs, device=device,

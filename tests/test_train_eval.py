@@ -115,7 +115,7 @@ def test_train_writes_checkpoint_config_metrics_and_tensorboard(trained):
     tags = set(accumulator.Tags()["scalars"])
     expected = {
         "train/loss", "train/accuracy", "train/lr", "val/loss", "val/accuracy", "router/energy_uj",
-        "router/experts_per_input", "router/outage_rate", "router/violation_rate", "router/drop_rate",
+        "router/experts_per_token", "router/outage_rate", "router/violation_rate", "router/drop_rate",
         "router/gate_entropy", *(f"router/utilisation_{k}" for k in range(4)),
     }
     assert expected <= tags, expected - tags
@@ -137,7 +137,7 @@ def test_evaluate_writes_table_csv_and_plot(evaluated):
     dense_energy = float(by_setting[("dense", "")]["energy_uj_mean"])
     assert float(by_setting[("des", "0.3")]["energy_uj_mean"]) <= dense_energy
     assert float(by_setting[("jesa", "0.3")]["energy_uj_mean"]) <= float(by_setting[("des", "0.3")]["energy_uj_mean"]) + 1e-9
-    assert float(by_setting[("topk@2", "")]["experts_per_input"]) <= 2.0
+    assert float(by_setting[("topk@2", "")]["experts_per_token"]) <= 2.0
 
     table = (run_dir / "results.md").read_text()
     assert table.count("\n| des | 0.3 |") == 1 and "| jesa | 0.9 |" in table

@@ -74,6 +74,7 @@ class DMoEClassifier(nn.Module):
             raise ValueError(f"model.image_size must be >= 4 (two 2x poolings), got {image_size}")
         self.num_experts = num_experts
         self.num_moe_layers = num_moe_layers
+        self.tokens_per_input = 1  # one routed input (frame) per image
         reduced = image_size // 4
         self.stem = nn.Sequential(
             _conv_block(in_channels, 32),

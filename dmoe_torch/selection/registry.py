@@ -16,11 +16,13 @@ from __future__ import annotations
 import torch
 
 from . import baselines
-from .common import Selection, validate_inputs
+from .common import Selection, empty_selection, validate_inputs
 from .des import des_validated
 from .jesa import jesa_validated
 
-POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal")
+# "none" bypasses every expert (the residual passes through, no transmission): the floor of
+# an accuracy-vs-energy curve.
+POLICIES = ("none", "topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal")
 STATIC_POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des")
 # Policies whose cardinality is the fixed `k` (the others use gamma, k_min, k_max or take all).
 FIXED_K_POLICIES = ("topk", "channel_topk", "random_topk")
@@ -60,6 +62,10 @@ def route(
         k = baselines.check_k(k, s.shape[1])
     failure_energy = baselines.check_failure_energy(failure_energy)
 
+    if policy == "none":
+        selection = empty_selection(*s.shape)
+        selection.dropped.fill_(True)
+        return selection
     if policy == "topk":
         return baselines.topk_validated(s, c, k, failure_energy)
     if policy == "channel_topk":

@@ -1,0 +1,184 @@
+"""V-MoE-style vision transformer whose MoE feed-forward blocks route every patch token.
+
+image [B, C, H, W] -> (optional conv stem) -> patch embedding [B, T, d] + learned positions
+(+ optional class token) -> ``depth`` pre-LayerNorm transformer blocks -> LayerNorm ->
+mean over tokens (or the class token) -> linear head.
+
+Every ``moe_every``-th block (blocks moe_every-1, 2 moe_every-1, ... counted from 0; V-MoE's
+"every 2" puts MoE in blocks 1, 3, 5 of a depth-6 model) replaces its MLP by a
+:class:`~dmoe_torch.moe.MoELayer` of K experts; the other blocks keep a dense MLP (the same
+pre-LayerNorm MLP as an expert).  Every token of every image is one input of the DMoE
+protocol: an MoE block routes all B*T tokens of the batch in one call, each on its own
+channel draw (frame id ``sample_id * T + token``, see ``tokens_per_input``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..moe import Expert, MoELayer, RouterSpec
+from .cnn import ModelOutput
+
+__all__ = ["VMoEClassifier", "STEMS"]
+
+STEMS = ("conv", "linear")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (fused scaled-dot-product kernel).  x [B, T, d] -> [B, T, d]."""
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, T, d))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then the MLP part.
+
+    The MLP part is residual in both kinds of block: ``x + f(x)`` with f a pre-LayerNorm MLP
+    (:class:`~dmoe_torch.moe.Expert`) for dense blocks, and ``x + sum_k w_k f_k(x)`` over the
+    routed experts for MoE blocks (the residual is added inside :class:`MoELayer`).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, hidden_mult: int, num_experts: int | None) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, num_heads)
+        self.moe = MoELayer(d_model, num_experts, hidden_mult) if num_experts else None
+        self.mlp = None if num_experts else Expert(d_model, hidden_mult)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm(x))
+        if self.mlp is not None:
+            x = x + self.mlp(x)
+        return x
+
+
+def _check_positive_int(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+
+
+class VMoEClassifier(nn.Module):
+    """Token-level DMoE classifier.
+
+    in_channels, num_classes, image_size  from the dataset (image_size: H = W)
+    d_model      token width (the hidden state sent to an expert)
+    num_experts  K experts per MoE block (device k hosts expert k of every block)
+    depth        transformer blocks
+    moe_every    every moe_every-th block is an MoE block (depth // moe_every of them)
+    num_heads    attention heads (must divide d_model)
+    patch_size   P: tokens = (image_size / P)^2 (+1 with a class token)
+    hidden_mult  MLP / expert hidden width = hidden_mult * d_model
+    class_token  prepend a learned class token and classify from it (else: mean of the tokens)
+    stem         "conv": a 3x3 conv-BN-GELU layer (d_model / 2 channels) before the patch
+                 embedding; "linear": patch embedding of the raw pixels only
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        d_model: int = 64,
+        num_experts: int = 8,
+        depth: int = 4,
+        moe_every: int = 2,
+        num_heads: int = 4,
+        patch_size: int = 4,
+        hidden_mult: int = 2,
+        class_token: bool = False,
+        stem: str = "conv",
+    ) -> None:
+        super().__init__()
+        for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
+                           ("model.image_size", image_size), ("model.d_model", d_model),
+                           ("model.num_experts", num_experts), ("model.depth", depth),
+                           ("model.moe_every", moe_every), ("model.num_heads", num_heads),
+                           ("model.patch_size", patch_size), ("model.hidden_mult", hidden_mult)):
+            _check_positive_int(key, value)
+        if image_size % patch_size:
+            raise ValueError(f"model.patch_size={patch_size} must divide the image size {image_size}")
+        if moe_every > depth:
+            raise ValueError(f"model.moe_every={moe_every} must be <= model.depth={depth} (else no block is an MoE block)")
+        if d_model % num_heads:
+            raise ValueError(f"model.d_model={d_model} must be divisible by model.num_heads={num_heads}")
+        if stem not in STEMS:
+            raise ValueError(f"model.stem={stem!r} must be one of {', '.join(STEMS)}")
+        self.num_experts = num_experts
+        self.moe_block_ids = [i for i in range(depth) if (i + 1) % moe_every == 0]
+        self.num_moe_layers = len(self.moe_block_ids)
+        num_patches = (image_size // patch_size) ** 2
+        self.tokens_per_input = num_patches + int(class_token)
+
+        if stem == "conv":
+            width = max(d_model // 2, 8)
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.GELU(),
+            )
+        else:
+            width = in_channels
+            self.stem = nn.Identity()
+        self.patch_embed = nn.Conv2d(width, d_model, kernel_size=patch_size, stride=patch_size)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, d_model)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.randn(1, self.tokens_per_input, d_model) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(d_model, num_heads, hidden_mult, num_experts if i in self.moe_block_ids else None)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [self.blocks[i].moe for i in self.moe_block_ids]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        costs: list[torch.Tensor],
+        specs: list[RouterSpec],
+        generator: torch.Generator | None = None,
+    ) -> ModelOutput:
+        """x [B, C, H, W]; costs: one float64 CPU tensor [B*T, K, N] per MoE block (J, +inf =
+        outage), row b*T + t for token t of image b; specs: one RouterSpec per MoE block.
+        Selections in the output have B*T rows in the same order."""
+        L = self.num_moe_layers
+        if len(costs) != L or len(specs) != L:
+            raise ValueError(f"costs and specs must hold one entry per MoE block ({L}), got {len(costs)} and {len(specs)}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be an image batch [B, C, H, W], got {tuple(x.shape)}")
+        tokens = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)  # [B, T, d]
+        if self.class_token is not None:
+            tokens = torch.cat([self.class_token.expand(len(x), -1, -1), tokens], dim=1)
+        h = tokens + self.pos_embed
+        B, T, d = h.shape
+        aux_losses, layer_metrics, selections = [], [], []
+        moe_index = 0
+        for block in self.blocks:
+            h = block(h)
+            if block.moe is not None:
+                result = block.moe(h.reshape(B * T, d), costs[moe_index], specs[moe_index], generator=generator)
+                h = result.out.view(B, T, d)
+                aux_losses.append(result.aux_loss)
+                layer_metrics.append(result.metrics)
+                selections.append(result.selection)
+                moe_index += 1
+        h = self.norm(h)
+        pooled = h[:, 0] if self.class_token is not None else h.mean(1)
+        return ModelOutput(
+            logits=self.head(pooled),
+            aux_loss=torch.stack(aux_losses).mean(),
+            layer_metrics=layer_metrics,
+            selections=selections,
+        )
