@@ -243,13 +243,19 @@ class MoELayer(nn.Module):
             rows = routed[:, 1].to(h.device)
             counts = effective_cpu.sum(0).tolist()
             groups = h.index_select(0, rows).split(counts)
-            expert_out = torch.cat([self.experts[k](group) for k, group in enumerate(groups) if counts[k]])
+            expert_out = torch.cat(self.run_experts(counts, groups))
             slot_weights = weights[rows, experts_of_slot].unsqueeze(1).to(expert_out.dtype)
             out = h.index_add(0, rows, (expert_out * slot_weights).to(h.dtype))
 
         aux_loss = load_balancing_loss(scores, selection.mask.to(h.device))
         metrics = self._metrics(scores.detach(), selection, effective_cpu)
         return MoEOutput(out=out, aux_loss=aux_loss, metrics=metrics, selection=selection)
+
+    def run_experts(self, counts: list[int], groups: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """Run expert k on ``groups[k]`` ([counts[k], d], the rows routed to k); return the
+        outputs of the non-empty groups in expert order.  A runtime (``dmoe_torch.runtime``)
+        replaces this per layer, as an instance attribute, to run the experts elsewhere."""
+        return [self.experts[k](group) for k, group in enumerate(groups) if counts[k]]
 
     @staticmethod
     def _metrics(scores: torch.Tensor, selection: Selection, effective: torch.Tensor) -> dict[str, torch.Tensor]:
