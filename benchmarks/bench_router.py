@@ -1,9 +1,13 @@
-"""Router overhead: one training step of the default model with des / jesa routing vs topk.
+"""Router overhead: one training step with des / jesa routing vs topk.
 
-Issue 4 target: a step (batch 256, K = 8 experts, two MoE layers) with des or jesa routing
-takes at most 1.15x the step with topk.  Also reports the routing call alone per layer.
+Target: a training step of the token model (batch 256 images, 49 tokens each, so about
+12.5k routed rows per MoE block, K = 8 experts) routed by des or jesa takes at most 1.25x the
+top-2 step.  The step includes the channel draw of every MoE layer.  With ``--ckpt`` the
+model (and so its gate's scores) comes from a trained checkpoint: an untrained gate's
+near-uniform scores need many experts to reach gamma, a trained one's do not.
 
-    python benchmarks/bench_router.py [--batch 256] [--steps 30] [--threads 2] [--device cpu]
+    python benchmarks/bench_router.py [--model vmoe|cnn] [--ckpt outputs/default/checkpoint.pt]
+        [--batch 256] [--steps 20] [--threads 2] [--device cpu]
 
 Prints a table with ratios vs topk and writes benchmarks/results/router.json.
 """
@@ -20,7 +24,9 @@ from pathlib import Path
 import torch
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
+from dmoe_torch.evaluation import layer_costs
 from dmoe_torch.models import DMoEClassifier
+from dmoe_torch.models.vmoe import VMoEClassifier
 from dmoe_torch.moe import RouterSpec
 from dmoe_torch.selection import route
 
@@ -38,23 +44,52 @@ POLICIES = [
 ]
 
 
-def time_training_steps(policy: str, params: dict, args, channel: WirelessChannel) -> tuple[list[float], list[float], list[float]]:
-    """Per timed step: step seconds, routing seconds (both layers), experts per input."""
+def build(args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The model (trained weights with --ckpt) and a batch: real test images with --ckpt."""
     torch.manual_seed(0)
+    if args.ckpt:
+        from omegaconf import OmegaConf
+
+        from dmoe_torch.checkpoint import load_checkpoint
+        from dmoe_torch.config import build_model
+        from dmoe_torch.data import build_datasets
+
+        checkpoint = load_checkpoint(args.ckpt)
+        cfg = OmegaConf.create(checkpoint["config"])
+        _, _, test_ds, info = build_datasets(cfg.data.name, "data", val_size=0, seed=0, limit_test=args.batch)
+        model = build_model(cfg, info)
+        model.load_state_dict(checkpoint["model"])
+        x, y, _ = next(iter(torch.utils.data.DataLoader(test_ds, batch_size=args.batch)))
+        return model, x, y
+    if args.model == "vmoe":
+        model = VMoEClassifier(1, 10, 28, d_model=64, num_experts=8, depth=4, moe_every=2, patch_size=4)
+    else:
+        model = DMoEClassifier(1, 10, 28, d_model=128, num_experts=8, num_moe_layers=2)
+    return model, torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
+
+
+def time_training_steps(policy: str, params: dict, args, channel: WirelessChannel) -> tuple[list[float], list[float], list[float]]:
+    """Per timed step: step seconds (channel draw included), routing seconds (all MoE
+    layers), experts per token (mean over layers)."""
     device = torch.device(args.device)
-    model = DMoEClassifier(1, 10, 28, d_model=128, num_experts=8, num_moe_layers=2).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, x, y = build(args)
+    model.to(device)
+    x, y = x.to(device), y.to(device)
+    L, T = model.num_moe_layers, model.tokens_per_input
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)  # small steps: the gate stays as trained
     spec = RouterSpec(policy=policy, failure_energy=channel.failure_energy_j, **params)
-    specs = [spec, spec]
-    x = torch.randn(args.batch, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
+    specs = [spec] * L
+    gate_scores: list[torch.Tensor] = []
+    for layer in model.moe_layers:
+        layer.gate.register_forward_hook(
+            lambda module, inputs, logits: gate_scores.append(torch.softmax(logits.detach().float(), 1).cpu()))
     step_times, route_times, experts = [], [], []
     for step in range(args.warmup + args.steps):
         ids = torch.arange(step * args.batch, (step + 1) * args.batch)
-        costs = [channel.costs(ids, layer, stream=0) for layer in range(2)]
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
+        costs = layer_costs(channel, ids, L, 0, T)
         out = model(x, costs, specs)
         loss = torch.nn.functional.cross_entropy(out.logits, y) + 0.01 * out.aux_loss
         optimizer.zero_grad(set_to_none=True)
@@ -64,30 +99,36 @@ def time_training_steps(policy: str, params: dict, args, channel: WirelessChanne
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         # The routing call alone, on the same scores and costs (outside the timed step).
+        # The routing calls alone, on this step's gate scores (outside the timed step).
         with torch.no_grad():
-            scores = torch.softmax(torch.randn(args.batch, 8), dim=1)
             start = time.perf_counter()
-            for layer_costs in costs:
-                route(policy, scores, layer_costs, failure_energy=channel.failure_energy_j, **params)
+            for scores, layer_cost in zip(gate_scores, costs):
+                route(policy, scores, layer_cost, failure_energy=channel.failure_energy_j, **params)
             routing = time.perf_counter() - start
+        gate_scores.clear()
         if step >= args.warmup:
             step_times.append(elapsed)
             route_times.append(routing)
-            experts.append(sum(float(m["experts_per_input"]) for m in out.layer_metrics) / 2)
+            experts.append(sum(float(m["experts_per_input"]) for m in out.layer_metrics) / L)
     return step_times, route_times, experts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--model", choices=("vmoe", "cnn"), default="vmoe", help="untrained architecture (without --ckpt)")
+    parser.add_argument("--ckpt", default=None, help="a trained checkpoint.pt: its model, gate and real test images")
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/router.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    channel = WirelessChannel(ChannelConfig(), num_devices=8, d_model=128, seed=0)
+    probe, _, _ = build(args)
+    d_model = probe.moe_layers[0].d_model
+    channel = WirelessChannel(ChannelConfig(), num_devices=8, d_model=d_model, seed=0)
+    what = f"checkpoint {args.ckpt}" if args.ckpt else f"untrained {args.model}"
 
     rows = []
     # Interleave repetitions so drifting machine load affects every policy alike.
@@ -97,8 +138,10 @@ def main() -> None:
             for store, values in zip(samples[label], time_training_steps(policy, params, args, channel)):
                 store.extend(values)
     base = statistics.median(samples["topk"][0])
-    print(f"training step, batch {args.batch}, K=8, 2 MoE layers, {args.threads} threads, {args.device}")
-    print(f"{'policy':<9} {'step ms':>9} {'vs topk':>8} {'route ms/step':>14} {'experts/input':>14}")
+    rows_per_layer = args.batch * probe.tokens_per_input
+    print(f"training step of {what}: batch {args.batch} images = {rows_per_layer} routed rows per MoE layer, "
+          f"{probe.num_moe_layers} MoE layers, K=8, {args.threads} threads, {args.device}")
+    print(f"{'policy':<9} {'step ms':>9} {'vs topk':>8} {'route ms/step':>14} {'experts/token':>14}")
     for label, policy, params in POLICIES:
         step_ms = statistics.median(samples[label][0]) * 1e3
         route_ms = statistics.median(samples[label][1]) * 1e3
@@ -106,12 +149,13 @@ def main() -> None:
         ratio = step_ms / (base * 1e3)
         print(f"{label:<9} {step_ms:9.1f} {ratio:8.3f} {route_ms:14.2f} {experts:14.2f}")
         rows.append(dict(label=label, policy=policy, params=params, step_ms=step_ms, ratio_vs_topk=ratio,
-                         route_ms_per_step=route_ms, experts_per_input=experts))
+                         route_ms_per_step=route_ms, experts_per_token=experts))
     result = dict(
         benchmark="router_overhead",
         machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
                      torch=torch.__version__, device=args.device, threads=args.threads),
-        batch=args.batch, steps=args.steps * 2, rows=rows,
+        model=what, batch=args.batch, rows_per_layer=rows_per_layer, moe_layers=probe.num_moe_layers,
+        steps=args.steps * 2, rows=rows,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
