@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from .config import ConfigError
 from .utils import atomic_torch_save
 
+CHECKPOINT_NAME = "checkpoint.pt"  # in a run directory
 CHECKPOINT_FORMAT = "dmoe-torch-checkpoint"
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "config", "metrics", "rng")
@@ -81,18 +81,45 @@ def save_checkpoint(path: str | os.PathLike, **fields: Any) -> Path:
     return atomic_torch_save(payload, path)
 
 
+def checkpoint_file(path: str | os.PathLike, *, key: str = "ckpt") -> Path:
+    """``path`` itself, or ``<path>/checkpoint.pt`` when ``path`` is a run directory; a
+    ConfigError when neither exists."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / CHECKPOINT_NAME).is_file():
+            return path / CHECKPOINT_NAME
+        raise ConfigError(f"{key}={str(path)!r}: a directory without {CHECKPOINT_NAME}; pass a run directory of "
+                          f"train.py or its {CHECKPOINT_NAME}")
+    if not path.is_file():
+        raise ConfigError(f"{key}={str(path)!r}: no such file or directory; pass a run directory of train.py or its "
+                          f"{CHECKPOINT_NAME}")
+    return path
+
+
+# torch.save writes a zip archive; anything else (a YAML, JSON or PNG file, text) is not a checkpoint.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
 def load_checkpoint(path: str | os.PathLike, *, key: str = "ckpt", map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a checkpoint; a missing, unreadable or foreign file raises ConfigError.
+    """Load and check a checkpoint (a file, or a run directory holding checkpoint.pt); a
+    missing, unreadable or foreign file raises ConfigError.
 
     ``key`` is the config key that named the file (``ckpt`` or ``resume``), for the message.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}={str(path)!r}: no such file; pass the checkpoint.pt written by train.py")
+    path = checkpoint_file(path, key=key)
+    not_checkpoint = f"{key}={str(path)!r}: not a dmoe-torch checkpoint"
+    with open(path, "rb") as handle:
+        magic = handle.read(len(_ZIP_MAGIC))
+    if magic != _ZIP_MAGIC:
+        raise ConfigError(f"{not_checkpoint} (not a file written by torch.save); pass a run directory of train.py or "
+                          f"its {CHECKPOINT_NAME}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except pickle.UnpicklingError:
+        # weights_only refuses pickled Python objects: a torch file, but not one of ours.
+        raise ConfigError(f"{not_checkpoint} (a torch file holding Python objects, which are never unpickled)") from None
+    except Exception as exc:  # a truncated or damaged archive: RuntimeError, EOFError, KeyError, ...
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{key}={str(path)!r}: not a readable checkpoint (corrupt or truncated file: {reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{key}={str(path)!r}: not a dmoe-torch checkpoint (no '{CHECKPOINT_FORMAT}' marker)")

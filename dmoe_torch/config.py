@@ -2,7 +2,10 @@
 
 Every check runs before any work (data loading, model building, training) and reports a bad
 value as a :class:`ConfigError` with one line that names the key, the value and what is
-allowed.  The entry points print that line and exit with status 2 (see :func:`report_errors`).
+allowed.  Every section accepts only its own keys (:func:`check_keys`), so a typo or a
+``+key=value`` addition fails too.  The entry points print that line and exit with status 2
+(see :func:`run_entry_point`), and validate before Hydra creates the run directory
+(:class:`ValidateFirst`).
 
 Evaluation policy syntax (``eval.policies``): ``NAME`` or ``NAME@K``.
 
@@ -14,17 +17,24 @@ Evaluation policy syntax (``eval.policies``): ``NAME`` or ``NAME@K``.
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import math
 import os
+import re
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from hydra.errors import HydraException, MissingConfigException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
-from .data import DATASETS
+from .data import DATASET_IMAGE_SIZES, DATASET_TRAIN_SIZES, DATASETS
+from .models.vmoe import STEMS
 from .selection.registry import FIXED_K_POLICIES, POLICIES, STATIC_POLICIES
 
 # Policies with a relevance target gamma and cardinality bounds k_min..k_max.
@@ -128,6 +138,56 @@ def _range_text(minimum: int | None, maximum: int | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Strict keys: each section of train.yaml / evaluate.yaml accepts only these (model.* is checked
+# per architecture in validate_model, channel.* against ChannelConfig's fields).
+
+TRAIN_TOP_KEYS = ("seed", "device", "progress", "resume", "resume_force", "data", "model", "channel", "router",
+                  "eval_router", "train", "runtime")
+TRAIN_DATA_KEYS = ("name", "root", "batch_size", "val_size", "limit_train", "limit_test", "num_workers", "augment")
+ROUTER_KEYS = ("policy", "k", "gamma", "k_min", "k_max")
+TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "grad_clip", "log_every",
+              "stop_after_epochs")
+EVAL_TOP_KEYS = ("ckpt", "seed", "device", "progress", "data", "eval", "runtime", "channel")
+EVAL_DATA_KEYS = ("root", "batch_size", "limit_test", "num_workers")
+EVAL_KEYS = ("policies", "gammas", "k_min", "k_max", "channel_draws")
+
+
+def check_keys(section: Mapping, prefix: str, allowed: Iterable[str]) -> None:
+    """Raise ConfigError for the first key of ``section`` that is not in ``allowed``.
+
+    ``prefix`` is the section's dotted path ("" for the top level).  The one-line message
+    names the key, the closest allowed key and every allowed one.
+    """
+    allowed = tuple(allowed)
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{prefix}={_fmt(section)}: must be a mapping with the keys {', '.join(allowed)}")
+    for name in section:
+        if name not in allowed:
+            raise ConfigError(unknown_key_message(f"{prefix}.{name}" if prefix else str(name), allowed))
+
+
+def unknown_key_message(key: str, allowed: Iterable[str]) -> str:
+    allowed = tuple(allowed)
+    close = difflib.get_close_matches(key.rpartition(".")[2], allowed, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{key}: unknown key{hint}; allowed: {', '.join(allowed)}"
+
+
+def allowed_keys(config_name: str, prefix: str) -> tuple[str, ...] | None:
+    """The keys section ``prefix`` of ``config_name`` (train / evaluate) accepts; None when
+    they depend on other values (model.*)."""
+    if config_name == "evaluate" and prefix != "channel":
+        return {"": EVAL_TOP_KEYS, "data": EVAL_DATA_KEYS, "eval": EVAL_KEYS}.get(prefix)
+    if prefix == "channel":
+        from .channel import ChannelConfig
+
+        return tuple(f.name for f in fields(ChannelConfig))
+    table = {"": TRAIN_TOP_KEYS, "data": TRAIN_DATA_KEYS, "router": ROUTER_KEYS, "eval_router": ROUTER_KEYS,
+             "train": TRAIN_KEYS}
+    return table.get(prefix)
+
+
+# ---------------------------------------------------------------------------------------------
 # Sections
 
 
@@ -152,15 +212,34 @@ def validate_device(cfg: DictConfig, key: str = "device") -> str:
 
 
 def validate_data(cfg: DictConfig, *, training: bool) -> None:
-    get_str(cfg, "data.name", choices=DATASETS)
-    get_str(cfg, "data.root")
+    """``data.*`` of train.yaml (``training``) or evaluate.yaml."""
+    check_keys(_get(cfg, "data"), "data", TRAIN_DATA_KEYS if training else EVAL_DATA_KEYS)
+    name = get_str(cfg, "data.name", choices=DATASETS) if training else None
+    validate_data_root(cfg)
     get_int(cfg, "data.batch_size", minimum=1)
     get_int(cfg, "data.num_workers", minimum=0)
     get_int(cfg, "data.limit_test", minimum=1, optional=True)
     if training:
-        get_int(cfg, "data.limit_train", minimum=1, optional=True)
-        get_int(cfg, "data.val_size", minimum=0)
+        limit_train = get_int(cfg, "data.limit_train", minimum=1, optional=True)
+        val_size = get_int(cfg, "data.val_size", minimum=0)
+        available = DATASET_TRAIN_SIZES[name]
+        # With data.limit_train the validation set is capped at limit_train // 5 (build_datasets).
+        if limit_train is None and val_size >= available:
+            raise ConfigError(f"data.val_size={val_size}: must be smaller than the {available} training images of "
+                              f"data.name={name}")
         get_bool(cfg, "data.augment")
+
+
+def validate_data_root(cfg: DictConfig) -> str:
+    """``data.root`` must be an existing directory, except the default ``data`` (created on
+    first use): a mistyped path then fails here instead of receiving a fresh copy of the data."""
+    value = get_str(cfg, "data.root")
+    path = data_root(cfg)
+    if os.path.isdir(path) or (value == DEFAULT_DATA_ROOT and not os.path.exists(path)):
+        return path
+    what = "not a directory" if os.path.exists(path) else "no such directory"
+    raise ConfigError(f"data.root={value!r}: {what} ({path}); create it first (only the default "
+                      f"data.root={DEFAULT_DATA_ROOT} is created on first use)")
 
 
 @dataclass(frozen=True)
@@ -171,13 +250,51 @@ class ModelShape:
     hidden_mult: int
 
 
+# The keys of each model (config group `model`); `name` picks the architecture.
+MODEL_KEYS = {
+    "cnn": ("name", "d_model", "num_experts", "num_moe_layers", "hidden_mult"),
+    "vmoe": ("name", "d_model", "num_experts", "depth", "moe_every", "num_heads", "patch_size",
+             "hidden_mult", "class_token", "stem"),
+}
+
+
+def model_name(cfg: DictConfig) -> str:
+    """``model.name``; checkpoints written before the token model have none and are ``cnn``."""
+    if OmegaConf.select(cfg, "model.name", default=None) is None:
+        return "cnn"
+    return get_str(cfg, "model.name", choices=tuple(MODEL_KEYS))
+
+
 def validate_model(cfg: DictConfig) -> ModelShape:
-    return ModelShape(
-        num_experts=get_int(cfg, "model.num_experts", minimum=1),
-        num_moe_layers=get_int(cfg, "model.num_moe_layers", minimum=1),
-        d_model=get_int(cfg, "model.d_model", minimum=1),
-        hidden_mult=get_int(cfg, "model.hidden_mult", minimum=1),
-    )
+    """Check ``model.*`` (strict keys) against the architecture and the dataset's image size."""
+    name = model_name(cfg)
+    section = _get(cfg, "model")
+    allowed = MODEL_KEYS[name]
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"model.{key}: unknown key for model.name={name}; allowed: {', '.join(allowed)}")
+    num_experts = get_int(cfg, "model.num_experts", minimum=1)
+    d_model = get_int(cfg, "model.d_model", minimum=1)
+    hidden_mult = get_int(cfg, "model.hidden_mult", minimum=1)
+    if name == "cnn":
+        num_moe_layers = get_int(cfg, "model.num_moe_layers", minimum=1)
+    else:
+        depth = get_int(cfg, "model.depth", minimum=1)
+        moe_every = get_int(cfg, "model.moe_every", minimum=1, maximum=depth,
+                            why=f"at most model.depth={depth}, else no block is an MoE block")
+        num_heads = get_int(cfg, "model.num_heads", minimum=1)
+        if d_model % num_heads:
+            raise ConfigError(f"model.num_heads={num_heads}: must divide model.d_model={d_model}")
+        patch_size = get_int(cfg, "model.patch_size", minimum=1)
+        image_size = DATASET_IMAGE_SIZES.get(OmegaConf.select(cfg, "data.name", default=None))
+        if image_size is not None and image_size % patch_size:
+            divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
+            raise ConfigError(f"model.patch_size={patch_size}: must divide the image size {image_size} "
+                              f"of data.name={cfg.data.name} (one of {', '.join(map(str, divisors))})")
+        get_bool(cfg, "model.class_token")
+        get_str(cfg, "model.stem", choices=STEMS)
+        num_moe_layers = depth // moe_every
+    return ModelShape(num_experts=num_experts, num_moe_layers=num_moe_layers, d_model=d_model, hidden_mult=hidden_mult)
 
 
 def channel_config(cfg: DictConfig):
@@ -187,10 +304,7 @@ def channel_config(cfg: DictConfig):
     section = _get(cfg, "channel")
     if not isinstance(section, dict):
         raise ConfigError(f"channel={_fmt(section)}: must be a mapping of ChannelConfig fields")
-    known = [f.name for f in fields(ChannelConfig)]
-    for name in section:
-        if name not in known:
-            raise ConfigError(f"channel.{name}: unknown key; allowed: {', '.join(known)}")
+    check_keys(section, "channel", [f.name for f in fields(ChannelConfig)])
     try:
         return ChannelConfig(**section).validate(prefix="channel")
     except (ValueError, TypeError) as exc:
@@ -216,6 +330,7 @@ def validate_gamma(value: Any, key: str, num_layers: int) -> float | list[float]
 
 def validate_router(cfg: DictConfig, prefix: str, shape: ModelShape, num_subcarriers: int) -> dict[str, Any]:
     """Check ``<prefix>.{policy,k,gamma,k_min,k_max}`` against the model and the channel."""
+    check_keys(_get(cfg, prefix), prefix, ROUTER_KEYS)
     K = shape.num_experts
     policy = get_str(cfg, f"{prefix}.policy", choices=POLICIES)
     k = get_int(cfg, f"{prefix}.k", minimum=1, maximum=K, why=f"at most model.num_experts={K}")
@@ -240,6 +355,8 @@ def _check_policy_fits_channel(policy: str, key: str, num_experts: int, num_subc
 
 def validate_train_config(cfg: DictConfig) -> None:
     """Validate the whole train.yaml config; raises ConfigError on the first bad value."""
+    check_keys(cfg, "", TRAIN_TOP_KEYS)
+    _validate_runtime(cfg)
     get_int(cfg, "seed", minimum=0)
     validate_device(cfg)
     get_bool(cfg, "progress")
@@ -248,6 +365,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     channel = channel_config(cfg)
     validate_router(cfg, "router", shape, channel.num_subcarriers)
     validate_router(cfg, "eval_router", shape, channel.num_subcarriers)
+    check_keys(_get(cfg, "train"), "train", TRAIN_KEYS)
     get_int(cfg, "train.epochs", minimum=1)
     get_float(cfg, "train.lr", exclusive_minimum=0.0)
     get_float(cfg, "train.weight_decay", minimum=0.0)
@@ -256,9 +374,17 @@ def validate_train_config(cfg: DictConfig) -> None:
     get_int(cfg, "train.warmup_steps", minimum=0)
     get_int(cfg, "train.log_every", minimum=1)
     get_int(cfg, "train.stop_after_epochs", minimum=1, optional=True)
-    resume = get_str(cfg, "resume", optional=True)
-    if resume is not None and not os.path.isfile(resume_path(cfg)):
-        raise ConfigError(f"resume={resume!r}: no such file; pass the checkpoint.pt of an earlier run")
+    get_bool(cfg, "resume_force")
+    if get_str(cfg, "resume", optional=True) is not None:
+        from .checkpoint import checkpoint_file
+
+        checkpoint_file(resume_path(cfg), key="resume")
+
+
+def _validate_runtime(cfg: DictConfig) -> None:
+    from .runtime import runtime_settings  # runtime.* (strict keys per runtime); imports this module
+
+    runtime_settings(cfg)
 
 
 def validate_checkpoint_config(cfg: DictConfig) -> None:
@@ -283,6 +409,9 @@ def _absolute(path: str) -> str:
     from hydra.utils import to_absolute_path
 
     return to_absolute_path(os.path.expanduser(path))
+
+
+DEFAULT_DATA_ROOT = "data"
 
 
 def data_root(cfg: DictConfig) -> str:
@@ -326,14 +455,16 @@ def parse_policy(text: Any, key: str, *, num_experts: int, default_k: int) -> tu
 
 def validate_eval_config(cfg: DictConfig) -> None:
     """Validate evaluate.yaml's own keys (the checkpoint is checked by :func:`eval_policies`)."""
+    check_keys(cfg, "", EVAL_TOP_KEYS)
+    _validate_runtime(cfg)
     get_str(cfg, "ckpt")
     get_int(cfg, "seed", minimum=0, optional=True)
     validate_device(cfg)
     get_bool(cfg, "progress")
-    get_str(cfg, "data.root")
-    get_int(cfg, "data.batch_size", minimum=1)
-    get_int(cfg, "data.num_workers", minimum=0)
-    get_int(cfg, "data.limit_test", minimum=1, optional=True)
+    validate_data(cfg, training=False)
+    if "channel" in cfg:  # evaluation-time changes of the checkpoint's channel; values are checked once merged
+        check_keys(_get(cfg, "channel") or {}, "channel", allowed_keys("train", "channel"))
+    check_keys(_get(cfg, "eval"), "eval", EVAL_KEYS)
     policies = _get(cfg, "eval.policies")
     if not isinstance(policies, list) or not policies:
         raise ConfigError(f"eval.policies={_fmt(policies)}: must be a non-empty list such as [topk@2, dense, des, jesa]")
@@ -347,8 +478,13 @@ def validate_eval_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.k_min={k_min}: must be <= eval.k_max={k_max}")
 
 
-def eval_policies(cfg: DictConfig, train_cfg: DictConfig) -> list[EvalPolicy]:
-    """Expand eval.policies x eval.gammas into settings, checked against the checkpoint's model."""
+def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | None = None) -> list[EvalPolicy]:
+    """Expand eval.policies x eval.gammas into settings, checked against the checkpoint's model.
+
+    A checkpoint with fewer subcarriers than experts cannot run the static subcarrier plan
+    (policies in STATIC_POLICIES): those entries are skipped, with a line appended to ``notes``
+    saying so; a ConfigError says what to pass when nothing is left.
+    """
     shape = validate_model(train_cfg)
     num_subcarriers = channel_config(train_cfg).num_subcarriers
     K, L = shape.num_experts, shape.num_moe_layers
@@ -357,14 +493,28 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig) -> list[EvalPolicy]:
     gammas = [validate_gamma(g, f"eval.gammas[{i}]", L) for i, g in enumerate(_get(cfg, "eval.gammas"))]
     default_k = int(train_cfg.router.k)
     settings: list[EvalPolicy] = []
+    skipped: list[str] = []
     for i, text in enumerate(_get(cfg, "eval.policies")):
         key = f"eval.policies[{i}]"
         name, k = parse_policy(text, key, num_experts=K, default_k=default_k)
-        _check_policy_fits_channel(name, key, K, num_subcarriers, k_min)
+        if name in STATIC_POLICIES and num_subcarriers < K:
+            skipped.append(text)
+            continue
+        if name in GAMMA_POLICIES and num_subcarriers < k_min:
+            raise ConfigError(f"eval.k_min={k_min}: {name} needs at least k_min subcarriers and the checkpoint's "
+                              f"channel has {num_subcarriers}; pass eval.k_min={num_subcarriers} or less")
         if name in GAMMA_POLICIES:
             settings.extend(EvalPolicy(name, None, gamma, k_min, k_max) for gamma in gammas)
         else:
             settings.append(EvalPolicy(name, k))
+    static_text = (f"the static subcarrier plan a(k) = k mod N needs at least as many subcarriers as experts and "
+                   f"the checkpoint has {num_subcarriers} subcarriers for {K} experts")
+    if skipped and not settings:
+        usable = [p for p in POLICIES if p not in STATIC_POLICIES and p != "none"]
+        raise ConfigError(f"eval.policies={_fmt(_get(cfg, 'eval.policies'))}: {static_text}; pass policies that "
+                          f"choose the subcarriers ({', '.join(usable)}), e.g. eval.policies=[{usable[0]}]")
+    if skipped and notes is not None:
+        notes.append(f"skipped {', '.join(skipped)}: {static_text}")
     labels = [(s.label, _fmt(s.gamma)) for s in settings]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
@@ -379,7 +529,7 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig) -> list[EvalPolicy]:
 def router_specs(cfg: DictConfig, prefix: str, failure_energy: float) -> list:
     """One ``RouterSpec`` per MoE layer from ``cfg.<prefix>`` (gamma may differ per layer)."""
     section = cfg[prefix]
-    num_layers = int(cfg.model.num_moe_layers)
+    num_layers = validate_model(cfg).num_moe_layers
     return setting_specs(
         EvalPolicy(section.policy, int(section.k), _plain(section.gamma), int(section.k_min), _plain(section.k_max)),
         num_layers,
@@ -412,17 +562,17 @@ def _plain(value: Any) -> Any:
 
 def build_model(cfg: DictConfig, info):
     """The classifier described by ``cfg.model`` for a dataset described by ``info`` (DataInfo)."""
+    model = _plain(cfg.model)
+    name = model.pop("name", "cnn")
+    if name == "vmoe":
+        from .models.vmoe import VMoEClassifier
+
+        return VMoEClassifier(in_channels=info.in_channels, num_classes=info.num_classes,
+                              image_size=info.image_size, **model)
     from .models import DMoEClassifier
 
-    return DMoEClassifier(
-        in_channels=info.in_channels,
-        num_classes=info.num_classes,
-        image_size=info.image_size,
-        d_model=int(cfg.model.d_model),
-        num_experts=int(cfg.model.num_experts),
-        num_moe_layers=int(cfg.model.num_moe_layers),
-        hidden_mult=int(cfg.model.hidden_mult),
-    )
+    return DMoEClassifier(in_channels=info.in_channels, num_classes=info.num_classes,
+                          image_size=info.image_size, **model)
 
 
 def build_channel(cfg: DictConfig, seed: int | None = None):
@@ -438,6 +588,14 @@ def build_channel(cfg: DictConfig, seed: int | None = None):
 # Error reporting for the entry points
 
 
+# run_entry_point sets HYDRA_FULL_ERROR=1 for Hydra's sake; this says errors stay one line anyway.
+_ONE_LINE_ERRORS = False
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" and not _ONE_LINE_ERRORS
+
+
 @contextmanager
 def report_errors(*error_types: type[BaseException]) -> Iterator[None]:
     """Turn a ConfigError into one stderr line and exit status 2, and the other
@@ -448,8 +606,85 @@ def report_errors(*error_types: type[BaseException]) -> Iterator[None]:
     try:
         yield
     except (ConfigError, *error_types) as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        from .rundir import remove_unused_run_dirs
+
+        remove_unused_run_dirs()  # a run that failed before any output leaves no directory behind
+        if _full_error():
             raise
-        message = " ".join(str(exc).split("\n"))
-        print(f"Error: {message}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR if isinstance(exc, ConfigError) else EXIT_RUNTIME_ERROR)
+        _exit_with(str(exc), EXIT_CONFIG_ERROR if isinstance(exc, ConfigError) else EXIT_RUNTIME_ERROR)
+
+
+def run_entry_point(main: Callable[[], Any], config_name: str) -> None:
+    """Run a ``@hydra.main`` function (of ``config_name``: train or evaluate) so that Hydra's
+    own override and composition errors (``foo=1``, ``router=nope``) are one stderr line and
+    exit status 2, like the ConfigErrors that :func:`report_errors` reports inside ``main``.
+
+    With ``HYDRA_FULL_ERROR=1`` every error propagates with its traceback instead.
+    """
+    global _ONE_LINE_ERRORS
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    # Hydra prints its errors itself (several lines, exit 1) unless HYDRA_FULL_ERROR=1, in which
+    # case it re-raises them: set it for the run and report them here, like ours.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    _ONE_LINE_ERRORS = True
+    try:
+        main()
+    except HydraException as exc:
+        _exit_with(hydra_error_line(exc, config_name), EXIT_CONFIG_ERROR)
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
+        _ONE_LINE_ERRORS = False
+
+
+def _exit_with(message: str, status: int) -> None:
+    print("Error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(status)
+
+
+def hydra_error_line(exc: BaseException, config_name: str) -> str:
+    """One line for an error Hydra raised while parsing the overrides or composing the config."""
+    unknown = re.match(r"Could not override '([^']+)'", str(exc))
+    if unknown and isinstance(exc.__cause__, (ConfigAttributeError, ConfigKeyError)):
+        # `key=value` for a key the config does not have (Hydra's hint, `+key=value`, fails too).
+        key = unknown.group(1)
+        allowed = allowed_keys(config_name, key.rpartition(".")[0])
+        return unknown_key_message(key, allowed) if allowed else f"{key}: unknown key (python {config_name}.py --cfg job shows the keys)"
+    if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
+        # `group=option` with an unknown option
+        group, _, option = exc.missing_cfg_file.rpartition("/")
+        return f"{group}={option}: no such option; choose one of {', '.join(sorted(exc.options))}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines)
+
+
+class ValidateFirst(Callback):
+    """Hydra callback (``hydra.callbacks`` of train.yaml and evaluate.yaml) run before Hydra
+    creates the run directory: validate the config, so that a bad value leaves no files behind,
+    then take the run directory's lock (:mod:`dmoe_torch.rundir`) and, for train.py, refuse a
+    rerun that would change the run, before Hydra writes its files there.  (Checks that need
+    the data or the checkpoint come later; a run that fails before any output has its new run
+    directory removed, see report_errors.)  Multirun jobs and the compose API skip it; the
+    entry points validate again."""
+
+    def __init__(self, config_name: str) -> None:
+        self.config_name = config_name
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        job = copy.deepcopy(config)
+        with open_dict(job):
+            del job["hydra"]
+        run_dir = os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir")))
+        from . import rundir
+
+        # Hydra turns a callback's exception into a warning and goes on: report_errors exits
+        # instead (SystemExit passes through Hydra).
+        with report_errors():
+            if self.config_name == "evaluate":
+                validate_eval_config(job)
+                rundir.lock_run_dir(run_dir)
+            else:
+                validate_train_config(job)
+                rundir.lock_run_dir(run_dir)
+                rundir.check_rerun_dir(run_dir, job)

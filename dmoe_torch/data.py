@@ -21,13 +21,17 @@ Data sources, tried in order:
    name, then renamed, so an interrupted run never leaves a truncated file);
 3. torchvision's own download (needs the internet).
 
-When none works, :class:`DataUnavailableError` says where it looked and how to get the data.
+When none works, :class:`DataUnavailableError` says where it looked and how to get the data, and
+whatever the failed attempts created under ``root`` (empty or partial torchvision folders, ``root``
+itself) is removed again.  The source used is logged (``dmoe_torch.data`` at INFO).
 """
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +39,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from .utils import atomic_write
+
+log = logging.getLogger(__name__)
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10")
 
@@ -79,6 +85,9 @@ _SPECS = {
         flip_ok=True,
     ),
 }
+
+DATASET_IMAGE_SIZES = {name: spec.image_size for name, spec in _SPECS.items()}
+DATASET_TRAIN_SIZES = {"fashion_mnist": 60_000, "mnist": 60_000, "cifar10": 50_000}  # official training sets
 
 
 class DataUnavailableError(ValueError, RuntimeError):
@@ -194,7 +203,8 @@ def build_datasets(
     """Load a dataset and split off a validation set.
 
     name         one of DATASETS
-    root         data directory in torchvision's layout (created if needed)
+    root         data directory in torchvision's layout (created if needed; removed again,
+                 with anything else created under it, when the data cannot be found)
     val_size     validation images held out of the official training set by a seeded
                  permutation (seed ``seed``); the rest is the training set.
     limit_train  use only the first ``limit_train`` official training images; the validation
@@ -217,8 +227,10 @@ def build_datasets(
     spec = _SPECS[name]
     root = Path(root).expanduser()
 
-    train_images, train_labels = _load_split(name, root, train=True, download=download)
-    test_images, test_labels = _load_split(name, root, train=False, download=download)
+    with _removed_on_failure(root):
+        train_images, train_labels, source = _load_split(name, root, train=True, download=download)
+        test_images, test_labels, _ = _load_split(name, root, train=False, download=download)
+    log.info("%s: %d training and %d test images from %s", name, len(train_labels), len(test_labels), source)
 
     n_train = len(train_labels) if limit_train is None else min(limit_train, len(train_labels))
     n_val = val_size if limit_train is None else min(val_size, n_train // 5)
@@ -294,18 +306,49 @@ def _seed_worker_augmentation(worker_id: int) -> None:
 # Sources
 
 
-def _load_split(name: str, root: Path, *, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (uint8 images [N, C, H, W], int64 labels [N]) of one official split."""
+@contextmanager
+def _removed_on_failure(root: Path):
+    """On DataUnavailableError, remove what was created meanwhile under ``root`` (two levels
+    deep, e.g. ``MNIST/raw`` with partial downloads), or ``root`` itself if it was created."""
+    existed = root.exists()
+    before = set(_entries(root)) if existed else set()
+    try:
+        yield
+    except DataUnavailableError:
+        created = [root] if not existed else sorted(set(_entries(root)) - before, key=lambda p: len(p.parts))
+        for path in created:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        raise
+
+
+def _entries(root: Path, depth: int = 2) -> list[Path]:
+    """Every path under ``root`` down to ``depth`` levels."""
+    found, level = [], [root]
+    for _ in range(depth):
+        level = [child for folder in level if folder.is_dir() and not folder.is_symlink() for child in folder.iterdir()]
+        found.extend(level)
+    return found
+
+
+def _load_split(name: str, root: Path, *, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Return (uint8 images [N, C, H, W], int64 labels [N], where they came from) of one
+    official split."""
     spec = _SPECS[name]
     tried: list[str] = [f"{root / spec.folder} (torchvision layout under data.root)"]
+    source = str(root / spec.folder)
     dataset = _try_torchvision(spec, root, train=train, download=False)
     if dataset is None and name == "fashion_mnist":
         tried.append(f"{DEBIAN_FASHION_MNIST_DIR} (Debian package dataset-fashion-mnist)")
         if _install_debian_fashion_mnist(root):
             dataset = _try_torchvision(spec, root, train=train, download=False)
+            source = f"{root / spec.folder} (unpacked from {DEBIAN_FASHION_MNIST_DIR}, Debian package dataset-fashion-mnist)"
     if dataset is None and download:
         tried.append("torchvision download (needs internet)")
         dataset = _try_torchvision(spec, root, train=train, download=True)
+        source = f"{root / spec.folder} (downloaded by torchvision)"
     if dataset is None:
         hint = (
             "install the Debian package (`sudo apt-get install dataset-fashion-mnist`), or "
@@ -323,7 +366,7 @@ def _load_split(name: str, root: Path, *, train: bool, download: bool) -> tuple[
     else:  # CIFAR: numpy [N, H, W, C]
         images = images.permute(0, 3, 1, 2)
     labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
-    return images.contiguous(), labels
+    return images.contiguous(), labels, source
 
 
 def _try_torchvision(spec: _Spec, root: Path, *, train: bool, download: bool):

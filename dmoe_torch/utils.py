@@ -85,3 +85,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def device_label(device: torch.device) -> str:
+    """``"cpu"``, ``"cuda:0"``, ``"mps"``: the device a run used, with the CUDA index made explicit."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
+    return str(device)

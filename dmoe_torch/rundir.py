@@ -1,0 +1,127 @@
+"""Run directories of train.py and evaluate.py: one process at a time, and no silent change of a run.
+
+* :func:`lock_run_dir` takes an exclusive ``fcntl.flock`` on ``<run dir>/.lock`` for the rest of
+  the process (the kernel drops it when the process exits, however it ends).  A second process
+  on the same directory stops with one line naming the holder's pid.
+* :func:`check_rerun` compares the config of a rerun (or of ``resume=PATH``) with the config the
+  run was started with, and refuses keys that would change what the run computes (the keys in
+  ``free_keys``, such as ``device`` or ``data.num_workers``, and a longer ``train.epochs`` may
+  change).  ``resume_force=true`` continues anyway, with a warning listing the differences.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError
+
+LOCK_NAME = ".lock"
+CONFIG_NAME = "config.yaml"  # the resolved config train.py writes into its run directory
+
+_held: dict[str, int] = {}  # real path of a locked run directory -> file descriptor of its lock
+_created: set[str] = set()  # run directories this process created
+
+
+class RunDirBusyError(ConfigError):
+    """Another process holds the run directory's lock."""
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> None:
+    """Create ``run_dir`` if needed and hold its exclusive lock until this process exits.
+
+    Idempotent within a process.  Raises RunDirBusyError when another process holds it.
+    """
+    run_dir = Path(run_dir)
+    existed = run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(run_dir)
+    if not existed:
+        _created.add(key)
+    if key in _held:
+        return
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        raise RunDirBusyError(
+            f"hydra.run.dir={str(run_dir)!r}: {who} is running in this directory; wait for it to end, "
+            "or pass another hydra.run.dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[key] = fd
+
+
+def remove_unused_run_dirs() -> None:
+    """Remove the run directories this process created that hold nothing but Hydra's files
+    (``.hydra/``, the log) and the lock: what a run that failed before its first output leaves."""
+    for key in sorted(_created):
+        entries = set(os.listdir(key)) if os.path.isdir(key) else set()
+        if all(name in (".hydra", LOCK_NAME) or name.endswith(".log") for name in entries):
+            shutil.rmtree(key, ignore_errors=True)
+            _created.discard(key)
+
+
+def config_differences(old: dict, new: dict, free_keys: Iterable[str] = (), prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every dotted key whose value differs, except ``free_keys``."""
+    free_keys = tuple(free_keys)
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(config_differences(a, b, free_keys, f"{path}."))
+        elif a != b and path not in free_keys:
+            diffs.append(f"{path}: {a!r} -> {b!r}")
+    return diffs
+
+
+def check_rerun(previous: dict, config: dict, *, source: str, free_keys: Iterable[str], force: bool,
+                new_run: str = "pass another hydra.run.dir") -> list[str]:
+    """Refuse (ConfigError) to continue ``source`` (run with config ``previous``) under a
+    ``config`` that changes a result-altering key, unless ``force``.  Returns the differences.
+    ``new_run`` says how to start a new run instead."""
+    diffs = config_differences(previous, config, free_keys)
+    if diffs and not force:
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise ConfigError(
+            f"{source} was run with a different config ({shown}); {new_run} to start a new run, "
+            "or resume_force=true to continue it with the new config"
+        )
+    return diffs
+
+
+def check_rerun_dir(run_dir: str | os.PathLike, cfg: DictConfig, *, checkpoint_config: dict | None = None,
+                    checkpoint_path: str | os.PathLike | None = None) -> list[str]:
+    """:func:`check_rerun` of ``cfg`` against the config.yaml that the last train.py in ``run_dir``
+    recorded, and against ``checkpoint_config`` (the config saved in ``checkpoint_path``) when
+    that checkpoint comes from elsewhere (``resume=PATH``) or ``run_dir`` has no config.yaml.
+    Returns the differences a ``resume_force=true`` lets through."""
+    from .training import RESUME_FREE_KEYS
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    check = dict(free_keys=RESUME_FREE_KEYS, force=bool(cfg.get("resume_force", False)))
+    here = f"hydra.run.dir={str(run_dir)!r}"
+    recorded = Path(run_dir) / CONFIG_NAME
+    diffs = []
+    if recorded.is_file():
+        previous: Any = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
+        diffs += check_rerun(previous, config, source=here, **check)
+    if checkpoint_config is not None:
+        path = Path(checkpoint_path)
+        own = (path if path.is_dir() else path.parent).resolve() == Path(run_dir).resolve()
+        if not own or not recorded.is_file():
+            if own:
+                diffs += check_rerun(checkpoint_config, config, source=here, **check)
+            else:
+                diffs += check_rerun(checkpoint_config, config, source=f"resume={str(checkpoint_path)!r}",
+                                     new_run="leave resume unset", **check)
+    return list(dict.fromkeys(diffs))
