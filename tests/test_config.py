@@ -14,17 +14,26 @@ from omegaconf import OmegaConf
 from dmoe_torch.channel import ChannelConfig
 from dmoe_torch.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from dmoe_torch.config import (
+    EVAL_DATA_KEYS,
+    EVAL_KEYS,
+    EVAL_TOP_KEYS,
+    ROUTER_KEYS,
+    TRAIN_DATA_KEYS,
+    TRAIN_KEYS,
+    TRAIN_TOP_KEYS,
     ConfigError,
     build_channel,
     build_model,
     channel_config,
+    check_keys,
     eval_policies,
     parse_policy,
     router_specs,
     validate_eval_config,
     validate_train_config,
 )
-from dmoe_torch.data import DataInfo
+from dmoe_torch.data import DATASET_TRAIN_SIZES, DataInfo
+from dmoe_torch.selection.registry import STATIC_POLICIES
 from dmoe_torch.moe import RouterSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,15 +71,40 @@ def test_channel_defaults_match_channel_config_defaults():
     assert channel_config(compose_cfg("train")) == ChannelConfig()
 
 
-@pytest.mark.parametrize("router", ["top1", "top2", "channel_top2", "random_top2", "dense", "des", "jesa", "optimal"])
+ROUTER_FILES = sorted(p.stem for p in (REPO / "conf" / "router").glob("*.yaml"))
+
+
+def test_router_group_files_are_named_after_their_policies():
+    assert ROUTER_FILES == sorted(["topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal"])
+    eval_files = sorted(p.stem for p in (REPO / "conf" / "eval_router").glob("*.yaml"))
+    assert eval_files == sorted([*ROUTER_FILES, "same_as_train"])
+
+
+@pytest.mark.parametrize("router", ROUTER_FILES)
 def test_every_router_group_option_validates_and_builds_specs(router):
     cfg = compose_cfg("train", [f"router={router}"])
     validate_train_config(cfg)
+    assert cfg.router.policy == router
     specs = router_specs(cfg, "router", 0.0)
     assert len(specs) == cfg.model.num_moe_layers
     assert all(isinstance(s, RouterSpec) and s.policy == cfg.router.policy for s in specs)
     # The validation policy follows the training policy unless told otherwise.
     assert cfg.eval_router.policy == cfg.router.policy
+
+
+@pytest.mark.parametrize("router", ROUTER_FILES)
+def test_eval_router_group_takes_the_router_files(router):
+    cfg = compose_cfg("train", [f"eval_router={router}"])
+    validate_train_config(cfg)
+    assert cfg.router.policy == "topk"
+    assert OmegaConf.to_container(cfg.eval_router) == OmegaConf.to_container(compose_cfg("train", [f"router={router}"]).router)
+
+
+def test_top1_is_topk_with_k_1():
+    cfg = compose_cfg("train", ["router=topk", "router.k=1"])
+    validate_train_config(cfg)
+    assert [(s.policy, s.k) for s in router_specs(cfg, "router", 0.0)] == [("topk", 1)] * 2
+    assert cfg.eval_router.k == 1  # same_as_train follows field by field
 
 
 @pytest.mark.parametrize("experiment", ["quick", "channel_aware"])
@@ -88,8 +122,9 @@ def test_eval_router_overrides_are_independent_of_the_training_router():
     validate_train_config(cfg)
     assert cfg.router.policy == "des" and cfg.eval_router.policy == "jesa"
     assert cfg.eval_router.gamma == 0.8  # fields not overridden follow router.*
-    cfg = compose_cfg("train", ["router@eval_router=dense"])
-    assert cfg.router.policy == "topk" and cfg.eval_router.policy == "dense"
+    cfg = compose_cfg("train", ["eval_router=jesa", "eval_router.gamma=0.5"])
+    validate_train_config(cfg)
+    assert cfg.router.policy == "topk" and (cfg.eval_router.policy, cfg.eval_router.gamma) == ("jesa", 0.5)
 
 
 def test_interface_overrides_reach_the_built_objects():
@@ -184,6 +219,89 @@ def test_train_validation_error_names_the_key(overrides, key):
     assert "\n" not in message
 
 
+# Strict keys: every section rejects a key it does not know, `+key=` additions included, with
+# the same one-line message naming the key and listing the allowed ones.
+
+UNKNOWN_TRAIN_KEYS = [
+    ("+train.epoch=1", "train.epoch", "epochs"),
+    ("+router.gama=0.5", "router.gama", "gamma"),
+    ("+eval_router.kmax=2", "eval_router.kmax", "k_max"),
+    ("+data.nme=mnist", "data.nme", "name"),
+    ("+channel.colour=blue", "channel.colour", "num_subcarriers"),
+    ("+epochs=3", "epochs", "train"),
+]
+
+
+@pytest.mark.parametrize("override,key,allowed", UNKNOWN_TRAIN_KEYS, ids=[o for o, _, _ in UNKNOWN_TRAIN_KEYS])
+def test_every_train_section_rejects_unknown_keys(override, key, allowed):
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(compose_cfg("train", ["router=des", override]))
+    message = str(info.value)
+    assert message.startswith(f"{key}: unknown key") and "allowed: " in message and allowed in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("override,key", [
+    ("+eval.polices=[des]", "eval.polices"), ("+data.name=mnist", "data.name"), ("+model.d_model=8", "model"),
+    ("+router.policy=des", "router"),
+])
+def test_every_evaluate_section_rejects_unknown_keys(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: unknown key.*; allowed: "):
+        validate_eval_config(compose_cfg("evaluate", ["ckpt=x", override]))
+
+
+def test_allowed_keys_are_exactly_the_configs_keys():
+    # A key added to a config file must be added to the allowed keys (and so be validated).
+    train = compose_cfg("train")
+    assert set(train) == set(TRAIN_TOP_KEYS)
+    assert set(train.train) == set(TRAIN_KEYS)
+    for name in ("fashion_mnist", "mnist", "cifar10"):
+        assert set(compose_cfg("train", [f"data={name}"]).data) == set(TRAIN_DATA_KEYS), name
+    for name in ROUTER_FILES:
+        cfg = compose_cfg("train", [f"router={name}", f"eval_router={name}"])
+        assert set(cfg.router) == set(cfg.eval_router) == set(ROUTER_KEYS), name
+    evaluate = compose_cfg("evaluate", ["ckpt=x"])
+    assert set(evaluate) == set(EVAL_TOP_KEYS)
+    assert set(evaluate.data) == set(EVAL_DATA_KEYS) and set(evaluate.eval) == set(EVAL_KEYS)
+
+
+def test_check_keys_names_the_key_and_the_allowed_ones():
+    check_keys({"a": 1, "b": 2}, "sec", ["a", "b"])
+    with pytest.raises(ConfigError, match=r"^sec\.bb: unknown key \(did you mean b\?\); allowed: a, b$"):
+        check_keys({"a": 1, "bb": 2}, "sec", ["a", "b"])
+    with pytest.raises(ConfigError, match=r"^sec=3: must be a mapping"):
+        check_keys(3, "sec", ["a"])
+
+
+# Data: errors before any loading
+
+
+def test_val_size_must_leave_training_images():
+    size = DATASET_TRAIN_SIZES["fashion_mnist"]
+    with pytest.raises(ConfigError, match=rf"^data.val_size={size}: must be smaller than the {size} training images"):
+        validate_train_config(compose_cfg("train", [f"data.val_size={size}"]))
+    validate_train_config(compose_cfg("train", [f"data.val_size={size - 1}"]))
+    # With data.limit_train the validation set is capped at limit_train // 5 (see build_datasets).
+    validate_train_config(compose_cfg("train", [f"data.val_size={size}", "data.limit_train=500"]))
+
+
+def test_data_root_must_exist_unless_it_is_the_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("DMOE_DATA_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default root, ./data, does not exist here: created on first use
+    validate_train_config(compose_cfg("train"))
+    validate_eval_config(compose_cfg("evaluate", ["ckpt=x"]))
+    typo = tmp_path / "x" / "dtaa"
+    for name, extra in (("train", []), ("evaluate", ["ckpt=x"])):
+        with pytest.raises(ConfigError, match=r"^data.root=.*dtaa.*: no such directory"):
+            (validate_train_config if name == "train" else validate_eval_config)(
+                compose_cfg(name, [f"data.root={typo}", *extra]))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="not a directory"):
+        validate_train_config(compose_cfg("train", [f"data.root={tmp_path / 'file'}"]))
+    validate_train_config(compose_cfg("train", [f"data.root={tmp_path}"]))
+    assert not typo.exists() and not (tmp_path / "data").exists()  # validation creates nothing
+
+
 def test_cuda_device_rejected_when_absent():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")
@@ -244,6 +362,33 @@ def test_policy_syntax():
     ]
 
 
+def test_static_plan_policies_are_skipped_with_a_note_when_subcarriers_are_fewer_than_experts():
+    train = compose_cfg("train", ["model=tiny", "router=jesa", "channel.num_subcarriers=2"])
+    validate_train_config(train)
+    cfg = compose_cfg("evaluate", ["ckpt=x"])  # the default policies: topk@1, ..., des, jesa
+    notes: list[str] = []
+    settings = eval_policies(cfg, train, notes)
+    assert {s.policy for s in settings} == {"jesa"} and len(settings) == len(cfg.eval.gammas)
+    assert len(notes) == 1
+    for label in ("topk@1", "topk@2", "channel_topk@2", "dense", "des"):
+        assert label in notes[0]
+    assert "2 subcarriers for 4 experts" in notes[0]
+    # Nothing left to evaluate: say what to pass.
+    only_static = compose_cfg("evaluate", ["ckpt=x", f"eval.policies=[{','.join(STATIC_POLICIES)}]"])
+    with pytest.raises(ConfigError, match=r"^eval.policies=.*eval.policies=\[jesa\]$"):
+        eval_policies(only_static, train)
+    # The same evaluation of a checkpoint with enough subcarriers skips nothing.
+    notes = []
+    assert {s.policy for s in eval_policies(cfg, compose_cfg("train", ["model=tiny"]), notes)} >= set(STATIC_POLICIES) - {"random_topk"}
+    assert notes == []
+
+
+def test_gamma_policy_needing_more_subcarriers_names_eval_k_min():
+    train = compose_cfg("train", ["model=tiny", "router=jesa", "channel.num_subcarriers=2"])
+    with pytest.raises(ConfigError, match=r"^eval.k_min=3: jesa needs .* pass eval.k_min=2 or less"):
+        eval_policies(compose_cfg("evaluate", ["ckpt=x", "eval.policies=[jesa]", "eval.k_min=3"]), train)
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -287,6 +432,39 @@ def test_unreadable_checkpoint_is_a_config_error(tmp_path, content):
     with pytest.raises(ConfigError) as info:
         load_checkpoint(path, key="ckpt")
     assert "ckpt=" in str(info.value) and str(path) in str(info.value)
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(32)
+
+
+@pytest.mark.parametrize("name,content", [
+    ("six.txt", b"hello\n"), ("config.yaml", b"seed: 0\nmodel:\n  d_model: 32\n"), ("metrics.json", b'{"test": {}}'),
+    ("results.png", PNG), ("model.pt", "pickled"),
+])
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, name, content):
+    path = tmp_path / name
+    if content == "pickled":  # a torch file holding a module: never unpickled
+        torch.save({"model": torch.nn.Linear(2, 2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_checkpoint(path, key="ckpt")
+    message = str(info.value)
+    assert message.startswith(f"ckpt={str(path)!r}: not a dmoe-torch checkpoint")
+    assert "weights_only" not in message and "\n" not in message
+
+
+def test_a_run_directory_stands_for_its_checkpoint(tmp_path):
+    _save_tiny_checkpoint(tmp_path / "checkpoint.pt", _tiny_cfg())
+    assert load_checkpoint(tmp_path, key="ckpt")["config"]["model"]["d_model"] == 32
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"^ckpt=.*empty': a directory without checkpoint.pt; pass a run directory"):
+        load_checkpoint(empty, key="ckpt")
+    # resume= accepts a run directory too
+    validate_train_config(compose_cfg("train", [f"resume={tmp_path}"]))
+    with pytest.raises(ConfigError, match="^resume=.*a directory without checkpoint.pt"):
+        validate_train_config(compose_cfg("train", [f"resume={empty}"]))
 
 
 def test_missing_checkpoint_is_a_config_error(tmp_path):
