@@ -176,3 +176,61 @@ def test_augmented_training_set_is_reproducible_with_workers(fashion_root):
     assert not torch.equal(batches[0][0], plain)
     # A numpy integer indexes one item like an int.
     assert torch.equal(train[np.int64(4)][0], train[4][0])
+
+
+# --------------------------------------------------------------------------------------------
+# Where the data came from, and what a failed attempt leaves behind
+
+
+def write_fake_debian_package(folder, n_train=20, n_test=10):
+    """The four gzipped IDX files of the Debian package, with tiny random images."""
+    import struct
+
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator)
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
+
+
+def test_the_data_source_is_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "debian")
+    write_fake_debian_package(tmp_path / "debian")
+    root = tmp_path / "root"
+    root.mkdir()
+    with caplog.at_level("INFO", logger="dmoe_torch.data"):
+        train, val, test, _ = build_datasets("fashion_mnist", root, val_size=4, download=False)
+    assert (len(train), len(val), len(test)) == (16, 4, 10)
+    assert f"from {root / 'FashionMNIST' / 'raw'} (unpacked from {tmp_path / 'debian'}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dmoe_torch.data"):
+        build_datasets("fashion_mnist", root, val_size=4, download=False)  # already unpacked: read as is
+    assert caplog.text.rstrip().endswith(f"from {root / 'FashionMNIST' / 'raw'}")
+
+
+def fake_failed_download(spec, root, *, train, download):
+    """What torchvision leaves after a failed download: its folders and a partial archive."""
+    if download:
+        raw = root / spec.folder
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "train-images-idx3-ubyte.gz.part").write_bytes(b"partial")
+    return None
+
+
+def test_a_failed_attempt_removes_what_it_created(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_try_torchvision", fake_failed_download)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(DataUnavailableError):
+        build_datasets("mnist", fresh, download=True)
+    assert not fresh.exists()  # created by the attempt: removed
+    # An existing root keeps what it held, and loses what the attempt added.
+    root = tmp_path / "root"
+    (root / "MNIST").mkdir(parents=True)
+    (root / "keep.txt").write_text("mine")
+    with pytest.raises(DataUnavailableError):
+        build_datasets("mnist", root, download=True)
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["MNIST", "keep.txt"]
