@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
@@ -651,11 +651,16 @@ def hydra_error_line(exc: BaseException, config_name: str) -> str:
         key = unknown.group(1)
         allowed = allowed_keys(config_name, key.rpartition(".")[0])
         return unknown_key_message(key, allowed) if allowed else f"{key}: unknown key (python {config_name}.py --cfg job shows the keys)"
+    no_group = re.search(r"Could not override '([^']+)'\. No match in the defaults list.* use \+(\S+)", " ".join(str(exc).split()))
+    if no_group:  # `group=option` for a group this entry point does not have (evaluate.py model=tiny)
+        return f"{no_group.group(2)}: {config_name}.py has no config group {no_group.group(1)!r}; see {config_name}.py --help"
     if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
         # `group=option` with an unknown option
         group, _, option = exc.missing_cfg_file.rpartition("/")
         return f"{group}={option}: no such option; choose one of {', '.join(sorted(exc.options))}"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, OverrideParseException) and lines:
+        return f"{exc.override}: not a valid override ({lines[0]}); see {config_name}.py --help"
     return " ".join(lines)
 
 
