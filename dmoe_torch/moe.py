@@ -1,6 +1,6 @@
 """The Mixture-of-Experts layer of the DMoE protocol: gate, routing, dispatch, combine.
 
-Per input (one frame) and layer (DESIGN.md section 1):
+Per input (one frame) and layer (docs/method.md, section 1):
 
 1. the gate scores the hidden state: ``s = softmax(gate(h))`` over the K experts;
 2. a routing policy (:func:`dmoe_torch.selection.route`) picks the experts and their

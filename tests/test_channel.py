@@ -115,7 +115,7 @@ def test_energy_formula_and_monotone_in_distance():
 
 
 def test_default_operating_point_is_meaningful():
-    """DESIGN.md: about 20 dB mean SNR at 300 m, tens of uJ per hop, a few % outage."""
+    """The defaults of docs/method.md section 1: about 20 dB mean SNR at 300 m, tens of uJ per hop, a few % outage."""
     cfg = ChannelConfig()
     snr_db = linear_to_db(cfg.ap_power_w * db_to_linear(-path_loss_db(300.0)) / cfg.noise_power_w)
     assert 18 < snr_db < 22

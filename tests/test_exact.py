@@ -118,7 +118,7 @@ def test_milp_p2_equals_brute_force_p2(outage):
 
 
 def test_p1_on_best_subcarriers_lower_bounds_p2():
-    # the structural property of DESIGN.md section 4: P1 with c*_k = min_n e[k, n] <= P2
+    # property (a) of docs/method.md section 5: P1 with c*_k = min_n e[k, n] <= P2
     scores, costs = p2_instances(99, 30, 6, 3, 0.2)
     for gamma in (0.4, 0.8):
         p2 = milp_p2(scores, costs, gamma, 1, 3)

@@ -1,4 +1,4 @@
-"""DES: exact expert selection (problem P1 of DESIGN.md section 3) by branch-and-bound.
+"""DES: exact expert selection (problem P1, docs/method.md sections 2 and 3) by branch-and-bound.
 
 Per row b (one input at one MoE layer), with scores s [K] and costs c [K] (J, +inf = unreachable):
 
@@ -33,7 +33,7 @@ Entry points
     Note: numba's on-disk cache does not track callees, so an ``@njit(cache=True)`` caller
     keeps a stale copy of DES after this file changes; clear its cache (or skip cache=True).
 ``des_reference(...)``
-    Pure-Python branch-and-bound of DESIGN.md (ratio order, greedy incumbent, DFS include/
+    Pure-Python branch-and-bound of docs/method.md section 3 (ratio order, greedy incumbent, DFS include/
     exclude, LP-relaxation bound), same signature and semantics as ``des``; a readable
     specification for the tests, not for production.
 
@@ -880,7 +880,7 @@ def _des_reference_row(s, c, gamma, k_min, k_max):
 
 
 def des_reference(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1, k_max: int | None = None) -> Selection:
-    """Pure-Python DES (DESIGN.md section 3) with the same signature and semantics as :func:`des`.
+    """Pure-Python DES (docs/method.md section 3) with the same signature and semantics as :func:`des`.
 
     Recursive, one row at a time: for tests and small K (recursion depth grows with K).
     """

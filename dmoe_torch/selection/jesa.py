@@ -1,4 +1,4 @@
-"""JESA: joint expert and subcarrier allocation (problem P2 of DESIGN.md section 4).
+"""JESA: joint expert and subcarrier allocation (problem P2, docs/method.md sections 4 and 5).
 
 Per row b (one input at one MoE layer), with scores s [K] and link costs e [K, N]
 (joules, +inf = link in outage):
