@@ -8,6 +8,8 @@ epoch, so validation curves are comparable); evaluation draw ``d`` uses
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -258,7 +260,8 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
 
     output_dir = Path(output_dir)
     checkpoint, train_cfg = load_trained(cfg)
-    settings: list[EvalPolicy] = eval_policies(cfg, train_cfg)
+    notes: list[str] = []  # e.g. static-plan policies skipped for a checkpoint with N < K
+    settings: list[EvalPolicy] = eval_policies(cfg, train_cfg, notes)
     seed = int(train_cfg.seed if cfg.seed is None else cfg.seed)
     run_cfg = OmegaConf.merge(
         train_cfg,
@@ -290,6 +293,10 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
                              on_batch=lambda: bar.update(1))
                 )
     rows = [report.summarise_draws(setting, results) for setting, results in zip(settings, per_setting)]
-    report.write_results(rows, output_dir, title=f"{cfg.ckpt} ({info.name}, {len(test_ds)} test images, {draws} channel draws)")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # the table goes to the log: console and evaluate.log
+        report.write_results(rows, output_dir, title=f"{cfg.ckpt} ({info.name}, {len(test_ds)} test images, {draws} channel draws)")
+    log.info("Results:\n%s", printed.getvalue().rstrip("\n"))
+    for note in notes:
+        log.warning("Note: %s", note)
     log.info("results.csv, results.md and results.png written to %s", output_dir)
     return rows

@@ -36,7 +36,8 @@ from .evaluation import (
     train_stream,
 )
 from .moe import MetricAverager
-from .utils import atomic_write_json, atomic_write_text, derive_seed, resolve_device, seed_everything
+from .rundir import check_rerun_dir, lock_run_dir
+from .utils import atomic_write_json, atomic_write_text, derive_seed, device_label, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # Config keys that may change between an interrupted run and its resumption without
 # changing what the run computes (or that must change, like train.epochs to train longer).
 RESUME_FREE_KEYS = (
-    "resume", "progress", "device", "train.epochs", "train.stop_after_epochs", "data.num_workers", "data.root", "train.log_every",
+    "resume", "resume_force", "progress", "device", "train.epochs", "train.stop_after_epochs", "data.num_workers", "data.root",
+    "train.log_every",
 )
 
 class NonFiniteLossError(RuntimeError):
@@ -205,19 +207,6 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    diffs = []
-    for key in keys:
-        path = f"{prefix}{key}"
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs.extend(_config_differences(a, b, f"{path}."))
-        elif a != b and path not in RESUME_FREE_KEYS:
-            diffs.append(f"{path}: {a!r} -> {b!r}")
-    return diffs
-
-
 class _StepLogger:
     """Progress bar postfix and TensorBoard train/* points (means since the previous point)
     every ``log_every`` steps and at the end of each epoch."""
@@ -252,15 +241,19 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
     """
     validate_train_config(cfg)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(output_dir)  # creates it; a second process on it stops here
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     ckpt_path = output_dir / CHECKPOINT_NAME
     resume_from = resume_path(cfg) or (str(ckpt_path) if ckpt_path.is_file() else None)
     checkpoint = load_checkpoint(resume_from, key="resume") if resume_from else None
+    # A rerun (or resume=PATH) must not change what the run computes, unless resume_force=true.
+    diffs = check_rerun_dir(output_dir, cfg, checkpoint_config=checkpoint and checkpoint["config"],
+                            checkpoint_path=resume_from)
 
     seed = int(cfg.seed)
     seed_everything(seed)
     device = resolve_device(cfg.device)
+    config_dict["device"] = device_label(device)  # config.yaml records the device used, not "auto"
     train_ds, val_ds, test_ds, info = dataset_and_info(cfg, limit_train=cfg.data.limit_train)
     from .data import make_loader
 
@@ -287,18 +280,19 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
     start_epoch, global_step = 0, 0
     history: list[dict[str, Any]] = []
     progress = EpochProgress()
+    epoch_time_before = 0.0  # seconds the epoch in progress ran before an interruption
     if checkpoint is not None:
         load_model_state(model, checkpoint["model"], key="resume")
-        diffs = _config_differences(checkpoint["config"], config_dict)
         if diffs:
-            log.warning("resuming %s with a different config (%s); the result will differ from an uninterrupted run",
-                        resume_from, "; ".join(diffs))
+            log.warning("resuming %s with a different config (resume_force=true: %s); the result will differ from an "
+                        "uninterrupted run", resume_from, "; ".join(diffs))
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, global_step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
         history = list(checkpoint["metrics"].get("history", []))
         if checkpoint["step_in_epoch"]:
             progress = EpochProgress.from_state_dict(checkpoint["metrics"]["epoch_progress"])
+            epoch_time_before = float(checkpoint["metrics"].get("epoch_elapsed_s", 0.0))
         log.info("Resuming from %s at epoch %d, step %d", resume_from, start_epoch + 1, checkpoint["step_in_epoch"])
 
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(config_dict))
@@ -313,6 +307,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
         metrics = {"history": history}
         if progress_state is not None:
             metrics["epoch_progress"] = progress_state
+            metrics["epoch_elapsed_s"] = epoch_time_before + time.perf_counter() - epoch_start
         save_checkpoint(
             ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step, config=config_dict,
@@ -366,12 +361,12 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                     "lr": scheduler.get_last_lr()[0],
                     "train": train_summary,
                     "val": val_metrics,
-                    "epoch_time_s": time.perf_counter() - epoch_start,
+                    "epoch_time_s": epoch_time_before + time.perf_counter() - epoch_start,  # all invocations
                 }
                 history.append(record)
                 report.log_epoch(writer, record, global_step)
                 log.info(report.epoch_line(record, epochs))
-                progress = EpochProgress()
+                progress, epoch_time_before = EpochProgress(), 0.0
                 save(epoch + 1, 0, None)
                 if stop.requested:
                     return _interrupted(stop, ckpt_path, epoch + 1, 0)
