@@ -19,3 +19,12 @@ bench: setup
 	$(PY) benchmarks/bench_des.py
 	$(PY) benchmarks/bench_jesa.py
 	$(PY) benchmarks/bench_router.py
+
+# Evaluation sweeps of a trained checkpoint and their figures (README "Figures"):
+#   make figures [QUICK=1] [CKPT=checkpoint.pt or run dir] [OUT=dir] [JOBS=parallel points]
+.PHONY: figures
+CKPT ?= $(RUN_DIR)/checkpoint.pt
+OUT ?= outputs/figures
+JOBS ?= 1
+figures: setup
+	$(PY) scripts/figures.py --ckpt "$(CKPT)" --out "$(OUT)" --jobs $(JOBS) $(if $(filter 1 true yes,$(QUICK)),--quick)

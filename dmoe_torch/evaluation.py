@@ -12,7 +12,7 @@ import contextlib
 import io
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -28,6 +28,7 @@ from .config import (
     EvalPolicy,
     build_channel,
     build_model,
+    channel_config,
     data_root,
     eval_policies,
     setting_specs,
@@ -113,6 +114,8 @@ class EvalTotals:
     counts: dict[str, list[int]] = field(default_factory=dict)  # name -> [L]
     losses: list[torch.Tensor] = field(default_factory=list)
     energies: list[torch.Tensor] = field(default_factory=list)  # [B, L] J per image and layer
+    correct_flags: list[torch.Tensor] = field(default_factory=list)  # [B] bool per image, in batch order
+    expert_uses: list[torch.Tensor] = field(default_factory=list)  # [L, K] int64 effective selections
 
     def __post_init__(self) -> None:
         self.counts = {name: [0] * self.num_layers for name in _LAYER_COUNTS}
@@ -120,7 +123,9 @@ class EvalTotals:
     def update(self, logits: torch.Tensor, labels: torch.Tensor, selections: list) -> None:
         B, T = len(labels), self.tokens_per_input
         self.inputs += B
-        self.correct += int((logits.argmax(1) == labels).sum())
+        correct = (logits.argmax(1) == labels).cpu()
+        self.correct += int(correct.sum())
+        self.correct_flags.append(correct)
         self.losses.append(F.cross_entropy(logits.float(), labels, reduction="none").detach().to("cpu", torch.float64))
         energy = torch.zeros(B, self.num_layers, dtype=torch.float64)
         for layer, sel in enumerate(selections):
@@ -131,6 +136,7 @@ class EvalTotals:
                                 ("certified", sel.certified), ("nodes", sel.nodes)):
                 self.counts[name][layer] += int(value.sum())
         self.energies.append(energy)
+        self.expert_uses.append(torch.stack([(s.mask & ~s.failed).sum(0).cpu() for s in selections]))
 
     def compute(self) -> dict[str, Any]:
         """Accuracy and loss per image; energy per image (summed over tokens and layers) and per
@@ -166,7 +172,18 @@ class EvalTotals:
                            math.fsum(energies[:, layer].tolist()), 1)
             for layer in range(L)
         ]
+        if self.expert_uses:  # utilisation[k]: share of the layer's tokens that expert k served
+            uses = torch.stack(self.expert_uses).sum(0)
+            for layer, metrics in enumerate(result["layers"]):
+                metrics["utilisation"] = (uses[layer].double() / max(self.inputs * T, 1)).tolist()
         return result
+
+    def per_image(self) -> dict[str, torch.Tensor]:
+        """Per-image results in batch order (for intervals and paired comparisons):
+        ``correct`` bool [n] and ``energy_uj`` float64 [n] (all tokens and MoE layers)."""
+        if not self.correct_flags:
+            return {"correct": torch.zeros(0, dtype=torch.bool), "energy_uj": torch.zeros(0, dtype=torch.float64)}
+        return {"correct": torch.cat(self.correct_flags), "energy_uj": 1e6 * torch.cat(self.energies).sum(1)}
 
 
 @torch.no_grad()
@@ -181,8 +198,12 @@ def evaluate(
     generator: torch.Generator | None = None,
     costs_cache: list | None = None,
     on_batch: Callable[[], None] | None = None,
+    per_image: list | None = None,
 ) -> dict[str, float]:
     """Accuracy, loss and per-input routing metrics of ``model`` routed by ``specs``.
+
+    ``per_image``: a list that receives ``EvalTotals.per_image()`` (per-image correctness and
+    energy, in the order of ``batches``).
 
     ``costs_cache``: a list filled with each batch's per-layer costs on the first pass over
     ``batches`` and reused on later passes with the same batches and stream (evaluating many
@@ -202,6 +223,8 @@ def evaluate(
         totals.update(output.logits, labels.to(output.logits.device), output.selections)
         if on_batch is not None:
             on_batch()
+    if per_image is not None:
+        per_image.append(totals.per_image())
     return totals.compute()
 
 
@@ -248,6 +271,19 @@ def load_trained(cfg: DictConfig) -> tuple[dict, DictConfig]:
     return checkpoint, train_cfg
 
 
+def with_channel_overrides(train_cfg: DictConfig, cfg: DictConfig) -> tuple[DictConfig, list[str]]:
+    """The checkpoint's config with the non-null ``channel.*`` of evaluate.py replacing its
+    channel fields, and ``"field old -> new"`` for each field that differs from training."""
+    overrides = {key: value for key, value in (OmegaConf.to_container(cfg.channel) if cfg.get("channel") else {}).items()
+                 if value is not None}
+    if not overrides:
+        return train_cfg, []
+    trained = asdict(channel_config(train_cfg))
+    merged = OmegaConf.merge(train_cfg, {"channel": overrides})
+    used = asdict(channel_config(merged))  # ConfigError naming channel.<field> for a bad value
+    return merged, [f"{key} {trained[key]!r} -> {used[key]!r}" for key in used if used[key] != trained[key]]
+
+
 def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     """Evaluate every setting of eval.policies x eval.gammas over eval.channel_draws draws.
 
@@ -260,6 +296,8 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
 
     output_dir = Path(output_dir)
     checkpoint, train_cfg = load_trained(cfg)
+    # channel.* of evaluate.py: the checkpoint's channel with these fields replaced (weights unchanged)
+    train_cfg, channel_changes = with_channel_overrides(train_cfg, cfg)
     notes: list[str] = []  # e.g. static-plan policies skipped for a checkpoint with N < K
     settings: list[EvalPolicy] = eval_policies(cfg, train_cfg, notes)
     seed = int(train_cfg.seed if cfg.seed is None else cfg.seed)
@@ -279,6 +317,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
     draws = int(cfg.eval.channel_draws)
 
     per_setting: list[list[dict[str, float]]] = [[] for _ in settings]
+    per_image: list[list[dict]] = [[] for _ in settings]  # per draw: per-image correctness and energy
     total = len(settings) * draws * len(loader)
     with tqdm(total=total, desc="evaluate", disable=not bool(cfg.progress), dynamic_ncols=True) as bar:
         for draw in range(draws):
@@ -290,11 +329,17 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
                 per_setting[index].append(
                     evaluate(model, loader, channel=channel, specs=specs, stream=stream, device=device,
                              generator=routing_generator(seed, stream), costs_cache=costs_cache,
-                             on_batch=lambda: bar.update(1))
+                             on_batch=lambda: bar.update(1), per_image=per_image[index])
                 )
-    rows = [report.summarise_draws(setting, results) for setting, results in zip(settings, per_setting)]
+    rows = [report.summarise_draws(s, results, images) for s, results, images in zip(settings, per_setting, per_image)]
+    report.add_comparisons(rows, per_image)
+    for row in rows:  # what the rows were evaluated on
+        row.update({"seed": seed, **{f"channel.{k}": v for k, v in asdict(channel.cfg).items()}})
+    title = f"{cfg.ckpt} ({info.name}, {len(test_ds)} test images, {draws} channel draws, seed {seed})"
+    if channel_changes:
+        title += "; channel differs from training: " + ", ".join(channel_changes)
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # the table goes to the log: console and evaluate.log
-        report.write_results(rows, output_dir, title=f"{cfg.ckpt} ({info.name}, {len(test_ds)} test images, {draws} channel draws)")
+        report.write_results(rows, output_dir, title=title)
     log.info("Results:\n%s", printed.getvalue().rstrip("\n"))
     for note in notes:
         log.warning("Note: %s", note)

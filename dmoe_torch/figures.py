@@ -1,0 +1,330 @@
+"""The experiment suite of ``make figures``: evaluation sweeps of one checkpoint, and the figures.
+
+Each sweep is a Hydra multirun of evaluate.py over one key (``channel.num_subcarriers``,
+``channel.d_max_m``, ``eval.policies``, ...), the other keys fixed; its settings come from
+``conf/figures/default.yaml`` (or ``quick.yaml``).  Every point is an ordinary evaluate.py run
+with its own directory::
+
+    OUT/sweeps/<mode>-<checkpoint sha256[:12]>/<sweep>/<key>=<value>/results.csv (.md, .png, events)
+    OUT/fig<i>_<name>.png and .csv          one figure and the rows it plots
+
+A point counts as computed when its directory holds results.csv and Hydra's record of its
+overrides (``.hydra/overrides.yaml``) equals the point's overrides, so an interrupted or
+partly failed run computes only the missing points when rerun; a new checkpoint (another
+sha256) or other settings (other overrides) never reuse old points.  A failing point is
+reported in one line naming it; the others are computed and plotted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import EVAL_KEYS, ConfigError, validate_model
+from .utils import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf" / "figures"
+DEFAULT_CKPT = "outputs/default/checkpoint.pt"
+DEFAULT_OUT = "outputs/figures"
+
+
+def hydra_value(value: Any) -> str:
+    """A Python value as Hydra override text: None -> null, [0.5, [0.9, 0.3]] -> [0.5,[0.9,0.3]]."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One multirun: ``key`` takes each of ``values`` (override text); ``fixed`` overrides the rest."""
+
+    name: str
+    key: str
+    values: tuple[str, ...]
+    fixed: tuple[str, ...]
+
+    def overrides(self, value: str) -> list[str]:
+        return [*self.fixed, f"{self.key}={value}"]
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``{key: value}`` of Hydra override strings (``++key`` and ``key`` alike)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {o.key_or_group: o.value() for o in parsed}
+
+
+def find_points(sweep: Sweep, root: Path) -> dict[str, Path]:
+    """The computed points of ``sweep`` under ``root``: value -> directory holding results.csv."""
+    wanted = {value: parse_overrides(sweep.overrides(value)) for value in sweep.values}
+    found: dict[str, Path] = {}
+    for record in sorted((root / sweep.name).glob("*/.hydra/overrides.yaml")):
+        point = record.parent.parent
+        if not (point / "results.csv").is_file():
+            continue
+        recorded = parse_overrides(list(OmegaConf.load(record)))
+        for value, overrides in wanted.items():
+            if recorded == overrides:
+                found[value] = point
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep definitions
+
+
+def checkpoint_facts(ckpt: str) -> dict[str, Any]:
+    """The checkpoint's sha256 prefix, number of experts K and MoE layers L (ConfigError naming
+    CKPT when the file is missing or not a checkpoint)."""
+    from .checkpoint import checkpoint_file, load_checkpoint
+
+    path = checkpoint_file(ckpt, key="CKPT")
+    payload = load_checkpoint(path, key="CKPT")
+    shape = validate_model(OmegaConf.create(payload["config"]))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return {"path": path, "sha": digest, "K": shape.num_experts, "L": shape.num_moe_layers,
+            "d_min_m": float(OmegaConf.create(payload["config"]).channel.d_min_m)}
+
+
+def csi_supported() -> bool:
+    """Figure 6 needs channel.csi_error_std and eval.outage_targets."""
+    from .channel import ChannelConfig
+
+    return "csi_error_std" in {f.name for f in fields(ChannelConfig)} and "outage_targets" in EVAL_KEYS
+
+
+def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Sweep]:
+    """The sweeps of ``spec`` (conf/figures/*.yaml) for a checkpoint with ``facts``; a section
+    the file does not have gives no sweep (its figures are skipped with a note)."""
+    ckpt = str(facts["path"])
+    K, L = facts["K"], facts["L"]
+
+    def fixed(section: DictConfig, **keys: Any) -> tuple[str, ...]:
+        base = {"ckpt": ckpt, "progress": False, "data.batch_size": spec.batch_size,
+                "data.limit_test": section.limit_test if "limit_test" in section else spec.limit_test,
+                "eval.channel_draws": section.draws if "draws" in section else spec.draws, **keys}
+        return tuple(f"{k}={hydra_value(v)}" for k, v in base.items()) + tuple(extra)
+
+    def plain(node) -> Any:
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    def accuracy_energy(s):
+        return "eval.policies", [plain(g) for g in s.policy_groups], fixed(s, **{"eval.gammas": plain(s.gammas)})
+
+    def subcarriers(s, policies=None):
+        return ("++channel.num_subcarriers", [int(m * K) for m in s.multiples],
+                fixed(s, **{"eval.policies": policies or plain(s.policies), "eval.gammas": plain(s.gammas)}))
+
+    def layer_gammas(s):
+        lists = [[[float(g) if i == layer else float(s.base) for i in range(L)] for g in s.gammas] for layer in range(L)]
+        return "eval.gammas", lists, fixed(s, **{"eval.policies": [s.policy]})
+
+    def cell(s):
+        radii = [float(d) for d in s.d_max_m if float(d) > facts["d_min_m"]]  # d_max must exceed the checkpoint's d_min
+        return "++channel.d_max_m", radii, fixed(s, **{"eval.policies": plain(s.policies), "eval.gammas": plain(s.gammas)})
+
+    def csi(s):
+        return ("++channel.csi_error_std", [float(v) for v in s.csi_error_std],
+                fixed(s, **{"eval.policies": plain(s.policies), "eval.gammas": plain(s.gammas),
+                            "eval.outage_targets": plain(s.outage_targets)}))
+
+    makers = {"accuracy_energy": accuracy_energy, "subcarriers": subcarriers,
+              "optimal": lambda s: subcarriers(s, ["jesa", "optimal"]), "layer_gammas": layer_gammas, "cell": cell}
+    if csi_supported():
+        makers["csi"] = csi
+    sweeps: dict[str, Sweep] = {}
+    for name, make in makers.items():
+        if name not in spec:
+            continue
+        try:
+            key, values, overrides = make(spec[name])
+        except Exception as exc:  # a missing or mistyped key of the settings file
+            raise ConfigError(f"{name}: {str(exc).splitlines()[0]} (settings file)") from None
+        sweeps[name] = Sweep(name, key, tuple(hydra_value(v) for v in values), overrides)
+    return sweeps
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the sweeps
+
+
+def _error_line(text: str) -> str:
+    """The one-line ``Error: ...`` evaluate.py printed, else the last non-empty line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line.removeprefix("Error:").strip() for line in lines if line.startswith("Error:")]
+    return (errors[-1] if errors else lines[-1] if lines else "no output")[:500]
+
+
+def launch(sweep: Sweep, values: list[str], root: Path, *, jobs: int, log: Path,
+           echo: Callable[[str], None]) -> tuple[int, str]:
+    """Run evaluate.py -m over ``values`` of ``sweep``; returns (exit status, its error line)."""
+    excluded = ",".join(o.split("=", 1)[0].lstrip("+") for o in sweep.fixed)
+    command = [sys.executable, str(REPO / "evaluate.py"), "-m", *sweep.fixed, f"{sweep.key}={','.join(values)}",
+               f"hydra.sweep.dir={root / sweep.name}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
+               f"hydra.job.config.override_dirname.exclude_keys=[{excluded}]"]
+    if jobs > 1:
+        command += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    output = io.StringIO()
+    with open(log, "a") as handle:
+        handle.write("$ " + " ".join(command) + "\n")
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            handle.write(line)
+            output.write(line)
+            if "[HYDRA]" in line and "\t#" in line:  # "#3 : key=value ..." as Hydra launches a point
+                echo(f"  point {line.split(chr(9) + '#', 1)[1].split(':', 1)[0].strip()}: "
+                     + next((o.lstrip("+") for o in line.split() if o.lstrip("+").startswith(sweep.key.lstrip("+") + "=")), ""))
+        status = process.wait()
+    return status, _error_line(output.getvalue()) if status else ""
+
+
+def run_sweep(sweep: Sweep, root: Path, *, jobs: int, echo: Callable[[str], None]) -> list[str]:
+    """Compute the missing points of ``sweep``; returns one error line per failed point."""
+    missing = [v for v in sweep.values if v not in find_points(sweep, root)]
+    echo(f"sweep {sweep.name}: {len(sweep.values)} points over {sweep.key.lstrip('+')}, "
+         f"{len(missing)} to compute" + ("" if missing else " (all computed before)"))
+    if not missing:
+        return []
+    start = time.perf_counter()
+    log = root / sweep.name / "sweep.log"
+    status, error = launch(sweep, missing, root, jobs=jobs, log=log, echo=echo)
+    errors = []
+    if status:
+        # A multirun stops at its first failing point: run the rest one by one to name each failure.
+        for value in [v for v in sweep.values if v not in find_points(sweep, root)]:
+            status, error = launch(sweep, [value], root, jobs=1, log=log, echo=echo)
+            if status:
+                errors.append(f"sweep {sweep.name}: point {sweep.key.lstrip('+')}={value} failed: {error} (log: {log})")
+    echo(f"sweep {sweep.name}: {time.perf_counter() - start:.0f} s")
+    return errors
+
+
+def load_points(sweep: Sweep, root: Path) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(value, result rows) of every computed point, in the sweep's order."""
+    from .report import read_results_csv
+
+    found = find_points(sweep, root)
+    return [(value, read_results_csv(found[value] / "results.csv")) for value in sweep.values if value in found]
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` (dicts, the union of their keys in first-seen order as columns), atomically."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    atomic_write_text(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def check_out_dir(out: Path) -> None:
+    """OUT must be a directory we can write (ConfigError naming it otherwise)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"OUT={str(out)!r}: not a writable directory ({exc.strerror or exc})") from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python scripts/figures.py",
+        description="Evaluation sweeps of a trained checkpoint and the figures of docs/figures (see conf/figures/).",
+    )
+    parser.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint.pt or run directory (default {DEFAULT_CKPT})")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--quick", action="store_true", help="conf/figures/quick.yaml: few images and points (minutes)")
+    parser.add_argument("--config", default=None, help="a sweep settings file instead of conf/figures/{default,quick}.yaml")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="sweep points run in parallel (>1: Hydra's joblib launcher; default 1)")
+    parser.add_argument("--only", default="", help="comma-separated figure numbers, e.g. 1,3 (default: all)")
+    parser.add_argument("overrides", nargs="*", help="extra evaluate.py overrides for every point, e.g. device=cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweeps and draw the figures; 0 when everything was drawn, 1 when a point failed,
+    2 for a bad CKPT / OUT / setting (one ``Error:`` line each)."""
+    from .figure_plots import FIGURES
+
+    args = parse_args(argv)
+    echo = lambda text: print(text, flush=True)  # noqa: E731
+    try:
+        if args.jobs < 1:
+            raise ConfigError(f"JOBS={args.jobs}: must be an integer >= 1")
+        only = {int(x) for x in args.only.split(",") if x.strip()} if args.only else set(FIGURES)
+        unknown = only - set(FIGURES)
+        if unknown:
+            raise ConfigError(f"--only={args.only}: no figure {min(unknown)}; figures are {', '.join(map(str, FIGURES))}")
+        facts = checkpoint_facts(args.ckpt)
+        out = Path(args.out)
+        check_out_dir(out)
+        mode = "quick" if args.quick else "default"
+        spec_path = Path(args.config) if args.config else CONF_DIR / f"{mode}.yaml"
+        if not spec_path.is_file():
+            raise ConfigError(f"--config={str(spec_path)!r}: no such file")
+        spec = OmegaConf.load(spec_path)
+        sweeps = build_sweeps(spec, facts, tuple(args.overrides))
+    except ConfigError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    root = out / "sweeps" / f"{spec_path.stem}-{facts['sha']}"
+    echo(f"figures of {facts['path']} (sha256 {facts['sha']}, K={facts['K']}, {facts['L']} MoE layers), "
+         f"settings {spec_path}, points in {root}")
+    errors: list[str] = []
+    done: set[str] = set()
+    for number in sorted(only):
+        figure = FIGURES[number]
+        if number == 6 and not csi_supported():
+            echo(f"Note: figure {number} ({figure.name}) skipped: {figure.requires}")
+            continue
+        if not any(name in sweeps for name in figure.sweeps):
+            echo(f"Note: figure {number} ({figure.name}) skipped: {spec_path} has no section {', '.join(figure.sweeps)}")
+            continue
+        for name in [n for n in figure.sweeps if n in sweeps]:
+            if name not in done:
+                errors += run_sweep(sweeps[name], root, jobs=args.jobs, echo=echo)
+                done.add(name)
+        data = {name: load_points(sweeps[name], root) if name in sweeps else [] for name in figure.sweeps}
+        if not any(data.values()):
+            echo(f"Note: figure {number} ({figure.name}) not drawn: none of its points were computed")
+            continue
+        stem = out / f"fig{number}_{figure.name}"
+        rows = figure.draw(data, facts, stem, sweeps)
+        write_csv(stem.with_suffix(".csv"), rows)
+        echo(f"figure {number}: {stem}.png, {stem}.csv")
+    for error in errors:
+        print(f"Error: {error}", file=sys.stderr)
+    if errors:
+        print(f"Error: {len(errors)} point(s) failed; the computed points are kept in {root}; "
+              "fix the cause and rerun to compute only the missing ones", file=sys.stderr)
+    return 1 if errors else 0
