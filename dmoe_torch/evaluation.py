@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import report
 from .checkpoint import load_checkpoint, load_model_state
+from .runtime import attach_experts
 from .config import (
     ConfigError,
     EvalPolicy,
@@ -312,6 +313,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
     load_model_state(model, checkpoint["model"], key="ckpt")
     model.to(device)
     channel = build_channel(run_cfg)
+    attach_experts(model, payload_bits=channel.payload_bits)  # runtime=distributed: experts to the workers
     num_layers = model.num_moe_layers
     loader = make_loader(test_ds, int(cfg.data.batch_size), shuffle=False, seed=seed, num_workers=int(cfg.data.num_workers))
     draws = int(cfg.eval.channel_draws)

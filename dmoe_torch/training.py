@@ -37,6 +37,7 @@ from .evaluation import (
 )
 from .moe import MetricAverager
 from .rundir import check_rerun_dir, lock_run_dir
+from .runtime import attach_experts, clip_grad_norm
 from .utils import atomic_write_json, atomic_write_text, derive_seed, device_label, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # changing what the run computes (or that must change, like train.epochs to train longer).
 RESUME_FREE_KEYS = (
     "resume", "resume_force", "progress", "device", "train.epochs", "train.stop_after_epochs", "data.num_workers", "data.root",
-    "train.log_every",
+    "train.log_every", "runtime", "runtime.name", "runtime.backend", "runtime.timeout_s",
 )
 
 class NonFiniteLossError(RuntimeError):
@@ -174,7 +175,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            clip_grad_norm(model, grad_clip)  # torch's clip_grad_norm_, remote experts included
         optimizer.step()
         scheduler.step()
 
@@ -294,6 +295,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
             progress = EpochProgress.from_state_dict(checkpoint["metrics"]["epoch_progress"])
             epoch_time_before = float(checkpoint["metrics"].get("epoch_elapsed_s", 0.0))
         log.info("Resuming from %s at epoch %d, step %d", resume_from, start_epoch + 1, checkpoint["step_in_epoch"])
+    attach_experts(model, optimizer, payload_bits=channel.payload_bits)  # runtime=distributed: experts to the workers
 
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(config_dict))
     from torch.utils.tensorboard import SummaryWriter

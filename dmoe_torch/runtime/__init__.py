@@ -57,8 +57,10 @@ class RuntimeSettings:
 
 
 def runtime_settings(cfg: DictConfig) -> RuntimeSettings:
-    """The validated ``runtime`` section (absent: local); raises ConfigError naming a bad or
-    unknown key."""
+    """The validated ``runtime`` section (absent: local), checked against how the process was
+    started: ConfigError naming a bad or unknown key, ``runtime=distributed`` without torchrun,
+    a world size with no worker or more workers than ``model.num_experts`` (when the config
+    has it), or ``runtime=local`` in a torchrun group of several processes."""
     section = cfg.get("runtime")
     if section is None:
         return RuntimeSettings()
@@ -72,12 +74,22 @@ def runtime_settings(cfg: DictConfig) -> RuntimeSettings:
         if key not in allowed:
             raise ConfigError(f"runtime.{key}: unknown key for runtime={name}; allowed: {', '.join(allowed)}")
     if name == "local":
+        world = os.environ.get("WORLD_SIZE")
+        if world not in (None, "", "1"):
+            raise ConfigError(
+                f"runtime=local with WORLD_SIZE={world} (started by torchrun?): every process would run the whole job; "
+                "pass runtime=distributed, or start one process"
+            )
         return RuntimeSettings()
-    return RuntimeSettings(
+    settings = RuntimeSettings(
         name=name,
         backend=get_str(cfg, "runtime.backend", choices=BACKENDS),
         timeout_s=get_float(cfg, "runtime.timeout_s", exclusive_minimum=0.0),
     )
+    from .distributed import check_world_size, process_env
+
+    check_world_size(process_env()[1], _num_experts(cfg))
+    return settings
 
 
 # The runtime of this process: local unless a distributed coordinator is running a job.
@@ -96,15 +108,6 @@ def _num_experts(cfg: DictConfig) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _check_single_process(settings: RuntimeSettings) -> None:
-    world = os.environ.get("WORLD_SIZE")
-    if settings.name == "local" and world not in (None, "", "1"):
-        raise ConfigError(
-            f"runtime=local with WORLD_SIZE={world} (started by torchrun?): every process would run the whole job; "
-            "pass runtime=distributed, or start one process"
-        )
-
-
 def launch(cfg: DictConfig, main: Callable[[DictConfig, Any], Any], output_dir: Any) -> Any:
     """Run ``main(cfg, output_dir)`` under ``cfg.runtime`` and return its result.
 
@@ -114,7 +117,6 @@ def launch(cfg: DictConfig, main: Callable[[DictConfig, Any], Any], output_dir: 
     checked before any work.
     """
     settings = runtime_settings(cfg)
-    _check_single_process(settings)
     if settings.name == "local":
         return main(cfg, output_dir)
     from . import distributed
@@ -122,12 +124,12 @@ def launch(cfg: DictConfig, main: Callable[[DictConfig, Any], Any], output_dir: 
     return distributed.launch(settings, main, cfg, output_dir, num_experts=_num_experts(cfg))
 
 
-def serve_if_worker(config_name: str, argv: list[str] | None = None) -> None:
+def serve_if_worker(config_name: str, argv: list[str] | None = None, config_dir: str | os.PathLike | None = None) -> None:
     """Under torchrun, turn ranks >= 1 into expert workers before Hydra starts; return at once
     on rank 0 or outside torchrun.
 
-    A worker composes the entry point's config from the same overrides (``argv``, default
-    ``sys.argv[1:]``) and reads only ``runtime`` (and ``model.num_experts``): it writes no
+    A worker composes the entry point's config (``config_dir``, default: ``conf`` beside the
+    ``__main__`` script) from the same overrides (``argv``, default ``sys.argv[1:]``) and reads only ``runtime`` (and ``model.num_experts``): it writes no
     run directory and needs no data, so worker hosts only need the code.  It serves until
     the coordinator ends, then exits the process (0; 1 if the coordinator was lost; 2 on a
     bad runtime config, with one line on stderr).
@@ -143,14 +145,14 @@ def serve_if_worker(config_name: str, argv: list[str] | None = None) -> None:
         from hydra import compose, initialize_config_dir
         from hydra.errors import HydraException
 
-        config_dir = Path(sys.modules["__main__"].__file__).resolve().parent / "conf"
+        if config_dir is None:
+            config_dir = Path(sys.modules["__main__"].__file__).resolve().parent / "conf"
         try:
             with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
                 cfg = compose(config_name, overrides=argv)
         except HydraException as exc:
             raise ConfigError(str(exc).splitlines()[0]) from None
         settings = runtime_settings(cfg)
-        _check_single_process(settings)
         from . import distributed
 
         sys.exit(distributed.serve(settings, num_experts=_num_experts(cfg)))

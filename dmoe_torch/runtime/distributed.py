@@ -65,9 +65,10 @@ BASE_HEADER = 6  # op, layer, seq, flags, dtype, rows; then one count per expert
 FLAG_TRAINING, FLAG_GRAD = 1, 2
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 IDLE_TIMEOUT = timedelta(days=30)  # a worker waits this long for the coordinator's next message
+JOIN_TIMEOUT = timedelta(minutes=10)  # for every rank to start and join (imports, data on rank 0)
 CLOSE_TIMEOUT = timedelta(seconds=5)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-TORCHRUN_HINT = "torchrun --standalone --nproc-per-node=W+1 train.py runtime=distributed (1 coordinator + W expert workers)"
+TORCHRUN_HINT = "torchrun --standalone --nproc-per-node=W+1 train.py (or evaluate.py) runtime=distributed, for 1 coordinator and W expert workers"
 
 
 def worker_of_expert(expert: int, num_workers: int) -> int:
@@ -129,7 +130,8 @@ class Session:
     def start(self) -> "Session":
         """Join the process group: gloo for control; nccl for the data too when asked (or auto)
         and every rank has its own GPU."""
-        dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=self.timeout)
+        # Joining may take longer than an exchange: every wait after it sets its own timeout.
+        dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=max(self.timeout, JOIN_TIMEOUT))
         own_gpu = torch.cuda.is_available() and self.local_rank < torch.cuda.device_count()
         flags = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
         dist.all_gather(flags, torch.tensor([int(own_gpu)]))
