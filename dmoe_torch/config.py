@@ -144,12 +144,12 @@ def _range_text(minimum: int | None, maximum: int | None) -> str:
 TRAIN_TOP_KEYS = ("seed", "device", "progress", "resume", "resume_force", "data", "model", "channel", "router",
                   "eval_router", "train", "runtime")
 TRAIN_DATA_KEYS = ("name", "root", "batch_size", "val_size", "limit_train", "limit_test", "num_workers", "augment")
-ROUTER_KEYS = ("policy", "k", "gamma", "k_min", "k_max")
+ROUTER_KEYS = ("policy", "k", "gamma", "k_min", "k_max", "outage_target")
 TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "grad_clip", "log_every",
               "stop_after_epochs")
 EVAL_TOP_KEYS = ("ckpt", "seed", "device", "progress", "data", "eval", "runtime", "channel")
 EVAL_DATA_KEYS = ("root", "batch_size", "limit_test", "num_workers")
-EVAL_KEYS = ("policies", "gammas", "k_min", "k_max", "channel_draws")
+EVAL_KEYS = ("policies", "gammas", "k_min", "k_max", "outage_targets", "channel_draws")
 
 
 def check_keys(section: Mapping, prefix: str, allowed: Iterable[str]) -> None:
@@ -340,7 +340,20 @@ def validate_router(cfg: DictConfig, prefix: str, shape: ModelShape, num_subcarr
     if k_max is not None and k_min > k_max:
         raise ConfigError(f"{prefix}.k_min={k_min}: must be <= {prefix}.k_max={k_max}")
     _check_policy_fits_channel(policy, f"{prefix}.policy", K, num_subcarriers, k_min)
-    return {"policy": policy, "k": k, "gamma": gamma, "k_min": k_min, "k_max": k_max}
+    # Checkpoints written before imperfect CSI existed have no outage_target: trust the estimate.
+    outage_target = None
+    if OmegaConf.select(cfg, f"{prefix}.outage_target", default=None) is not None:
+        outage_target = validate_outage_target(_get(cfg, f"{prefix}.outage_target"), f"{prefix}.outage_target")
+    return {"policy": policy, "k": k, "gamma": gamma, "k_min": k_min, "k_max": k_max, "outage_target": outage_target}
+
+
+def validate_outage_target(value: Any, key: str) -> float | None:
+    """null (plan on the channel estimate) or a probability in (0, 1)."""
+    if value is None:
+        return None
+    if not _is_number(value) or not 0.0 < value < 1.0:
+        raise ConfigError(f"{key}={_fmt(value)}: must be null (trust the channel estimate) or a probability in (0, 1)")
+    return float(value)
 
 
 def _check_policy_fits_channel(policy: str, key: str, num_experts: int, num_subcarriers: int, k_min: int) -> None:
@@ -428,6 +441,7 @@ class EvalPolicy:
     gamma: float | list[float] | None = None
     k_min: int = 1
     k_max: int | None = None
+    outage_target: float | None = None  # des / jesa / optimal: conservative planning under imperfect CSI
 
     @property
     def label(self) -> str:
@@ -491,6 +505,10 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
     k_min = get_int(cfg, "eval.k_min", minimum=1, maximum=K, why=f"at most the checkpoint's model.num_experts={K}")
     k_max = get_int(cfg, "eval.k_max", minimum=1, maximum=K, optional=True, why=f"at most the checkpoint's model.num_experts={K}")
     gammas = [validate_gamma(g, f"eval.gammas[{i}]", L) for i, g in enumerate(_get(cfg, "eval.gammas"))]
+    targets_value = _get(cfg, "eval.outage_targets")
+    if not isinstance(targets_value, list) or not targets_value:
+        raise ConfigError(f"eval.outage_targets={_fmt(targets_value)}: must be a non-empty list of null or probabilities in (0, 1), e.g. [null,0.05]")
+    targets = [validate_outage_target(q, f"eval.outage_targets[{i}]") for i, q in enumerate(targets_value)]
     default_k = int(train_cfg.router.k)
     settings: list[EvalPolicy] = []
     skipped: list[str] = []
@@ -504,7 +522,7 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
             raise ConfigError(f"eval.k_min={k_min}: {name} needs at least k_min subcarriers and the checkpoint's "
                               f"channel has {num_subcarriers}; pass eval.k_min={num_subcarriers} or less")
         if name in GAMMA_POLICIES:
-            settings.extend(EvalPolicy(name, None, gamma, k_min, k_max) for gamma in gammas)
+            settings.extend(EvalPolicy(name, None, gamma, k_min, k_max, q) for gamma in gammas for q in targets)
         else:
             settings.append(EvalPolicy(name, k))
     static_text = (f"the static subcarrier plan a(k) = k mod N needs at least as many subcarriers as experts and "
@@ -515,10 +533,11 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
                           f"choose the subcarriers ({', '.join(usable)}), e.g. eval.policies=[{usable[0]}]")
     if skipped and notes is not None:
         notes.append(f"skipped {', '.join(skipped)}: {static_text}")
-    labels = [(s.label, _fmt(s.gamma)) for s in settings]
+    labels = [(s.label, _fmt(s.gamma), _fmt(s.outage_target)) for s in settings]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
-        raise ConfigError(f"eval.policies / eval.gammas: duplicate setting {duplicates[0][0]} (gamma {duplicates[0][1]})")
+        label, gamma, target = duplicates[0]
+        raise ConfigError(f"eval.policies / eval.gammas / eval.outage_targets: duplicate setting {label} (gamma {gamma}, outage target {target})")
     return settings
 
 
@@ -531,7 +550,8 @@ def router_specs(cfg: DictConfig, prefix: str, failure_energy: float) -> list:
     section = cfg[prefix]
     num_layers = validate_model(cfg).num_moe_layers
     return setting_specs(
-        EvalPolicy(section.policy, int(section.k), _plain(section.gamma), int(section.k_min), _plain(section.k_max)),
+        EvalPolicy(section.policy, int(section.k), _plain(section.gamma), int(section.k_min), _plain(section.k_max),
+                   OmegaConf.select(section, "outage_target", default=None)),
         num_layers,
         failure_energy,
     )
@@ -549,6 +569,7 @@ def setting_specs(setting: EvalPolicy, num_layers: int, failure_energy: float) -
             k_min=int(setting.k_min),
             k_max=None if setting.k_max is None else int(setting.k_max),
             failure_energy=float(failure_energy),
+            outage_target=setting.outage_target,
         )
         for layer in range(num_layers)
     ]

@@ -64,9 +64,38 @@ def frame_ids(sample_ids: torch.Tensor, tokens_per_input: int) -> torch.Tensor:
 
 
 def layer_costs(channel, sample_ids: torch.Tensor, num_layers: int, stream: int, tokens_per_input: int = 1) -> list[torch.Tensor]:
-    """Per-layer link costs of a batch: L float64 CPU tensors [B*T, K, N] (J, +inf = outage)."""
+    """Per-layer link costs of a batch on the true channel (perfect CSI): L float64 CPU
+    tensors [B*T, K, N] (J, +inf = outage)."""
     frames = frame_ids(sample_ids, tokens_per_input)
     return [channel.costs(frames, layer, stream) for layer in range(num_layers)]
+
+
+def layer_links(channel, sample_ids: torch.Tensor, specs: list, stream: int, tokens_per_input: int = 1,
+                cache: dict | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """What the router of each MoE layer sees and what the channel then delivers.
+
+    Returns (costs, delivered): per layer the costs [B*T, K, N] (J, +inf = outage) planned
+    from the coordinator's channel estimate (conservatively for a spec whose
+    ``planning_target`` is set) and the bool mask [B*T, K, N] of links the true channel
+    delivers at the planned rate; under perfect CSI the costs are the true ones and
+    delivered is None.  ``cache`` (a dict, for one batch and stream) keeps the states per
+    (layer, target) so that several settings on one channel draw compute them once.
+    """
+    frames = frame_ids(sample_ids, tokens_per_input)
+    cache = {} if cache is None else cache
+    costs, delivered = [], []
+    for layer, spec in enumerate(specs):
+        target = None if channel.cfg.perfect_csi else spec.planning_target
+        key = (layer, target)
+        if key not in cache:
+            if channel.cfg.perfect_csi:
+                cache[key] = (channel.costs(frames, layer, stream), None)
+            else:
+                state = channel.link_state(frames, layer, stream, target)
+                cache[key] = (state.planned_costs, state.delivered)
+        costs.append(cache[key][0])
+        delivered.append(cache[key][1])
+    return costs, delivered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,21 +235,20 @@ def evaluate(
     ``per_image``: a list that receives ``EvalTotals.per_image()`` (per-image correctness and
     energy, in the order of ``batches``).
 
-    ``costs_cache``: a list filled with each batch's per-layer costs on the first pass over
-    ``batches`` and reused on later passes with the same batches and stream (evaluating many
-    policies on one channel draw).  Results do not depend on the batch size.
+    ``costs_cache``: a list of one dict per batch holding its per-layer link states (see
+    :func:`layer_links`), filled on the first pass over ``batches`` and reused on later passes
+    with the same batches and stream (evaluating many policies on one channel draw).  Results
+    do not depend on the batch size.
     """
     model.eval()
     tokens = model.tokens_per_input
     totals = EvalTotals(num_layers=len(specs), tokens_per_input=tokens)
     for index, (images, labels, sample_ids) in enumerate(batches):
-        if costs_cache is not None and index < len(costs_cache):
-            costs = costs_cache[index]
-        else:
-            costs = layer_costs(channel, sample_ids, len(specs), stream, tokens)
-            if costs_cache is not None:
-                costs_cache.append(costs)
-        output = model(images.to(device, non_blocking=True), costs, specs, generator=generator)
+        if costs_cache is not None and index == len(costs_cache):
+            costs_cache.append({})
+        costs, delivered = layer_links(channel, sample_ids, specs, stream, tokens,
+                                       cache=None if costs_cache is None else costs_cache[index])
+        output = model(images.to(device, non_blocking=True), costs, specs, generator=generator, delivered=delivered)
         totals.update(output.logits, labels.to(output.logits.device), output.selections)
         if on_batch is not None:
             on_batch()

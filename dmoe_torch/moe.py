@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .selection import POLICIES, Selection, route
+from .selection.delivery import apply_delivery
 
 __all__ = [
     "RouterSpec",
@@ -53,6 +54,7 @@ class RouterSpec:
     k_min: int = 1
     k_max: int | None = None
     failure_energy: float = 0.0
+    outage_target: float | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -70,6 +72,16 @@ class RouterSpec:
         fe = self.failure_energy
         if isinstance(fe, bool) or not isinstance(fe, (int, float)) or not (math.isfinite(fe) and fe >= 0):
             raise ValueError(f"router.failure_energy must be a finite float >= 0 (joules), got {fe!r}")
+        q = self.outage_target
+        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q < 1.0):
+            raise ValueError(f"router.outage_target must be null or a probability in (0, 1), got {q!r}")
+
+    @property
+    def planning_target(self) -> float | None:
+        """The outage target the channel plans this policy's costs with: only the policies
+        that optimise over the channel (des, jesa, optimal) plan conservatively; the others
+        see the plain estimate."""
+        return self.outage_target if self.policy in ("des", "jesa", "optimal") else None
 
 
 class Expert(nn.Module):
@@ -203,9 +215,13 @@ class MoELayer(nn.Module):
         costs: torch.Tensor,
         spec: RouterSpec,
         generator: torch.Generator | None = None,
+        delivered: torch.Tensor | None = None,
     ) -> MoEOutput:
-        """h [B, d]; costs [B, K, N] float64 J (+inf = outage), CPU; spec: routing config;
-        generator: CPU torch.Generator for random policies."""
+        """h [B, d]; costs [B, K, N] float64 J (+inf = outage), CPU, as the router sees them
+        (planned from its channel estimate); spec: routing config; generator: CPU
+        torch.Generator for random policies; delivered: None (perfect CSI: every finite link
+        carries its planned rate) or bool [B, K, N], whether the true channel carries link
+        (k, n)'s planned rate within T_max; a selected link that does not is a failure."""
         if h.dim() != 2 or h.shape[1] != self.d_model:
             raise ValueError(f"h must be [B, {self.d_model}], got {tuple(h.shape)}")
         B, K = h.shape[0], self.num_experts
@@ -223,6 +239,8 @@ class MoELayer(nn.Module):
                 gamma=spec.gamma, k=spec.k, k_min=spec.k_min, k_max=spec.k_max,
                 failure_energy=spec.failure_energy, generator=generator,
             )
+            if delivered is not None:
+                selection = apply_delivery(selection, costs, delivered, spec.failure_energy)
         effective_cpu = selection.mask & ~selection.failed
         effective = effective_cpu.to(h.device)
         has_expert = effective.any(dim=1, keepdim=True)

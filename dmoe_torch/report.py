@@ -33,7 +33,9 @@ REFERENCE_POLICY = "topk@2"
 #   energy_per_token_uj: the same per token; experts_per_token and the rates: per (token, MoE
 #   layer) frame, i.e. averaged over the layers; outage_rate: failed selected links / selected
 #   links.  Means are over the draws; *_ci95 / *_std / vs_topk2_*: see the module docstring.
-#   k_min / k_max: the cardinality bounds of des / jesa / optimal (empty for other policies).
+#   k_min / k_max: the cardinality bounds of des / jesa / optimal (empty for other policies);
+#   outage_target: the target of their conservative planning under imperfect CSI (empty: they
+#   plan on the channel estimate; outage_rate stays the realised share of failed links).
 RESULT_COLUMNS = (
     "policy",
     "gamma",
@@ -76,6 +78,15 @@ def format_gamma(gamma: Any) -> str:
     if isinstance(gamma, (list, tuple)):
         return "[" + ", ".join(f"{g:g}" for g in gamma) + "]"
     return f"{gamma:g}"
+
+
+def target_text(row: dict[str, Any]) -> str:
+    """"" for a row without an outage target, else e.g. "target 5%"."""
+    try:
+        target = float(row.get("outage_target", math.nan))
+    except (TypeError, ValueError):  # "" (no target) as written by summarise_draws
+        return ""
+    return f"target {100 * target:g}%" if math.isfinite(target) else ""
 
 
 def layer_column(layer: int, metric: str) -> str:
@@ -229,7 +240,7 @@ def results_markdown(rows: list[dict[str, Any]], reference: str = REFERENCE_POLI
         name = row["policy"].split("@")[0]
         cells = (
             row["policy"],
-            row["gamma"] or "-",
+            ", ".join(filter(None, (row["gamma"], target_text(row)))) or "-",
             _pm(row["accuracy_mean"], row.get("accuracy_ci95", math.nan), 2, 100.0),
             _comparison_cell(row, reference),
             _pm(row["energy_uj_mean"], row.get("energy_uj_ci95", math.nan), 2),
@@ -256,7 +267,7 @@ def layers_markdown(rows: list[dict[str, Any]]) -> str:
         def per_layer(metric: str, fmt: str) -> str:
             return " / ".join(format(row[layer_column(layer, metric)], fmt) for layer in range(L))
 
-        cells = (row["policy"], row["gamma"] or "-", per_layer("energy_uj", ".2f"), per_layer("experts_per_token", ".2f"),
+        cells = (row["policy"], ", ".join(filter(None, (row["gamma"], target_text(row)))) or "-", per_layer("energy_uj", ".2f"), per_layer("experts_per_token", ".2f"),
                  per_layer("outage_rate", ".2%"), per_layer("violation_rate", ".2%"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -292,7 +303,7 @@ def _hparam(value: Any) -> Any:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
-HPARAM_KEYS = ("policy", "gamma", "k_min", "k_max", "seed", "draws", "inputs")
+HPARAM_KEYS = ("policy", "gamma", "outage_target", "k_min", "k_max", "seed", "draws", "inputs")
 HPARAM_METRICS = {"accuracy_mean": "eval/hparams/accuracy", "energy_uj_mean": "eval/hparams/energy_uj",
                   "outage_rate": "eval/hparams/outage_rate", "experts_per_token": "eval/hparams/experts_per_token"}
 
@@ -312,6 +323,8 @@ def log_evaluation(writer, rows: list[dict[str, Any]], figure=None, table: str =
         writer.add_text("eval/results", table)
     for index, row in enumerate(rows):
         tag = f"{row['policy']}" + (f"/gamma={row['gamma']}" if row["gamma"] else "")
+        if target_text(row):
+            tag += f"/outage_target={row['outage_target']}"
         writer.add_scalar(f"eval/accuracy/{tag}", row["accuracy_mean"], 0)
         writer.add_scalar(f"eval/energy_uj/{tag}", row["energy_uj_mean"], 0)
         writer.add_scalar(f"eval/outage_rate/{tag}", row["outage_rate"], 0)
@@ -321,7 +334,7 @@ def log_evaluation(writer, rows: list[dict[str, Any]], figure=None, table: str =
             for expert, share in enumerate(row.get(f"_utilisation_{layer}", [])):
                 writer.add_scalar(f"eval/utilisation/layer{layer + 1}/{tag}", share, expert)
         hparams = {key: _hparam(row.get(key)) for key in HPARAM_KEYS}
-        hparams.update({key: _hparam(value) for key, value in row.items() if key.startswith("channel.") or key == "outage_target"})
+        hparams.update({key: _hparam(value) for key, value in row.items() if key.startswith("channel.")})
         metrics = {tag_name: float(row[key]) for key, tag_name in HPARAM_METRICS.items()}
         writer.add_hparams(hparams, metrics, run_name=f"hparams/{index:03d}")
 

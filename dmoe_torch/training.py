@@ -31,7 +31,7 @@ from .evaluation import (
     dataset_and_info,
     eval_stream,
     evaluate_with_bar,
-    layer_costs,
+    layer_links,
     routing_generator,
     train_stream,
 )
@@ -160,11 +160,10 @@ def train_one_epoch(
     the optimizer step of a batch whose loss is NaN or infinite.
     """
     model.train()
-    num_layers = len(specs)
     for images, labels, sample_ids in batches:
-        costs = layer_costs(channel, sample_ids, num_layers, stream, model.tokens_per_input)
+        costs, delivered = layer_links(channel, sample_ids, specs, stream, model.tokens_per_input)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        output = model(images, costs, specs, generator=generator)
+        output = model(images, costs, specs, generator=generator, delivered=delivered)
         loss = F.cross_entropy(output.logits, labels) + aux_loss_coef * output.aux_loss
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):

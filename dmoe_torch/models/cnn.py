@@ -96,9 +96,11 @@ class DMoEClassifier(nn.Module):
         costs: list[torch.Tensor],
         specs: list[RouterSpec],
         generator: torch.Generator | None = None,
+        delivered: list[torch.Tensor | None] | None = None,
     ) -> ModelOutput:
         """x [B, C, H, W]; costs: L float64 CPU tensors [B, K, N] (J, +inf = outage);
-        specs: L RouterSpecs (one per layer); generator: for random policies."""
+        specs: L RouterSpecs (one per layer); generator: for random policies; delivered: None
+        (perfect CSI) or L bool tensors [B, K, N] (see MoELayer.forward)."""
         L = self.num_moe_layers
         if len(costs) != L:
             raise ValueError(f"costs must hold one tensor per MoE layer ({L}), got {len(costs)}")
@@ -108,8 +110,9 @@ class DMoEClassifier(nn.Module):
             raise ValueError(f"x must be an image batch [B, C, H, W], got {tuple(x.shape)}")
         h = self.stem(x.contiguous(memory_format=torch.channels_last))
         aux_losses, layer_metrics, selections = [], [], []
-        for layer, layer_costs, spec in zip(self.moe_layers, costs, specs):
-            result = layer(h, layer_costs, spec, generator=generator)
+        delivered = delivered or [None] * L
+        for layer, layer_costs, spec, layer_delivered in zip(self.moe_layers, costs, specs, delivered):
+            result = layer(h, layer_costs, spec, generator=generator, delivered=layer_delivered)
             h = result.out
             aux_losses.append(result.aux_loss)
             layer_metrics.append(result.metrics)

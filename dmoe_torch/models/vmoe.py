@@ -149,10 +149,12 @@ class VMoEClassifier(nn.Module):
         costs: list[torch.Tensor],
         specs: list[RouterSpec],
         generator: torch.Generator | None = None,
+        delivered: list[torch.Tensor | None] | None = None,
     ) -> ModelOutput:
         """x [B, C, H, W]; costs: one float64 CPU tensor [B*T, K, N] per MoE block (J, +inf =
-        outage), row b*T + t for token t of image b; specs: one RouterSpec per MoE block.
-        Selections in the output have B*T rows in the same order."""
+        outage), row b*T + t for token t of image b; specs: one RouterSpec per MoE block;
+        delivered: None (perfect CSI) or one bool tensor [B*T, K, N] per MoE block (see
+        MoELayer.forward).  Selections in the output have B*T rows in the same order."""
         L = self.num_moe_layers
         if len(costs) != L or len(specs) != L:
             raise ValueError(f"costs and specs must hold one entry per MoE block ({L}), got {len(costs)} and {len(specs)}")
@@ -164,11 +166,13 @@ class VMoEClassifier(nn.Module):
         h = tokens + self.pos_embed
         B, T, d = h.shape
         aux_losses, layer_metrics, selections = [], [], []
+        delivered = delivered or [None] * L
         moe_index = 0
         for block in self.blocks:
             h = block(h)
             if block.moe is not None:
-                result = block.moe(h.reshape(B * T, d), costs[moe_index], specs[moe_index], generator=generator)
+                result = block.moe(h.reshape(B * T, d), costs[moe_index], specs[moe_index], generator=generator,
+                                   delivered=delivered[moe_index])
                 h = result.out.view(B, T, d)
                 aux_losses.append(result.aux_loss)
                 layer_metrics.append(result.metrics)
