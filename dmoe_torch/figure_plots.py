@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .plotting import accuracy_energy_figure, pareto_rows, policy_colors, pyplot
+from .report import target_text
 
 ENERGY_LABEL = "energy per image (µJ, all MoE layers)"
 
@@ -44,7 +45,7 @@ def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (policy, gamma): the reference topk@2 is in several points, identically."""
     seen, unique = set(), []
     for row in rows:
-        key = (row["policy"], row["gamma"], row.get("outage_target"))
+        key = (row["policy"], row["gamma"], target_text(row))
         if key not in seen:
             seen.add(key)
             unique.append(row)
@@ -318,11 +319,10 @@ def draw_cell(data, facts, stem: Path, sweeps) -> list[dict]:
 
 
 def _target_label(row: dict[str, Any]) -> str:
-    target = row.get("outage_target", math.nan)
     if row["policy"] not in ("des", "jesa", "optimal"):
         return _series_label(row)
-    planned = "naive" if not isinstance(target, (int, float)) or not math.isfinite(target) else f"robust {100 * target:g}%"
-    return f"{_series_label(row)} {planned}"
+    target = target_text(row)
+    return f"{_series_label(row)} " + (f"robust, {target}" if target else "naive")
 
 
 def draw_csi(data, facts, stem: Path, sweeps) -> list[dict]:

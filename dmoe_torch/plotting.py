@@ -95,17 +95,19 @@ def _draw_points(axes, points: list[dict], colors: dict, *, legend: bool) -> lis
     """Errorbar series per policy: scalar gammas joined by a line, per-layer gamma lists as
     separate diamonds (not a continuum).  Returns (energy, accuracy, label) of points to label."""
     to_label = []
-    series: dict[tuple[str, bool], list[dict]] = {}
+    from .report import target_text
+
+    series: dict[tuple[str, bool, str], list[dict]] = {}
     for row in points:
-        series.setdefault((row["policy"], _is_per_layer(row["gamma"])), []).append(row)
-    for (policy, per_layer), group in series.items():
+        series.setdefault((row["policy"], _is_per_layer(row["gamma"]), target_text(row)), []).append(row)
+    for (policy, per_layer, target), group in series.items():
         group = sorted(group, key=lambda r: r["energy_uj_mean"])
         axes.errorbar(
             [r["energy_uj_mean"] for r in group], [r["accuracy_mean"] for r in group],
             xerr=[_finite(r.get("energy_uj_ci95")) for r in group], yerr=[_finite(r.get("accuracy_ci95")) for r in group],
             marker="D" if per_layer else "o", markersize=4, capsize=2, elinewidth=0.8, color=colors[policy],
-            linestyle="none" if per_layer or len(group) == 1 else "-", linewidth=1.2,
-            label=(f"{policy} (per-layer γ)" if per_layer else policy) if legend else None,
+            linestyle="none" if per_layer or len(group) == 1 else "--" if target else "-", linewidth=1.2,
+            label=" ".join(filter(None, (policy, "(per-layer γ)" if per_layer else "", target))) if legend else None,
         )
         to_label.extend((r["energy_uj_mean"], r["accuracy_mean"], r["gamma"]) for r in group if r["gamma"])
     return to_label
