@@ -27,6 +27,30 @@ def test_rayleigh_power_gain_is_unit_mean_exponential():
         assert abs((g < x).mean() - (1 - math.exp(-x))) < 0.005
 
 
+def _splitmix64(x: int) -> int:
+    """Reference SplitMix64 finaliser on Python ints (independent of the numpy version)."""
+    mask = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_iid_draw_is_the_documented_counter_hash():
+    """|h|^2 = -log(u), u from 53 bits of SplitMix64(SplitMix64(counter ^ key)) (the original model)."""
+    seed, stream, layer, K, N = 5, 2, 1, 3, 4
+    key = 0
+    for part in (seed, stream, layer):
+        key = _splitmix64(key ^ part)
+    ids = [0, 7, 123456]
+    g = rayleigh_power_gains(seed, stream, layer, ids, K, N)
+    for r, frame in enumerate(ids):
+        for link in range(K * N):
+            bits = _splitmix64(_splitmix64((frame * K * N + link) ^ key))
+            u = ((bits >> 11) + 0.5) / 2.0**53
+            assert g[r, link // N, link % N] == pytest.approx(-math.log(u), rel=1e-15)
+
+
 def test_fading_independent_across_links_and_streams():
     g = rayleigh_power_gains(0, 0, 0, range(5000), 2, 2).reshape(5000, 4)
     corr = np.corrcoef(g.T)

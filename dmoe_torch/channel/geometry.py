@@ -239,6 +239,20 @@ class WirelessChannel:
     def link_states(self, frame_ids, layer: int, stream: int, outage_targets) -> list[LinkState]:
         """:meth:`link_state` for several outage targets (None allowed) on one channel draw."""
         targets = [check_outage_target(q) for q in outage_targets]
+        true_power, est_power = self.true_and_estimated_power(frame_ids, layer, stream)
+        states = []
+        for q in targets:
+            plan_power = est_power if q is None else conservative_power(est_power, self.csi_correlation, q)
+            planned_costs = self.costs_from_gains(self._gains_from_power(plan_power))
+            delivered = torch.from_numpy(true_power >= plan_power) & torch.isfinite(planned_costs)
+            states.append(LinkState(planned_costs=planned_costs, delivered=delivered))
+        return states
+
+    def true_and_estimated_power(self, frame_ids, layer: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
+        """(|h|^2, |h_hat|^2): the true fading and the coordinator's estimate, float64 numpy [R, K, N].
+
+        h_hat = sqrt(1 - eps^2) h(f - D) + eps w.  With perfect CSI both are the same array.
+        """
         cfg = self.cfg
         ids = _as_numpy_ids(frame_ids)
         delay = int(cfg.csi_delay_frames)
@@ -248,17 +262,10 @@ class WirelessChannel:
         else:  # one call for both frames: the jakes tables are shared
             both = self._any_power(np.concatenate([ids, ids - delay]), layer, stream)
             true_power, old_power = both[: len(ids)], both[len(ids) :]
-        est_power = old_power
-        if cfg.csi_error_std > 0:
-            noise_power, noise_cos = csi_noise(self.seed, stream, layer, ids, self.num_devices, self.num_subcarriers)
-            est_power = estimate_power(old_power, noise_power, noise_cos, cfg.csi_error_std)
-        states = []
-        for q in targets:
-            plan_power = est_power if q is None else conservative_power(est_power, self.csi_correlation, q)
-            planned_costs = self.costs_from_gains(self._gains_from_power(plan_power))
-            delivered = torch.from_numpy(true_power >= plan_power) & torch.isfinite(planned_costs)
-            states.append(LinkState(planned_costs=planned_costs, delivered=delivered))
-        return states
+        if cfg.csi_error_std == 0:
+            return true_power, old_power
+        noise_power, noise_cos = csi_noise(self.seed, stream, layer, ids, self.num_devices, self.num_subcarriers)
+        return true_power, estimate_power(old_power, noise_power, noise_cos, cfg.csi_error_std)
 
     def costs_from_gains(self, gains: torch.Tensor) -> torch.Tensor:
         """Per-link energy in J from linear gains [..., K, N]; +inf in outage."""
