@@ -1,6 +1,9 @@
 # The two entry points of README.md. Both set everything up first and are idempotent.
 PY := .venv/bin/python
-RUN_DIR ?= outputs/default
+# The model of `make run`: empty for the default of conf/train.yaml, or a conf/model name
+# (cnn, vmoe, ...); each gets its own run directory.
+MODEL ?=
+RUN_DIR ?= outputs/$(if $(MODEL),$(MODEL),default)
 
 .PHONY: setup run test bench
 
@@ -9,7 +12,7 @@ setup:
 
 # Train the default model, then evaluate accuracy vs energy on its checkpoint.
 run: setup
-	$(PY) train.py hydra.run.dir=$(RUN_DIR)
+	$(PY) train.py hydra.run.dir=$(RUN_DIR) $(if $(MODEL),model=$(MODEL))
 	$(PY) evaluate.py ckpt=$(RUN_DIR)/checkpoint.pt hydra.run.dir=$(RUN_DIR)/eval
 
 test: setup
