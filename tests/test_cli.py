@@ -83,6 +83,9 @@ def compose_cfg(name: str, overrides=()):
 COMMAND = re.compile(r"(python|\$\(PY\)|torchrun\b[^#\n`]*?)\s+(train|evaluate)\.py\b([^#\n`]*)")
 
 
+MAKE_IF_MODEL = re.compile(r"\$\(if \$\(MODEL\),model=\$\(MODEL\)\)")
+
+
 def documented_commands() -> list[tuple[str, str, list[str]]]:
     """(where, script, arguments) of every train.py / evaluate.py command line in the docs."""
     sources = [REPO / "README.md", REPO / "Makefile", *sorted((REPO / "docs").glob("*.md")),
@@ -91,7 +94,14 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
     for path in sources:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             for launcher, script, rest in COMMAND.findall(line):
-                words = rest.replace("$(RUN_DIR)", "outputs/default").split()
+                rest = rest.replace("$(RUN_DIR)", "outputs/default")
+                make_if = MAKE_IF_MODEL.search(rest)
+                if make_if:  # `make run MODEL=name`: the default (no MODEL), then every model
+                    for model in [None, *sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))]:
+                        args = rest.replace(make_if.group(0), f"model={model}" if model else "").split()
+                        commands.append((f"{path.relative_to(REPO)}:{number} MODEL={model or ''}", script, args))
+                    continue
+                words = rest.split()
                 if any(w.startswith("--help") for w in words):
                     continue
                 args = [w.rstrip("`),") for w in words if "=" in w and not w.startswith("[")] + \
