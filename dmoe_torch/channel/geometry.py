@@ -123,6 +123,11 @@ class ChannelConfig:
         """sigma2 = N0 * B * NF per subcarrier, in W."""
         return dbm_to_watt(self.noise_psd_dbm_per_hz + self.noise_figure_db) * self.subcarrier_bandwidth_hz
 
+    @property
+    def perfect_csi(self) -> bool:
+        """The coordinator knows the current channel exactly (eps = 0, D = 0)."""
+        return self.csi_error_std == 0 and self.csi_delay_frames == 0
+
 
 def path_loss_db(distance_m):
     """3GPP-style macro path loss 128.1 + 37.6 log10(d / 1 km), in dB (d in metres)."""
