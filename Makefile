@@ -25,9 +25,11 @@ bench: setup
 
 # Evaluation sweeps of a trained checkpoint and their figures (README "Figures"):
 #   make figures [QUICK=1] [CKPT=checkpoint.pt or run dir] [OUT=dir] [JOBS=parallel points]
+#                [DOCS=docs/figures (small copies)] [ARGS="evaluate.py overrides, e.g. device=cpu"]
 .PHONY: figures
 CKPT ?= $(RUN_DIR)/checkpoint.pt
 OUT ?= outputs/figures
 JOBS ?= 1
 figures: setup
-	$(PY) scripts/figures.py --ckpt "$(CKPT)" --out "$(OUT)" --jobs $(JOBS) $(if $(filter 1 true yes,$(QUICK)),--quick)
+	$(PY) scripts/figures.py --ckpt "$(CKPT)" --out "$(OUT)" --jobs $(JOBS) $(if $(filter 1 true yes,$(QUICK)),--quick) \
+		$(if $(DOCS),--docs "$(DOCS)") $(ARGS)

@@ -1,8 +1,8 @@
 """The figures of ``make figures`` (:mod:`dmoe_torch.figures`), drawn from the sweeps' results.
 
 Each ``draw_*`` takes ``data`` (sweep name -> [(swept value, results.csv rows)]), the
-checkpoint's ``facts`` (K, L, ...), the output stem (writes ``<stem>.png``) and the sweeps, and
-returns the rows it plotted (written to ``<stem>.csv``).  Energy is always per image, summed
+checkpoint's ``facts`` (K, L, ...) and the sweeps, and returns the matplotlib figure and the
+rows it plotted (written to ``<stem>.png`` and ``<stem>.csv``).  Energy is always per image, summed
 over all MoE layers, unless an axis says "layer 1"; error bars are 95% intervals over the test
 images and channel draws.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -28,13 +27,6 @@ class Figure:
     sweeps: tuple[str, ...]
     draw: Callable[..., list[dict[str, Any]]]
     requires: str = ""
-
-
-def _save(figure, stem: Path) -> None:
-    from .report import save_figure
-
-    save_figure(figure, stem.with_suffix(".png"))
-    pyplot().close(figure)
 
 
 def _rows(points: list[tuple[str, list[dict]]]) -> list[dict[str, Any]]:
@@ -102,13 +94,12 @@ def _subtitle(rows: list[dict]) -> str:
 # 1. accuracy vs energy
 
 
-def draw_accuracy_energy(data, facts, stem: Path, sweeps) -> list[dict]:
+def draw_accuracy_energy(data, facts, sweeps) -> tuple[Any, list[dict]]:
     rows = _unique(_rows(data["accuracy_energy"]))
     front = {id(r) for r in pareto_rows(rows)}
     title = f"Accuracy vs energy per image, every policy (Pareto front circled); {_subtitle(rows)}"
     figure = accuracy_energy_figure(rows, title, pareto=True)
-    _save(figure, stem)
-    return [{"pareto": id(r) in front, **r} for r in rows]
+    return figure, [{"pareto": id(r) in front, **r} for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +114,7 @@ def _subcarrier_axis(axes, values: list[int], K: int) -> None:
     axes.set_xlabel(f"subcarriers N (K = {K} experts)")
 
 
-def draw_subcarriers(data, facts, stem: Path, sweeps) -> list[dict]:
+def draw_subcarriers(data, facts, sweeps) -> tuple[Any, list[dict]]:
     plt = pyplot()
     K = facts["K"]
     main = _rows(data["subcarriers"])
@@ -145,8 +136,7 @@ def draw_subcarriers(data, facts, stem: Path, sweeps) -> list[dict]:
             axes.legend(fontsize=8)
     figure.suptitle("Energy per image vs number of subcarriers N", fontsize=10)
     figure.tight_layout()
-    _save(figure, stem)
-    return [{"sweep": "subcarriers", **r} for r in main] + [{"sweep": "optimal", **r} for r in small]
+    return figure, [{"sweep": "subcarriers", **r} for r in main] + [{"sweep": "optimal", **r} for r in small]
 
 
 def _gaps(small: list[dict]) -> list[dict]:
@@ -165,7 +155,7 @@ def _gaps(small: list[dict]) -> list[dict]:
     return gaps
 
 
-def draw_jesa_gap(data, facts, stem: Path, sweeps) -> list[dict]:
+def draw_jesa_gap(data, facts, sweeps) -> tuple[Any, list[dict]]:
     plt = pyplot()
     K = facts["K"]
     main = [r for r in _rows(data["subcarriers"]) if r["policy"] == "jesa"]
@@ -197,15 +187,14 @@ def draw_jesa_gap(data, facts, stem: Path, sweeps) -> list[dict]:
             axes.legend(fontsize=8)
     figure.suptitle("JESA: certified share and measured gap to the MILP optimum vs N/K", fontsize=10)
     figure.tight_layout()
-    _save(figure, stem)
-    return [{"quantity": "certified", **r} for r in main] + [{"quantity": "gap", **g} for g in gaps]
+    return figure, [{"quantity": "certified", **r} for r in main] + [{"quantity": "gap", **g} for g in gaps]
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. gamma
 
 
-def draw_gamma(data, facts, stem: Path, sweeps) -> list[dict]:
+def draw_gamma(data, facts, sweeps) -> tuple[Any, list[dict]]:
     plt = pyplot()
     rows = _unique(_rows(data["accuracy_energy"]))
     curve = [dict(r, gamma_value=float(r["gamma"])) for r in rows
@@ -254,8 +243,7 @@ def draw_gamma(data, facts, stem: Path, sweeps) -> list[dict]:
     heat_energy.set_title(f"{policy}: energy when one layer lowers γ", fontsize=9)
     figure.suptitle("Energy and accuracy vs the importance factor γ", fontsize=10)
     figure.tight_layout()
-    _save(figure, stem)
-    return [{"panel": "gamma", **r} for r in curve] + [{"panel": "per-layer gamma", **c} for c in cells]
+    return figure, [{"panel": "gamma", **r} for r in curve] + [{"panel": "per-layer gamma", **c} for c in cells]
 
 
 def _layer_cells(points, sweep, num_layers: int) -> list[dict]:
@@ -288,7 +276,7 @@ def edge_snr_db(row: dict[str, Any]) -> float:
     return float(10 * math.log10(power / cfg.noise_power_w) - path_loss_db(cfg.d_max_m))
 
 
-def draw_cell(data, facts, stem: Path, sweeps) -> list[dict]:
+def draw_cell(data, facts, sweeps) -> tuple[Any, list[dict]]:
     plt = pyplot()
     rows = [dict(r, edge_snr_db=edge_snr_db(r)) for r in _rows(data["cell"])]
     figure, panels = plt.subplots(1, 3, figsize=(15.0, 4.8))
@@ -310,8 +298,7 @@ def draw_cell(data, facts, stem: Path, sweeps) -> list[dict]:
     panels[0].legend(fontsize=8)
     figure.suptitle(f"Energy, outage and accuracy vs cell radius ({_subtitle(rows)})" if rows else "", fontsize=10)
     figure.tight_layout()
-    _save(figure, stem)
-    return rows
+    return figure, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +312,7 @@ def _target_label(row: dict[str, Any]) -> str:
     return f"{_series_label(row)} " + (f"robust, {target}" if target else "naive")
 
 
-def draw_csi(data, facts, stem: Path, sweeps) -> list[dict]:
+def draw_csi(data, facts, sweeps) -> tuple[Any, list[dict]]:
     plt = pyplot()
     rows = _rows(data["csi"])
     figure, panels = plt.subplots(1, 3, figsize=(15.0, 4.8))
@@ -343,8 +330,7 @@ def draw_csi(data, facts, stem: Path, sweeps) -> list[dict]:
     figure.suptitle(f"Imperfect CSI: realised outage and energy, naive vs robust planning ({_subtitle(rows)})" if rows else "",
                     fontsize=10)
     figure.tight_layout()
-    _save(figure, stem)
-    return rows
+    return figure, rows
 
 
 FIGURES: dict[int, Figure] = {

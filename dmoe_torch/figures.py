@@ -31,13 +31,15 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import EVAL_KEYS, ConfigError, validate_model
-from .utils import atomic_write_text
+from .config import EVAL_KEYS, ConfigError, model_name, validate_model
+from .data import DATASET_IMAGE_SIZES
+from .utils import atomic_write, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf" / "figures"
 DEFAULT_CKPT = "outputs/default/checkpoint.pt"
 DEFAULT_OUT = "outputs/figures"
+DOCS_DPI = 64  # the README's copies: about 100 kB each
 
 
 def hydra_value(value: Any) -> str:
@@ -65,11 +67,12 @@ class Sweep:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``{key: value}`` of Hydra override strings (``++key`` and ``key`` alike)."""
+    """``{key: value}`` of Hydra override strings (``++key`` and ``key`` alike), without
+    Hydra's own (``hydra.*``, ``hydra/launcher=...``), which a job's record does not list."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    return {o.key_or_group: o.value() for o in parsed}
+    return {o.key_or_group: o.value() for o in parsed if not o.key_or_group.startswith(("hydra.", "hydra/"))}
 
 
 def find_points(sweep: Sweep, root: Path) -> dict[str, Path]:
@@ -98,10 +101,14 @@ def checkpoint_facts(ckpt: str) -> dict[str, Any]:
 
     path = checkpoint_file(ckpt, key="CKPT")
     payload = load_checkpoint(path, key="CKPT")
-    shape = validate_model(OmegaConf.create(payload["config"]))
+    config = OmegaConf.create(payload["config"])
+    shape = validate_model(config)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    return {"path": path, "sha": digest, "K": shape.num_experts, "L": shape.num_moe_layers,
-            "d_min_m": float(OmegaConf.create(payload["config"]).channel.d_min_m)}
+    tokens = 1  # routed inputs per image: 1 for the per-image model, the patch tokens for vmoe
+    if model_name(config) == "vmoe":
+        tokens = (DATASET_IMAGE_SIZES[config.data.name] // int(config.model.patch_size)) ** 2 + int(config.model.class_token)
+    return {"path": path, "sha": digest, "K": shape.num_experts, "L": shape.num_moe_layers, "T": tokens,
+            "d_min_m": float(config.channel.d_min_m)}
 
 
 def csi_supported() -> bool:
@@ -146,8 +153,13 @@ def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...]
                 fixed(s, **{"eval.policies": plain(s.policies), "eval.gammas": plain(s.gammas),
                             "eval.outage_targets": plain(s.outage_targets)}))
 
-    makers = {"accuracy_energy": accuracy_energy, "subcarriers": subcarriers,
-              "optimal": lambda s: subcarriers(s, ["jesa", "optimal"]), "layer_gammas": layer_gammas, "cell": cell}
+    def optimal(s):
+        # One MILP per routed token: the image count follows from a token budget.
+        s = OmegaConf.merge(s, {"limit_test": max(1, int(s.tokens) // facts["T"])})
+        return subcarriers(s, ["jesa", "optimal"])
+
+    makers = {"accuracy_energy": accuracy_energy, "subcarriers": subcarriers, "optimal": optimal,
+              "layer_gammas": layer_gammas, "cell": cell}
     if csi_supported():
         makers["csi"] = csi
     sweeps: dict[str, Sweep] = {}
@@ -244,15 +256,15 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 # Command line
 
 
-def check_out_dir(out: Path) -> None:
-    """OUT must be a directory we can write (ConfigError naming it otherwise)."""
+def check_out_dir(out: Path, key: str = "OUT") -> None:
+    """``out`` must be a directory we can write (ConfigError naming ``key`` otherwise)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"OUT={str(out)!r}: not a writable directory ({exc.strerror or exc})") from None
+        raise ConfigError(f"{key}={str(out)!r}: not a writable directory ({exc.strerror or exc})") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -266,6 +278,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="a sweep settings file instead of conf/figures/{default,quick}.yaml")
     parser.add_argument("--jobs", type=int, default=1,
                         help="sweep points run in parallel (>1: Hydra's joblib launcher; default 1)")
+    parser.add_argument("--docs", default=None, help="also write small copies of the PNGs to this folder (docs/figures)")
     parser.add_argument("--only", default="", help="comma-separated figure numbers, e.g. 1,3 (default: all)")
     parser.add_argument("overrides", nargs="*", help="extra evaluate.py overrides for every point, e.g. device=cpu")
     return parser.parse_args(argv)
@@ -275,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sweeps and draw the figures; 0 when everything was drawn, 1 when a point failed,
     2 for a bad CKPT / OUT / setting (one ``Error:`` line each)."""
     from .figure_plots import FIGURES
+    from .plotting import pyplot
+    from .report import save_figure
 
     args = parse_args(argv)
     echo = lambda text: print(text, flush=True)  # noqa: E731
@@ -288,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         facts = checkpoint_facts(args.ckpt)
         out = Path(args.out)
         check_out_dir(out)
+        docs = None if args.docs is None else Path(args.docs)
+        if docs is not None:
+            check_out_dir(docs, key="DOCS")
         mode = "quick" if args.quick else "default"
         spec_path = Path(args.config) if args.config else CONF_DIR / f"{mode}.yaml"
         if not spec_path.is_file():
@@ -319,9 +337,13 @@ def main(argv: list[str] | None = None) -> int:
             echo(f"Note: figure {number} ({figure.name}) not drawn: none of its points were computed")
             continue
         stem = out / f"fig{number}_{figure.name}"
-        rows = figure.draw(data, facts, stem, sweeps)
+        drawn, rows = figure.draw(data, facts, sweeps)
+        save_figure(drawn, stem.with_suffix(".png"))
+        if docs is not None:  # a small copy for the README
+            atomic_write(docs / f"{stem.name}.png", lambda handle: drawn.savefig(handle, format="png", dpi=DOCS_DPI))
+        pyplot().close(drawn)
         write_csv(stem.with_suffix(".csv"), rows)
-        echo(f"figure {number}: {stem}.png, {stem}.csv")
+        echo(f"figure {number}: {stem}.png, {stem}.csv" + (f", {docs / stem.name}.png" if docs is not None else ""))
     for error in errors:
         print(f"Error: {error}", file=sys.stderr)
     if errors:

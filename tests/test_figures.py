@@ -63,7 +63,7 @@ def test_two_point_multirun_then_figure_then_rerun_computes_nothing(checkpoint, 
     spec = settings(tmp_path, "cell:\n  d_max_m: [150, 300]\n  policies: [topk@2, jesa]\n  gammas: [0.9]\n")
     out = tmp_path / "figs"
     args = ("--ckpt", str(checkpoint), "--out", str(out), "--config", spec, "--only", "4", "--jobs", "2",
-            "device=cpu", f"data.root={data_root}")
+            "--docs", str(tmp_path / "docs"), "device=cpu", f"data.root={data_root}")
     assert run(*args) == 0
     printed = capsys.readouterr().out
     assert "sweep cell: 2 points over channel.d_max_m, 2 to compute" in printed
@@ -78,6 +78,8 @@ def test_two_point_multirun_then_figure_then_rerun_computes_nothing(checkpoint, 
     assert float(topk[300.0]["energy_uj_mean"]) > float(topk[150.0]["energy_uj_mean"])
     assert float(topk[150.0]["edge_snr_db"]) > float(topk[300.0]["edge_snr_db"]) + 5
     assert (out / "fig4_cell_radius.png").read_bytes()[:4] == b"\x89PNG"
+    small = tmp_path / "docs" / "fig4_cell_radius.png"  # the README's copy
+    assert small.read_bytes()[:4] == b"\x89PNG" and small.stat().st_size < (out / "fig4_cell_radius.png").stat().st_size
     # Evaluation-time override of the checkpoint's channel: recorded, and named in the title
     # only where it differs from training (d_max 300 m).
     titles = {p.parent.name: (p.parent / "results.md").read_text().splitlines()[0] for p in points}
@@ -96,9 +98,10 @@ def test_failing_point_is_named_and_the_others_are_kept(checkpoint, data_root, t
     out = tmp_path / "figs"
     status = run("--ckpt", str(checkpoint), "--out", str(out), "--config", spec, "--only", "2", "device=cpu",
                  f"data.root={data_root}")
-    assert status == 1
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 2  # the point, then the summary
+    captured = capsys.readouterr()
+    assert status == 1, captured.out[-3000:] + captured.err[-3000:]
+    errors = [line for line in captured.err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2, captured.err  # the point, then the summary
     assert "point channel.num_subcarriers=0 failed" in errors[0] and "channel.num_subcarriers" in errors[0]
     assert "computed points are kept" in errors[1]
     assert len(list((out / "sweeps").glob("settings-*/subcarriers/*/results.csv"))) == 1
@@ -131,6 +134,8 @@ def test_sweeps_from_settings(checkpoint):
     first = figures.parse_overrides([f"x={sweeps['layer_gammas'].values[0]}"])["x"]
     assert all(v[0] != 0.9 or v[1:] == [0.9] * (L - 1) for v in first)  # layer 1 varies, the others stay at base
     assert "eval.policies=[jesa,optimal]" in sweeps["optimal"].fixed
+    assert facts["T"] == 16  # tiny_vmoe: 7x7 patches of a 28x28 image
+    assert f"data.limit_test={400 // 16}" in sweeps["optimal"].fixed  # a budget of 400 routed tokens
     assert "data.limit_test=null" in sweeps["accuracy_energy"].fixed  # figure 1 on the full test set
 
 
