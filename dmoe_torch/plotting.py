@@ -3,6 +3,7 @@ not overlap.  Everything draws on the Agg backend (no display needed)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any, Sequence
 
 import numpy as np
@@ -199,8 +200,8 @@ def accuracy_energy_figure(rows: list[dict[str, Any]], title: str = "", *, paret
     else:
         _draw_floors(detail, floors)
     detail.legend(fontsize=8, loc="best", title="labels: γ", title_fontsize=8)
-    if title:
-        figure.suptitle(title, fontsize=9)
+    if title:  # wrapped to the figure's width (about 15 characters per inch at this size)
+        figure.suptitle(textwrap.fill(title, width=int(15 * figure.get_figwidth())), fontsize=9)
     figure.tight_layout()
     place_labels(detail, [(x, y) for x, y, _ in to_label], [t for _, _, t in to_label],
                  avoid=[(r["energy_uj_mean"], r["accuracy_mean"]) for r in focus])
