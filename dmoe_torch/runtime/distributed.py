@@ -39,6 +39,7 @@ import io
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from datetime import timedelta
@@ -107,8 +108,10 @@ def check_world_size(world_size: int, num_experts: int | None) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split("\n")).strip() or type(exc).__name__
-    return text.split(". This is typically")[0][:300]  # gloo appends advice and an emoji
+    """The gist of a transport error: gloo's source location and advice dropped."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\] ", "", text)
+    return text.split(". This is typically")[0][:300]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +293,7 @@ class Coordinator:
             experts = ", ".join(map(str, self.hosted.get(worker, [[]])[0])) if self.hosted else "?"
             raise ExchangeError(
                 f"expert worker {worker} (rank {worker}, experts {experts} of every MoE layer) {kind} during {what}: "
-                f"{reason}; the last checkpoint is intact, rerun the same command to resume"
+                f"{reason}; nothing was saved after the last checkpoint: rerun the same command to resume"
             ) from None
 
     def _send(self, tensor: torch.Tensor, worker: int, what: str, *, data: bool = False):
@@ -732,6 +735,9 @@ def serve(settings: RuntimeSettings, *, num_experts: int | None = None) -> int:
     """An expert worker (rank >= 1) from joining the group to the coordinator's end; returns 0."""
     rank, world_size, local_rank = process_env()
     check_world_size(world_size, num_experts)
+    # An optimizer's first construction imports torch's compiler stack (seconds): do it before
+    # joining, so that the coordinator's first exchange does not wait for it.
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     session = Session(settings, rank, world_size, local_rank).start()
     try:
         with _KeepServing(rank):
