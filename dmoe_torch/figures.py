@@ -288,18 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sweeps and draw the figures; 0 when everything was drawn, 1 when a point failed,
     2 for a bad CKPT / OUT / setting (one ``Error:`` line each)."""
     from .figure_plots import FIGURES
-    from .plotting import pyplot
-    from .report import save_figure
 
     args = parse_args(argv)
     echo = lambda text: print(text, flush=True)  # noqa: E731
     try:
         if args.jobs < 1:
             raise ConfigError(f"JOBS={args.jobs}: must be an integer >= 1")
-        only = {int(x) for x in args.only.split(",") if x.strip()} if args.only else set(FIGURES)
-        unknown = only - set(FIGURES)
-        if unknown:
-            raise ConfigError(f"--only={args.only}: no figure {min(unknown)}; figures are {', '.join(map(str, FIGURES))}")
+        try:
+            only = {int(x) for x in args.only.split(",") if x.strip()} if args.only else set(FIGURES)
+        except ValueError:
+            only = {0}
+        if only - set(FIGURES):
+            raise ConfigError(f"--only={args.only}: must be figure numbers among {', '.join(map(str, FIGURES))}, e.g. 1,3")
         facts = checkpoint_facts(args.ckpt)
         out = Path(args.out)
         check_out_dir(out)
@@ -312,10 +312,33 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--config={str(spec_path)!r}: no such file")
         spec = OmegaConf.load(spec_path)
         sweeps = build_sweeps(spec, facts, tuple(args.overrides))
+        root = out / "sweeps" / f"{spec_path.stem}-{facts['sha']}"
+        lock_out_dir(root)
     except ConfigError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    root = out / "sweeps" / f"{spec_path.stem}-{facts['sha']}"
+    try:
+        return _run(FIGURES, only, sweeps, facts, spec_path, root, out, docs, args.jobs, echo)
+    except KeyboardInterrupt:
+        print(f"Error: interrupted; the computed points are kept in {root}; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+
+
+def lock_out_dir(root: Path) -> None:
+    """One ``make figures`` at a time on a folder of points (ConfigError naming the holder)."""
+    from .rundir import RunDirBusyError, lock_run_dir
+
+    try:
+        lock_run_dir(root)
+    except RunDirBusyError:
+        raise ConfigError(f"OUT: another make figures is computing points in {root}; wait for it to end") from None
+
+
+def _run(FIGURES, only, sweeps, facts, spec_path, root, out, docs, jobs, echo) -> int:
+    from .plotting import pyplot
+    from .report import save_figure
+
     echo(f"figures of {facts['path']} (sha256 {facts['sha']}, K={facts['K']}, {facts['L']} MoE layers), "
          f"settings {spec_path}, points in {root}")
     errors: list[str] = []
@@ -330,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for name in [n for n in figure.sweeps if n in sweeps]:
             if name not in done:
-                errors += run_sweep(sweeps[name], root, jobs=args.jobs, echo=echo)
+                errors += run_sweep(sweeps[name], root, jobs=jobs, echo=echo)
                 done.add(name)
         data = {name: load_points(sweeps[name], root) if name in sweeps else [] for name in figure.sweeps}
         if not any(data.values()):
