@@ -83,12 +83,13 @@ def layer_links(channel, sample_ids: torch.Tensor, specs: list, stream: int, tok
     """
     frames = frame_ids(sample_ids, tokens_per_input)
     cache = {} if cache is None else cache
+    perfect_csi = channel.cfg.csi_error_std == 0 and channel.cfg.csi_delay_frames == 0
     costs, delivered = [], []
     for layer, spec in enumerate(specs):
-        target = None if channel.cfg.perfect_csi else spec.planning_target
+        target = None if perfect_csi else spec.planning_target
         key = (layer, target)
         if key not in cache:
-            if channel.cfg.perfect_csi:
+            if perfect_csi:
                 cache[key] = (channel.costs(frames, layer, stream), None)
             else:
                 state = channel.link_state(frames, layer, stream, target)

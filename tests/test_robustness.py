@@ -111,7 +111,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     if not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST not installed")
     overrides = [
-        f"data.root={tmp_path / 'data'}", "data.limit_train=200", "data.limit_test=50", "data.batch_size=40",
+        f"data.root={tmp_path}", "data.limit_train=200", "data.limit_test=50", "data.batch_size=40",
         "model=tiny", "train.epochs=2", "progress=false", "device=cpu",
     ]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -164,7 +164,7 @@ def test_training_and_evaluation_survive_a_channel_where_every_expert_is_unreach
     assert progress.summary()["router"]["drop_rate"] == 1.0
     metrics = evaluate(model, synthetic_batches(seed=1), channel=channel, specs=specs, stream=1,
                        device=torch.device("cpu"), generator=generator)
-    assert metrics["drop_rate"] == 1.0 and metrics["experts_per_input"] == 0.0
+    assert metrics["drop_rate"] == 1.0 and metrics["experts_per_token"] == 0.0
     assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
     if policy in ("topk", "random_topk"):
         # Channel-unaware: k attempts per layer fail and each wastes P_ap * T_max.

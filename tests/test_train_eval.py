@@ -126,7 +126,10 @@ def test_evaluate_writes_table_csv_and_plot(evaluated):
     run_dir, result = evaluated
     rows = read_rows(run_dir / "results.csv")
     assert len(rows) == EVAL_ROWS
-    assert tuple(rows[0].keys()) == RESULT_COLUMNS
+    columns = tuple(rows[0].keys())
+    assert columns[: len(RESULT_COLUMNS)] == RESULT_COLUMNS
+    # then the per-MoE-layer breakdown (the tiny model has two MoE layers)
+    assert {"layer1_energy_uj", "layer2_energy_uj", "layer1_experts_per_token"} <= set(columns[len(RESULT_COLUMNS):])
     assert [r["policy"] for r in rows] == ["topk@2", "dense", "des", "des", "jesa", "jesa"]
     assert [r["gamma"] for r in rows] == ["", "", "0.3", "0.9", "0.3", "0.9"]
     for row in rows:
@@ -140,7 +143,7 @@ def test_evaluate_writes_table_csv_and_plot(evaluated):
     assert float(by_setting[("topk@2", "")]["experts_per_token"]) <= 2.0
 
     table = (run_dir / "results.md").read_text()
-    assert table.count("\n| des | 0.3 |") == 1 and "| jesa | 0.9 |" in table
+    assert table.count("\n| des | 0.3 |") == 2 and "| jesa | 0.9 |" in table  # main and per-layer tables
     assert "| des | 0.3 |" in result.stdout  # the table is printed
     assert (run_dir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(run_dir.glob("events.out.tfevents.*"))
