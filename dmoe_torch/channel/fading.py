@@ -23,6 +23,8 @@ import math
 import numpy as np
 from numba import njit
 
+from .kernels import exp1_draws, run_threaded
+
 # Sinusoids per quadrature component of a Jakes link.  With Rayleigh amplitudes the marginal
 # and the correlation are exact for any M; M sets how closely each link's own time average
 # follows the ensemble (its mean power has std 1/sqrt(2M)) and the cost, linear in M.
@@ -88,9 +90,11 @@ def rayleigh_power_gains(seed: int, stream: int, layer: int, sample_ids, num_dev
 
 def iid_power_gains(seed: int, stream: int, layer: int, frame_ids: np.ndarray, num_devices: int, num_subcarriers: int) -> np.ndarray:
     """:func:`rayleigh_power_gains` for any int64 frame ids [R] (negative ones included)."""
+    # -log(uniforms(...)) in one fused, multi-threaded pass (kernels.exp1_draws).
     links = num_devices * num_subcarriers
-    u = uniforms(stream_key(seed, stream, layer), frame_ids, links)
-    return (-np.log(u)).reshape(len(frame_ids), num_devices, num_subcarriers)
+    ids = np.ascontiguousarray(frame_ids, dtype=np.int64)
+    draws = run_threaded(exp1_draws, stream_key(seed, stream, layer), ids, links)
+    return draws.reshape(len(ids), num_devices, num_subcarriers)
 
 
 def jakes_fading(

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .csi import conservative_power, csi_correlation, estimate_power
+from .kernels import link_energies, run_threaded
 from .fading import csi_noise, iid_power_gains, jakes_power_gains, rayleigh_power_gains
 
 BOLTZMANN_NOISE_DBM_PER_HZ = -174.0  # thermal noise density at 290 K
@@ -223,7 +224,7 @@ class WirelessChannel:
         The cost on the *true* channel (perfect CSI).  +inf where either hop would exceed
         the latency budget (outage).
         """
-        return self.costs_from_gains(self.gains(frame_ids, layer, stream))
+        return self._costs_from_power(self.power_gains(frame_ids, layer, stream))
 
     def link_state(self, frame_ids, layer: int, stream: int, outage_target: float | None = None) -> LinkState:
         """Planned costs and realised delivery under the configured fading and CSI, [R, K, N].
@@ -243,7 +244,7 @@ class WirelessChannel:
         states = []
         for q in targets:
             plan_power = est_power if q is None else conservative_power(est_power, self.csi_correlation, q)
-            planned_costs = self.costs_from_gains(self._gains_from_power(plan_power))
+            planned_costs = self._costs_from_power(plan_power)
             delivered = torch.from_numpy(true_power >= plan_power) & torch.isfinite(planned_costs)
             states.append(LinkState(planned_costs=planned_costs, delivered=delivered))
         return states
@@ -269,15 +270,25 @@ class WirelessChannel:
 
     def costs_from_gains(self, gains: torch.Tensor) -> torch.Tensor:
         """Per-link energy in J from linear gains [..., K, N]; +inf in outage."""
+        gains = gains.detach().to("cpu", torch.float64)
+        flat = gains.reshape(-1, *gains.shape[-2:]).numpy()
+        return self._energies(flat, np.ones(gains.shape[-2])).reshape(gains.shape)
+
+    def _costs_from_power(self, power: np.ndarray) -> torch.Tensor:
+        """Per-link energy in J from fading powers |h|^2 [R, K, N] (gain = mean_gain[k] |h|^2)."""
+        return self._energies(power, self.mean_gain.numpy())
+
+    def _energies(self, power: np.ndarray, mean_gain: np.ndarray) -> torch.Tensor:
+        """e = P_ap S / r_dl + P_dev S / r_ul with r = B log2(1 + P G / sigma2), G = mean_gain[k]
+        power[r, k, n]; +inf where either hop exceeds T_max.  One fused, multi-threaded pass
+        (kernels.link_energies)."""
         cfg = self.cfg
-        noise = cfg.noise_power_w
-        rate_dl = cfg.subcarrier_bandwidth_hz * torch.log2(1.0 + cfg.ap_power_w * gains / noise)
-        rate_ul = cfg.subcarrier_bandwidth_hz * torch.log2(1.0 + cfg.device_power_w * gains / noise)
-        time_dl = self.payload_bits / rate_dl
-        time_ul = self.payload_bits / rate_ul
-        energy = cfg.ap_power_w * time_dl + cfg.device_power_w * time_ul
-        outage = (time_dl > cfg.latency_budget_s) | (time_ul > cfg.latency_budget_s)
-        return energy.masked_fill(outage, math.inf)
+        energies = run_threaded(
+            link_energies, np.ascontiguousarray(power, dtype=np.float64), np.ascontiguousarray(mean_gain, dtype=np.float64),
+            float(cfg.subcarrier_bandwidth_hz), float(cfg.noise_power_w), float(cfg.ap_power_w), float(cfg.device_power_w),
+            float(self.payload_bits), float(cfg.latency_budget_s),
+        )
+        return torch.from_numpy(energies)
 
     def outage_probability(self) -> torch.Tensor:
         """Closed-form per-link outage probability of each device (perfect CSI), [K]."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -64,3 +65,15 @@ def link_energies(power, mean_gain, bandwidth_hz, noise_w, ap_power_w, device_po
                 else:
                     out[r, k, n] = ap_power_w * time_dl + device_power_w * time_ul
     return out
+
+
+def run_threaded(kernel, *args):
+    """``kernel(*args)`` on as many numba threads as torch uses (restored afterwards)."""
+    from ..selection.des import solver_threads
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(solver_threads())
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(previous)
