@@ -9,9 +9,10 @@ with its own directory::
     OUT/fig<i>_<name>.png and .csv          one figure and the rows it plots
 
 A point counts as computed when its directory holds results.csv and Hydra's record of its
-overrides (``.hydra/overrides.yaml``) equals the point's overrides, so an interrupted or
-partly failed run computes only the missing points when rerun; a new checkpoint (another
-sha256) or other settings (other overrides) never reuse old points.  A failing point is
+overrides (``.hydra/overrides.yaml``) equals the point's overrides (``ckpt`` aside: the
+checkpoint is identified by its sha256 in the folder name), so an interrupted or partly failed
+run computes only the missing points when rerun; a new checkpoint or other settings (other
+overrides) never reuse old points.  A failing point is
 reported in one line naming it; the others are computed and plotted.
 """
 from __future__ import annotations
@@ -50,6 +51,8 @@ def hydra_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, str) and not all(c.isalnum() or c in "_-./@" for c in value):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"  # e.g. a path with spaces
     return repr(value) if isinstance(value, float) else str(value)
 
 
@@ -77,13 +80,18 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def find_points(sweep: Sweep, root: Path) -> dict[str, Path]:
     """The computed points of ``sweep`` under ``root``: value -> directory holding results.csv."""
-    wanted = {value: parse_overrides(sweep.overrides(value)) for value in sweep.values}
+    def key(overrides: list[str]) -> dict[str, Any]:
+        parsed = parse_overrides(overrides)
+        parsed.pop("ckpt", None)  # the same file (sha256 in the folder name) wherever it lies
+        return parsed
+
+    wanted = {value: key(sweep.overrides(value)) for value in sweep.values}
     found: dict[str, Path] = {}
     for record in sorted((root / sweep.name).glob("*/.hydra/overrides.yaml")):
         point = record.parent.parent
         if not (point / "results.csv").is_file():
             continue
-        recorded = parse_overrides(list(OmegaConf.load(record)))
+        recorded = key(list(OmegaConf.load(record)))
         for value, overrides in wanted.items():
             if recorded == overrides:
                 found[value] = point
@@ -102,7 +110,10 @@ def checkpoint_facts(ckpt: str) -> dict[str, Any]:
     path = checkpoint_file(ckpt, key="CKPT")
     payload = load_checkpoint(path, key="CKPT")
     config = OmegaConf.create(payload["config"])
-    shape = validate_model(config)
+    try:
+        shape = validate_model(config)
+    except ConfigError as exc:
+        raise ConfigError(f"CKPT={str(path)!r}: the checkpoint's config is invalid ({exc})") from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     tokens = 1  # routed inputs per image: 1 for the per-image model, the patch tokens for vmoe
     if model_name(config) == "vmoe":
@@ -190,7 +201,7 @@ def launch(sweep: Sweep, values: list[str], root: Path, *, jobs: int, log: Path,
     """Run evaluate.py -m over ``values`` of ``sweep``; returns (exit status, its error line)."""
     excluded = ",".join(o.split("=", 1)[0].lstrip("+") for o in sweep.fixed)
     command = [sys.executable, str(REPO / "evaluate.py"), "-m", *sweep.fixed, f"{sweep.key}={','.join(values)}",
-               f"hydra.sweep.dir={root / sweep.name}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
+               f"hydra.sweep.dir={hydra_value(str(root / sweep.name))}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
                f"hydra.job.config.override_dirname.exclude_keys=[{excluded}]"]
     if jobs > 1:
         command += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
