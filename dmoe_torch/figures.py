@@ -206,6 +206,8 @@ def launch(sweep: Sweep, values: list[str], root: Path, *, jobs: int, log: Path,
     if jobs > 1:
         command += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    if jobs > 1:  # parallel points: one compute thread each, unless the caller chose otherwise
+        env.setdefault("OMP_NUM_THREADS", "1")
     log.parent.mkdir(parents=True, exist_ok=True)
     output = io.StringIO()
     with open(log, "a") as handle:
@@ -288,7 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="conf/figures/quick.yaml: few images and points (minutes)")
     parser.add_argument("--config", default=None, help="a sweep settings file instead of conf/figures/{default,quick}.yaml")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="sweep points run in parallel (>1: Hydra's joblib launcher; default 1)")
+                        help="sweep points run in parallel (>1: Hydra's joblib launcher, one thread per point "
+                             "unless OMP_NUM_THREADS is set; default 1)")
     parser.add_argument("--docs", default=None, help="also write small copies of the PNGs to this folder (docs/figures)")
     parser.add_argument("--only", default="", help="comma-separated figure numbers, e.g. 1,3 (default: all)")
     parser.add_argument("overrides", nargs="*", help="extra evaluate.py overrides for every point, e.g. device=cpu")
