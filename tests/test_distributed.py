@@ -390,3 +390,27 @@ def test_dead_or_hung_worker_stops_the_coordinator_with_one_line(tmp_path, data_
         assert "Resuming from" in result.stdout + result.stderr
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["epochs_completed"] == 2 and len(metrics["history"]) == 2
+
+
+def test_evaluate_py_distributed_writes_the_local_table(tmp_path, data_root, one_epoch_checkpoint):
+    """evaluate.py with its experts on 2 workers (processes started as torchrun would) writes
+    the same results.csv as in process, from a checkpoint written by a local run."""
+    args = [f"ckpt={one_epoch_checkpoint}", "eval.policies=[topk@1,topk@2,dense,channel_topk@2]", "eval.channel_draws=2",
+            "data.limit_test=100", f"data.root={data_root}", "device=cpu", "progress=false"]
+    local = subprocess.run([sys.executable, "evaluate.py", *args, f"hydra.run.dir={tmp_path / 'local'}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=PROCESS_TIMEOUT, env=torchrun_env(0, 1, 0))
+    assert local.returncode == 0, local.stderr[-3000:]
+    port = free_port()
+    distributed = [*args, f"hydra.run.dir={tmp_path / 'distributed'}", "runtime=distributed"]
+    processes = [subprocess.Popen([sys.executable, "evaluate.py", *distributed], cwd=REPO, env=torchrun_env(rank, 3, port),
+                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(3)]
+    try:
+        outputs = [process.communicate(timeout=PROCESS_TIMEOUT) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [0, 0, 0], outputs[0][1][-3000:]
+    table = (tmp_path / "local" / "results.csv").read_text()
+    assert table.count("\n") == 5 and (tmp_path / "distributed" / "results.csv").read_text() == table
+    exchange = json.loads((tmp_path / "distributed" / "exchange.json").read_text())
+    assert [row["layer"] for row in exchange["layers"]] == [0, 1] and exchange["layers"][0]["backward_sent"] == 0

@@ -155,7 +155,11 @@ def serve_if_worker(config_name: str, argv: list[str] | None = None, config_dir:
         settings = runtime_settings(cfg)
         from . import distributed
 
-        sys.exit(distributed.serve(settings, num_experts=_num_experts(cfg)))
+        try:
+            status = distributed.serve(settings, num_experts=_num_experts(cfg))
+        except KeyboardInterrupt:  # a second SIGINT / SIGTERM (torchrun forwards them)
+            status = 128 + 2
+        sys.exit(status)
 
 
 def attach_experts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
