@@ -145,6 +145,7 @@ class Session:
         if self.settings.backend in ("nccl", "auto") and all_gpus:
             self.backend = "nccl"
             self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)  # NCCL's communicators bind to the current device
             self.data_group = dist.new_group(backend="nccl", timeout=self.timeout)
         return self
 
@@ -283,13 +284,16 @@ class Coordinator:
 
     # -- waiting on a worker ----------------------------------------------------------------
 
-    def _wait(self, work, worker: int, what: str, timeout: timedelta | None = None) -> None:
+    def _wait(self, work, worker: int, what: str) -> None:
+        """Wait for ``work`` with ``worker``; ExchangeError naming the worker if it fails."""
         try:
-            work.wait(timeout or self.session.timeout)
+            work.wait(self.session.timeout)
         except Exception as exc:  # gloo raises RuntimeError (connection closed, timeout)
             reason = _first_line(exc)
-            kind = "did not answer within runtime.timeout_s=" + f"{self.session.settings.timeout_s:g} s (hung?)" \
-                if "imed out" in reason or "timeout" in reason.lower() else "closed its connection (died?)"
+            if "timed out" in reason.lower() or "timeout" in reason.lower():
+                kind = f"did not answer within runtime.timeout_s={self.session.settings.timeout_s:g} s (hung?)"
+            else:
+                kind = "closed its connection (died?)"
             experts = ", ".join(map(str, self.hosted.get(worker, [[]])[0])) if self.hosted else "?"
             raise ExchangeError(
                 f"expert worker {worker} (rank {worker}, experts {experts} of every MoE layer) {kind} during {what}: "
@@ -309,9 +313,6 @@ class Coordinator:
             work = _Failed(exc)
         self._wait(work, worker, what)
         return tensor
-
-    def _send_header(self, worker: int, header: torch.Tensor, what: str):
-        return self._send(header, worker, what)
 
     def _send_object(self, worker: int, obj: Any, what: str) -> int:
         data = _to_bytes(obj)
@@ -401,7 +402,7 @@ class Coordinator:
     def push(self) -> None:
         """Send every worker its experts (the shadow's current weights) and their optimizer state."""
         for w in self.workers:
-            self._wait(self._send_header(w, self.session.header(OP_SETUP), "setup"), w, "setup")
+            self._wait(self._send(self.session.header(OP_SETUP), w, "setup"), w, "setup")
             self.stats.control_bytes += self.session.header_len * 8 + self._send_object(w, self._setup_object(w), "setup")
         self.session.header_len = self._header_len()
         self.dirty = False
@@ -411,7 +412,7 @@ class Coordinator:
         if not self.dirty or self.model is None:
             return
         for w in self.workers:
-            self._wait(self._send_header(w, self.session.header(OP_GET_STATE), "a state fetch"), w, "a state fetch")
+            self._wait(self._send(self.session.header(OP_GET_STATE), w, "a state fetch"), w, "a state fetch")
             state, size = self._recv_object(w, "a state fetch")
             self.stats.control_bytes += self.session.header_len * 8 + size
             with torch.no_grad():
@@ -457,7 +458,7 @@ class Coordinator:
         for (w, hosted, worker_counts), x in zip(plan, tensors):
             payload = x.detach().to(self.session.device).contiguous()
             header = self.session.header(op, index, seq, flags, payload.dtype, len(payload), worker_counts)
-            pending.append((w, self._send_header(w, header, what), header))
+            pending.append((w, self._send(header, w, what), header))
             pending.append((w, self._send(payload, w, what, data=True), payload))
             stats[f"{phase}_sent"] += _tensor_bytes(payload)
             stats["header_bytes"] += _tensor_bytes(header)
@@ -490,7 +491,7 @@ class Coordinator:
         pending = []
         for w in self.workers:
             header = self.session.header(OP_STEP, rows=len(lrs))
-            pending += [(w, self._send_header(w, header, "an optimizer step")), (w, self._send(lrs, w, "an optimizer step"))]
+            pending += [(w, self._send(header, w, "an optimizer step")), (w, self._send(lrs, w, "an optimizer step"))]
             self.stats.control_bytes += _tensor_bytes(header) + _tensor_bytes(lrs)
         for w, work in pending:
             self._wait(work, w, "an optimizer step")
@@ -503,7 +504,7 @@ class Coordinator:
             return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         remote_norms = {}
         for w in self.workers:
-            self._wait(self._send_header(w, self.session.header(OP_GRAD_NORMS), "gradient clipping"), w, "gradient clipping")
+            self._wait(self._send(self.session.header(OP_GRAD_NORMS), w, "gradient clipping"), w, "gradient clipping")
             remote_norms[w] = self._recv(torch.empty(len(self.remote[w]), dtype=torch.float64), w, "gradient clipping")
             self.stats.control_bytes += self.session.header_len * 8 + _tensor_bytes(remote_norms[w])
         params = list(model.parameters())
@@ -526,7 +527,7 @@ class Coordinator:
         pending = []
         for w in self.workers:
             header = self.session.header(OP_CLIP, dtype=total.dtype)
-            pending += [(w, self._send_header(w, header, "gradient clipping")), (w, self._send(values, w, "gradient clipping"))]
+            pending += [(w, self._send(header, w, "gradient clipping")), (w, self._send(values, w, "gradient clipping"))]
             self.stats.control_bytes += _tensor_bytes(header) + _tensor_bytes(values)
         for w, work in pending:
             self._wait(work, w, "gradient clipping")
