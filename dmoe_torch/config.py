@@ -174,8 +174,8 @@ def unknown_key_message(key: str, allowed: Iterable[str]) -> str:
 
 
 def allowed_keys(config_name: str, prefix: str) -> tuple[str, ...] | None:
-    """The keys section ``prefix`` of ``config_name`` (train / evaluate) accepts; None when
-    they depend on other values (model.*)."""
+    """The keys section ``prefix`` of ``config_name`` (train / evaluate) accepts (for
+    ``model``: those of every architecture; validate_model checks them per model.name)."""
     if config_name == "evaluate" and prefix != "channel":
         return {"": EVAL_TOP_KEYS, "data": EVAL_DATA_KEYS, "eval": EVAL_KEYS}.get(prefix)
     if prefix == "channel":
@@ -183,7 +183,7 @@ def allowed_keys(config_name: str, prefix: str) -> tuple[str, ...] | None:
 
         return tuple(f.name for f in fields(ChannelConfig))
     table = {"": TRAIN_TOP_KEYS, "data": TRAIN_DATA_KEYS, "router": ROUTER_KEYS, "eval_router": ROUTER_KEYS,
-             "train": TRAIN_KEYS}
+             "train": TRAIN_KEYS, "model": tuple(dict.fromkeys(key for keys in MODEL_KEYS.values() for key in keys))}
     return table.get(prefix)
 
 
@@ -268,11 +268,7 @@ def model_name(cfg: DictConfig) -> str:
 def validate_model(cfg: DictConfig) -> ModelShape:
     """Check ``model.*`` (strict keys) against the architecture and the dataset's image size."""
     name = model_name(cfg)
-    section = _get(cfg, "model")
-    allowed = MODEL_KEYS[name]
-    for key in section:
-        if key not in allowed:
-            raise ConfigError(f"model.{key}: unknown key for model.name={name}; allowed: {', '.join(allowed)}")
+    check_keys(_get(cfg, "model"), "model", MODEL_KEYS[name])
     num_experts = get_int(cfg, "model.num_experts", minimum=1)
     d_model = get_int(cfg, "model.d_model", minimum=1)
     hidden_mult = get_int(cfg, "model.hidden_mult", minimum=1)
