@@ -49,11 +49,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# One compute thread in every process.  NUMBA_NUM_THREADS too: numba's OpenMP pool (channel
+# draws, des, jesa) otherwise resets the process's OpenMP thread count, torch's included, to
+# the number of CPUs, and the coordinator's float rounding would then differ from the workers'.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+
+
 def torchrun_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     """The variables torchrun sets, for a process started by hand; one compute thread."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     return {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **ONE_THREAD}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,8 +239,17 @@ def spawn_group(world_size: int, overrides: list[str], out_dir: Path) -> list[in
     port = free_port()
     processes = [context.Process(target=_rank_main, args=(rank, world_size, port, overrides, str(out_dir)))
                  for rank in range(world_size)]
-    for process in processes:
-        process.start()
+    saved = {name: os.environ.get(name) for name in ONE_THREAD}
+    os.environ.update(ONE_THREAD)  # spawned processes start with this environment
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
     for process in processes:
         process.join(PROCESS_TIMEOUT)
     for process in processes:
