@@ -74,9 +74,21 @@ def _plot_series(axes, rows: list[dict], x_key: str, y_key: str, *, scale: float
                       markerfacecolor="none" if index % 2 else colors[policy], capsize=2, elinewidth=0.8)
 
 
+def _legend(axes, source=None) -> None:
+    """The legend (of ``source``'s lines, default ``axes``') beside ``axes`` on the right,
+    where it covers no line."""
+    handles, labels = (source or axes).get_legend_handles_labels()
+    axes.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def _log_axis(axes, which: str = "y") -> None:
+    """A log energy axis when the plotted values span more than a factor of 4 (else linear,
+    which labels a narrow range better)."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
+    low, high = axes.dataLim.intervaly if which == "y" else axes.dataLim.intervalx
+    if not (low > 0 and high / low > 4):
+        return
     axis = axes.yaxis if which == "y" else axes.xaxis
     (axes.set_yscale if which == "y" else axes.set_xscale)("log")
     axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=30))
@@ -123,17 +135,17 @@ def draw_subcarriers(data, facts, sweeps) -> tuple[Any, list[dict]]:
     if main:
         _plot_series(left, main, "channel.num_subcarriers", "energy_uj_mean", ci="energy_uj")
         _subcarrier_axis(left, sorted({int(r["channel.num_subcarriers"]) for r in main}), K)
-        left.set_title(f"topk@2, des, jesa ({_subtitle(main)})", fontsize=9)
+        left.set_title(f"topk@2, des, jesa\n{_subtitle(main)}", fontsize=9)
     if small:
         _plot_series(right, small, "channel.num_subcarriers", "energy_uj_mean", ci="energy_uj")
         _subcarrier_axis(right, sorted({int(r["channel.num_subcarriers"]) for r in small}), K)
-        right.set_title(f"jesa vs the MILP optimum on the same inputs ({_subtitle(small)})", fontsize=9)
+        right.set_title(f"jesa vs the MILP optimum on the same inputs\n{_subtitle(small)}", fontsize=9)
     for axes in (left, right):
         _log_axis(axes)
         axes.set_ylabel(ENERGY_LABEL)
         axes.grid(True, which="both", alpha=0.3)
         if axes.lines:
-            axes.legend(fontsize=8)
+            _legend(axes)
     figure.suptitle("Energy per image vs number of subcarriers N", fontsize=10)
     figure.tight_layout()
     return figure, [{"sweep": "subcarriers", **r} for r in main] + [{"sweep": "optimal", **r} for r in small]
@@ -165,7 +177,7 @@ def draw_jesa_gap(data, facts, sweeps) -> tuple[Any, list[dict]]:
         r["n_over_k"] = r["channel.num_subcarriers"] / K
     if main:
         _plot_series(left, main, "n_over_k", "certified_rate", scale=100.0)
-        left.set_title(f"share of JESA selections proven optimal ({_subtitle(main)})", fontsize=9)
+        left.set_title(f"share of JESA selections proven optimal\n{_subtitle(main)}", fontsize=9)
     left.set_ylabel("certified (% of tokens and MoE layers)")
     for gamma in sorted({g["gamma"] for g in gaps}):
         points = [g for g in gaps if g["gamma"] == gamma]
@@ -173,7 +185,7 @@ def draw_jesa_gap(data, facts, sweeps) -> tuple[Any, list[dict]]:
         right.plot(x, [g["gap_pct"] for g in points], marker="o", label=f"γ={gamma}, all MoE layers")
         right.plot(x, [g["gap_layer1_pct"] for g in points], marker="s", linestyle="--", label=f"γ={gamma}, MoE layer 1")
     if gaps:
-        right.set_title(f"JESA energy above the MILP optimum ({gaps[0]['inputs']} test images)", fontsize=9)
+        right.set_title(f"JESA energy above the MILP optimum\n{gaps[0]['inputs']} test images", fontsize=9)
     right.set_ylabel("gap to optimum (% of the optimal energy)")
     right.axhline(0.0, color="0.5", linewidth=0.8)
     ratios = sorted({r["n_over_k"] for r in main} | {g["num_subcarriers"] / K for g in gaps})
@@ -184,7 +196,7 @@ def draw_jesa_gap(data, facts, sweeps) -> tuple[Any, list[dict]]:
         axes.set_xlabel("subcarriers per expert N/K")
         axes.grid(True, which="both", alpha=0.3)
         if axes.lines:
-            axes.legend(fontsize=8)
+            _legend(axes)
     figure.suptitle("JESA: certified share and measured gap to the MILP optimum vs N/K", fontsize=10)
     figure.tight_layout()
     return figure, [{"quantity": "certified", **r} for r in main] + [{"quantity": "gap", **g} for g in gaps]
@@ -212,11 +224,11 @@ def draw_gamma(data, facts, sweeps) -> tuple[Any, list[dict]]:
         panel.set_xlabel("importance factor γ (every MoE layer)")
         panel.grid(True, which="both", alpha=0.3)
         if panel.lines:
-            panel.legend(fontsize=8)
+            _legend(panel)
     acc.set_ylabel("test accuracy (%)")
     energy.set_ylabel(ENERGY_LABEL)
     _log_axis(energy)
-    acc.set_title(f"accuracy vs γ ({_subtitle(rows)})" if rows else "accuracy vs γ", fontsize=9)
+    acc.set_title(f"accuracy vs γ\n{_subtitle(rows)}" if rows else "accuracy vs γ", fontsize=9)
     energy.set_title("energy vs γ", fontsize=9)
     cells = _layer_cells(data["layer_gammas"], sweeps["layer_gammas"], facts["L"]) if data["layer_gammas"] else []
     gammas = sorted({c["gamma_layer"] for c in cells})
@@ -295,7 +307,7 @@ def draw_cell(data, facts, sweeps) -> tuple[Any, list[dict]]:
         top.set_xlabel("mean SNR at the cell edge (dB)", fontsize=8)
         top.tick_params(labelsize=8)
     _log_axis(panels[0])
-    panels[0].legend(fontsize=8)
+    _legend(panels[-1], panels[0])
     figure.suptitle(f"Energy, outage and accuracy vs cell radius ({_subtitle(rows)})" if rows else "", fontsize=10)
     figure.tight_layout()
     return figure, rows
@@ -326,7 +338,7 @@ def draw_csi(data, facts, sweeps) -> tuple[Any, list[dict]]:
     targets = sorted({r["outage_target"] for r in rows if isinstance(r.get("outage_target"), float) and math.isfinite(r["outage_target"])})
     for target in targets:
         panels[0].axhline(100 * target, color="0.4", linestyle=":", linewidth=1.0, label=f"target {100 * target:g}%")
-    panels[0].legend(fontsize=8)
+    _legend(panels[-1], panels[0])
     figure.suptitle(f"Imperfect CSI: realised outage and energy, naive vs robust planning ({_subtitle(rows)})" if rows else "",
                     fontsize=10)
     figure.tight_layout()
