@@ -87,7 +87,7 @@ def _log_axis(axes, which: str = "y") -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     low, high = axes.dataLim.intervaly if which == "y" else axes.dataLim.intervalx
-    if not (low > 0 and high / low > 4):
+    if not (math.isfinite(low) and math.isfinite(high) and low > 0 and high > 4 * low):
         return
     axis = axes.yaxis if which == "y" else axes.xaxis
     (axes.set_yscale if which == "y" else axes.set_xscale)("log")
