@@ -25,6 +25,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -109,7 +110,8 @@ def main() -> None:
         line += " " + " ".join(f"{row[f'speedup_{t}']:6.2f} {str(row[f'identical_{t}']):>5}" for t in args.threads[1:])
         print(line)
     print(f"load average (1, 5, 15 min) before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
-          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; {os.cpu_count()} CPUs")
+          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; {os.cpu_count()} CPUs; "
+          f"numba threading layer {numba.threading_layer()}")
     atomic_write_json(
         RESULTS,
         dict(
@@ -117,6 +119,7 @@ def main() -> None:
             settings=dict(rows=args.rows, experts=K, subcarriers=N, d_model=64, logit_scale=3.0, k_min=1, k_max=K,
                           gammas=args.gammas, threads=args.threads, repeats=args.repeats, seed=args.seed),
             machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine(),
+                         numba_threading_layer=numba.threading_layer(),
                          load_average_before=list(load_before), load_average_after=list(load_after)),
             results=rows,
         ),
