@@ -152,13 +152,13 @@ def test_interface_overrides_reach_the_built_objects():
 def test_evaluate_config_composes_and_validates():
     cfg = compose_cfg("evaluate", ["ckpt=some/checkpoint.pt"])
     validate_eval_config(cfg)
-    assert list(cfg.eval.policies) == ["topk@1", "topk@2", "channel_topk@2", "dense", "des", "jesa"]
-    assert cfg.eval.channel_draws == 3 and len(cfg.eval.gammas) == 5
-    # Default grid against the default model: 4 fixed policies + 5 gammas x (des, jesa).
+    assert list(cfg.eval.policies) == ["none", "random_topk@1", "topk@1", "topk@2", "channel_topk@2", "dense", "des", "jesa"]
+    assert cfg.eval.channel_draws == 2 and len(cfg.eval.gammas) == 5 and cfg.eval.k_max == 2
+    # Default grid against the default model: 6 fixed policies + 5 gammas x (des, jesa).
     settings = eval_policies(cfg, compose_cfg("train"))
-    assert len(settings) == 4 + 2 * 5
-    assert {s.label for s in settings} == {"topk@1", "topk@2", "channel_topk@2", "dense", "des", "jesa"}
-    assert sorted({s.gamma for s in settings if s.policy == "des"}) == [0.3, 0.5, 0.7, 0.9, 0.99]
+    assert len(settings) == 6 + 2 * 5
+    assert {s.label for s in settings} == {"none", "random_topk@1", "topk@1", "topk@2", "channel_topk@2", "dense", "des", "jesa"}
+    assert sorted({s.gamma for s in settings if s.policy == "des"}) == [0.05, 0.25, 0.5, 0.75, 0.95]
 
 
 def test_data_root_defaults_to_environment_variable(monkeypatch, tmp_path):
