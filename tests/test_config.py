@@ -365,12 +365,13 @@ def test_policy_syntax():
 def test_static_plan_policies_are_skipped_with_a_note_when_subcarriers_are_fewer_than_experts():
     train = compose_cfg("train", ["model=tiny", "router=jesa", "channel.num_subcarriers=2"])
     validate_train_config(train)
-    cfg = compose_cfg("evaluate", ["ckpt=x"])  # the default policies: topk@1, ..., des, jesa
+    cfg = compose_cfg("evaluate", ["ckpt=x"])  # the default policies: none, random_topk@1, topk@1, ..., des, jesa
     notes: list[str] = []
     settings = eval_policies(cfg, train, notes)
-    assert {s.policy for s in settings} == {"jesa"} and len(settings) == len(cfg.eval.gammas)
+    # none needs no subcarrier; jesa chooses its own
+    assert {s.policy for s in settings} == {"none", "jesa"} and len(settings) == 1 + len(cfg.eval.gammas)
     assert len(notes) == 1
-    for label in ("topk@1", "topk@2", "channel_topk@2", "dense", "des"):
+    for label in ("random_topk@1", "topk@1", "topk@2", "channel_topk@2", "dense", "des"):
         assert label in notes[0]
     assert "2 subcarriers for 4 experts" in notes[0]
     # Nothing left to evaluate: say what to pass.

@@ -41,7 +41,7 @@ def expected_energy(mask, costs):
 # every policy
 # --------------------------------------------------------------------------------------
 def test_policy_names():
-    assert POLICIES == ("topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal")
+    assert POLICIES == ("none", "topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal")
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -227,7 +227,7 @@ def test_route_passes_generator_and_failure_energy():
 @pytest.mark.parametrize(
     "policy, kwargs, match",
     [
-        ("nope", {}, r"policy must be one of topk, channel_topk, random_topk, dense, des, jesa, optimal; got 'nope'"),
+        ("nope", {}, r"policy must be one of none, topk, channel_topk, random_topk, dense, des, jesa, optimal; got 'nope'"),
         ("topk", dict(k=9), "k must be in"),
         ("channel_topk", dict(k=0), "k must be in"),
         ("topk", dict(gamma=0.0), "gamma"),

@@ -62,9 +62,10 @@ def route(
         k = baselines.check_k(k, s.shape[1])
     failure_energy = baselines.check_failure_energy(failure_energy)
 
-    if policy == "none":
+    if policy == "none":  # no expert, no transmission; like every baseline, violation = dropped
         selection = empty_selection(*s.shape)
         selection.dropped.fill_(True)
+        selection.violation.fill_(True)
         return selection
     if policy == "topk":
         return baselines.topk_validated(s, c, k, failure_energy)
