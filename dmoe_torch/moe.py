@@ -35,6 +35,12 @@ __all__ = [
 ]
 
 
+def check_positive_int(key: str, value) -> None:
+    """Raise ValueError naming ``key`` unless ``value`` is an int >= 1 (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+
+
 @dataclass
 class RouterSpec:
     """How one MoE layer routes.
@@ -62,9 +68,7 @@ class RouterSpec:
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"router.gamma must be a float in (0, 1], got {self.gamma!r}")
         for key in ("k", "k_min"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"router.{key} must be an int >= 1, got {value!r}")
+            check_positive_int(f"router.{key}", getattr(self, key))
         if self.k_max is not None and (
             isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or self.k_max < self.k_min
         ):
@@ -202,8 +206,7 @@ class MoELayer(nn.Module):
         super().__init__()
         for key, value in (("model.d_model", d_model), ("model.num_experts", num_experts),
                            ("model.hidden_mult", hidden_mult)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+            check_positive_int(key, value)
         self.d_model = d_model
         self.num_experts = num_experts
         self.gate = nn.Linear(d_model, num_experts)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..moe import MoELayer, RouterSpec
+from ..moe import MoELayer, RouterSpec, check_positive_int
 from ..selection import Selection
 
 __all__ = ["DMoEClassifier", "ModelOutput"]
@@ -68,8 +68,7 @@ class DMoEClassifier(nn.Module):
         super().__init__()
         for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
                            ("model.image_size", image_size), ("model.num_moe_layers", num_moe_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+            check_positive_int(key, value)
         if image_size < 4:
             raise ValueError(f"model.image_size must be >= 4 (two 2x poolings), got {image_size}")
         self.num_experts = num_experts

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..moe import Expert, MoELayer, RouterSpec
+from ..moe import Expert, MoELayer, RouterSpec, check_positive_int
 from .cnn import ModelOutput
 
 __all__ = ["VMoEClassifier", "STEMS"]
@@ -62,11 +62,6 @@ class Block(nn.Module):
         return x
 
 
-def _check_positive_int(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be an int >= 1, got {value!r}")
-
-
 class VMoEClassifier(nn.Module):
     """Token-level DMoE classifier.
 
@@ -104,7 +99,7 @@ class VMoEClassifier(nn.Module):
                            ("model.num_experts", num_experts), ("model.depth", depth),
                            ("model.moe_every", moe_every), ("model.num_heads", num_heads),
                            ("model.patch_size", patch_size), ("model.hidden_mult", hidden_mult)):
-            _check_positive_int(key, value)
+            check_positive_int(key, value)
         if image_size % patch_size:
             raise ValueError(f"model.patch_size={patch_size} must divide the image size {image_size}")
         if moe_every > depth:
