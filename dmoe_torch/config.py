@@ -145,8 +145,8 @@ TRAIN_TOP_KEYS = ("seed", "device", "progress", "resume", "resume_force", "data"
                   "eval_router", "train", "runtime")
 TRAIN_DATA_KEYS = ("name", "root", "batch_size", "val_size", "limit_train", "limit_test", "num_workers", "augment")
 ROUTER_KEYS = ("policy", "k", "gamma", "k_min", "k_max", "outage_target")
-TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "grad_clip", "log_every",
-              "stop_after_epochs")
+TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "grad_clip", "link_dropout",
+              "log_every", "stop_after_epochs")
 EVAL_TOP_KEYS = ("ckpt", "seed", "device", "progress", "data", "eval", "runtime", "channel")
 EVAL_DATA_KEYS = ("root", "batch_size", "limit_test", "num_workers")
 EVAL_KEYS = ("policies", "gammas", "k_min", "k_max", "outage_targets", "channel_draws")
@@ -288,7 +288,9 @@ def validate_model(cfg: DictConfig) -> ModelShape:
             raise ConfigError(f"model.patch_size={patch_size}: must divide the image size {image_size} "
                               f"of data.name={cfg.data.name} (one of {', '.join(map(str, divisors))})")
         get_bool(cfg, "model.class_token")
-        get_str(cfg, "model.stem", choices=STEMS)
+        if get_str(cfg, "model.stem", choices=STEMS) == "conv2" and patch_size % 2:
+            raise ConfigError(f"model.patch_size={patch_size}: must be even with model.stem=conv2 "
+                              "(its stride-2 conv halves the image)")
         num_moe_layers = depth // moe_every
     return ModelShape(num_experts=num_experts, num_moe_layers=num_moe_layers, d_model=d_model, hidden_mult=hidden_mult)
 
@@ -380,6 +382,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     get_float(cfg, "train.weight_decay", minimum=0.0)
     get_float(cfg, "train.aux_loss_coef", minimum=0.0)
     get_float(cfg, "train.grad_clip", exclusive_minimum=0.0, optional=True)
+    if get_float(cfg, "train.link_dropout", minimum=0.0) >= 1.0:
+        raise ConfigError(f"train.link_dropout={_fmt(cfg.train.link_dropout)}: must be a probability in [0, 1)")
     get_int(cfg, "train.warmup_steps", minimum=0)
     get_int(cfg, "train.log_every", minimum=1)
     get_int(cfg, "train.stop_after_epochs", minimum=1, optional=True)

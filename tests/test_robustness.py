@@ -18,7 +18,7 @@ from dmoe_torch.checkpoint import capture_rng_state, restore_rng_state
 from dmoe_torch.config import report_errors
 from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
 from dmoe_torch.evaluation import evaluate
-from dmoe_torch.training import EpochProgress, NonFiniteLossError, StopSignal, lr_lambda, train_one_epoch
+from dmoe_torch.training import EpochProgress, NonFiniteLossError, StopSignal, drop_links, lr_lambda, train_one_epoch
 from dmoe_torch.models import DMoEClassifier
 from dmoe_torch.moe import RouterSpec
 from dmoe_torch.utils import atomic_write, atomic_write_text
@@ -77,6 +77,42 @@ def test_training_stops_after_the_step_in_which_a_signal_arrives():
     assert not finished
     assert progress.steps == 2 and progress.inputs == 16
     assert scheduler.last_epoch == 2  # two optimizer/scheduler steps, none after the signal
+
+
+# --------------------------------------------------------------------------------------------
+# Link dropout
+
+
+def test_drop_links_fails_whole_links_at_the_requested_rate():
+    costs = torch.zeros(4000, K, 6, dtype=torch.float64)
+    kept = drop_links(costs, None, 0.3, torch.Generator().manual_seed(0))
+    assert kept.shape == costs.shape and kept.dtype == torch.bool
+    assert torch.equal(kept, kept[:, :, :1].expand_as(kept))  # one draw per (row, expert), every subcarrier
+    rate = 1.0 - kept[:, :, 0].double().mean().item()
+    assert abs(rate - 0.3) < 3 * (0.3 * 0.7 / kept[:, :, 0].numel()) ** 0.5
+    again = drop_links(costs, None, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(kept, again)  # seeded by the generator
+    delivered = torch.rand(costs.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    assert torch.equal(drop_links(costs, delivered, 0.3, torch.Generator().manual_seed(0)), kept & delivered)
+
+
+@pytest.mark.parametrize("link_dropout", [0.0, 0.5])
+def test_link_dropout_halves_the_effective_experts_in_training(link_dropout):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(10, 0))
+    channel = WirelessChannel(ChannelConfig(), K, D, seed=0)
+    progress = EpochProgress()
+    train_one_epoch(
+        model, synthetic_batches(4, batch=64), optimizer, scheduler, channel=channel,
+        specs=spec_for("topk", channel.failure_energy_j), stream=0, device=torch.device("cpu"), aux_loss_coef=0.01,
+        grad_clip=1.0, generator=torch.Generator().manual_seed(0), progress=progress, link_dropout=link_dropout,
+    )
+    router = progress.summary()["router"]
+    # top-2 routing; the channel alone fails a few percent of links, dropout half of the rest
+    expected = 2.0 * (1.0 - router["outage_rate"]) if link_dropout == 0 else 1.0
+    assert abs(router["experts_per_token"] - expected) < (0.01 if link_dropout == 0 else 0.12)
+    assert (router["outage_rate"] > 0.4) == (link_dropout > 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -137,7 +137,8 @@ VMOE = dict(name="vmoe", d_model=64, num_experts=8, depth=6, moe_every=2, num_he
     (dict(patch_size=5), "model.patch_size=5: must divide the image size 28"),
     (dict(moe_every=7), "model.moe_every=7: must be an integer"),
     (dict(num_heads=5), "model.num_heads=5: must divide model.d_model=64"),
-    (dict(stem="resnet"), "model.stem='resnet': must be one of conv, linear"),
+    (dict(stem="resnet"), "model.stem='resnet': must be one of conv, conv2, linear"),
+    (dict(stem="conv2", patch_size=7), "model.patch_size=7: must be even with model.stem=conv2"),
     (dict(num_moe_layers=2), "model.num_moe_layers: unknown key"),
 ])
 def test_bad_model_config_names_the_key(override, message):

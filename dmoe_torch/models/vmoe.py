@@ -21,7 +21,16 @@ from .cnn import ModelOutput
 
 __all__ = ["VMoEClassifier", "STEMS"]
 
-STEMS = ("conv", "linear")
+STEMS = ("conv", "conv2", "linear")
+
+
+def _conv_bn_gelu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """3x3 conv (padding 1) -> BatchNorm -> GELU; [B, in, H, W] -> [B, out, H / stride, W / stride]."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.GELU(),
+    )
 
 
 class Attention(nn.Module):
@@ -75,7 +84,9 @@ class VMoEClassifier(nn.Module):
     hidden_mult  MLP / expert hidden width = hidden_mult * d_model
     class_token  prepend a learned class token and classify from it (else: mean of the tokens)
     stem         "conv": a 3x3 conv-BN-GELU layer (d_model / 2 channels) before the patch
-                 embedding; "linear": patch embedding of the raw pixels only
+                 embedding; "conv2": that layer, then a stride-2 3x3 conv-BN-GELU (d_model
+                 channels), and patches of patch_size / 2 on the half-size map (the same tokens;
+                 patch_size must be even); "linear": patch embedding of the raw pixels only
     """
 
     def __init__(
@@ -108,23 +119,26 @@ class VMoEClassifier(nn.Module):
             raise ValueError(f"model.d_model={d_model} must be divisible by model.num_heads={num_heads}")
         if stem not in STEMS:
             raise ValueError(f"model.stem={stem!r} must be one of {', '.join(STEMS)}")
+        if stem == "conv2" and patch_size % 2:
+            raise ValueError(f"model.patch_size={patch_size} must be even with model.stem=conv2 (its stride-2 conv halves the image)")
         self.num_experts = num_experts
         self.moe_block_ids = [i for i in range(depth) if (i + 1) % moe_every == 0]
         self.num_moe_layers = len(self.moe_block_ids)
         num_patches = (image_size // patch_size) ** 2
         self.tokens_per_input = num_patches + int(class_token)
 
-        if stem == "conv":
-            width = max(d_model // 2, 8)
-            self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.GELU(),
-            )
-        else:
+        embed_patch = patch_size
+        if stem == "linear":
             width = in_channels
             self.stem = nn.Identity()
-        self.patch_embed = nn.Conv2d(width, d_model, kernel_size=patch_size, stride=patch_size)
+        else:
+            width = max(d_model // 2, 8)
+            layers = [_conv_bn_gelu(in_channels, width, stride=1)]
+            if stem == "conv2":
+                layers.append(_conv_bn_gelu(width, d_model, stride=2))
+                width, embed_patch = d_model, patch_size // 2
+            self.stem = nn.Sequential(*layers)
+        self.patch_embed = nn.Conv2d(width, d_model, kernel_size=embed_patch, stride=embed_patch)
         self.class_token = nn.Parameter(torch.zeros(1, 1, d_model)) if class_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.tokens_per_input, d_model) * 0.02)
         self.blocks = nn.ModuleList(
