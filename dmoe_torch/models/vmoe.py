@@ -24,13 +24,14 @@ __all__ = ["VMoEClassifier", "STEMS"]
 STEMS = ("conv", "conv2", "linear")
 
 
-def _conv_bn_gelu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
-    """3x3 conv (padding 1) -> BatchNorm -> GELU; [B, in, H, W] -> [B, out, H / stride, W / stride]."""
-    return nn.Sequential(
+def _conv_bn_gelu(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:
+    """3x3 conv (padding 1) -> BatchNorm -> GELU; [B, in, H, W] -> [B, out, H / stride, W / stride].
+    Returned as a list so that the stem is one flat Sequential (parameter names stem.0, stem.1, ...)."""
+    return [
         nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.GELU(),
-    )
+    ]
 
 
 class Attention(nn.Module):
@@ -133,9 +134,9 @@ class VMoEClassifier(nn.Module):
             self.stem = nn.Identity()
         else:
             width = max(d_model // 2, 8)
-            layers = [_conv_bn_gelu(in_channels, width, stride=1)]
+            layers = _conv_bn_gelu(in_channels, width, stride=1)
             if stem == "conv2":
-                layers.append(_conv_bn_gelu(width, d_model, stride=2))
+                layers += _conv_bn_gelu(width, d_model, stride=2)
                 width, embed_patch = d_model, patch_size // 2
             self.stem = nn.Sequential(*layers)
         self.patch_embed = nn.Conv2d(width, d_model, kernel_size=embed_patch, stride=embed_patch)
