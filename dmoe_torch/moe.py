@@ -15,7 +15,7 @@ Per input (one frame) and layer (docs/method.md, section 1):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ __all__ = [
     "MetricAverager",
     "load_balancing_loss",
     "perfect_costs",
+    "drop_links",
 ]
 
 
@@ -50,6 +51,9 @@ class RouterSpec:
     k               number of experts of topk / channel_topk / random_topk
     k_min, k_max    cardinality bounds of des / jesa / optimal (k_max None: K)
     failure_energy  joules counted per failed attempt of a channel-unaware policy (P_ap * T_max)
+    outage_target   des / jesa / optimal plan for this per-link outage probability (None: trust the estimate)
+    link_dropout    training only: probability that each effective link is dropped after routing,
+                    never a row's last one (see :func:`drop_links`); 0 at evaluation
 
     Raises ValueError naming the ``router.*`` key on a bad value.
     """
@@ -61,6 +65,7 @@ class RouterSpec:
     k_max: int | None = None
     failure_energy: float = 0.0
     outage_target: float | None = None
+    link_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -79,6 +84,9 @@ class RouterSpec:
         q = self.outage_target
         if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q < 1.0):
             raise ValueError(f"router.outage_target must be null or a probability in (0, 1), got {q!r}")
+        p = self.link_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"train.link_dropout must be a probability in [0, 1), got {p!r}")
 
     @property
     def planning_target(self) -> float | None:
@@ -188,6 +196,26 @@ def load_balancing_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return K * (load.detach() * importance).sum()
 
 
+def drop_links(selection: Selection, scores: torch.Tensor, p: float, generator: torch.Generator | None) -> Selection:
+    """Training-time link dropout: each effective (selected, not failed) link of a row fails
+    with probability ``p``, except that a row never loses its last effective link this way
+    (if every one of them is drawn, the one with the highest gate score stays).
+
+    The model thus learns to classify with fewer experts than it was routed to (what cheap
+    des / jesa selections and outages give it at test time) without learning to do without
+    experts altogether.  Dropped links are marked ``failed``; energy and the other fields are
+    unchanged.  scores [B, K] (CPU); draws one uniform per (row, expert) from ``generator``.
+    """
+    effective = selection.mask & ~selection.failed
+    drop = effective & (torch.rand(effective.shape, generator=generator) < p)
+    lost_all = effective.any(1) & ~(effective & ~drop).any(1)
+    if lost_all.any():
+        best = scores.masked_fill(~effective, -math.inf).argmax(1)
+        rows = lost_all.nonzero().squeeze(1)
+        drop[rows, best[rows]] = False
+    return replace(selection, failed=selection.failed | drop)
+
+
 def perfect_costs(batch: int, num_experts: int, num_subcarriers: int) -> torch.Tensor:
     """An ideal channel: every link reachable at zero energy.  float64 CPU [B, K, N]."""
     return torch.zeros(batch, num_experts, num_subcarriers, dtype=torch.float64)
@@ -244,6 +272,8 @@ class MoELayer(nn.Module):
             )
             if delivered is not None:
                 selection = apply_delivery(selection, costs, delivered, spec.failure_energy)
+            if spec.link_dropout > 0 and self.training:
+                selection = drop_links(selection, scores.detach().cpu(), spec.link_dropout, generator)
         effective_cpu = selection.mask & ~selection.failed
         effective = effective_cpu.to(h.device)
         has_expert = effective.any(dim=1, keepdim=True)

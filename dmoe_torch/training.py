@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -149,15 +149,12 @@ def train_one_epoch(
     grad_clip: float | None,
     generator: torch.Generator | None,
     progress: EpochProgress,
-    link_dropout: float = 0.0,
     stop: StopSignal | None = None,
     on_step: Callable[[EpochProgress, float], None] | None = None,
 ) -> bool:
     """Train on ``batches`` (``(images, labels, sample_ids)``), updating ``progress`` in place.
 
-    The loss is cross-entropy + ``aux_loss_coef`` * load-balancing loss.  ``link_dropout``:
-    probability that each (token, expert) link fails on top of the channel (see
-    :func:`drop_links`; drawn from ``generator``).  ``on_step(progress,
+    The loss is cross-entropy + ``aux_loss_coef`` * load-balancing loss.  ``on_step(progress,
     loss)`` runs after every optimizer step.  Returns True if the epoch ran to its end, False
     if ``stop`` was requested (checked after each step).  Raises NonFiniteLossError before
     the optimizer step of a batch whose loss is NaN or infinite.
@@ -165,8 +162,6 @@ def train_one_epoch(
     model.train()
     for images, labels, sample_ids in batches:
         costs, delivered = layer_links(channel, sample_ids, specs, stream, model.tokens_per_input)
-        if link_dropout > 0:
-            delivered = [drop_links(c, d, link_dropout, generator) for c, d in zip(costs, delivered)]
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         output = model(images, costs, specs, generator=generator, delivered=delivered)
         loss = F.cross_entropy(output.logits, labels) + aux_loss_coef * output.aux_loss
@@ -194,22 +189,6 @@ def train_one_epoch(
         if stop is not None and stop.requested:
             return False
     return True
-
-def drop_links(costs: torch.Tensor, delivered: torch.Tensor | None, p: float,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """Training-time link dropout: each (row, expert) link also fails with probability ``p``,
-    on every subcarrier, as if in outage (a dropped expert's output is lost and the combine
-    renormalises over the rest; a row that loses every expert passes through).  It teaches
-    the model to classify well with fewer experts than it was routed to, which is what
-    cheap DES / JESA selections and real outages give it at test time.
-
-    costs [R, K, N] (for the shape); delivered None (perfect CSI) or bool [R, K, N].
-    Returns bool [R, K, N]: delivered and not dropped.
-    """
-    R, K, N = costs.shape
-    kept = (torch.rand(R, K, 1, generator=generator) >= p).expand(R, K, N)
-    return kept if delivered is None else delivered & kept
-
 
 # ---------------------------------------------------------------------------------------------
 # Training run
@@ -288,7 +267,9 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
 
     model = build_model(cfg, info).to(device)
     channel = build_channel(cfg)
-    specs = router_specs(cfg, "router", channel.failure_energy_j)
+    # train.link_dropout perturbs the training router only (the model is in train mode there).
+    specs = [replace(spec, link_dropout=float(cfg.train.link_dropout))
+             for spec in router_specs(cfg, "router", channel.failure_energy_j)]
     eval_specs = router_specs(cfg, "eval_router", channel.failure_energy_j)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -364,7 +345,6 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                     stream=train_stream(epoch), device=device, aux_loss_coef=float(cfg.train.aux_loss_coef),
                     grad_clip=None if cfg.train.grad_clip is None else float(cfg.train.grad_clip),
                     generator=generators["router"], progress=progress, stop=stop, on_step=step_logger,
-                    link_dropout=float(cfg.train.link_dropout),
                 )
                 bar.close()
                 global_step = step_logger.global_step

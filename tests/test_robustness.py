@@ -18,9 +18,10 @@ from dmoe_torch.checkpoint import capture_rng_state, restore_rng_state
 from dmoe_torch.config import report_errors
 from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
 from dmoe_torch.evaluation import evaluate
-from dmoe_torch.training import EpochProgress, NonFiniteLossError, StopSignal, drop_links, lr_lambda, train_one_epoch
+from dmoe_torch.training import EpochProgress, NonFiniteLossError, StopSignal, lr_lambda, train_one_epoch
 from dmoe_torch.models import DMoEClassifier
-from dmoe_torch.moe import RouterSpec
+from dmoe_torch.moe import MoELayer, RouterSpec, drop_links
+from dmoe_torch.selection import route
 from dmoe_torch.utils import atomic_write, atomic_write_text
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -83,36 +84,46 @@ def test_training_stops_after_the_step_in_which_a_signal_arrives():
 # Link dropout
 
 
-def test_drop_links_fails_whole_links_at_the_requested_rate():
-    costs = torch.zeros(4000, K, 6, dtype=torch.float64)
-    kept = drop_links(costs, None, 0.3, torch.Generator().manual_seed(0))
-    assert kept.shape == costs.shape and kept.dtype == torch.bool
-    assert torch.equal(kept, kept[:, :, :1].expand_as(kept))  # one draw per (row, expert), every subcarrier
-    rate = 1.0 - kept[:, :, 0].double().mean().item()
-    assert abs(rate - 0.3) < 3 * (0.3 * 0.7 / kept[:, :, 0].numel()) ** 0.5
-    again = drop_links(costs, None, 0.3, torch.Generator().manual_seed(0))
-    assert torch.equal(kept, again)  # seeded by the generator
-    delivered = torch.rand(costs.shape, generator=torch.Generator().manual_seed(1)) > 0.5
-    assert torch.equal(drop_links(costs, delivered, 0.3, torch.Generator().manual_seed(0)), kept & delivered)
+def _routed(rows: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.softmax(torch.randn(rows, K, generator=generator), 1)
+    costs = torch.rand(rows, K, 6, generator=generator, dtype=torch.float64)
+    return scores, route("topk", scores, costs, k=2)
+
+
+def test_drop_links_drops_at_the_rate_but_never_a_rows_last_expert():
+    scores, selection = _routed(20000)
+    dropped = drop_links(selection, scores, 0.3, torch.Generator().manual_seed(7))
+    effective = dropped.mask & ~dropped.failed
+    assert torch.equal(dropped.mask, selection.mask) and torch.equal(dropped.energy, selection.energy)
+    assert effective.any(1).all()  # every routed row keeps an expert
+    assert not (effective & ~selection.mask).any()
+    # Two experts per row: both survive w.p. 0.7^2; otherwise one, the best-scored one when both were drawn.
+    both = effective.sum(1) == 2
+    assert abs(both.double().mean().item() - 0.49) < 0.015
+    best = scores.masked_fill(~selection.mask, -1).argmax(1)
+    kept_best = effective[torch.arange(len(best)), best]
+    assert abs(kept_best[~both].double().mean().item() - 0.3 / 0.51) < 0.02  # P(best kept | one kept) = (0.09 + 0.21) / 0.51
+    again = drop_links(selection, scores, 0.3, torch.Generator().manual_seed(7))
+    assert torch.equal(again.failed, dropped.failed)
 
 
 @pytest.mark.parametrize("link_dropout", [0.0, 0.5])
-def test_link_dropout_halves_the_effective_experts_in_training(link_dropout):
-    model = tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(10, 0))
+def test_link_dropout_acts_in_training_only(link_dropout):
+    torch.manual_seed(0)
+    layer = MoELayer(D, K)
     channel = WirelessChannel(ChannelConfig(), K, D, seed=0)
-    progress = EpochProgress()
-    train_one_epoch(
-        model, synthetic_batches(4, batch=64), optimizer, scheduler, channel=channel,
-        specs=spec_for("topk", channel.failure_energy_j), stream=0, device=torch.device("cpu"), aux_loss_coef=0.01,
-        grad_clip=1.0, generator=torch.Generator().manual_seed(0), progress=progress, link_dropout=link_dropout,
-    )
-    router = progress.summary()["router"]
-    # top-2 routing; the channel alone fails a few percent of links, dropout half of the rest
-    expected = 2.0 * (1.0 - router["outage_rate"]) if link_dropout == 0 else 1.0
-    assert abs(router["experts_per_token"] - expected) < (0.01 if link_dropout == 0 else 0.12)
-    assert (router["outage_rate"] > 0.4) == (link_dropout > 0)
+    spec = RouterSpec("topk", k=2, failure_energy=channel.failure_energy_j, link_dropout=link_dropout)
+    h, costs = torch.randn(4000, D), channel.costs(torch.arange(4000), 0, 0)
+    train_sel = layer(h, costs, spec, generator=torch.Generator().manual_seed(7)).selection
+    layer.eval()
+    eval_sel = layer(h, costs, spec, generator=torch.Generator().manual_seed(7)).selection
+    assert torch.equal(train_sel.mask, eval_sel.mask)
+    train_experts = (train_sel.mask & ~train_sel.failed).sum(1).double().mean().item()
+    eval_experts = (eval_sel.mask & ~eval_sel.failed).sum(1).double().mean().item()
+    assert eval_experts > 1.9
+    # p = 0.5 on two experts: both kept w.p. 1/4, else one (never none): 1.25 on average
+    assert abs(train_experts - (eval_experts if link_dropout == 0 else 1.25)) < 0.05
 
 
 # --------------------------------------------------------------------------------------------
