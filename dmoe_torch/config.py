@@ -145,8 +145,8 @@ TRAIN_TOP_KEYS = ("seed", "device", "progress", "resume", "resume_force", "data"
                   "eval_router", "train", "runtime")
 TRAIN_DATA_KEYS = ("name", "root", "batch_size", "val_size", "limit_train", "limit_test", "num_workers", "augment")
 ROUTER_KEYS = ("policy", "k", "gamma", "k_min", "k_max", "outage_target")
-TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "grad_clip", "link_dropout",
-              "log_every", "stop_after_epochs")
+TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "grad_clip", "log_every",
+              "stop_after_epochs")
 EVAL_TOP_KEYS = ("ckpt", "seed", "device", "progress", "data", "eval", "runtime", "channel")
 EVAL_DATA_KEYS = ("root", "batch_size", "limit_test", "num_workers")
 EVAL_KEYS = ("policies", "gammas", "k_min", "k_max", "outage_targets", "channel_draws")
@@ -252,9 +252,9 @@ class ModelShape:
 
 # The keys of each model (config group `model`); `name` picks the architecture.
 MODEL_KEYS = {
-    "cnn": ("name", "d_model", "num_experts", "num_moe_layers", "hidden_mult"),
+    "cnn": ("name", "d_model", "num_experts", "num_moe_layers", "hidden_mult", "link_dropout"),
     "vmoe": ("name", "d_model", "num_experts", "depth", "moe_every", "num_heads", "patch_size",
-             "hidden_mult", "class_token", "stem"),
+             "hidden_mult", "class_token", "stem", "link_dropout"),
 }
 
 
@@ -272,6 +272,10 @@ def validate_model(cfg: DictConfig) -> ModelShape:
     num_experts = get_int(cfg, "model.num_experts", minimum=1)
     d_model = get_int(cfg, "model.d_model", minimum=1)
     hidden_mult = get_int(cfg, "model.hidden_mult", minimum=1)
+    # Absent from checkpoints written before it existed: no dropout.
+    link_dropout = OmegaConf.select(cfg, "model.link_dropout", default=0.0)
+    if not _is_number(link_dropout) or not 0.0 <= link_dropout < 1.0:
+        raise ConfigError(f"model.link_dropout={_fmt(link_dropout)}: must be a probability in [0, 1)")
     if name == "cnn":
         num_moe_layers = get_int(cfg, "model.num_moe_layers", minimum=1)
     else:
@@ -382,8 +386,6 @@ def validate_train_config(cfg: DictConfig) -> None:
     get_float(cfg, "train.weight_decay", minimum=0.0)
     get_float(cfg, "train.aux_loss_coef", minimum=0.0)
     get_float(cfg, "train.grad_clip", exclusive_minimum=0.0, optional=True)
-    if get_float(cfg, "train.link_dropout", minimum=0.0) >= 1.0:
-        raise ConfigError(f"train.link_dropout={_fmt(cfg.train.link_dropout)}: must be a probability in [0, 1)")
     get_int(cfg, "train.warmup_steps", minimum=0)
     get_int(cfg, "train.log_every", minimum=1)
     get_int(cfg, "train.stop_after_epochs", minimum=1, optional=True)

@@ -42,6 +42,12 @@ def check_positive_int(key: str, value) -> None:
         raise ValueError(f"{key} must be an int >= 1, got {value!r}")
 
 
+def check_link_dropout(value) -> None:
+    """Raise ValueError naming model.link_dropout unless ``value`` is a probability in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"model.link_dropout must be a probability in [0, 1), got {value!r}")
+
+
 @dataclass
 class RouterSpec:
     """How one MoE layer routes.
@@ -52,8 +58,6 @@ class RouterSpec:
     k_min, k_max    cardinality bounds of des / jesa / optimal (k_max None: K)
     failure_energy  joules counted per failed attempt of a channel-unaware policy (P_ap * T_max)
     outage_target   des / jesa / optimal plan for this per-link outage probability (None: trust the estimate)
-    link_dropout    training only: probability that each effective link is dropped after routing,
-                    never a row's last one (see :func:`drop_links`); 0 at evaluation
 
     Raises ValueError naming the ``router.*`` key on a bad value.
     """
@@ -65,7 +69,6 @@ class RouterSpec:
     k_max: int | None = None
     failure_energy: float = 0.0
     outage_target: float | None = None
-    link_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -84,9 +87,6 @@ class RouterSpec:
         q = self.outage_target
         if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q < 1.0):
             raise ValueError(f"router.outage_target must be null or a probability in (0, 1), got {q!r}")
-        p = self.link_dropout
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"train.link_dropout must be a probability in [0, 1), got {p!r}")
 
     @property
     def planning_target(self) -> float | None:
@@ -227,14 +227,18 @@ class MoELayer(nn.Module):
     d_model      width of h
     num_experts  K
     hidden_mult  expert hidden width = hidden_mult * d_model
+    link_dropout in training mode only, like nn.Dropout: probability that each effective link
+                 is dropped after routing, never a row's last one (:func:`drop_links`)
     The gate is ``nn.Linear(d_model, K)`` producing logits; the softmax is taken in forward.
     """
 
-    def __init__(self, d_model: int, num_experts: int, hidden_mult: int = 2) -> None:
+    def __init__(self, d_model: int, num_experts: int, hidden_mult: int = 2, link_dropout: float = 0.0) -> None:
         super().__init__()
         for key, value in (("model.d_model", d_model), ("model.num_experts", num_experts),
                            ("model.hidden_mult", hidden_mult)):
             check_positive_int(key, value)
+        check_link_dropout(link_dropout)
+        self.link_dropout = float(link_dropout)
         self.d_model = d_model
         self.num_experts = num_experts
         self.gate = nn.Linear(d_model, num_experts)
@@ -272,8 +276,8 @@ class MoELayer(nn.Module):
             )
             if delivered is not None:
                 selection = apply_delivery(selection, costs, delivered, spec.failure_energy)
-            if spec.link_dropout > 0 and self.training:
-                selection = drop_links(selection, scores.detach().cpu(), spec.link_dropout, generator)
+            if self.training and self.link_dropout > 0:
+                selection = drop_links(selection, scores.detach().cpu(), self.link_dropout, generator)
         effective_cpu = selection.mask & ~selection.failed
         effective = effective_cpu.to(h.device)
         has_expert = effective.any(dim=1, keepdim=True)

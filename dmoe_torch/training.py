@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -267,9 +267,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
 
     model = build_model(cfg, info).to(device)
     channel = build_channel(cfg)
-    # train.link_dropout perturbs the training router only (the model is in train mode there).
-    specs = [replace(spec, link_dropout=float(cfg.train.link_dropout))
-             for spec in router_specs(cfg, "router", channel.failure_energy_j)]
+    specs = router_specs(cfg, "router", channel.failure_energy_j)
     eval_specs = router_specs(cfg, "eval_router", channel.failure_energy_j)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

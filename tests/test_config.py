@@ -156,9 +156,9 @@ def test_evaluate_config_composes_and_validates():
     assert cfg.eval.channel_draws == 2 and len(cfg.eval.gammas) == 6 and cfg.eval.k_max == 2
     # Default grid against the default model: 6 fixed policies + 5 gammas x (des, jesa).
     settings = eval_policies(cfg, compose_cfg("train"))
-    assert len(settings) == 6 + 2 * 5
+    assert len(settings) == 6 + 2 * 6
     assert {s.label for s in settings} == {"none", "random_topk@1", "topk@1", "topk@2", "channel_topk@2", "dense", "des", "jesa"}
-    assert sorted({s.gamma for s in settings if s.policy == "des"}) == [0.05, 0.25, 0.5, 0.75, 0.95]
+    assert sorted({s.gamma for s in settings if s.policy == "des"}) == [0.05, 0.25, 0.35, 0.5, 0.75, 0.95]
 
 
 def test_data_root_defaults_to_environment_variable(monkeypatch, tmp_path):
@@ -203,8 +203,8 @@ TRAIN_ERRORS = [
     (["train.lr=-0.001"], "train.lr"),
     (["train.lr=fast"], "train.lr"),
     (["train.weight_decay=-1"], "train.weight_decay"),
-    (["train.link_dropout=1.0"], "train.link_dropout"),
-    (["train.link_dropout=-0.1"], "train.link_dropout"),
+    (["model.link_dropout=1.0"], "model.link_dropout"),
+    (["model=vmoe", "model.link_dropout=-0.1"], "model.link_dropout"),
     (["seed=-1"], "seed"),
     (["device=tpu"], "device"),
     (["resume=/nonexistent/checkpoint.pt"], "resume"),

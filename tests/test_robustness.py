@@ -111,9 +111,9 @@ def test_drop_links_drops_at_the_rate_but_never_a_rows_last_expert():
 @pytest.mark.parametrize("link_dropout", [0.0, 0.5])
 def test_link_dropout_acts_in_training_only(link_dropout):
     torch.manual_seed(0)
-    layer = MoELayer(D, K)
+    layer = MoELayer(D, K, link_dropout=link_dropout)
     channel = WirelessChannel(ChannelConfig(), K, D, seed=0)
-    spec = RouterSpec("topk", k=2, failure_energy=channel.failure_energy_j, link_dropout=link_dropout)
+    spec = RouterSpec("topk", k=2, failure_energy=channel.failure_energy_j)
     h, costs = torch.randn(4000, D), channel.costs(torch.arange(4000), 0, 0)
     train_sel = layer(h, costs, spec, generator=torch.Generator().manual_seed(7)).selection
     layer.eval()

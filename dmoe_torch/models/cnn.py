@@ -51,6 +51,7 @@ class DMoEClassifier(nn.Module):
     num_experts     K experts per layer (one per edge device)
     num_moe_layers  L
     hidden_mult     expert hidden width = hidden_mult * d_model
+    link_dropout    training-time link dropout of every MoE layer (see MoELayer)
 
     Stem: two conv(3x3)-BN-ReLU-maxpool(2) blocks (32, 64 channels), flatten, linear to d_model.
     """
@@ -64,6 +65,7 @@ class DMoEClassifier(nn.Module):
         num_experts: int = 8,
         num_moe_layers: int = 2,
         hidden_mult: int = 2,
+        link_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
@@ -84,7 +86,7 @@ class DMoEClassifier(nn.Module):
         # channels_last convolutions run ~1.5x faster on CPU (oneDNN) than NCHW ones.
         self.stem.to(memory_format=torch.channels_last)
         self.moe_layers = nn.ModuleList(
-            MoELayer(d_model, num_experts, hidden_mult) for _ in range(num_moe_layers)
+            MoELayer(d_model, num_experts, hidden_mult, link_dropout) for _ in range(num_moe_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)

@@ -58,11 +58,12 @@ class Block(nn.Module):
     routed experts for MoE blocks (the residual is added inside :class:`MoELayer`).
     """
 
-    def __init__(self, d_model: int, num_heads: int, hidden_mult: int, num_experts: int | None) -> None:
+    def __init__(self, d_model: int, num_heads: int, hidden_mult: int, num_experts: int | None,
+                 link_dropout: float = 0.0) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads)
-        self.moe = MoELayer(d_model, num_experts, hidden_mult) if num_experts else None
+        self.moe = MoELayer(d_model, num_experts, hidden_mult, link_dropout) if num_experts else None
         self.mlp = None if num_experts else Expert(d_model, hidden_mult)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +85,7 @@ class VMoEClassifier(nn.Module):
     patch_size   P: tokens = (image_size / P)^2 (+1 with a class token)
     hidden_mult  MLP / expert hidden width = hidden_mult * d_model
     class_token  prepend a learned class token and classify from it (else: mean of the tokens)
+    link_dropout training-time link dropout of every MoE block (see MoELayer)
     stem         "conv": a 3x3 conv-BN-GELU layer (d_model / 2 channels) before the patch
                  embedding; "conv2": that layer, then a stride-2 3x3 conv-BN-GELU (d_model
                  channels), and patches of patch_size / 2 on the half-size map (the same tokens;
@@ -104,6 +106,7 @@ class VMoEClassifier(nn.Module):
         hidden_mult: int = 2,
         class_token: bool = False,
         stem: str = "conv",
+        link_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
@@ -143,7 +146,7 @@ class VMoEClassifier(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(1, 1, d_model)) if class_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.tokens_per_input, d_model) * 0.02)
         self.blocks = nn.ModuleList(
-            Block(d_model, num_heads, hidden_mult, num_experts if i in self.moe_block_ids else None)
+            Block(d_model, num_heads, hidden_mult, num_experts if i in self.moe_block_ids else None, link_dropout)
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(d_model)
