@@ -70,15 +70,19 @@ def remove_unused_run_dirs() -> None:
             _created.discard(key)
 
 
-def config_differences(old: dict, new: dict, free_keys: Iterable[str] = (), prefix: str = "") -> list[str]:
-    """``"key: old -> new"`` for every dotted key whose value differs, except ``free_keys``."""
+def config_differences(old: dict, new: dict, free_keys: Iterable[str] = (), prefix: str = "",
+                       added_defaults: dict | None = None) -> list[str]:
+    """``"key: old -> new"`` for every dotted key whose value differs, except ``free_keys``.
+    ``added_defaults``: dotted keys added after ``old`` may have been written, with the value
+    their absence stands for (an absent key equal to it is no difference)."""
     free_keys = tuple(free_keys)
+    added_defaults = added_defaults or {}
     diffs = []
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        a, b = old.get(key, added_defaults.get(path, "<absent>")), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs.extend(config_differences(a, b, free_keys, f"{path}."))
+            diffs.extend(config_differences(a, b, free_keys, f"{path}.", added_defaults))
         elif a != b and path not in free_keys:
             diffs.append(f"{path}: {a!r} -> {b!r}")
     return diffs
@@ -89,7 +93,9 @@ def check_rerun(previous: dict, config: dict, *, source: str, free_keys: Iterabl
     """Refuse (ConfigError) to continue ``source`` (run with config ``previous``) under a
     ``config`` that changes a result-altering key, unless ``force``.  Returns the differences.
     ``new_run`` says how to start a new run instead."""
-    diffs = config_differences(previous, config, free_keys)
+    from .training import ADDED_KEY_DEFAULTS
+
+    diffs = config_differences(previous, config, free_keys, added_defaults=ADDED_KEY_DEFAULTS)
     if diffs and not force:
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
         raise ConfigError(

@@ -51,6 +51,11 @@ RESUME_FREE_KEYS = (
     "train.log_every", "runtime", "runtime.name", "runtime.backend", "runtime.timeout_s",
 )
 
+# Config keys added after runs may have been recorded, with the value their absence means, so
+# that rerunning an older run directory is not refused for a key it could not have had.
+ADDED_KEY_DEFAULTS = {"model.link_dropout": 0.0}
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stops without saving."""
 

@@ -333,3 +333,16 @@ def test_evaluate_accepts_a_run_directory_and_logs_the_table(data_root, tmp_path
     for row in ("| topk@1 | - |", "| jesa | 0.5 |"):
         assert row in log_text and row in result.stdout
     assert f"{data_root / 'FashionMNIST' / 'raw'}" in log_text  # where the data came from
+
+
+def test_a_key_added_later_is_no_difference_at_its_default():
+    from dmoe_torch.rundir import config_differences
+    from dmoe_torch.training import ADDED_KEY_DEFAULTS
+
+    old = {"model": {"name": "cnn", "d_model": 128}}  # recorded before model.link_dropout existed
+    assert config_differences(old, {"model": {"name": "cnn", "d_model": 128, "link_dropout": 0.0}},
+                              added_defaults=ADDED_KEY_DEFAULTS) == []
+    assert config_differences(old, {"model": {"name": "cnn", "d_model": 128, "link_dropout": 0.3}},
+                              added_defaults=ADDED_KEY_DEFAULTS) == ["model.link_dropout: 0.0 -> 0.3"]
+    assert config_differences(old, {"model": {"name": "cnn", "d_model": 128, "stem": "conv"}},
+                              added_defaults=ADDED_KEY_DEFAULTS) == ["model.stem: '<absent>' -> 'conv'"]

@@ -129,6 +129,17 @@ def test_none_bypasses_every_moe_block():
     torch.testing.assert_close(out.logits, silent(images(2), costs, [RouterSpec("topk", k=2)] * 2).logits)
 
 
+@pytest.mark.parametrize("stem, stem_convs", [("linear", 0), ("conv", 1), ("conv2", 2)])
+def test_every_stem_gives_the_same_tokens(stem, stem_convs):
+    model = tiny(stem=stem, patch_size=4)
+    convs = [m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == stem_convs and model.tokens_per_input == 49
+    embedded = model.patch_embed(model.stem(images(2)))
+    assert embedded.shape == (2, 16, 7, 7)  # d_model channels on the 7x7 token grid
+    if stem == "conv2":
+        assert convs[1].stride == (2, 2) and model.patch_embed.kernel_size == (2, 2)
+
+
 VMOE = dict(name="vmoe", d_model=64, num_experts=8, depth=6, moe_every=2, num_heads=4, patch_size=4,
             hidden_mult=2, class_token=False, stem="conv")
 
