@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from numba import njit
 
 from dmoe_torch.selection.common import RELEVANCE_TOL
-from dmoe_torch.selection.des import des, des_numpy, des_reference, des_solve_one
+from dmoe_torch.selection.des import des, des_numpy, des_solve_one
+from dmoe_torch.selection.exact import des_reference
 from dmoe_torch.selection.exact import brute_force_p1, milp_p1
 
 FAMILIES = ["generic", "ties", "zero_scores", "equal_scores", "huge", "tiny", "mixed", "zero_costs", "sparse_reach"]

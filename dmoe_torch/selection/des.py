@@ -32,11 +32,6 @@ Entry points
     the best proven lower bound.  des/des_numpy finish such rows with HiGHS.
     Note: numba's on-disk cache does not track callees, so an ``@njit(cache=True)`` caller
     keeps a stale copy of DES after this file changes; clear its cache (or skip cache=True).
-``des_reference(...)``
-    Pure-Python branch-and-bound of docs/method.md section 3 (ratio order, greedy incumbent, DFS include/
-    exclude, LP-relaxation bound), same signature and semantics as ``des``; a readable
-    specification for the tests, not for production.
-
 Algorithm (numba, one row at a time, no Python per row)
 -------------------------------------------------------
 1. drop unreachable experts; the top-k_max scores decide feasibility (and are the fallback);
@@ -65,8 +60,6 @@ The caller's ``numba.get_num_threads()`` is restored after each call.
 """
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 import torch
@@ -74,7 +67,7 @@ from numba import njit, prange
 
 from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
 
-__all__ = ["des", "des_validated", "des_numpy", "des_solve_one", "des_reference"]
+__all__ = ["des", "des_validated", "des_numpy", "des_solve_one", "result_arrays", "selection_from_arrays"]
 
 
 # --------------------------------------------------------------------------------------
@@ -760,12 +753,7 @@ def des_numpy(
     costs = np.ascontiguousarray(costs, dtype=np.float64)
     B, K = scores.shape
     k_max = K if k_max is None else k_max
-    mask = np.zeros((B, K), dtype=np.bool_)
-    energy = np.zeros(B)
-    violation = np.zeros(B, dtype=np.bool_)
-    dropped = np.zeros(B, dtype=np.bool_)
-    nodes = np.zeros(B, dtype=np.int64)
-    bound = np.full(B, np.nan)
+    mask, energy, violation, dropped, nodes, bound = result_arrays(B, K)
     if B:
         chunks = row_chunks(B, solver_threads(num_threads))
         args = (scores, costs, float(gamma), int(k_min), int(k_max), int(node_limit), chunks, mask, energy, violation, dropped, nodes, bound)
@@ -782,7 +770,15 @@ def des_numpy(
     return mask, energy, violation, dropped, nodes, bound
 
 
-def _to_selection(mask, energy, violation, dropped, nodes, bound) -> Selection:
+def result_arrays(B: int, K: int):
+    """Empty results of B rows and K experts: mask bool[B, K], energy float64[B], violation,
+    dropped bool[B], nodes int64[B], bound float64[B] (nan)."""
+    return (np.zeros((B, K), dtype=np.bool_), np.zeros(B), np.zeros(B, dtype=np.bool_),
+            np.zeros(B, dtype=np.bool_), np.zeros(B, dtype=np.int64), np.full(B, np.nan))
+
+
+def selection_from_arrays(mask, energy, violation, dropped, nodes, bound) -> Selection:
+    """A Selection from numpy arrays [B, K] / [B]; feasible rows (not violation) are certified."""
     B, K = mask.shape
     sel = empty_selection(B, K)
     sel.mask = torch.from_numpy(mask)
@@ -806,100 +802,4 @@ def des(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1,
 
 def des_validated(s: torch.Tensor, c: torch.Tensor, gamma: float, k_min: int, k_max: int) -> Selection:
     """:func:`des` on inputs already checked by ``validate_inputs`` (CPU float64, k_max resolved)."""
-    return _to_selection(*des_numpy(s.numpy(), c.numpy(), gamma, k_min, k_max))
-
-
-# --------------------------------------------------------------------------------------
-# pure-Python reference
-# --------------------------------------------------------------------------------------
-def _fallback_python(s, c, reach, k_max):
-    """The min(k_max, #reachable) reachable experts with the highest scores (ties: lower cost, lower index)."""
-    ranked = sorted(reach, key=lambda k: (-s[k], c[k], k))
-    return ranked[: min(k_max, len(ranked))]
-
-
-def _des_reference_row(s, c, gamma, k_min, k_max):
-    """One row of the reference B&B; returns (chosen list, feasible, nodes, root bound)."""
-    thr = gamma - RELEVANCE_TOL
-    reach = [k for k in range(len(s)) if math.isfinite(c[k])]
-    if not reach:
-        return [], False, 0, math.nan
-    fallback = _fallback_python(s, c, reach, k_max)
-    if len(reach) < k_min or sum(s[k] for k in fallback) < thr:
-        return fallback, False, 0, math.nan
-    order = sorted(reach, key=lambda k: (c[k] / s[k] if s[k] > 0 else math.inf, c[k], k))
-
-    def lp_bound(start, need):
-        """Linear relaxation of the remaining covering knapsack (greedy fractional fill)."""
-        total, got = 0.0, 0.0
-        for k in order[start:]:
-            if s[k] <= 0:
-                break
-            if got + s[k] >= need:
-                return total + (need - got) * c[k] / s[k]
-            got += s[k]
-            total += c[k]
-        return math.inf
-
-    # greedy incumbent in ratio order, then the (feasible) top-score fallback set
-    greedy, got = [], 0.0
-    for k in order:
-        if got >= thr or len(greedy) == k_max:
-            break
-        greedy.append(k)
-        got += s[k]
-    for k in sorted(set(reach) - set(greedy), key=lambda k: (c[k], k)):
-        if len(greedy) >= k_min:
-            break
-        greedy.append(k)
-    incumbent = [fallback, sum(c[k] for k in fallback)]
-    if got >= thr and k_min <= len(greedy) <= k_max and sum(c[k] for k in greedy) < incumbent[1]:
-        incumbent = [greedy, sum(c[k] for k in greedy)]
-    nodes = 0
-
-    def dfs(pos, chosen, acc_s, acc_c):
-        nonlocal nodes
-        nodes += 1
-        if acc_c >= incumbent[1]:
-            return
-        if acc_s >= thr and len(chosen) >= k_min:
-            incumbent[0], incumbent[1] = list(chosen), acc_c
-            return
-        if len(chosen) == k_max or pos == len(order) or len(order) - pos < k_min - len(chosen):
-            return
-        if acc_s < thr and acc_c + lp_bound(pos, thr - acc_s) >= incumbent[1]:
-            return
-        k = order[pos]
-        chosen.append(k)
-        dfs(pos + 1, chosen, acc_s + s[k], acc_c + c[k])
-        chosen.pop()
-        dfs(pos + 1, chosen, acc_s, acc_c)
-
-    dfs(0, [], 0.0, 0.0)
-    return incumbent[0], True, nodes, lp_bound(0, thr)
-
-
-def des_reference(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1, k_max: int | None = None) -> Selection:
-    """Pure-Python DES (docs/method.md section 3) with the same signature and semantics as :func:`des`.
-
-    Recursive, one row at a time: for tests and small K (recursion depth grows with K).
-    """
-    s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=2)
-    B, K = s.shape
-    s_rows, c_rows = s.tolist(), c.tolist()
-    mask = np.zeros((B, K), dtype=np.bool_)
-    energy = np.zeros(B)
-    violation = np.zeros(B, dtype=np.bool_)
-    dropped = np.zeros(B, dtype=np.bool_)
-    nodes = np.zeros(B, dtype=np.int64)
-    bound = np.full(B, np.nan)
-    for b in range(B):
-        chosen, feasible, nd, lb = _des_reference_row(s_rows[b], c_rows[b], gamma, k_min, k_max)
-        mask[b, chosen] = True
-        energy[b] = float(np.sum(c[b].numpy()[mask[b]]))
-        violation[b] = not feasible
-        dropped[b] = not chosen
-        nodes[b] = nd
-        if feasible:
-            bound[b] = lb
-    return _to_selection(mask, energy, violation, dropped, nodes, bound)
+    return selection_from_arrays(*des_numpy(s.numpy(), c.numpy(), gamma, k_min, k_max))

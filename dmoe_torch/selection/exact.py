@@ -2,6 +2,7 @@
 
 These are slow, obviously-correct solvers for tests, benchmarks and the ``optimal`` policy:
 
+* :func:`des_reference` is DES's branch-and-bound in plain Python, one row at a time.
 * :func:`brute_force_p1` enumerates every expert subset (small K).
 * :func:`milp_p1` solves P1 per instance with ``scipy.optimize.milp`` (HiGHS).
 * :func:`brute_force_p2` enumerates every subset and every injective subcarrier assignment.
@@ -27,8 +28,9 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 
 from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
+from .des import result_arrays, selection_from_arrays
 
-__all__ = ["brute_force_p1", "milp_p1", "milp_p1_row", "brute_force_p2", "milp_p2", "subset_count"]
+__all__ = ["des_reference", "brute_force_p1", "milp_p1", "milp_p1_row", "brute_force_p2", "milp_p2", "subset_count"]
 
 # HiGHS defaults (absolute gap 1e-6, feasibility 1e-6/1e-7) are coarse next to energies of
 # ~1e-5 J and the 1e-6 relevance tolerance, so the references ask for exact optimality.
@@ -268,3 +270,96 @@ def milp_p2(scores, costs, gamma: float, k_min: int = 1, k_max: int | None = Non
         feasible[b] = assignment is not None
         assignments.append(assignment if feasible[b] else _fallback_p2(s[b], e[b], k_max))
     return _p2_result(s, e, B, K, assignments, feasible, np.zeros(B, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------------------
+# DES in plain Python: the branch-and-bound of docs/method.md section 3, as a specification
+# --------------------------------------------------------------------------------------
+def _fallback_python(s, c, reach, k_max):
+    """The min(k_max, #reachable) reachable experts with the highest scores (ties: lower cost, lower index)."""
+    ranked = sorted(reach, key=lambda k: (-s[k], c[k], k))
+    return ranked[: min(k_max, len(ranked))]
+
+
+def _des_reference_row(s, c, gamma, k_min, k_max):
+    """One row of the reference B&B; returns (chosen list, feasible, nodes, root bound)."""
+    thr = gamma - RELEVANCE_TOL
+    reach = [k for k in range(len(s)) if math.isfinite(c[k])]
+    if not reach:
+        return [], False, 0, math.nan
+    fallback = _fallback_python(s, c, reach, k_max)
+    if len(reach) < k_min or sum(s[k] for k in fallback) < thr:
+        return fallback, False, 0, math.nan
+    order = sorted(reach, key=lambda k: (c[k] / s[k] if s[k] > 0 else math.inf, c[k], k))
+
+    def lp_bound(start, need):
+        """Linear relaxation of the remaining covering knapsack (greedy fractional fill)."""
+        total, got = 0.0, 0.0
+        for k in order[start:]:
+            if s[k] <= 0:
+                break
+            if got + s[k] >= need:
+                return total + (need - got) * c[k] / s[k]
+            got += s[k]
+            total += c[k]
+        return math.inf
+
+    # greedy incumbent in ratio order, then the (feasible) top-score fallback set
+    greedy, got = [], 0.0
+    for k in order:
+        if got >= thr or len(greedy) == k_max:
+            break
+        greedy.append(k)
+        got += s[k]
+    for k in sorted(set(reach) - set(greedy), key=lambda k: (c[k], k)):
+        if len(greedy) >= k_min:
+            break
+        greedy.append(k)
+    incumbent = [fallback, sum(c[k] for k in fallback)]
+    if got >= thr and k_min <= len(greedy) <= k_max and sum(c[k] for k in greedy) < incumbent[1]:
+        incumbent = [greedy, sum(c[k] for k in greedy)]
+    nodes = 0
+
+    def dfs(pos, chosen, acc_s, acc_c):
+        nonlocal nodes
+        nodes += 1
+        if acc_c >= incumbent[1]:
+            return
+        if acc_s >= thr and len(chosen) >= k_min:
+            incumbent[0], incumbent[1] = list(chosen), acc_c
+            return
+        if len(chosen) == k_max or pos == len(order) or len(order) - pos < k_min - len(chosen):
+            return
+        if acc_s < thr and acc_c + lp_bound(pos, thr - acc_s) >= incumbent[1]:
+            return
+        k = order[pos]
+        chosen.append(k)
+        dfs(pos + 1, chosen, acc_s + s[k], acc_c + c[k])
+        chosen.pop()
+        dfs(pos + 1, chosen, acc_s, acc_c)
+
+    dfs(0, [], 0.0, 0.0)
+    return incumbent[0], True, nodes, lp_bound(0, thr)
+
+
+def des_reference(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1, k_max: int | None = None) -> Selection:
+    """Pure-Python DES (docs/method.md section 3: ratio order, greedy incumbent, DFS include /
+    exclude, LP-relaxation bound) with the same signature and semantics as
+    :func:`~dmoe_torch.selection.des.des`; a readable specification for the tests.
+
+    Recursive, one row at a time: for tests and small K (recursion depth grows with K).
+    """
+    s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=2)
+    B, K = s.shape
+    s_rows, c_rows = s.tolist(), c.tolist()
+    mask, energy, violation, dropped, nodes, bound = result_arrays(B, K)
+    for b in range(B):
+        chosen, feasible, nd, lb = _des_reference_row(s_rows[b], c_rows[b], gamma, k_min, k_max)
+        mask[b, chosen] = True
+        energy[b] = float(np.sum(c[b].numpy()[mask[b]]))
+        violation[b] = not feasible
+        dropped[b] = not chosen
+        nodes[b] = nd
+        if feasible:
+            bound[b] = lb
+    return selection_from_arrays(mask, energy, violation, dropped, nodes, bound)
