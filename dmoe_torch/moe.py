@@ -267,17 +267,18 @@ class MoELayer(nn.Module):
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # the softmax and combine weights in at least float32
         scores = torch.softmax(logits, dim=-1)
+        scores_cpu = scores.detach().cpu()  # the router, link dropout and metrics work on the CPU
 
         with torch.no_grad():
             selection = route(
-                spec.policy, scores.detach().cpu(), costs,
+                spec.policy, scores_cpu, costs,
                 gamma=spec.gamma, k=spec.k, k_min=spec.k_min, k_max=spec.k_max,
                 failure_energy=spec.failure_energy, generator=generator,
             )
             if delivered is not None:
                 selection = apply_delivery(selection, costs, delivered, spec.failure_energy)
             if self.training and self.link_dropout > 0:
-                selection = drop_links(selection, scores.detach().cpu(), self.link_dropout, generator)
+                selection = drop_links(selection, scores_cpu, self.link_dropout, generator)
         effective_cpu = selection.mask & ~selection.failed
         effective = effective_cpu.to(h.device)
         has_expert = effective.any(dim=1, keepdim=True)
@@ -303,7 +304,7 @@ class MoELayer(nn.Module):
             out = h.index_add(0, rows, (expert_out * slot_weights).to(h.dtype))
 
         aux_loss = load_balancing_loss(scores, selection.mask.to(h.device))
-        metrics = self._metrics(scores.detach(), selection, effective_cpu)
+        metrics = self._metrics(scores_cpu, selection, effective_cpu)
         return MoEOutput(out=out, aux_loss=aux_loss, metrics=metrics, selection=selection)
 
     def run_experts(self, counts: list[int], groups: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

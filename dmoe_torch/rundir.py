@@ -89,13 +89,12 @@ def config_differences(old: dict, new: dict, free_keys: Iterable[str] = (), pref
 
 
 def check_rerun(previous: dict, config: dict, *, source: str, free_keys: Iterable[str], force: bool,
-                new_run: str = "pass another hydra.run.dir") -> list[str]:
+                added_defaults: dict | None = None, new_run: str = "pass another hydra.run.dir") -> list[str]:
     """Refuse (ConfigError) to continue ``source`` (run with config ``previous``) under a
     ``config`` that changes a result-altering key, unless ``force``.  Returns the differences.
-    ``new_run`` says how to start a new run instead."""
-    from .training import ADDED_KEY_DEFAULTS
-
-    diffs = config_differences(previous, config, free_keys, added_defaults=ADDED_KEY_DEFAULTS)
+    ``added_defaults``: see :func:`config_differences`.  ``new_run`` says how to start a new
+    run instead."""
+    diffs = config_differences(previous, config, free_keys, added_defaults=added_defaults)
     if diffs and not force:
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
         raise ConfigError(
@@ -111,10 +110,11 @@ def check_rerun_dir(run_dir: str | os.PathLike, cfg: DictConfig, *, checkpoint_c
     recorded, and against ``checkpoint_config`` (the config saved in ``checkpoint_path``) when
     that checkpoint comes from elsewhere (``resume=PATH``) or ``run_dir`` has no config.yaml.
     Returns the differences a ``resume_force=true`` lets through."""
-    from .training import RESUME_FREE_KEYS
+    from .training import ADDED_KEY_DEFAULTS, RESUME_FREE_KEYS
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    check = dict(free_keys=RESUME_FREE_KEYS, force=bool(cfg.get("resume_force", False)))
+    check = dict(free_keys=RESUME_FREE_KEYS, added_defaults=ADDED_KEY_DEFAULTS,
+                 force=bool(cfg.get("resume_force", False)))
     here = f"hydra.run.dir={str(run_dir)!r}"
     recorded = Path(run_dir) / CONFIG_NAME
     diffs = []

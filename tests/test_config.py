@@ -154,7 +154,7 @@ def test_evaluate_config_composes_and_validates():
     validate_eval_config(cfg)
     assert list(cfg.eval.policies) == ["none", "random_topk@1", "topk@1", "topk@2", "channel_topk@2", "dense", "des", "jesa"]
     assert cfg.eval.channel_draws == 2 and len(cfg.eval.gammas) == 6 and cfg.eval.k_max == 2
-    # Default grid against the default model: 6 fixed policies + 5 gammas x (des, jesa).
+    # Default grid against the default model: 6 fixed policies + 6 gammas x (des, jesa).
     settings = eval_policies(cfg, compose_cfg("train"))
     assert len(settings) == 6 + 2 * 6
     assert {s.label for s in settings} == {"none", "random_topk@1", "topk@1", "topk@2", "channel_topk@2", "dense", "des", "jesa"}
