@@ -28,7 +28,8 @@ from omegaconf import OmegaConf
 from dmoe_torch.config import ConfigError
 from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
 from dmoe_torch.runtime import RuntimeSettings, runtime_settings
-from dmoe_torch.runtime.distributed import Coordinator, Session, hosted_experts, worker_of_expert
+from dmoe_torch.runtime.distributed import Coordinator
+from dmoe_torch.runtime.transport import Session, hosted_experts, worker_of_expert
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT = 240  # seconds any spawned group may take before the test fails (and kills it)
@@ -332,9 +333,9 @@ def test_bytes_exchanged_are_the_routed_rows(equality_results):
 
 FAULTY_WORKER = """
 import os, sys, time
-from dmoe_torch.runtime import distributed, serve_if_worker
+from dmoe_torch.runtime import serve_if_worker, worker
 forwards = int(os.environ["FAIL_AFTER_FORWARDS"])
-serve_forward = distributed.Worker.forward
+serve_forward = worker.Worker.forward
 def forward(self, header):
     global forwards
     forwards -= 1
@@ -343,7 +344,7 @@ def forward(self, header):
             os._exit(1)
         time.sleep(3600)
     serve_forward(self, header)
-distributed.Worker.forward = forward
+worker.Worker.forward = forward
 config_dir = sys.argv.pop(1)
 serve_if_worker("train", sys.argv[1:], config_dir=config_dir)
 """

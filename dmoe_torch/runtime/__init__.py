@@ -4,7 +4,8 @@ The entry points run their job through :func:`launch`; the job (``fit``, ``run_e
 calls :func:`attach_experts` once its model (and optimizer) exist, and clips gradients with
 :func:`clip_grad_norm`.  With the local runtime both are what the job did before (the model
 is untouched, clipping is ``torch.nn.utils.clip_grad_norm_``); with the distributed runtime
-rank 0 is the coordinator and ranks 1..W host the experts (see :mod:`.distributed`).
+rank 0 is the coordinator and ranks 1..W host the experts (see :mod:`.distributed`,
+:mod:`.worker`).
 
 Config group ``runtime`` (conf/runtime/*.yaml)::
 
@@ -86,7 +87,7 @@ def runtime_settings(cfg: DictConfig) -> RuntimeSettings:
         backend=get_str(cfg, "runtime.backend", choices=BACKENDS),
         timeout_s=get_float(cfg, "runtime.timeout_s", exclusive_minimum=0.0),
     )
-    from .distributed import check_world_size, process_env
+    from .transport import check_world_size, process_env
 
     check_world_size(process_env()[1], _num_experts(cfg))
     return settings
@@ -153,10 +154,10 @@ def serve_if_worker(config_name: str, argv: list[str] | None = None, config_dir:
         except HydraException as exc:
             raise ConfigError(str(exc).splitlines()[0]) from None
         settings = runtime_settings(cfg)
-        from . import distributed
+        from . import worker
 
         try:
-            status = distributed.serve(settings, num_experts=_num_experts(cfg))
+            status = worker.serve(settings, num_experts=_num_experts(cfg))
         except KeyboardInterrupt:  # a second SIGINT / SIGTERM (torchrun forwards them)
             status = 128 + 2
         sys.exit(status)

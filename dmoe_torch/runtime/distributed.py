@@ -20,12 +20,12 @@ parameter order, so every number equals the local run's.
 
 Transport: point-to-point ``isend``/``irecv`` between the coordinator and each worker (a
 star, like the radio links; no collective, so gloo's limits on list-form and uneven
-all-to-all do not apply).  Every message from the coordinator starts with an int64 header
-``[op, layer, seq, flags, dtype, rows, counts of the worker's experts...]``; control
-objects (setup, state) are ``torch.save`` bytes.  Headers and objects go over gloo on the
-CPU; rows and gradients over the data group (gloo, or nccl on GPUs).  The setup object
-pickles the expert modules and the optimizer class: run only among trusted hosts, as with
-torch.distributed's own object collectives.
+all-to-all do not apply); the headers, objects and groups are in :mod:`.transport`.  The
+setup object pickles the expert modules and the optimizer class: run only among trusted
+hosts, as with torch.distributed's own object collectives.
+
+Modules: this one holds the coordinator and :func:`launch`; :mod:`.worker` the expert
+workers; :mod:`.transport` what both use.
 
 Failure: every wait of the coordinator on a worker is bounded by ``runtime.timeout_s``; a
 worker that died (connection closed) or hung (timeout) raises :class:`ExchangeError` with
@@ -35,19 +35,12 @@ with data or checkpoints) and stop when it closes the connection.
 from __future__ import annotations
 
 import copy
-import io
 import logging
-import math
 import os
-import re
-import signal
-import sys
-from datetime import timedelta
 from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -55,183 +48,16 @@ from ..config import ConfigError
 from ..moe import MoELayer
 from ..utils import atomic_write_json
 from . import ExchangeError, RuntimeSettings, _set_active
+from .transport import (
+    BASE_HEADER, CLOSE_TIMEOUT, FLAG_GRAD, FLAG_TRAINING, OP_BACKWARD, OP_CLIP, OP_FORWARD, OP_GET_STATE,
+    OP_GRAD_NORMS, OP_SETUP, OP_SHUTDOWN, OP_STEP, ExchangeStats, Session, _first_line, _from_bytes, _state_to_cpu,
+    _tensor_bytes, _to_bytes, check_world_size, hosted_experts, log_summary, process_env,
+)
+from .worker import serve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Coordinator", "Worker", "hosted_experts", "worker_of_expert", "launch", "process_env", "check_world_size"]
-
-# Header ops (coordinator -> worker).
-OP_SETUP, OP_FORWARD, OP_BACKWARD, OP_GRAD_NORMS, OP_CLIP, OP_STEP, OP_GET_STATE, OP_SHUTDOWN = range(1, 9)
-BASE_HEADER = 6  # op, layer, seq, flags, dtype, rows; then one count per expert the worker hosts
-FLAG_TRAINING, FLAG_GRAD = 1, 2
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-IDLE_TIMEOUT = timedelta(days=30)  # a worker waits this long for the coordinator's next message
-JOIN_TIMEOUT = timedelta(minutes=10)  # for every rank to start and join (imports, data on rank 0)
-CLOSE_TIMEOUT = timedelta(seconds=5)
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-TORCHRUN_HINT = "torchrun --standalone --nproc-per-node=W+1 train.py (or evaluate.py) runtime=distributed, for 1 coordinator and W expert workers"
-
-
-def worker_of_expert(expert: int, num_workers: int) -> int:
-    """Rank of the worker hosting expert ``expert`` of every MoE layer: ``1 + expert mod W``."""
-    return 1 + expert % num_workers
-
-
-def hosted_experts(worker: int, num_experts: int, num_workers: int) -> list[int]:
-    """Experts (ascending) of a K-expert layer hosted by worker rank ``worker``."""
-    return [k for k in range(num_experts) if worker_of_expert(k, num_workers) == worker]
-
-
-def process_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; ConfigError without it."""
-    missing = [name for name in TORCHRUN_VARS if not os.environ.get(name)]
-    if missing:
-        raise ConfigError(f"runtime=distributed needs torchrun ({', '.join(missing)} not set): start it as {TORCHRUN_HINT}")
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        raise ConfigError(f"runtime=distributed: RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} "
-                          "must be integers") from None
-    return rank, world, local_rank
-
-
-def check_world_size(world_size: int, num_experts: int | None) -> None:
-    """ConfigError unless there are 1..K expert workers besides the coordinator."""
-    workers = world_size - 1
-    if workers < 1:
-        raise ConfigError(f"runtime=distributed: WORLD_SIZE={world_size} leaves no expert worker (rank 0 is the "
-                          f"coordinator); start W+1 >= 2 processes: {TORCHRUN_HINT}")
-    if num_experts is not None and workers > num_experts:
-        raise ConfigError(f"runtime=distributed: {workers} expert workers for model.num_experts={num_experts}; at most "
-                          f"one worker per expert, so start at most {num_experts + 1} processes (--nproc-per-node)")
-
-
-def _first_line(exc: BaseException) -> str:
-    """The gist of a transport error: gloo's source location and advice dropped."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\] ", "", text)
-    return text.split(". This is typically")[0][:300]
-
-
-# ---------------------------------------------------------------------------------------------
-# Transport
-
-
-class Session:
-    """This rank's view of the process group: peers, timeouts, data device and group."""
-
-    def __init__(self, settings: RuntimeSettings, rank: int, world_size: int, local_rank: int) -> None:
-        self.settings = settings
-        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
-        self.timeout = timedelta(seconds=settings.timeout_s)
-        self.header_len = BASE_HEADER
-        self.device = torch.device("cpu")  # where rows and gradients travel (and workers compute)
-        self.data_group = None  # None: the default (gloo) group
-        self.backend = "gloo"
-
-    def start(self) -> "Session":
-        """Join the process group: gloo for control; nccl for the data too when asked (or auto)
-        and every rank has its own GPU."""
-        # Joining may take longer than an exchange: every wait after it sets its own timeout.
-        dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=max(self.timeout, JOIN_TIMEOUT))
-        own_gpu = torch.cuda.is_available() and self.local_rank < torch.cuda.device_count()
-        flags = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(flags, torch.tensor([int(own_gpu)]))
-        all_gpus = all(int(f) for f in flags) and dist.is_nccl_available()
-        if self.settings.backend == "nccl" and not all_gpus:
-            missing = [r for r, f in enumerate(flags) if not int(f)]
-            raise ConfigError(f"runtime.backend=nccl: rank(s) {missing} have no GPU of their own; use runtime.backend=gloo or auto")
-        if self.settings.backend in ("nccl", "auto") and all_gpus:
-            self.backend = "nccl"
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)  # NCCL's communicators bind to the current device
-            self.data_group = dist.new_group(backend="nccl", timeout=self.timeout)
-        return self
-
-    def end(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-    def isend(self, tensor: torch.Tensor, peer: int, *, data: bool = False):
-        return dist.isend(tensor, dst=peer, group=self.data_group if data else None)
-
-    def irecv(self, tensor: torch.Tensor, peer: int, *, data: bool = False):
-        return dist.irecv(tensor, src=peer, group=self.data_group if data else None)
-
-    def header(self, op: int, layer: int = 0, seq: int = 0, flags: int = 0, dtype: torch.dtype = torch.float32,
-               rows: int = 0, counts: list[int] = ()) -> torch.Tensor:
-        values = [op, layer, seq, flags, DTYPES.index(dtype), rows, *counts]
-        header = torch.zeros(self.header_len, dtype=torch.int64)
-        header[: len(values)] = torch.tensor(values, dtype=torch.int64)
-        return header
-
-
-def _to_bytes(obj: Any) -> torch.Tensor:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-
-
-def _from_bytes(data: torch.Tensor, *, weights_only: bool) -> Any:
-    return torch.load(io.BytesIO(data.numpy().tobytes()), map_location="cpu", weights_only=weights_only)
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-# ---------------------------------------------------------------------------------------------
-# Byte accounting
-
-
-class ExchangeStats:
-    """Bytes actually exchanged, per MoE layer and phase, plus control traffic.
-
-    Per layer: ``rows`` (routed rows sent forward, one per effective (input, expert) link),
-    ``forward_sent`` / ``forward_received`` (hidden states out, expert outputs back),
-    ``backward_sent`` / ``backward_received`` (output gradients out, input gradients back),
-    ``header_bytes``.  ``control_bytes``: setup, state, norms, clipping and steps.
-    """
-
-    PHASE_KEYS = ("rows", "forward_sent", "forward_received", "backward_sent", "backward_received", "header_bytes", "messages")
-
-    def __init__(self) -> None:
-        self.layers: dict[int, dict[str, int]] = {}
-        self.control_bytes = 0
-        self.d_model: dict[int, int] = {}
-        self.element_bits: dict[int, int] = {}
-
-    def layer(self, index: int) -> dict[str, int]:
-        return self.layers.setdefault(index, dict.fromkeys(self.PHASE_KEYS, 0))
-
-    def summary(self, payload_bits: int | None, num_workers: int) -> dict[str, Any]:
-        """Per layer: the bytes counted and the payload model ``rows x payload_bits / 8`` per
-        hop (downlink, uplink) of the protocol, with actual / model ratios."""
-        layers = []
-        for index in sorted(self.layers):
-            c = self.layers[index]
-            model_bytes = None if payload_bits is None else c["rows"] * payload_bits / 8
-            row = {"layer": index, **c, "d_model": self.d_model.get(index), "bits_per_element_sent": self.element_bits.get(index),
-                   "payload_model_bytes_per_hop": model_bytes,
-                   "forward_sent_over_model": c["forward_sent"] / model_bytes if model_bytes else None,
-                   "forward_received_over_model": c["forward_received"] / model_bytes if model_bytes else None}
-            layers.append(row)
-        return {"workers": num_workers, "payload_bits_per_hop_row": payload_bits, "layers": layers,
-                "control_bytes": self.control_bytes}
-
-
-def log_summary(summary: dict[str, Any]) -> None:
-    bits = summary["payload_bits_per_hop_row"]
-    for row in summary["layers"]:
-        model = "" if row["forward_sent_over_model"] is None else (
-            f"; payload model (rows x {bits} bit per hop) {row['payload_model_bytes_per_hop'] / 1e6:.3f} MB each way, "
-            f"sent/model {row['forward_sent_over_model']:.2f} ({row['bits_per_element_sent']}-bit elements)")
-        log.info("exchange, MoE layer %d: %d rows; forward %.3f MB out / %.3f MB back, backward %.3f MB out / %.3f MB "
-                 "back, headers %.3f MB%s", row["layer"], row["rows"], row["forward_sent"] / 1e6,
-                 row["forward_received"] / 1e6, row["backward_sent"] / 1e6, row["backward_received"] / 1e6,
-                 row["header_bytes"] / 1e6, model)
-    log.info("exchange, control (setup, state, norms, steps): %.3f MB", summary["control_bytes"] / 1e6)
+__all__ = ["Coordinator", "launch"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,186 +391,8 @@ class _Failed:
         raise self.exc
 
 
-def _state_to_cpu(state: dict | None) -> dict | None:
-    if not state:
-        return None
-    return {name: v.detach().cpu() if torch.is_tensor(v) else v for name, v in state.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker
-
-
-class Worker:
-    """An expert worker: serves the coordinator's messages until it says stop.
-
-    Holds its experts of every MoE layer, the autograd graphs of forward passes awaiting
-    their backward (by sequence number), and its own optimizer over its experts.
-    """
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.device = session.device
-        self.experts: list[dict[int, nn.Module]] = []  # per layer: expert index -> module
-        self.widths: list[int] = []
-        self.params: list[nn.Parameter] = []  # canonical order (layer, expert, parameter)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.group_of_coordinator: dict[int, int] = {}  # coordinator's param group -> ours
-        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.handlers = {OP_SETUP: self.setup, OP_FORWARD: self.forward, OP_BACKWARD: self.backward,
-                         OP_GRAD_NORMS: self.grad_norms, OP_CLIP: self.clip, OP_STEP: self.step,
-                         OP_GET_STATE: self.get_state}
-
-    def _recv(self, tensor: torch.Tensor, *, data: bool = False, timeout: timedelta | None = None) -> torch.Tensor:
-        try:
-            self.session.irecv(tensor, 0, data=data).wait(timeout or self.session.timeout)
-        except Exception as exc:
-            raise ExchangeError(f"expert worker {self.session.rank}: lost the coordinator (rank 0): {_first_line(exc)}") from None
-        return tensor
-
-    def _send(self, tensor: torch.Tensor, *, data: bool = False) -> None:
-        try:
-            self.session.isend(tensor, 0, data=data).wait(self.session.timeout)
-        except Exception as exc:
-            raise ExchangeError(f"expert worker {self.session.rank}: lost the coordinator (rank 0): {_first_line(exc)}") from None
-
-    def _recv_object(self) -> Any:
-        size = self._recv(torch.zeros(1, dtype=torch.int64))
-        return _from_bytes(self._recv(torch.empty(int(size), dtype=torch.uint8)), weights_only=False)
-
-    def _send_object(self, obj: Any) -> None:
-        data = _to_bytes(obj)
-        self._send(torch.tensor([data.numel()], dtype=torch.int64))
-        self._send(data)
-
-    def serve(self) -> int:
-        """Handle messages until OP_SHUTDOWN; returns the exit status (0)."""
-        while True:
-            header = self._recv(torch.zeros(self.session.header_len, dtype=torch.int64), timeout=IDLE_TIMEOUT)
-            op = int(header[0])
-            if op == OP_SHUTDOWN:
-                return 0
-            if op not in self.handlers:
-                raise ExchangeError(f"expert worker {self.session.rank}: unknown message {op} from the coordinator (version mismatch?)")
-            self.handlers[op](header.tolist())
-
-    def setup(self, header: list[int]) -> None:
-        setup = self._recv_object()
-        self.experts = [{k: m.to(self.device) for k, m in layer.items()} for layer in setup["experts"]]
-        self.widths = setup["widths"]
-        self.params = [p for layer in self.experts for k in sorted(layer) for p in layer[k].parameters()]
-        self.graphs.clear()
-        self.optimizer, self.group_of_coordinator = None, {}
-        spec = setup["optimizer"]
-        if spec is not None and self.params:
-            groups: dict[int, dict[str, Any]] = {}
-            for p, g in zip(self.params, spec["param_group"]):
-                groups.setdefault(g, {**spec["groups"][g], "params": []})["params"].append(p)
-            self.group_of_coordinator = {g: i for i, g in enumerate(groups)}
-            self.optimizer = spec["class"](list(groups.values()))
-            for p, state in zip(self.params, spec["state"]):
-                if state:
-                    self.optimizer.state[p] = {name: v.to(p.device) if torch.is_tensor(v) and name != "step" else v
-                                               for name, v in state.items()}
-        self.session.header_len = setup["header_len"]
-        hosted = sorted(self.experts[0]) if self.experts else []
-        log.info("expert worker %d: hosting experts %s of each of %d MoE layers", self.session.rank, hosted, len(self.experts))
-
-    def forward(self, header: list[int]) -> None:
-        _, index, seq, flags, dtype, rows = header[:BASE_HEADER]
-        experts = self.experts[index]
-        counts = header[BASE_HEADER: BASE_HEADER + len(experts)]
-        x = self._recv(torch.empty(rows, self.widths[index], dtype=DTYPES[dtype], device=self.device), data=True)
-        keep = bool(flags & FLAG_GRAD)
-        with torch.set_grad_enabled(keep):
-            if keep:
-                x.requires_grad_()
-            outputs = []
-            for k, group, count in zip(sorted(experts), x.split(counts), counts):
-                experts[k].train(bool(flags & FLAG_TRAINING))
-                if count:
-                    outputs.append(experts[k](group))
-            y = torch.cat(outputs)
-        self._send(y.detach().contiguous(), data=True)
-        if keep:
-            self.graphs[seq] = (x, y)
-
-    def backward(self, header: list[int]) -> None:
-        _, index, seq, flags, dtype, rows = header[:BASE_HEADER]
-        grad_y = self._recv(torch.empty(rows, self.widths[index], dtype=DTYPES[dtype], device=self.device), data=True)
-        x, y = self.graphs.pop(seq)
-        torch.autograd.backward(y, grad_y)
-        self._send(x.grad.contiguous(), data=True)
-
-    def grad_norms(self, header: list[int]) -> None:
-        with_grad = [p for p in self.params if p.grad is not None]
-        norms = dict(zip(map(id, with_grad), torch._foreach_norm([p.grad for p in with_grad], 2.0))) if with_grad else {}
-        values = [float(norms[id(p)]) if id(p) in norms else -1.0 for p in self.params]
-        self._send(torch.tensor(values, dtype=torch.float64))
-
-    def clip(self, header: list[int]) -> None:
-        max_norm, total = self._recv(torch.zeros(2, dtype=torch.float64)).tolist()
-        params = [p for p in self.params if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(total, dtype=DTYPES[header[4]]))
-
-    def step(self, header: list[int]) -> None:
-        lrs = self._recv(torch.zeros(header[5], dtype=torch.float64)).tolist()
-        if self.optimizer is not None:
-            for g, i in self.group_of_coordinator.items():
-                self.optimizer.param_groups[i]["lr"] = lrs[g]
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.graphs.clear()
-
-    def get_state(self, header: list[int]) -> None:
-        experts = {(index, k): {name: v.detach().cpu() for name, v in m.state_dict().items()}
-                   for index, layer in enumerate(self.experts) for k, m in layer.items()}
-        optim = [_state_to_cpu(self.optimizer.state.get(p)) if self.optimizer is not None else None for p in self.params]
-        self._send_object({"experts": experts, "optim": optim})
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry
-
-
-class _KeepServing:
-    """On a worker, the first SIGINT / SIGTERM is noted, not obeyed: the coordinator may still
-    need the experts to save a checkpoint, and it ends the workers when it stops.  A second
-    signal aborts."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank, self.received, self.previous = rank, False, {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received:
-            raise KeyboardInterrupt(f"expert worker {self.rank}: second {signal.Signals(signum).name}")
-        self.received = True
-        print(f"expert worker {self.rank}: {signal.Signals(signum).name} received; serving until the coordinator stops "
-              "(send it again to abort)", file=sys.stderr, flush=True)
-
-    def __enter__(self) -> "_KeepServing":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def serve(settings: RuntimeSettings, *, num_experts: int | None = None) -> int:
-    """An expert worker (rank >= 1) from joining the group to the coordinator's end; returns 0."""
-    rank, world_size, local_rank = process_env()
-    check_world_size(world_size, num_experts)
-    # An optimizer's first construction imports torch's compiler stack (seconds): do it before
-    # joining, so that the coordinator's first exchange does not wait for it.
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
-    session = Session(settings, rank, world_size, local_rank).start()
-    try:
-        with _KeepServing(rank):
-            return Worker(session).serve()
-    finally:
-        session.end()
 
 
 def launch(settings: RuntimeSettings, main, cfg, output_dir, *, num_experts: int | None = None) -> Any:
