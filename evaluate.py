@@ -9,7 +9,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dmoe_torch.config import report_errors, run_entry_point, validate_eval_config
+from dmoe_torch.cli import report_errors, run_entry_point
+from dmoe_torch.eval_config import validate_eval_config
 from dmoe_torch.runtime import ExchangeError, launch, serve_if_worker
 
 

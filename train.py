@@ -7,7 +7,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dmoe_torch.config import report_errors, run_entry_point
+from dmoe_torch.cli import report_errors, run_entry_point
 from dmoe_torch.runtime import ExchangeError, launch, serve_if_worker
 
 

@@ -55,7 +55,7 @@ def build(args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
         from omegaconf import OmegaConf
 
         from dmoe_torch.checkpoint import load_checkpoint
-        from dmoe_torch.config import build_model
+        from dmoe_torch.build import build_model
         from dmoe_torch.data import build_datasets
 
         checkpoint = load_checkpoint(args.ckpt)

@@ -24,17 +24,9 @@ from tqdm.auto import tqdm
 from . import report
 from .checkpoint import load_checkpoint, load_model_state
 from .runtime import attach_experts
-from .config import (
-    ConfigError,
-    EvalPolicy,
-    build_channel,
-    build_model,
-    channel_config,
-    data_root,
-    eval_policies,
-    setting_specs,
-    validate_checkpoint_config,
-)
+from .build import build_channel, build_model, setting_specs
+from .config import ConfigError, channel_config, data_root, validate_checkpoint_config
+from .eval_config import EvalPolicy, eval_policies
 from .utils import derive_seed, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)

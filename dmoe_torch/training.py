@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from . import report
 from .checkpoint import capture_rng_state, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint
-from .config import ConfigError, build_channel, build_model, resume_path, router_specs, validate_train_config
+from .build import build_channel, build_model, router_specs
+from .config import ConfigError, resume_path, validate_train_config
 from .evaluation import (
     VAL_STREAM,
     combine_layers,

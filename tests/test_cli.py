@@ -31,9 +31,9 @@ from dmoe_torch.config import (
     TRAIN_DATA_KEYS,
     TRAIN_KEYS,
     ConfigError,
-    validate_eval_config,
     validate_train_config,
 )
+from dmoe_torch.eval_config import validate_eval_config
 from dmoe_torch.data import DATASETS, DEBIAN_FASHION_MNIST_DIR
 from dmoe_torch.rundir import lock_run_dir
 from dmoe_torch.selection.registry import POLICIES

@@ -22,16 +22,12 @@ from dmoe_torch.config import (
     TRAIN_KEYS,
     TRAIN_TOP_KEYS,
     ConfigError,
-    build_channel,
-    build_model,
     channel_config,
     check_keys,
-    eval_policies,
-    parse_policy,
-    router_specs,
-    validate_eval_config,
     validate_train_config,
 )
+from dmoe_torch.build import build_channel, build_model, router_specs
+from dmoe_torch.eval_config import eval_policies, parse_policy, validate_eval_config
 from dmoe_torch.data import DATASET_TRAIN_SIZES, DataInfo
 from dmoe_torch.selection.registry import STATIC_POLICIES
 from dmoe_torch.moe import RouterSpec

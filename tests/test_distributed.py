@@ -160,7 +160,7 @@ def _run(cfg, model, optimizer, scheduler, batches, channel, specs, *, clip_norm
 def _equality_job(cfg, out_dir):
     """Rank 0: the same steps and evaluations local, then distributed, then resumed across runtimes."""
     from dmoe_torch import runtime
-    from dmoe_torch.config import build_channel, build_model, router_specs
+    from dmoe_torch.build import build_channel, build_model, router_specs
     from dmoe_torch.data import make_loader
     from dmoe_torch.evaluation import dataset_and_info, eval_stream, evaluate, routing_generator
     from dmoe_torch.training import lr_lambda

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dmoe_torch import report, stats
-from dmoe_torch.config import EvalPolicy
+from dmoe_torch.eval_config import EvalPolicy
 from dmoe_torch.plotting import accuracy_energy_figure, pareto_rows, pyplot
 
 

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from dmoe_torch import training as engine
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
 from dmoe_torch.checkpoint import capture_rng_state, restore_rng_state
-from dmoe_torch.config import report_errors
+from dmoe_torch.cli import report_errors
 from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
 from dmoe_torch.evaluation import evaluate
 from dmoe_torch.training import EpochProgress, NonFiniteLossError, StopSignal, lr_lambda, train_one_epoch

@@ -139,7 +139,7 @@ def serve_if_worker(config_name: str, argv: list[str] | None = None, config_dir:
     argv = sys.argv[1:] if argv is None else list(argv)
     if rank in ("", "0") or any(arg.startswith("-") for arg in argv):  # --help, --multirun: Hydra's
         return
-    from ..config import report_errors
+    from ..cli import report_errors
 
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(levelname)s] - %(message)s")
     with report_errors(ExchangeError):

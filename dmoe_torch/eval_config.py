@@ -1,0 +1,148 @@
+"""evaluate.yaml: its own keys, and ``eval.policies x eval.gammas x eval.outage_targets``
+expanded into the settings evaluate.py runs, checked against the checkpoint's model.
+
+Evaluation policy syntax (``eval.policies``): ``NAME`` or ``NAME@K``.
+
+* ``topk@K``, ``channel_topk@K``, ``random_topk@K``: fixed cardinality K (``NAME`` alone uses
+  the checkpoint's ``router.k``);
+* ``dense``: every reachable expert;
+* ``des``, ``jesa``, ``optimal``: one row per importance factor in ``eval.gammas`` (a float
+  for every MoE layer, or a list with one value per layer), with ``eval.k_min`` / ``eval.k_max``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from .config import (
+    EVAL_KEYS,
+    EVAL_TOP_KEYS,
+    GAMMA_POLICIES,
+    ConfigError,
+    allowed_keys,
+    channel_config,
+    check_keys,
+    format_value,
+    get_bool,
+    get_int,
+    get_str,
+    get_value,
+    validate_data,
+    validate_device,
+    validate_gamma,
+    validate_model,
+    validate_outage_target,
+    validate_runtime,
+)
+from .selection.registry import FIXED_K_POLICIES, POLICIES, STATIC_POLICIES
+
+
+@dataclass(frozen=True)
+class EvalPolicy:
+    """One evaluation setting: a policy, its k (fixed-k policies) and gamma (des/jesa/optimal)."""
+
+    policy: str
+    k: int | None = None
+    gamma: float | list[float] | None = None
+    k_min: int = 1
+    k_max: int | None = None
+    outage_target: float | None = None  # des / jesa / optimal: conservative planning under imperfect CSI
+
+    @property
+    def label(self) -> str:
+        return self.policy if self.k is None else f"{self.policy}@{self.k}"
+
+
+def parse_policy(text: Any, key: str, *, num_experts: int, default_k: int) -> tuple[str, int | None]:
+    """``"topk@2"`` -> ("topk", 2); ``"des"`` -> ("des", None); see the module docstring."""
+    allowed = "NAME or NAME@K with NAME in " + ", ".join(POLICIES) + " (K only for " + ", ".join(FIXED_K_POLICIES) + ")"
+    if not isinstance(text, str):
+        raise ConfigError(f"{key}={format_value(text)}: must be {allowed}")
+    name, _, k_text = text.partition("@")
+    if name not in POLICIES:
+        raise ConfigError(f"{key}={text!r}: unknown policy {name!r}; must be {allowed}")
+    if name not in FIXED_K_POLICIES:
+        if k_text:
+            raise ConfigError(f"{key}={text!r}: policy {name!r} takes no @K; must be {allowed}")
+        return name, None
+    if not k_text:
+        return name, default_k
+    if not k_text.isdigit() or not 1 <= int(k_text) <= num_experts:
+        raise ConfigError(f"{key}={text!r}: K must be an integer in [1, {num_experts}] (model.num_experts)")
+    return name, int(k_text)
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    """Validate evaluate.yaml's own keys (the checkpoint is checked by :func:`eval_policies`)."""
+    check_keys(cfg, "", EVAL_TOP_KEYS)
+    validate_runtime(cfg)
+    get_str(cfg, "ckpt")
+    get_int(cfg, "seed", minimum=0, optional=True)
+    validate_device(cfg)
+    get_bool(cfg, "progress")
+    validate_data(cfg, training=False)
+    if "channel" in cfg:  # evaluation-time changes of the checkpoint's channel; values are checked once merged
+        check_keys(get_value(cfg, "channel") or {}, "channel", allowed_keys("train", "channel"))
+    check_keys(get_value(cfg, "eval"), "eval", EVAL_KEYS)
+    policies = get_value(cfg, "eval.policies")
+    if not isinstance(policies, list) or not policies:
+        raise ConfigError(f"eval.policies={format_value(policies)}: must be a non-empty list such as [topk@2, dense, des, jesa]")
+    gammas = get_value(cfg, "eval.gammas")
+    if not isinstance(gammas, list) or not gammas:
+        raise ConfigError(f"eval.gammas={format_value(gammas)}: must be a non-empty list of numbers in (0, 1]")
+    get_int(cfg, "eval.channel_draws", minimum=1)
+    k_min = get_int(cfg, "eval.k_min", minimum=1)
+    k_max = get_int(cfg, "eval.k_max", minimum=1, optional=True)
+    if k_max is not None and k_min > k_max:
+        raise ConfigError(f"eval.k_min={k_min}: must be <= eval.k_max={k_max}")
+
+
+def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | None = None) -> list[EvalPolicy]:
+    """Expand eval.policies x eval.gammas into settings, checked against the checkpoint's model.
+
+    A checkpoint with fewer subcarriers than experts cannot run the static subcarrier plan
+    (policies in STATIC_POLICIES): those entries are skipped, with a line appended to ``notes``
+    saying so; a ConfigError says what to pass when nothing is left.
+    """
+    shape = validate_model(train_cfg)
+    num_subcarriers = channel_config(train_cfg).num_subcarriers
+    K, L = shape.num_experts, shape.num_moe_layers
+    k_min = get_int(cfg, "eval.k_min", minimum=1, maximum=K, why=f"at most the checkpoint's model.num_experts={K}")
+    k_max = get_int(cfg, "eval.k_max", minimum=1, maximum=K, optional=True, why=f"at most the checkpoint's model.num_experts={K}")
+    gammas = [validate_gamma(g, f"eval.gammas[{i}]", L) for i, g in enumerate(get_value(cfg, "eval.gammas"))]
+    targets_value = get_value(cfg, "eval.outage_targets")
+    if not isinstance(targets_value, list) or not targets_value:
+        raise ConfigError(f"eval.outage_targets={format_value(targets_value)}: must be a non-empty list of null or probabilities in (0, 1), e.g. [null,0.05]")
+    targets = [validate_outage_target(q, f"eval.outage_targets[{i}]") for i, q in enumerate(targets_value)]
+    default_k = int(train_cfg.router.k)
+    settings: list[EvalPolicy] = []
+    skipped: list[str] = []
+    for i, text in enumerate(get_value(cfg, "eval.policies")):
+        key = f"eval.policies[{i}]"
+        name, k = parse_policy(text, key, num_experts=K, default_k=default_k)
+        if name in STATIC_POLICIES and num_subcarriers < K:
+            skipped.append(text)
+            continue
+        if name in GAMMA_POLICIES and num_subcarriers < k_min:
+            raise ConfigError(f"eval.k_min={k_min}: {name} needs at least k_min subcarriers and the checkpoint's "
+                              f"channel has {num_subcarriers}; pass eval.k_min={num_subcarriers} or less")
+        if name in GAMMA_POLICIES:
+            settings.extend(EvalPolicy(name, None, gamma, k_min, k_max, q) for gamma in gammas for q in targets)
+        else:
+            settings.append(EvalPolicy(name, k))
+    static_text = (f"the static subcarrier plan a(k) = k mod N needs at least as many subcarriers as experts and "
+                   f"the checkpoint has {num_subcarriers} subcarriers for {K} experts")
+    if skipped and not settings:
+        usable = [p for p in POLICIES if p not in STATIC_POLICIES and p != "none"]
+        raise ConfigError(f"eval.policies={format_value(get_value(cfg, 'eval.policies'))}: {static_text}; pass policies that "
+                          f"choose the subcarriers ({', '.join(usable)}), e.g. eval.policies=[{usable[0]}]")
+    if skipped and notes is not None:
+        notes.append(f"skipped {', '.join(skipped)}: {static_text}")
+    labels = [(s.label, format_value(s.gamma), format_value(s.outage_target)) for s in settings]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        label, gamma, target = duplicates[0]
+        raise ConfigError(f"eval.policies / eval.gammas / eval.outage_targets: duplicate setting {label} (gamma {gamma}, outage target {target})")
+    return settings
