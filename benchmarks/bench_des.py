@@ -34,8 +34,7 @@ import torch  # noqa: E402
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel  # noqa: E402
 from dmoe_torch.selection.des import des, des_numpy  # noqa: E402
-from dmoe_torch.selection.exact import des_reference  # noqa: E402
-from dmoe_torch.selection.exact import brute_force_p1, milp_p1, subset_count  # noqa: E402
+from dmoe_torch.selection.exact import brute_force_p1, des_reference, milp_p1, subset_count  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "des.json"
 

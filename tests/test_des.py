@@ -13,8 +13,7 @@ from numba import njit
 
 from dmoe_torch.selection.common import RELEVANCE_TOL
 from dmoe_torch.selection.des import des, des_numpy, des_solve_one
-from dmoe_torch.selection.exact import des_reference
-from dmoe_torch.selection.exact import brute_force_p1, milp_p1
+from dmoe_torch.selection.exact import brute_force_p1, des_reference, milp_p1
 
 FAMILIES = ["generic", "ties", "zero_scores", "equal_scores", "huge", "tiny", "mixed", "zero_costs", "sparse_reach"]
 GAMMAS = [0.1, 0.35, 0.6, 0.85, 0.97, 1.0]

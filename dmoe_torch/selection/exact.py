@@ -275,19 +275,13 @@ def milp_p2(scores, costs, gamma: float, k_min: int = 1, k_max: int | None = Non
 # --------------------------------------------------------------------------------------
 # DES in plain Python: the branch-and-bound of docs/method.md section 3, as a specification
 # --------------------------------------------------------------------------------------
-def _fallback_python(s, c, reach, k_max):
-    """The min(k_max, #reachable) reachable experts with the highest scores (ties: lower cost, lower index)."""
-    ranked = sorted(reach, key=lambda k: (-s[k], c[k], k))
-    return ranked[: min(k_max, len(ranked))]
-
-
 def _des_reference_row(s, c, gamma, k_min, k_max):
     """One row of the reference B&B; returns (chosen list, feasible, nodes, root bound)."""
     thr = gamma - RELEVANCE_TOL
     reach = [k for k in range(len(s)) if math.isfinite(c[k])]
     if not reach:
         return [], False, 0, math.nan
-    fallback = _fallback_python(s, c, reach, k_max)
+    fallback = _fallback(np.asarray(s), np.asarray(c), k_max).tolist()
     if len(reach) < k_min or sum(s[k] for k in fallback) < thr:
         return fallback, False, 0, math.nan
     order = sorted(reach, key=lambda k: (c[k] / s[k] if s[k] > 0 else math.inf, c[k], k))
