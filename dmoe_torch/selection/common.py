@@ -1,4 +1,4 @@
-"""Shared result type and input validation for every routing policy.
+"""Shared result type, input validation and result arrays (numpy <-> Selection) of every routing policy.
 
 All policies are pure, batched functions: scores ``[B, K]`` and costs ``[B, K]`` (static
 subcarriers) or ``[B, K, N]`` (per subcarrier) in, a :class:`Selection` out.  Costs are
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 # Relevance constraint tolerance: sum_k s_k x_k >= gamma - RELEVANCE_TOL.  Scores come from a
@@ -136,3 +137,24 @@ def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"tensor of shape {tuple(x.shape)}"
     return type(x).__name__
+
+
+def result_arrays(B: int, K: int):
+    """Empty results of B rows and K experts: mask bool[B, K], energy float64[B], violation,
+    dropped bool[B], nodes int64[B], bound float64[B] (nan)."""
+    return (np.zeros((B, K), dtype=np.bool_), np.zeros(B), np.zeros(B, dtype=np.bool_),
+            np.zeros(B, dtype=np.bool_), np.zeros(B, dtype=np.int64), np.full(B, np.nan))
+
+
+def selection_from_arrays(mask, energy, violation, dropped, nodes, bound) -> Selection:
+    """A Selection from numpy arrays [B, K] / [B]; feasible rows (not violation) are certified."""
+    B, K = mask.shape
+    sel = empty_selection(B, K)
+    sel.mask = torch.from_numpy(mask)
+    sel.energy = torch.from_numpy(energy)
+    sel.violation = torch.from_numpy(violation)
+    sel.dropped = torch.from_numpy(dropped)
+    sel.nodes = torch.from_numpy(nodes)
+    sel.lower_bound = torch.from_numpy(bound)
+    sel.certified = ~sel.violation
+    return sel

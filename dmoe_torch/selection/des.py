@@ -65,9 +65,9 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
+from .common import RELEVANCE_TOL, Selection, result_arrays, selection_from_arrays, validate_inputs
 
-__all__ = ["des", "des_validated", "des_numpy", "des_solve_one", "result_arrays", "selection_from_arrays"]
+__all__ = ["des", "des_validated", "des_numpy", "des_solve_one"]
 
 
 # --------------------------------------------------------------------------------------
@@ -768,27 +768,6 @@ def des_numpy(
                 mask[b] = chosen
                 energy[b] = costs[b, chosen].sum()
     return mask, energy, violation, dropped, nodes, bound
-
-
-def result_arrays(B: int, K: int):
-    """Empty results of B rows and K experts: mask bool[B, K], energy float64[B], violation,
-    dropped bool[B], nodes int64[B], bound float64[B] (nan)."""
-    return (np.zeros((B, K), dtype=np.bool_), np.zeros(B), np.zeros(B, dtype=np.bool_),
-            np.zeros(B, dtype=np.bool_), np.zeros(B, dtype=np.int64), np.full(B, np.nan))
-
-
-def selection_from_arrays(mask, energy, violation, dropped, nodes, bound) -> Selection:
-    """A Selection from numpy arrays [B, K] / [B]; feasible rows (not violation) are certified."""
-    B, K = mask.shape
-    sel = empty_selection(B, K)
-    sel.mask = torch.from_numpy(mask)
-    sel.energy = torch.from_numpy(energy)
-    sel.violation = torch.from_numpy(violation)
-    sel.dropped = torch.from_numpy(dropped)
-    sel.nodes = torch.from_numpy(nodes)
-    sel.lower_bound = torch.from_numpy(bound)
-    sel.certified = ~sel.violation
-    return sel
 
 
 def des(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1, k_max: int | None = None) -> Selection:

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 
-from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
-from .des import result_arrays, selection_from_arrays
+from .common import RELEVANCE_TOL, Selection, empty_selection, result_arrays, selection_from_arrays, validate_inputs
 
 __all__ = ["des_reference", "brute_force_p1", "milp_p1", "milp_p1_row", "brute_force_p2", "milp_p2", "subset_count"]
 
