@@ -15,8 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .plotting import accuracy_energy_figure, pareto_rows, policy_colors, pyplot
-from .report import target_text
+from .plotting import accuracy_energy_figure, pareto_rows, policy_colors, pyplot, target_text
 
 ENERGY_LABEL = "energy per image (µJ, all MoE layers)"
 

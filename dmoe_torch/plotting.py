@@ -1,5 +1,8 @@
 """Matplotlib helpers: the accuracy-vs-energy plot of an evaluation and point labels that do
-not overlap.  Everything draws on the Agg backend (no display needed)."""
+not overlap.  Everything draws on the Agg backend (no display needed), and matplotlib is only
+imported when a figure is drawn.  :func:`target_text`, the label of a row's outage target, is
+here because the plots and the result tables (:mod:`dmoe_torch.report`, which imports this
+module) both use it."""
 from __future__ import annotations
 
 import math
@@ -78,6 +81,15 @@ def place_labels(axes, anchors: Sequence[tuple[float, float]], texts: Sequence[s
     return placed
 
 
+def target_text(row: dict[str, Any]) -> str:
+    """"" for a row without an outage target, else e.g. "target 5%"."""
+    try:
+        target = float(row.get("outage_target", math.nan))
+    except (TypeError, ValueError):  # "" (no target) as written by summarise_draws
+        return ""
+    return f"target {100 * target:g}%" if math.isfinite(target) else ""
+
+
 def _is_per_layer(gamma: str) -> bool:
     return gamma.startswith("[")
 
@@ -96,8 +108,6 @@ def _draw_points(axes, points: list[dict], colors: dict, *, legend: bool) -> lis
     """Errorbar series per policy: scalar gammas joined by a line, per-layer gamma lists as
     separate diamonds (not a continuum).  Returns (energy, accuracy, label) of points to label."""
     to_label = []
-    from .report import target_text
-
     series: dict[tuple[str, bool, str], list[dict]] = {}
     for row in points:
         series.setdefault((row["policy"], _is_per_layer(row["gamma"]), target_text(row)), []).append(row)

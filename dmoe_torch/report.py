@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import stats
+from .plotting import target_text
 from .utils import atomic_write, atomic_write_text
 
 # The row every other row is compared with, image by image (when it was evaluated).
@@ -78,15 +79,6 @@ def format_gamma(gamma: Any) -> str:
     if isinstance(gamma, (list, tuple)):
         return "[" + ", ".join(f"{g:g}" for g in gamma) + "]"
     return f"{gamma:g}"
-
-
-def target_text(row: dict[str, Any]) -> str:
-    """"" for a row without an outage target, else e.g. "target 5%"."""
-    try:
-        target = float(row.get("outage_target", math.nan))
-    except (TypeError, ValueError):  # "" (no target) as written by summarise_draws
-        return ""
-    return f"target {100 * target:g}%" if math.isfinite(target) else ""
 
 
 def layer_column(layer: int, metric: str) -> str:
