@@ -9,9 +9,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dmoe_torch.cli import report_errors, run_entry_point
+from dmoe_torch.cli import report_errors, run_entry_point, serve_if_worker
 from dmoe_torch.eval_config import validate_eval_config
-from dmoe_torch.runtime import ExchangeError, launch, serve_if_worker
+from dmoe_torch.runtime import ExchangeError, launch
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

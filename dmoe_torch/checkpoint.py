@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError
+# Which file a ``ckpt=`` / ``resume=`` value names is checked with the other config values.
+from .config import CHECKPOINT_NAME, ConfigError, checkpoint_file
 from .utils import atomic_torch_save
 
-CHECKPOINT_NAME = "checkpoint.pt"  # in a run directory
 CHECKPOINT_FORMAT = "dmoe-torch-checkpoint"
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "config", "metrics", "rng")
@@ -79,21 +79,6 @@ def save_checkpoint(path: str | os.PathLike, **fields: Any) -> Path:
         raise ValueError(f"save_checkpoint: missing fields {missing}")
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **fields}
     return atomic_torch_save(payload, path)
-
-
-def checkpoint_file(path: str | os.PathLike, *, key: str = "ckpt") -> Path:
-    """``path`` itself, or ``<path>/checkpoint.pt`` when ``path`` is a run directory; a
-    ConfigError when neither exists."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / CHECKPOINT_NAME).is_file():
-            return path / CHECKPOINT_NAME
-        raise ConfigError(f"{key}={str(path)!r}: a directory without {CHECKPOINT_NAME}; pass a run directory of "
-                          f"train.py or its {CHECKPOINT_NAME}")
-    if not path.is_file():
-        raise ConfigError(f"{key}={str(path)!r}: no such file or directory; pass a run directory of train.py or its "
-                          f"{CHECKPOINT_NAME}")
-    return path
 
 
 # torch.save writes a zip archive; anything else (a YAML, JSON or PNG file, text) is not a checkpoint.

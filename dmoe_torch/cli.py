@@ -1,14 +1,17 @@
 """Error reporting for the entry points: a bad config is one stderr line and exit status 2,
-a runtime failure one line and status 1, also for Hydra's own override errors; and
-:class:`ValidateFirst`, which validates before Hydra creates the run directory."""
+a runtime failure one line and status 1, also for Hydra's own override errors;
+:class:`ValidateFirst`, which validates before Hydra creates the run directory; and
+:func:`serve_if_worker`, which turns torchrun ranks >= 1 into expert workers."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -16,7 +19,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from .config import ConfigError, allowed_keys, unknown_key_message, validate_train_config
+from .config import (ConfigError, allowed_keys, configured_num_experts, runtime_settings, unknown_key_message,
+                     validate_train_config)
 from .eval_config import validate_eval_config
 
 EXIT_CONFIG_ERROR = 2
@@ -99,6 +103,44 @@ def hydra_error_line(exc: BaseException, config_name: str) -> str:
     return " ".join(lines)
 
 
+def serve_if_worker(config_name: str, argv: list[str] | None = None, config_dir: str | os.PathLike | None = None) -> None:
+    """Under torchrun, turn ranks >= 1 into expert workers before Hydra starts; return at once
+    on rank 0 or outside torchrun.
+
+    A worker composes the entry point's config (``config_dir``, default: ``conf`` beside the
+    ``__main__`` script) from the same overrides (``argv``, default ``sys.argv[1:]``) and reads only ``runtime``
+    (and ``model.num_experts``): it writes no run directory and needs no data, so worker hosts only need the code.  It serves until
+    the coordinator ends, then exits the process (0; 1 if the coordinator was lost; 2 on a
+    bad runtime config, with one line on stderr).
+    """
+    rank = os.environ.get("RANK", "")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if rank in ("", "0") or any(arg.startswith("-") for arg in argv):  # --help, --multirun: Hydra's
+        return
+    from .runtime import ExchangeError
+
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(levelname)s] - %(message)s")
+    with report_errors(ExchangeError):
+        from hydra import compose, initialize_config_dir
+        from hydra.errors import HydraException
+
+        if config_dir is None:
+            config_dir = Path(sys.modules["__main__"].__file__).resolve().parent / "conf"
+        try:
+            with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+                cfg = compose(config_name, overrides=argv)
+        except HydraException as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None
+        settings = runtime_settings(cfg)
+        from .runtime import worker
+
+        try:
+            status = worker.serve(settings, num_experts=configured_num_experts(cfg))
+        except KeyboardInterrupt:  # a second SIGINT / SIGTERM (torchrun forwards them)
+            status = 128 + 2
+        sys.exit(status)
+
+
 class ValidateFirst(Callback):
     """Hydra callback (``hydra.callbacks`` of train.yaml and evaluate.yaml) run before Hydra
     creates the run directory: validate the config, so that a bad value leaves no files behind,
@@ -127,4 +169,6 @@ class ValidateFirst(Callback):
             else:
                 validate_train_config(job)
                 rundir.lock_run_dir(run_dir)
-                rundir.check_rerun_dir(run_dir, job)
+                from .training import ADDED_KEY_DEFAULTS, RESUME_FREE_KEYS
+
+                rundir.check_rerun_dir(run_dir, job, free_keys=RESUME_FREE_KEYS, added_defaults=ADDED_KEY_DEFAULTS)

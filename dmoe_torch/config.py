@@ -4,7 +4,9 @@ Every check runs before any work (data loading, model building, training) and re
 value as a :class:`ConfigError` with one line that names the key, the value and what is
 allowed.  Every section accepts only its own keys (:func:`check_keys`), so a typo or a
 ``+key=value`` addition fails too.  The entry points print that line and exit with status 2
-(:mod:`dmoe_torch.cli`).  evaluate.yaml's own checks and its policy settings live in
+(:mod:`dmoe_torch.cli`).  The ``runtime`` settings and which file ``ckpt=`` / ``resume=`` names
+are checked here too (the bottom of this file), so that this module imports nothing above it.
+evaluate.yaml's own checks and its policy settings live in
 :mod:`dmoe_torch.eval_config`; the objects a valid config describes are built by
 :mod:`dmoe_torch.build`.
 """
@@ -15,6 +17,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -375,14 +378,10 @@ def validate_train_config(cfg: DictConfig) -> None:
     get_int(cfg, "train.stop_after_epochs", minimum=1, optional=True)
     get_bool(cfg, "resume_force")
     if get_str(cfg, "resume", optional=True) is not None:
-        from .checkpoint import checkpoint_file
-
         checkpoint_file(resume_path(cfg), key="resume")
 
 
 def validate_runtime(cfg: DictConfig) -> None:
-    from .runtime import runtime_settings  # runtime.* (strict keys per runtime); imports this module
-
     runtime_settings(cfg)
 
 
@@ -416,3 +415,109 @@ DEFAULT_DATA_ROOT = "data"
 def data_root(cfg: DictConfig) -> str:
     """``data.root`` resolved against the directory the command was started from."""
     return _absolute(cfg.data.root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint paths: which file ``ckpt=`` / ``resume=`` names.  checkpoint.py (the file format)
+# imports these; they are here so that validating ``resume`` needs nothing above this layer.
+
+CHECKPOINT_NAME = "checkpoint.pt"  # in a run directory
+
+
+def checkpoint_file(path: str | os.PathLike, *, key: str = "ckpt") -> Path:
+    """``path`` itself, or ``<path>/checkpoint.pt`` when ``path`` is a run directory; a
+    ConfigError when neither exists."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / CHECKPOINT_NAME).is_file():
+            return path / CHECKPOINT_NAME
+        raise ConfigError(f"{key}={str(path)!r}: a directory without {CHECKPOINT_NAME}; pass a run directory of "
+                          f"train.py or its {CHECKPOINT_NAME}")
+    if not path.is_file():
+        raise ConfigError(f"{key}={str(path)!r}: no such file or directory; pass a run directory of train.py or its "
+                          f"{CHECKPOINT_NAME}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime settings (config group ``runtime``, conf/runtime/*.yaml), checked against how the
+# process was started.  dmoe_torch.runtime runs them; the checks live here with the others.
+
+# Allowed keys of each runtime (conf/runtime/<name>.yaml).
+RUNTIME_KEYS = {"local": ("name",), "distributed": ("name", "backend", "timeout_s")}
+BACKENDS = ("auto", "gloo", "nccl")
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_HINT = "torchrun --standalone --nproc-per-node=W+1 train.py (or evaluate.py) runtime=distributed, for 1 coordinator and W expert workers"
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    name: str = "local"
+    backend: str = "auto"
+    timeout_s: float = 60.0
+
+
+def runtime_settings(cfg: DictConfig) -> RuntimeSettings:
+    """The validated ``runtime`` section (absent: local), checked against how the process was
+    started: ConfigError naming a bad or unknown key, ``runtime=distributed`` without torchrun,
+    a world size with no worker or more workers than ``model.num_experts`` (when the config
+    has it), or ``runtime=local`` in a torchrun group of several processes."""
+    section = cfg.get("runtime")
+    if section is None:
+        return RuntimeSettings()
+    if not isinstance(section, DictConfig):
+        raise ConfigError(f"runtime={section!r}: must be a config group choice, runtime=local or runtime=distributed")
+    name = section.get("name")
+    if name not in RUNTIME_KEYS:
+        raise ConfigError(f"runtime.name={name!r}: must be one of {', '.join(RUNTIME_KEYS)} (choose with runtime=NAME)")
+    allowed = RUNTIME_KEYS[name]
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"runtime.{key}: unknown key for runtime={name}; allowed: {', '.join(allowed)}")
+    if name == "local":
+        world = os.environ.get("WORLD_SIZE")
+        if world not in (None, "", "1"):
+            raise ConfigError(
+                f"runtime=local with WORLD_SIZE={world} (started by torchrun?): every process would run the whole job; "
+                "pass runtime=distributed, or start one process"
+            )
+        return RuntimeSettings()
+    settings = RuntimeSettings(
+        name=name,
+        backend=get_str(cfg, "runtime.backend", choices=BACKENDS),
+        timeout_s=get_float(cfg, "runtime.timeout_s", exclusive_minimum=0.0),
+    )
+    check_world_size(process_env()[1], configured_num_experts(cfg))
+    return settings
+
+
+def configured_num_experts(cfg: DictConfig) -> int | None:
+    """model.num_experts when the config has it (train.py), else None (evaluate.py: the
+    checkpoint's model is checked when it is attached)."""
+    value = OmegaConf.select(cfg, "model.num_experts", default=None)
+    return value if _is_int(value) else None
+
+
+def process_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; ConfigError without it."""
+    missing = [name for name in TORCHRUN_VARS if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(f"runtime=distributed needs torchrun ({', '.join(missing)} not set): start it as {TORCHRUN_HINT}")
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise ConfigError(f"runtime=distributed: RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} "
+                          "must be integers") from None
+    return rank, world, local_rank
+
+
+def check_world_size(world_size: int, num_experts: int | None) -> None:
+    """ConfigError unless there are 1..K expert workers besides the coordinator."""
+    workers = world_size - 1
+    if workers < 1:
+        raise ConfigError(f"runtime=distributed: WORLD_SIZE={world_size} leaves no expert worker (rank 0 is the "
+                          f"coordinator); start W+1 >= 2 processes: {TORCHRUN_HINT}")
+    if num_experts is not None and workers > num_experts:
+        raise ConfigError(f"runtime=distributed: {workers} expert workers for model.num_experts={num_experts}; at most "
+                          f"one worker per expert, so start at most {num_experts + 1} processes (--nproc-per-node)")

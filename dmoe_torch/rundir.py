@@ -104,17 +104,16 @@ def check_rerun(previous: dict, config: dict, *, source: str, free_keys: Iterabl
     return diffs
 
 
-def check_rerun_dir(run_dir: str | os.PathLike, cfg: DictConfig, *, checkpoint_config: dict | None = None,
-                    checkpoint_path: str | os.PathLike | None = None) -> list[str]:
+def check_rerun_dir(run_dir: str | os.PathLike, cfg: DictConfig, *, free_keys: Iterable[str], added_defaults: dict,
+                    checkpoint_config: dict | None = None, checkpoint_path: str | os.PathLike | None = None) -> list[str]:
     """:func:`check_rerun` of ``cfg`` against the config.yaml that the last train.py in ``run_dir``
     recorded, and against ``checkpoint_config`` (the config saved in ``checkpoint_path``) when
     that checkpoint comes from elsewhere (``resume=PATH``) or ``run_dir`` has no config.yaml.
+    ``free_keys`` and ``added_defaults`` (see :func:`check_rerun`) come from the caller:
+    training.RESUME_FREE_KEYS and training.ADDED_KEY_DEFAULTS (this module is below training).
     Returns the differences a ``resume_force=true`` lets through."""
-    from .training import ADDED_KEY_DEFAULTS, RESUME_FREE_KEYS
-
     config = OmegaConf.to_container(cfg, resolve=True)
-    check = dict(free_keys=RESUME_FREE_KEYS, added_defaults=ADDED_KEY_DEFAULTS,
-                 force=bool(cfg.get("resume_force", False)))
+    check = dict(free_keys=free_keys, added_defaults=added_defaults, force=bool(cfg.get("resume_force", False)))
     here = f"hydra.run.dir={str(run_dir)!r}"
     recorded = Path(run_dir) / CONFIG_NAME
     diffs = []

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import report
-from .checkpoint import capture_rng_state, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state,
+                         save_checkpoint)
 from .build import build_channel, build_model, router_specs
 from .config import ConfigError, resume_path, validate_train_config
 from .evaluation import (
@@ -44,7 +45,6 @@ from .utils import atomic_write_json, atomic_write_text, derive_seed, device_lab
 log = logging.getLogger(__name__)
 
 
-CHECKPOINT_NAME = "checkpoint.pt"
 # Config keys that may change between an interrupted run and its resumption without
 # changing what the run computes (or that must change, like train.epochs to train longer).
 RESUME_FREE_KEYS = (
@@ -253,8 +253,8 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
     resume_from = resume_path(cfg) or (str(ckpt_path) if ckpt_path.is_file() else None)
     checkpoint = load_checkpoint(resume_from, key="resume") if resume_from else None
     # A rerun (or resume=PATH) must not change what the run computes, unless resume_force=true.
-    diffs = check_rerun_dir(output_dir, cfg, checkpoint_config=checkpoint and checkpoint["config"],
-                            checkpoint_path=resume_from)
+    diffs = check_rerun_dir(output_dir, cfg, free_keys=RESUME_FREE_KEYS, added_defaults=ADDED_KEY_DEFAULTS,
+                            checkpoint_config=checkpoint and checkpoint["config"], checkpoint_path=resume_from)
 
     seed = int(cfg.seed)
     seed_everything(seed)

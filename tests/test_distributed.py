@@ -333,7 +333,8 @@ def test_bytes_exchanged_are_the_routed_rows(equality_results):
 
 FAULTY_WORKER = """
 import os, sys, time
-from dmoe_torch.runtime import serve_if_worker, worker
+from dmoe_torch.cli import serve_if_worker
+from dmoe_torch.runtime import worker
 forwards = int(os.environ["FAIL_AFTER_FORWARDS"])
 serve_forward = worker.Worker.forward
 def forward(self, header):

@@ -107,6 +107,7 @@ def jakes_fading(
     doppler_hz: float,
     frame_s: float,
     num_sinusoids: int = JAKES_SINUSOIDS,
+    tag: int = TAG_JAKES,
 ) -> np.ndarray:
     """Jakes (sum-of-sinusoids) Rayleigh fading h, complex128 [R, K, N], E|h|^2 = 1.
 
@@ -120,9 +121,10 @@ def jakes_fading(
     A cos(x + phi) is N(0, 1/2) at any fixed time, so h(t) is exactly CN(0, 1) and, given
     theta, (h(t), h(t + tau)) is exactly jointly Gaussian.  Over theta the M angles tile
     [0, pi/2] uniformly, so E[h(t) h*(t + tau)] = J0(omega tau) and E[h(t) h(t + tau)] = 0.
-    frame_ids: int64 [R], any sign (t < 0 is as valid as t >= 0).
+    frame_ids: int64 [R], any sign (t < 0 is as valid as t >= 0).  ``tag`` names the hash
+    stream (tdl.py draws its taps, N = taps, from its own).
     """
-    ids, sums = _jakes_sums(seed, stream, layer, frame_ids, num_devices * num_subcarriers, doppler_hz, frame_s, num_sinusoids)
+    ids, sums = _jakes_sums(seed, stream, layer, frame_ids, num_devices * num_subcarriers, doppler_hz, frame_s, num_sinusoids, tag)
     h = (sums[:, 0] + 1j * sums[:, 1]) * (1.0 / math.sqrt(num_sinusoids))
     return h.reshape(len(ids), num_devices, num_subcarriers)
 
@@ -144,7 +146,7 @@ def jakes_power_gains(
     return power.reshape(len(ids), num_devices, num_subcarriers)
 
 
-def _jakes_sums(seed, stream, layer, frame_ids, links, doppler_hz, frame_s, num_sinusoids):
+def _jakes_sums(seed, stream, layer, frame_ids, links, doppler_hz, frame_s, num_sinusoids, tag=TAG_JAKES):
     """The two amplitude-weighted sums of cosines of every (frame, link): (ids [R], float64 [R, 2, L]).
 
     Fast path: frame f = 2^b hi + lo contributes A cos(x_hi + x_lo) = Re(e^{i x_hi} A e^{i x_lo});
@@ -155,7 +157,7 @@ def _jakes_sums(seed, stream, layer, frame_ids, links, doppler_hz, frame_s, num_
     ids = np.asarray(frame_ids, dtype=np.int64).reshape(-1)
     M = int(num_sinusoids)
     # Per-link constants: theta, 2M phases (in cycles), 2M amplitudes; component j = 0 (real), 1 (imag).
-    u = uniforms(stream_key(seed, stream, layer, TAG_JAKES), np.arange(links, dtype=np.int64), 4 * M + 1)
+    u = uniforms(stream_key(seed, stream, layer, tag), np.arange(links, dtype=np.int64), 4 * M + 1)
     theta = math.pi * (2.0 * u[:, 0] - 1.0)
     angle = (2.0 * math.pi * np.arange(1, M + 1)[:, None] - math.pi + theta[None, :]) / (4.0 * M)  # [M, L]
     cycles_per_frame = doppler_hz * frame_s * np.stack([np.cos(angle), np.sin(angle)])  # [2, M, L]

@@ -9,7 +9,12 @@ the cost of using expert k on subcarrier n is the energy of the downlink plus th
 with r = B log2(1 + P G / sigma2) and G = PL_k^-1 |h|^2. A link whose hop time S_bits / r
 exceeds the latency budget T_max is in outage and costs +inf.
 
-Randomness.  Device positions (and optional shadowing) are drawn once per run from an
+Channel models (``channel.model``): ``rayleigh`` (path loss 128.1 + 37.6 log10(d / 1 km),
+|h|^2 ~ Exp(1) i.i.d. over subcarriers), ``tdl`` (the same path loss, TR 38.901 TDL fading
+correlated over subcarriers, ``tdl.py``), ``umi`` / ``uma`` (TR 38.901 LoS state, path loss
+and shadow fading per device, ``scenario.py``, with TDL fading).
+
+Randomness.  Device positions (shadowing, LoS states) are drawn once per run from an
 explicit ``torch.Generator`` seeded with ``seed``.  Fading and CSI noise are counter-based
 (``fading.py``): pure functions of (seed, stream, layer, link, frame id), computed on the
 CPU in float64 (where the selection solvers run anyway), so they do not depend on batch
@@ -25,10 +30,16 @@ import torch
 
 from .csi import conservative_power, csi_correlation, estimate_power
 from .kernels import link_energies, run_threaded
-from .fading import csi_noise, iid_power_gains, jakes_power_gains, rayleigh_power_gains
+from . import scenario
+from .fading import csi_noise, iid_power_gains, jakes_power_gains
+from .tdl import LOS_PROFILES, TDL_PROFILES, MissingSionnaError, tap_profile, tdl_iid_power, tdl_jakes_power
 
 BOLTZMANN_NOISE_DBM_PER_HZ = -174.0  # thermal noise density at 290 K
 FADING_MODELS = ("iid", "jakes")
+CHANNEL_MODELS = ("rayleigh", "tdl") + scenario.SCENARIOS
+# Keys added after round 2; a run directory written before them used these defaults.
+ADDED_CHANNEL_KEYS = ("model", "tdl_profile", "delay_spread_s", "carrier_frequency_hz")
+_TEXT_KEYS = ("fading", "model", "tdl_profile")
 
 
 def db_to_linear(db):
@@ -59,6 +70,14 @@ class ChannelConfig:
     frame_s         time between consecutive frames (t = frame_id * frame_s)
     csi_error_std   eps in [0, 1): h_hat = sqrt(1 - eps^2) h(f - D) + eps w, w ~ CN(0, 1)
     csi_delay_frames D >= 0: the coordinator's CSI is D frames old
+
+    Channel model (docs/method.md, "Channel models"):
+    model           'rayleigh' (i.i.d. subcarriers), 'tdl' (TR 38.901 tapped delay line),
+                    'umi' / 'uma' (TR 38.901 LoS, path loss and shadowing, TDL fading)
+    tdl_profile     TDL-A, B, C (Rayleigh taps) or D, E (LoS first tap); tdl, umi, uma
+    delay_spread_s  RMS delay spread scaling the profile's delays (TR 38.901 Table 7.7.3-1:
+                    10 ns very short .. 100 ns nominal .. 1 us very long)
+    carrier_frequency_hz  f_c of the umi / uma path loss (doppler_hz stays the Doppler)
     """
 
     num_subcarriers: int = 16
@@ -77,6 +96,10 @@ class ChannelConfig:
     frame_s: float = 1e-3
     csi_error_std: float = 0.0
     csi_delay_frames: int = 0
+    model: str = "rayleigh"
+    tdl_profile: str = "A"
+    delay_spread_s: float = 100e-9
+    carrier_frequency_hz: float = 3.5e9
 
     def validate(self, prefix: str = "channel") -> "ChannelConfig":
         """Raise ValueError naming the first bad field (as ``prefix.field``)."""
@@ -90,11 +113,17 @@ class ChannelConfig:
             "bits_per_element",
             "latency_budget_s",
             "frame_s",
+            "delay_spread_s",
+            "carrier_frequency_hz",
         )
         if self.fading not in FADING_MODELS:
             raise ValueError(f"{prefix}.fading={self.fading!r}: must be one of {', '.join(FADING_MODELS)}")
+        if self.model not in CHANNEL_MODELS:
+            raise ValueError(f"{prefix}.model={self.model!r}: must be one of {', '.join(CHANNEL_MODELS)}")
+        if self.tdl_profile not in TDL_PROFILES:
+            raise ValueError(f"{prefix}.tdl_profile={self.tdl_profile!r}: must be one of {', '.join(TDL_PROFILES)}")
         for name, value in asdict(self).items():
-            if name == "fading":
+            if name in _TEXT_KEYS:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{prefix}.{name}={value!r} must be a finite number")
@@ -117,7 +146,32 @@ class ChannelConfig:
             raise ValueError(f"{prefix}.csi_error_std={self.csi_error_std!r}: must be in [0, 1)")
         if self.csi_delay_frames < 0 or int(self.csi_delay_frames) != self.csi_delay_frames:
             raise ValueError(f"{prefix}.csi_delay_frames={self.csi_delay_frames!r}: must be an integer >= 0")
+        if self.model != "rayleigh" and self.tdl_profile in LOS_PROFILES and not self.perfect_csi:
+            # csi.py's conditional law h | h_hat is that of a zero-mean Gaussian channel.
+            raise ValueError(
+                f"{prefix}.tdl_profile={self.tdl_profile!r}: its line-of-sight tap makes |h|^2 Rician, but imperfect CSI "
+                f"({prefix}.csi_error_std / csi_delay_frames) assumes Rayleigh fading; use tdl_profile A, B or C, or perfect CSI")
+        if self.model in scenario.SCENARIOS:
+            self._validate_scenario(prefix)
+        if self.model != "rayleigh":
+            try:  # the tap tables come from sionna-no-rt: a missing install is a config error, found first
+                tap_profile(self.tdl_profile)
+            except MissingSionnaError as exc:
+                raise ValueError(f"{prefix}.model={self.model!r}: {exc}") from None
         return self
+
+    def _validate_scenario(self, prefix: str) -> None:
+        """The range where the TR 38.901 formulas hold; the scenario sets its own shadowing."""
+        if self.shadowing_std_db != 0:
+            los, nlos = scenario.SHADOW_STD_DB[self.model]
+            raise ValueError(f"{prefix}.shadowing_std_db={self.shadowing_std_db!r}: {prefix}.model={self.model!r} sets its "
+                             f"own shadow fading ({los} dB LoS, {nlos} dB NLoS); leave it at 0")
+        if self.d_min_m < scenario.MIN_DISTANCE_M or self.d_max_m > scenario.MAX_DISTANCE_M:
+            raise ValueError(f"{prefix}.d_min_m={self.d_min_m!r}, {prefix}.d_max_m={self.d_max_m!r}: {prefix}.model="
+                             f"{self.model!r} holds for distances in [10, 5000] m")
+        if not scenario.MIN_CARRIER_HZ <= self.carrier_frequency_hz <= scenario.MAX_CARRIER_HZ:
+            raise ValueError(f"{prefix}.carrier_frequency_hz={self.carrier_frequency_hz!r}: {prefix}.model="
+                             f"{self.model!r} holds for 0.5e9 .. 100e9 Hz")
 
     @property
     def noise_power_w(self) -> float:
@@ -192,9 +246,19 @@ class WirelessChannel:
         u = torch.rand(num_devices, generator=generator, dtype=torch.float64)
         # Uniform over the annulus area: d^2 is uniform between d_min^2 and d_max^2.
         self.distances_m = torch.sqrt(cfg.d_min_m**2 + u * (cfg.d_max_m**2 - cfg.d_min_m**2))
-        shadowing = cfg.shadowing_std_db * torch.randn(num_devices, generator=generator, dtype=torch.float64)
-        self.path_loss_db = path_loss_db(self.distances_m) + shadowing
+        normal = torch.randn(num_devices, generator=generator, dtype=torch.float64)
+        self.los = None  # [K] bool line-of-sight state (umi / uma only)
+        if cfg.model in scenario.SCENARIOS:
+            # Drawn after the distances and normals, so a device sits where it sits under rayleigh.
+            los_draw = torch.rand(num_devices, generator=generator, dtype=torch.float64).numpy()
+            self.los = torch.from_numpy(los_draw < scenario.los_probability(cfg.model, self.distances_m.numpy()))
+            basic = scenario.path_loss_db(cfg.model, self.distances_m.numpy(), self.los.numpy(), cfg.carrier_frequency_hz)
+            self.path_loss_db = torch.from_numpy(basic + scenario.shadow_std_db(cfg.model, self.los.numpy()) * normal.numpy())
+        else:
+            self.path_loss_db = path_loss_db(self.distances_m) + cfg.shadowing_std_db * normal
         self.mean_gain = db_to_linear(-self.path_loss_db)  # [K], linear
+        # The TDL tap table (read from sionna-no-rt's package data; a missing install fails here).
+        self.profile = None if cfg.model == "rayleigh" else tap_profile(cfg.tdl_profile)
 
     @property
     def failure_energy_j(self) -> float:
@@ -208,11 +272,8 @@ class WirelessChannel:
         return csi_correlation(cfg.fading, cfg.csi_error_std, int(cfg.csi_delay_frames), cfg.doppler_hz, cfg.frame_s)
 
     def power_gains(self, frame_ids, layer: int, stream: int) -> np.ndarray:
-        """True small-scale fading |h|^2 (Exp(1) marginal), float64 numpy [R, K, N]."""
-        ids = _as_numpy_ids(frame_ids)
-        if self.cfg.fading == "iid":
-            return rayleigh_power_gains(self.seed, stream, layer, ids, self.num_devices, self.num_subcarriers)
-        return self._jakes_power(ids, layer, stream)
+        """True small-scale fading |h|^2 (unit mean; Exp(1) marginal except TDL-D/E), float64 numpy [R, K, N]."""
+        return self._any_power(_as_numpy_ids(frame_ids), layer, stream)
 
     def gains(self, frame_ids, layer: int, stream: int) -> torch.Tensor:
         """Channel gains G = PL^-1 |h|^2 (linear), float64 [R, K, N]."""
@@ -291,7 +352,10 @@ class WirelessChannel:
         return torch.from_numpy(energies)
 
     def outage_probability(self) -> torch.Tensor:
-        """Closed-form per-link outage probability of each device (perfect CSI), [K]."""
+        """Closed-form per-link outage probability of each device (perfect CSI), [K]; the
+        Exp(1) law of |h|^2 is exact for rayleigh and the Rayleigh TDL profiles A, B, C."""
+        if self.profile is not None and self.profile.los_power > 0:
+            raise ValueError(f"outage_probability: tdl_profile={self.cfg.tdl_profile!r} is Rician; the closed form is for Rayleigh links")
         return torch.tensor([outage_probability(self.cfg, g, self.payload_bits) for g in self.mean_gain.tolist()], dtype=torch.float64)
 
     def _gains_from_power(self, power: np.ndarray) -> torch.Tensor:
@@ -299,13 +363,15 @@ class WirelessChannel:
 
     def _any_power(self, ids: np.ndarray, layer: int, stream: int) -> np.ndarray:
         """|h|^2 for any int64 frame ids, negative ones (before the stream starts) included."""
-        if self.cfg.fading == "iid":
-            return iid_power_gains(self.seed, stream, layer, ids, self.num_devices, self.num_subcarriers)
-        return self._jakes_power(ids, layer, stream)
-
-    def _jakes_power(self, ids: np.ndarray, layer: int, stream: int) -> np.ndarray:
-        cfg = self.cfg
-        return jakes_power_gains(self.seed, stream, layer, ids, self.num_devices, self.num_subcarriers, cfg.doppler_hz, cfg.frame_s)
+        cfg, K, N = self.cfg, self.num_devices, self.num_subcarriers
+        if self.profile is None:
+            if cfg.fading == "iid":
+                return iid_power_gains(self.seed, stream, layer, ids, K, N)
+            return jakes_power_gains(self.seed, stream, layer, ids, K, N, cfg.doppler_hz, cfg.frame_s)
+        tdl = (self.profile, cfg.delay_spread_s, cfg.subcarrier_bandwidth_hz)
+        if cfg.fading == "iid":
+            return tdl_iid_power(self.seed, stream, layer, ids, K, N, *tdl)
+        return tdl_jakes_power(self.seed, stream, layer, ids, K, N, *tdl, cfg.doppler_hz, cfg.frame_s)
 
 
 def check_outage_target(outage_target) -> float | None:

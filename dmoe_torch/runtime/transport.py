@@ -1,7 +1,8 @@
 """What the coordinator (:mod:`.distributed`) and the expert workers (:mod:`.worker`) share.
 
 The wire format: header ops and flags, the dtypes a header can name and the timeouts; where
-expert k lives (:func:`worker_of_expert`); torchrun's environment and the world-size check;
+expert k lives (:func:`worker_of_expert`); torchrun's environment and the world-size check
+(from :mod:`dmoe_torch.config`);
 :class:`Session`, this rank's process group with its ``isend``/``irecv`` and header helpers;
 the ``torch.save`` (de)serialisation of control objects; and the byte accounting the
 coordinator reports (:class:`ExchangeStats`).  Both sides import it; it imports neither.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 from datetime import timedelta
 from typing import Any
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
-from . import RuntimeSettings
+# torchrun's environment and the world-size check are runtime settings, validated in config.py.
+from ..config import ConfigError, RuntimeSettings, check_world_size, process_env
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,6 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 IDLE_TIMEOUT = timedelta(days=30)  # a worker waits this long for the coordinator's next message
 JOIN_TIMEOUT = timedelta(minutes=10)  # for every rank to start and join (imports, data on rank 0)
 CLOSE_TIMEOUT = timedelta(seconds=5)
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-TORCHRUN_HINT = "torchrun --standalone --nproc-per-node=W+1 train.py (or evaluate.py) runtime=distributed, for 1 coordinator and W expert workers"
 
 
 def worker_of_expert(expert: int, num_workers: int) -> int:
@@ -51,31 +49,6 @@ def worker_of_expert(expert: int, num_workers: int) -> int:
 def hosted_experts(worker: int, num_experts: int, num_workers: int) -> list[int]:
     """Experts (ascending) of a K-expert layer hosted by worker rank ``worker``."""
     return [k for k in range(num_experts) if worker_of_expert(k, num_workers) == worker]
-
-
-def process_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; ConfigError without it."""
-    missing = [name for name in TORCHRUN_VARS if not os.environ.get(name)]
-    if missing:
-        raise ConfigError(f"runtime=distributed needs torchrun ({', '.join(missing)} not set): start it as {TORCHRUN_HINT}")
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        raise ConfigError(f"runtime=distributed: RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} "
-                          "must be integers") from None
-    return rank, world, local_rank
-
-
-def check_world_size(world_size: int, num_experts: int | None) -> None:
-    """ConfigError unless there are 1..K expert workers besides the coordinator."""
-    workers = world_size - 1
-    if workers < 1:
-        raise ConfigError(f"runtime=distributed: WORLD_SIZE={world_size} leaves no expert worker (rank 0 is the "
-                          f"coordinator); start W+1 >= 2 processes: {TORCHRUN_HINT}")
-    if num_experts is not None and workers > num_experts:
-        raise ConfigError(f"runtime=distributed: {workers} expert workers for model.num_experts={num_experts}; at most "
-                          f"one worker per expert, so start at most {num_experts + 1} processes (--nproc-per-node)")
 
 
 def _first_line(exc: BaseException) -> str:
