@@ -26,6 +26,7 @@ from . import report
 from .checkpoint import (CHECKPOINT_NAME, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state,
                          save_checkpoint)
 from .build import build_channel, build_model, router_specs
+from .channel.geometry import ADDED_CHANNEL_KEYS, ChannelConfig
 from .config import ConfigError, resume_path, validate_train_config
 from .evaluation import (
     VAL_STREAM,
@@ -56,6 +57,8 @@ RESUME_FREE_KEYS = (
 # that rerunning an older run directory is not refused for a key it could not have had.
 ADDED_KEY_DEFAULTS = {"model.link_dropout": 0.0}
 
+# channel.model and its keys (docs/method.md, "Channel models"): absent means the rayleigh channel.
+ADDED_KEY_DEFAULTS.update({f"channel.{name}": getattr(ChannelConfig, name) for name in ADDED_CHANNEL_KEYS})
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stops without saving."""

@@ -6,6 +6,8 @@
   energies, :meth:`WirelessChannel.link_state` for planning under imperfect CSI).
 * ``fading.py``: counter-based i.i.d. Rayleigh draws and the Jakes sum-of-sinusoids process.
 * ``csi.py``: the CSI estimate and the conservative (outage-target quantile) planning gain.
+* ``tdl.py``: TR 38.901 TDL-A..E frequency-selective fading (``channel.model=tdl``, umi, uma).
+* ``scenario.py``: TR 38.901 UMi / UMa LoS probability, path loss and shadow fading.
 
 docs/method.md sections 1 and "Channel dynamics and imperfect CSI" give the model.
 """
@@ -24,7 +26,9 @@ from .fading import (
     rayleigh_power_gains,
 )
 from .geometry import (
+    ADDED_CHANNEL_KEYS,
     BOLTZMANN_NOISE_DBM_PER_HZ,
+    CHANNEL_MODELS,
     FADING_MODELS,
     ChannelConfig,
     LinkState,
@@ -37,13 +41,19 @@ from .geometry import (
     outage_probability,
     path_loss_db,
 )
+from .tdl import TDL_PROFILES, MissingSionnaError, TapProfile, tap_profile
 
 __all__ = [
+    "ADDED_CHANNEL_KEYS",
     "BOLTZMANN_NOISE_DBM_PER_HZ",
+    "CHANNEL_MODELS",
     "FADING_MODELS",
     "JAKES_SINUSOIDS",
     "ChannelConfig",
     "LinkState",
+    "MissingSionnaError",
+    "TDL_PROFILES",
+    "TapProfile",
     "WirelessChannel",
     "check_outage_target",
     "conservative_power",
@@ -59,4 +69,5 @@ __all__ = [
     "outage_probability",
     "path_loss_db",
     "rayleigh_power_gains",
+    "tap_profile",
 ]
