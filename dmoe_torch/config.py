@@ -132,7 +132,7 @@ TRAIN_TOP_KEYS = ("seed", "device", "progress", "resume", "resume_force", "data"
                   "eval_router", "train", "runtime")
 TRAIN_DATA_KEYS = ("name", "root", "batch_size", "val_size", "limit_train", "limit_test", "num_workers", "augment")
 ROUTER_KEYS = ("policy", "k", "gamma", "k_min", "k_max", "outage_target")
-TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "grad_clip", "log_every",
+TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "z_loss_coef", "grad_clip", "log_every",
               "stop_after_epochs")
 EVAL_TOP_KEYS = ("ckpt", "seed", "device", "progress", "data", "eval", "runtime", "channel")
 EVAL_DATA_KEYS = ("root", "batch_size", "limit_test", "num_workers")
@@ -239,9 +239,9 @@ class ModelShape:
 
 # The keys of each model (config group `model`); `name` picks the architecture.
 MODEL_KEYS = {
-    "cnn": ("name", "d_model", "num_experts", "num_moe_layers", "hidden_mult", "link_dropout"),
+    "cnn": ("name", "d_model", "num_experts", "num_moe_layers", "hidden_mult", "link_dropout", "combine", "balance_on"),
     "vmoe": ("name", "d_model", "num_experts", "depth", "moe_every", "num_heads", "patch_size",
-             "hidden_mult", "class_token", "stem", "link_dropout"),
+             "hidden_mult", "class_token", "stem", "link_dropout", "combine", "balance_on"),
 }
 
 
@@ -263,6 +263,7 @@ def validate_model(cfg: DictConfig) -> ModelShape:
     link_dropout = OmegaConf.select(cfg, "model.link_dropout", default=0.0)
     if not _is_number(link_dropout) or not 0.0 <= link_dropout < 1.0:
         raise ConfigError(f"model.link_dropout={format_value(link_dropout)}: must be a probability in [0, 1)")
+    validate_moe_choices(cfg)
     if name == "cnn":
         num_moe_layers = get_int(cfg, "model.num_moe_layers", minimum=1)
     else:
@@ -284,6 +285,20 @@ def validate_model(cfg: DictConfig) -> ModelShape:
                               "(its stride-2 conv halves the image)")
         num_moe_layers = depth // moe_every
     return ModelShape(num_experts=num_experts, num_moe_layers=num_moe_layers, d_model=d_model, hidden_mult=hidden_mult)
+
+
+def validate_moe_choices(cfg: DictConfig) -> tuple[str, str]:
+    """``model.combine`` and ``model.balance_on`` (moe.COMBINE_RULES, moe.BALANCE_ON).  Absent
+    from checkpoints written before they existed: the first choice, what those runs did."""
+    from .moe import BALANCE_ON, COMBINE_RULES
+
+    chosen = []
+    for key, choices in (("model.combine", COMBINE_RULES), ("model.balance_on", BALANCE_ON)):
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            chosen.append(choices[0])
+        else:
+            chosen.append(get_str(cfg, key, choices=choices))
+    return chosen[0], chosen[1]
 
 
 def channel_config(cfg: DictConfig):
@@ -372,6 +387,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     get_float(cfg, "train.lr", exclusive_minimum=0.0)
     get_float(cfg, "train.weight_decay", minimum=0.0)
     get_float(cfg, "train.aux_loss_coef", minimum=0.0)
+    get_float(cfg, "train.z_loss_coef", minimum=0.0)
     get_float(cfg, "train.grad_clip", exclusive_minimum=0.0, optional=True)
     get_int(cfg, "train.warmup_steps", minimum=0)
     get_int(cfg, "train.log_every", minimum=1)

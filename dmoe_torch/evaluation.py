@@ -101,7 +101,12 @@ def combine_layers(per_layer: list[dict[str, Any]], tokens_per_input: int = 1) -
 
     energy_uj: microjoules per image, summed over tokens and MoE layers; outage_rate: all
     failed links over all selected links; experts_per_token (per token and MoE layer), the
-    other rates, nodes, gate_entropy and utilisation [K]: averaged over layers.
+    other rates, nodes, gate_entropy and utilisation [K]: averaged over layers.  Routing
+    health: single_expert_rate (share of frames with exactly one effective expert),
+    load_max_over_mean and load_cv (of each layer's load over all the batches, see
+    moe.LOAD_METRICS): averaged over layers; dead_experts: summed over layers, i.e. the
+    (layer, expert) pairs that served nothing, and per layer in dead_experts_per_layer.
+    A metric absent from the per-layer results (older metric dicts) is left out.
     """
     L = len(per_layer)
     links = sum(m["selected_links"] for m in per_layer)
@@ -114,6 +119,12 @@ def combine_layers(per_layer: list[dict[str, Any]], tokens_per_input: int = 1) -
         combined[name] = sum(m[name] for m in per_layer) / L
     K = len(per_layer[0]["utilisation"])
     combined["utilisation"] = [sum(m["utilisation"][k] for m in per_layer) / L for k in range(K)]
+    for name in ("single_expert_rate", "load_max_over_mean", "load_cv"):
+        if all(name in m for m in per_layer):
+            combined[name] = sum(m[name] for m in per_layer) / L
+    if all("dead_experts" in m for m in per_layer):
+        combined["dead_experts"] = sum(m["dead_experts"] for m in per_layer)
+        combined["dead_experts_per_layer"] = [m["dead_experts"] for m in per_layer]
     return combined
 
 

@@ -7,8 +7,11 @@ Per input (one frame) and layer (docs/method.md, section 1):
    subcarriers from the scores and the channel costs, without gradients;
 3. the selected experts whose links are not in outage run on the input (each expert only on
    the rows routed to it: gather, run, scale, index-add);
-4. combine: ``h <- h + sum_{k in S'} w_k f_k(h)`` with ``w_k = s_k / sum_{j in S'} s_j`` over the
-   effective set ``S' = selected and not failed``.  Gradients reach the gate through ``w``.
+4. combine: ``h <- h + sum_{k in S'} w_k f_k(h)`` over the effective set
+   ``S' = selected and not failed``, with ``w`` set by ``combine`` (:data:`COMBINE_RULES`):
+   ``renormalized`` ``w_k = s_k / sum_{j in S'} s_j`` (Mixtral), ``raw`` ``w_k = s_k``
+   (Switch / V-MoE), ``renormalized_st`` the renormalized value with the raw rule's gradient
+   added (docs/method.md, "Combine rules").  Gradients reach the gate through ``w``.
    A row with no effective expert (dropped, or every selected link failed) passes ``h``
    through unchanged.
 """
@@ -31,6 +34,10 @@ __all__ = [
     "METRIC_WEIGHTS",
     "MetricAverager",
     "load_balancing_loss",
+    "router_z_loss",
+    "balance_mask",
+    "COMBINE_RULES",
+    "BALANCE_ON",
     "perfect_costs",
     "drop_links",
 ]
@@ -40,6 +47,28 @@ def check_positive_int(key: str, value) -> None:
     """Raise ValueError naming ``key`` unless ``value`` is an int >= 1 (bools rejected)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+
+
+# Combine rules of MoELayer (model.combine); the first is what an absent key means (runs
+# recorded before the key existed).
+#   renormalized     w_k = s_k / sum_{j in S'} s_j: a row with one effective expert has w = 1
+#                    and sends the gate no task gradient
+#   raw              w_k = s_k of the full softmax (Switch, V-MoE): sum_k w_k <= 1
+#   renormalized_st  the renormalized value plus s_k - stopgrad(s_k): same forward values,
+#                    gradient = renormalized's + raw's, so single-expert rows reach the gate
+COMBINE_RULES = ("renormalized", "raw", "renormalized_st")
+# What the load-balancing loss counts as routed (model.balance_on); the first is the default.
+#   selection  the policy's selection (channel-influenced; failed links included)
+#   scores     the score-only top-k mask (k = router.k; 2 for des / jesa / optimal)
+BALANCE_ON = ("selection", "scores")
+# Policies without a fixed k: balance_on=scores counts their top-2 (the expert budget of topk@2).
+BALANCE_K_OF_GAMMA_POLICIES = 2
+
+
+def check_choice(key: str, value, choices: tuple[str, ...]) -> None:
+    """Raise ValueError naming ``key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def check_link_dropout(value) -> None:
@@ -121,12 +150,14 @@ class MoEOutput:
     aux_loss   scalar  Switch-style load-balancing loss (1.0 = perfect balance), differentiable
     metrics    dict of detached CPU tensors, per-batch means (see :data:`METRIC_WEIGHTS`)
     selection  the policy's :class:`Selection` (CPU)
+    z_loss     scalar  router z-loss mean_b logsumexp(logits_b)^2 (:func:`router_z_loss`), differentiable
     """
 
     out: torch.Tensor
     aux_loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
     selection: Selection
+    z_loss: torch.Tensor | None = None
 
 
 # Every metric of MoELayer is a per-batch mean; this is the batch quantity it is a mean over,
@@ -143,7 +174,14 @@ METRIC_WEIGHTS = {
     "nodes": "count",               # mean branch-and-bound nodes per input
     "gate_entropy": "count",        # mean entropy of the gate's softmax, nats
     "utilisation": "count",         # [K] share of inputs each expert effectively served
+    "single_expert_rate": "count",  # share of inputs with exactly one effective expert
 }
+# Computed by MetricAverager.compute() from the utilisation over everything it saw (not
+# per-batch means: an expert is dead only if no batch of the epoch selected it):
+#   load_max_over_mean  max_k u_k / mean_k u_k (1 = balanced, K = one expert serves all)
+#   load_cv             std_k u_k / mean_k u_k, population std (0 = balanced)
+#   dead_experts        experts that served no input at all
+LOAD_METRICS = ("load_max_over_mean", "load_cv", "dead_experts")
 
 
 class MetricAverager:
@@ -151,29 +189,49 @@ class MetricAverager:
 
     ``update(metrics)`` with a metrics dict of :class:`MoEOutput`; ``compute()`` returns
     ``{name: float}`` (``utilisation`` as a list of floats), equal to the metric over all the
-    inputs seen, e.g. outage_rate = all failed links / all selected links.
+    inputs seen, e.g. outage_rate = all failed links / all selected links, plus the
+    :data:`LOAD_METRICS` of that utilisation.  A metric that some dicts lack (written by an
+    older version, e.g. in a mid-epoch checkpoint) is averaged over the batches that have it.
     """
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
+        self._metric_weights: dict[str, float] = {}  # name -> summed weight of the batches that had it
         self._weights: dict[str, float] = {"count": 0.0, "selected_links": 0.0}
 
     def update(self, metrics: dict[str, torch.Tensor]) -> None:
         for name, weight_name in METRIC_WEIGHTS.items():
+            if name not in metrics:
+                continue
             weight = float(metrics[weight_name])
             value = metrics[name].detach().to("cpu", torch.float64) * weight
             self._sums[name] = self._sums[name] + value if name in self._sums else value
+            self._metric_weights[name] = self._metric_weights.get(name, 0.0) + weight
         for weight_name in self._weights:
             self._weights[weight_name] += float(metrics[weight_name])
 
     def compute(self) -> dict[str, float | list[float]]:
         result: dict[str, float | list[float]] = {}
         for name, total in self._sums.items():
-            weight = self._weights[METRIC_WEIGHTS[name]]
+            weight = self._metric_weights[name]
             mean = total / weight if weight > 0 else torch.zeros_like(total)
             result[name] = mean.tolist() if mean.dim() else float(mean)
         result.update(self._weights)
+        if "utilisation" in self._sums:  # summed count x share = inputs each expert served
+            result.update(load_metrics(self._sums["utilisation"]))
         return result
+
+
+def load_metrics(load: torch.Tensor) -> dict[str, float]:
+    """:data:`LOAD_METRICS` of a per-expert load [K] (any scale: shares or counts).
+    No load at all gives max/mean 0, cv 0 and every expert dead."""
+    load = load.to(torch.float64)
+    mean = float(load.mean())
+    dead = float((load == 0).sum())
+    if mean <= 0:
+        return {"load_max_over_mean": 0.0, "load_cv": 0.0, "dead_experts": dead}
+    std = float(load.std(correction=0))
+    return {"load_max_over_mean": float(load.max()) / mean, "load_cv": std / mean, "dead_experts": dead}
 
 
 def load_balancing_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -181,12 +239,14 @@ def load_balancing_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
         loss = K * sum_k f_k * P_k,
         P_k  = mean over the batch of s_k                       (differentiable)
-        f_k  = (inputs routed to k) / (total routed slots)      (from the selection mask)
+        f_k  = (inputs routed to k) / (total routed slots)      (from the mask)
 
     Both f and P sum to 1, so perfectly balanced routing (f_k = P_k = 1/K) gives exactly 1.0;
     concentrating load and probability on fewer experts raises it (at most K).  A batch with
-    no routed slot gives 0.  scores [B, K] (rows sum to 1); mask [B, K] bool (routing
-    decision, failed links included: they were routed).  Returns a scalar on scores' device.
+    no routed slot gives 0.  With k slots per row this is 1/k of Hugging Face's
+    ``load_balancing_loss_func`` (which divides by tokens, balanced = k): ours x k = theirs.
+    scores [B, K] (rows sum to 1); mask [B, K] bool (routing decision, failed links included:
+    they were routed; see :func:`balance_mask`).  Returns a scalar on scores' device.
     """
     K = scores.shape[1]
     slots = mask.to(scores.dtype)
@@ -194,6 +254,51 @@ def load_balancing_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     load = slots.sum(0) / total.clamp_min(1.0)
     importance = scores.mean(0)
     return K * (load.detach() * importance).sum()
+
+
+def balance_mask(balance_on: str, selection: Selection, scores: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """The mask the load-balancing loss counts as routed, [B, K] bool on scores' device.
+
+    ``selection``: the policy's selection mask (channel-influenced, failed links included);
+    ``scores``: the k highest scores of each row, k = spec.k for the
+    fixed-k policies and 2 for des / jesa / optimal, at most K: what the gate alone would
+    route, so the loss does not push probability toward the experts the channel favours.
+    """
+    if balance_on == "selection":
+        return selection.mask.to(scores.device)
+    k = BALANCE_K_OF_GAMMA_POLICIES if spec.policy in ("des", "jesa", "optimal") else spec.k
+    k = min(k, scores.shape[1])
+    top = scores.detach().topk(k, dim=1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss: mean over rows of logsumexp(logits)^2.  logits [B, K] (float32
+    or wider); scalar, 0 for an empty batch.  Keeps the gate's logits small, which fp16 / bf16
+    softmaxes need (train.z_loss_coef; ST-MoE uses 1e-3)."""
+    if logits.shape[0] == 0:
+        return logits.sum()
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def combine_weights(logits: torch.Tensor, scores: torch.Tensor, effective: torch.Tensor, combine: str) -> torch.Tensor:
+    """Combine weights w [B, K] (0 outside the effective set) of one MoE layer.
+
+    logits, scores [B, K] (scores = softmax(logits)); effective [B, K] bool.
+    renormalized: w_k = s_k / sum_{j in S'} s_j, computed as a softmax over the effective
+    logits (the same value, but no 0/0 when every effective score underflows); rows without
+    an effective expert get constant logits (no gradient, no NaN) and weight 0.
+    raw: w_k = s_k.  renormalized_st: renormalized + (s_k - stopgrad(s_k)) on S'.
+    """
+    if combine == "raw":
+        return scores * effective
+    has_expert = effective.any(dim=1, keepdim=True)
+    masked_logits = logits.masked_fill(~effective, -math.inf)
+    masked_logits = torch.where(has_expert, masked_logits, torch.zeros_like(logits))
+    weights = torch.softmax(masked_logits, dim=-1) * effective
+    if combine == "renormalized_st":
+        weights = weights + (scores - scores.detach()) * effective
+    return weights
 
 
 def drop_links(selection: Selection, scores: torch.Tensor, p: float, generator: torch.Generator | None) -> Selection:
@@ -229,16 +334,24 @@ class MoELayer(nn.Module):
     hidden_mult  expert hidden width = hidden_mult * d_model
     link_dropout in training mode only, like nn.Dropout: probability that each effective link
                  is dropped after routing, never a row's last one (:func:`drop_links`)
+    combine      combine rule, one of :data:`COMBINE_RULES` (default: renormalized, what
+                 runs recorded before the key mean)
+    balance_on   what the load-balancing loss counts, one of :data:`BALANCE_ON`
     The gate is ``nn.Linear(d_model, K)`` producing logits; the softmax is taken in forward.
     """
 
-    def __init__(self, d_model: int, num_experts: int, hidden_mult: int = 2, link_dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, num_experts: int, hidden_mult: int = 2, link_dropout: float = 0.0,
+                 combine: str = "renormalized", balance_on: str = "selection") -> None:
         super().__init__()
         for key, value in (("model.d_model", d_model), ("model.num_experts", num_experts),
                            ("model.hidden_mult", hidden_mult)):
             check_positive_int(key, value)
         check_link_dropout(link_dropout)
+        check_choice("model.combine", combine, COMBINE_RULES)
+        check_choice("model.balance_on", balance_on, BALANCE_ON)
         self.link_dropout = float(link_dropout)
+        self.combine = combine
+        self.balance_on = balance_on
         self.d_model = d_model
         self.num_experts = num_experts
         self.gate = nn.Linear(d_model, num_experts)
@@ -281,14 +394,7 @@ class MoELayer(nn.Module):
                 selection = drop_links(selection, scores_cpu, self.link_dropout, generator)
         effective_cpu = selection.mask & ~selection.failed
         effective = effective_cpu.to(h.device)
-        has_expert = effective.any(dim=1, keepdim=True)
-
-        # w = s_k / sum_{j in S'} s_j computed as a softmax over the effective logits: the
-        # same value, but no 0/0 when every effective score underflows.  Rows without an
-        # effective expert get constant logits (no gradient, no NaN) and weight 0.
-        masked_logits = logits.masked_fill(~effective, -math.inf)
-        masked_logits = torch.where(has_expert, masked_logits, torch.zeros_like(logits))
-        weights = torch.softmax(masked_logits, dim=-1) * effective
+        weights = combine_weights(logits, scores, effective, self.combine)
 
         # Dispatch: gather the routed rows once, grouped by expert (expert-major order), run
         # each expert on its own group only, scale by w and scatter-add back onto h.
@@ -303,9 +409,10 @@ class MoELayer(nn.Module):
             slot_weights = weights[rows, experts_of_slot].unsqueeze(1).to(expert_out.dtype)
             out = h.index_add(0, rows, (expert_out * slot_weights).to(h.dtype))
 
-        aux_loss = load_balancing_loss(scores, selection.mask.to(h.device))
+        aux_loss = load_balancing_loss(scores, balance_mask(self.balance_on, selection, scores, spec))
         metrics = self._metrics(scores_cpu, selection, effective_cpu)
-        return MoEOutput(out=out, aux_loss=aux_loss, metrics=metrics, selection=selection)
+        return MoEOutput(out=out, aux_loss=aux_loss, metrics=metrics, selection=selection,
+                         z_loss=router_z_loss(logits))
 
     def run_experts(self, counts: list[int], groups: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """Run expert k on ``groups[k]`` ([counts[k], d], the rows routed to k); return the
@@ -334,4 +441,5 @@ class MoELayer(nn.Module):
             "nodes": selection.nodes.sum().to(f64) / inputs,
             "gate_entropy": entropy.sum() / inputs,
             "utilisation": effective.sum(0).to(f64) / inputs,
+            "single_expert_rate": (effective.sum(1) == 1).sum().to(f64) / inputs,
         }

@@ -55,7 +55,8 @@ RESUME_FREE_KEYS = (
 
 # Config keys added after runs may have been recorded, with the value their absence means, so
 # that rerunning an older run directory is not refused for a key it could not have had.
-ADDED_KEY_DEFAULTS = {"model.link_dropout": 0.0}
+ADDED_KEY_DEFAULTS = {"model.link_dropout": 0.0, "model.combine": "renormalized", "model.balance_on": "selection",
+                      "train.z_loss_coef": 0.0}
 
 # channel.model and its keys (docs/method.md, "Channel models"): absent means the rayleigh channel.
 ADDED_KEY_DEFAULTS.update({f"channel.{name}": getattr(ChannelConfig, name) for name in ADDED_CHANNEL_KEYS})
@@ -156,6 +157,7 @@ def train_one_epoch(
     device: torch.device,
     aux_loss_coef: float,
     grad_clip: float | None,
+    z_loss_coef: float = 0.0,
     generator: torch.Generator | None,
     progress: EpochProgress,
     stop: StopSignal | None = None,
@@ -163,7 +165,8 @@ def train_one_epoch(
 ) -> bool:
     """Train on ``batches`` (``(images, labels, sample_ids)``), updating ``progress`` in place.
 
-    The loss is cross-entropy + ``aux_loss_coef`` * load-balancing loss.  ``on_step(progress,
+    The loss is cross-entropy + ``aux_loss_coef`` * load-balancing loss + ``z_loss_coef`` *
+    router z-loss (the last only when z_loss_coef > 0).  ``on_step(progress,
     loss)`` runs after every optimizer step.  Returns True if the epoch ran to its end, False
     if ``stop`` was requested (checked after each step).  Raises NonFiniteLossError before
     the optimizer step of a batch whose loss is NaN or infinite.
@@ -174,6 +177,10 @@ def train_one_epoch(
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         output = model(images, costs, specs, generator=generator, delivered=delivered)
         loss = F.cross_entropy(output.logits, labels) + aux_loss_coef * output.aux_loss
+        if z_loss_coef > 0:
+            if output.z_loss is None:
+                raise ConfigError(f"train.z_loss_coef={z_loss_coef}: this model reports no router z-loss; use 0")
+            loss = loss + z_loss_coef * output.z_loss
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
@@ -351,6 +358,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                     model, batches, optimizer, scheduler, channel=channel, specs=specs,
                     stream=train_stream(epoch), device=device, aux_loss_coef=float(cfg.train.aux_loss_coef),
                     grad_clip=None if cfg.train.grad_clip is None else float(cfg.train.grad_clip),
+                    z_loss_coef=float(OmegaConf.select(cfg, "train.z_loss_coef", default=0.0)),
                     generator=generators["router"], progress=progress, stop=stop, on_step=step_logger,
                 )
                 bar.close()

@@ -346,3 +346,10 @@ def test_a_key_added_later_is_no_difference_at_its_default():
                               added_defaults=ADDED_KEY_DEFAULTS) == ["model.link_dropout: 0.0 -> 0.3"]
     assert config_differences(old, {"model": {"name": "cnn", "d_model": 128, "stem": "conv"}},
                               added_defaults=ADDED_KEY_DEFAULTS) == ["model.stem: '<absent>' -> 'conv'"]
+    # Issue 21's keys: absent means renormalized combine, selection balancing, no z-loss.
+    new = {"model": {"name": "cnn", "d_model": 128, "combine": "renormalized", "balance_on": "selection"},
+           "train": {"z_loss_coef": 0.0}}
+    assert config_differences({**old, "train": {}}, new, added_defaults=ADDED_KEY_DEFAULTS) == []
+    new["model"]["combine"] = "renormalized_st"
+    assert config_differences({**old, "train": {}}, new, added_defaults=ADDED_KEY_DEFAULTS) == [
+        "model.combine: 'renormalized' -> 'renormalized_st'"]

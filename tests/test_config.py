@@ -201,6 +201,10 @@ TRAIN_ERRORS = [
     (["train.weight_decay=-1"], "train.weight_decay"),
     (["model.link_dropout=1.0"], "model.link_dropout"),
     (["model=vmoe", "model.link_dropout=-0.1"], "model.link_dropout"),
+    (["model.combine=mean"], "model.combine"),
+    (["model=vmoe", "model.combine=null"], "model.combine"),
+    (["model=vmoe", "model.balance_on=channel"], "model.balance_on"),
+    (["train.z_loss_coef=-0.001"], "train.z_loss_coef"),
     (["seed=-1"], "seed"),
     (["device=tpu"], "device"),
     (["resume=/nonexistent/checkpoint.pt"], "resume"),
@@ -514,3 +518,28 @@ def test_full_error_env_shows_the_traceback(tmp_path):
     result = _run("train.py", "train.epochs=0", f"hydra.run.dir={tmp_path}", env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "train.epochs" in result.stderr
+
+
+def test_combine_error_lists_the_allowed_rules():
+    with pytest.raises(ConfigError, match=r"^model\.combine='mean': must be one of renormalized, raw, renormalized_st$"):
+        validate_train_config(compose_cfg("train", ["model.combine=mean"]))
+
+
+@pytest.mark.parametrize("model", ["cnn", "vmoe"])
+def test_combine_and_balance_on_reach_every_moe_layer(model):
+    cfg = compose_cfg("train", [f"model={model}", "model.combine=raw", "model.balance_on=scores"])
+    validate_train_config(cfg)
+    layers = list(build_model(cfg, FASHION).moe_layers)
+    assert layers and all((m.combine, m.balance_on) == ("raw", "scores") for m in layers)
+
+
+def test_checkpoint_config_without_combine_keys_means_what_older_runs_did():
+    from dmoe_torch.config import validate_checkpoint_config
+
+    cfg = OmegaConf.to_container(compose_cfg("train", ["model=vmoe"]), resolve=True)
+    for key in ("combine", "balance_on"):
+        del cfg["model"][key]
+    cfg = OmegaConf.create(cfg)
+    validate_checkpoint_config(cfg)
+    layers = build_model(cfg, FASHION).moe_layers
+    assert all((m.combine, m.balance_on) == ("renormalized", "selection") for m in layers)

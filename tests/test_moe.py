@@ -292,3 +292,145 @@ def test_layer_rejects_mismatched_costs():
         layer(random_h(3), perfect_costs(3, 5, 5), RouterSpec("topk"))
     with pytest.raises(ValueError, match="h must be"):
         layer(torch.zeros(3, D + 1, dtype=torch.float64), perfect_costs(3, 4, 4), RouterSpec("topk"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Combine rules (model.combine), balancing mask (model.balance_on), z-loss, routing health
+
+from dmoe_torch.moe import COMBINE_RULES, balance_mask, combine_weights, load_metrics, router_z_loss  # noqa: E402
+
+DEFAULT_COMBINE = "renormalized_st"  # conf/model/*.yaml's default (chosen by measurement, README)
+
+
+def single_expert_gate_grad(combine: str) -> torch.Tensor:
+    """Gate weight gradient of a task loss on a batch where every row has one effective expert:
+    top-2 routing with the second expert's static link in outage on every row."""
+    K, B = 4, 12
+    torch.manual_seed(0)
+    layer = MoELayer(D, K, combine=combine).to(torch.float64)
+    h = random_h(B)
+    second = torch.softmax(layer.gate(h), -1).topk(2, dim=1).indices[:, 1]
+    outage = torch.zeros(B, K, dtype=torch.bool)
+    outage[torch.arange(B), second] = True
+    result = layer(h, static_outage_costs(B, K, outage), RouterSpec("topk", k=2))
+    effective = result.selection.mask & ~result.selection.failed
+    assert (effective.sum(1) == 1).all() and result.metrics["single_expert_rate"].item() == 1.0
+    (result.out * random_h(B, seed=3)).sum().backward()
+    return layer.gate.weight.grad
+
+
+def test_default_combine_trains_the_gate_on_single_expert_rows():
+    assert torch.linalg.norm(single_expert_gate_grad(DEFAULT_COMBINE)) > 1e-3
+
+
+def test_renormalized_combine_gives_the_gate_nothing_on_single_expert_rows():
+    # The failure the default exists to avoid: w = 1 on every row, so d loss / d gate = 0.
+    assert torch.count_nonzero(single_expert_gate_grad("renormalized")) == 0
+
+
+def test_combine_weights_values_and_straight_through_gradient():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 0.0, 0.0, 3.0], [1.0, 1.0, 1.0, 1.0]],
+                          dtype=torch.float64, requires_grad=True)
+    effective = torch.tensor([[True, True, False, False], [True, False, False, False], [False] * 4])
+    scores = torch.softmax(logits, -1)
+    renorm = combine_weights(logits, scores, effective, "renormalized")
+    raw = combine_weights(logits, scores, effective, "raw")
+    st = combine_weights(logits, scores, effective, "renormalized_st")
+    s = scores.detach()
+    expected = torch.zeros(3, 4, dtype=torch.float64)
+    expected[0, :2] = s[0, :2] / s[0, :2].sum()
+    expected[1, 0] = 1.0
+    torch.testing.assert_close(renorm, expected)
+    torch.testing.assert_close(st, expected)  # same forward value
+    torch.testing.assert_close(raw, s * effective)
+    # Gradient of renormalized_st = gradient of renormalized + gradient of raw, for any upstream.
+    upstream = torch.randn(3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = [torch.autograd.grad((w * upstream).sum(), logits, retain_graph=True)[0] for w in (renorm, raw, st)]
+    torch.testing.assert_close(grads[2], grads[0] + grads[1])
+    assert torch.count_nonzero(grads[0][1]) == 0 and torch.count_nonzero(grads[2][1]) > 0  # single-expert row
+    assert torch.count_nonzero(grads[2][2]) == 0  # a row without expert stays constant
+
+
+def test_layer_rejects_an_unknown_combine_rule_naming_the_key():
+    with pytest.raises(ValueError, match=r"model\.combine must be one of renormalized, raw, renormalized_st"):
+        MoELayer(D, 4, combine="mean")
+    with pytest.raises(ValueError, match=r"model\.balance_on must be one of selection, scores"):
+        MoELayer(D, 4, balance_on="channel")
+    assert COMBINE_RULES[0] == "renormalized"  # what an absent key (older runs) means
+
+
+def test_balance_on_scores_counts_the_score_only_topk_not_the_channel_selection():
+    K, B = 4, 8
+    torch.manual_seed(0)
+    h = random_h(B)
+    costs = perfect_costs(B, K, K) + 1e-3
+    costs[:, 0, :] = 1e-9  # expert 0 cheapest: channel_topk@1 routes every row to it
+    spec = RouterSpec("channel_topk", k=1)
+    on_selection = MoELayer(D, K).to(torch.float64)
+    on_scores = MoELayer(D, K, balance_on="scores").to(torch.float64)
+    on_scores.load_state_dict(on_selection.state_dict())
+    a, b = on_selection(h, costs, spec), on_scores(h, costs, spec)
+    scores = torch.softmax(on_selection.gate(h), -1)
+    assert a.selection.mask[:, 0].all()
+    top1 = torch.zeros(B, K, dtype=torch.bool).scatter_(1, scores.argmax(1, keepdim=True), True)
+    torch.testing.assert_close(a.aux_loss, K * scores[:, 0].mean())  # all load on expert 0
+    torch.testing.assert_close(b.aux_loss, load_balancing_loss(scores, top1))
+    assert not torch.isclose(a.aux_loss, b.aux_loss)
+
+
+def test_balance_mask_uses_two_experts_for_gamma_policies_and_router_k_otherwise():
+    scores = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.4, 0.05, 0.05, 0.5]])  # balance_on=scores ignores the selection
+    jesa = balance_mask("scores", None, scores, RouterSpec("jesa", gamma=0.5))
+    top3 = balance_mask("scores", None, scores, RouterSpec("topk", k=3))
+    assert jesa.tolist() == [[False, True, True, False], [True, False, False, True]]
+    assert top3.sum(1).tolist() == [3, 3] and not top3[1, 1:3].all()
+
+
+def test_balance_loss_balanced_is_one_and_hugging_face_scale_is_k_times():
+    # Uniform scores, every expert in exactly 2 of 8 rows' top-2: ours = 1.0 exactly; Hugging
+    # Face's load_balancing_loss_func divides by tokens, not slots: K * sum_k (2/8 * 2) * 1/K = k = 2.
+    K, B, k = 4, 8, 2
+    uniform = torch.full((B, K), 1 / K, dtype=torch.float64)
+    mask = torch.zeros(B, K, dtype=torch.bool)
+    for b in range(B):
+        mask[b, [b % K, (b + 1) % K]] = True
+    ours = load_balancing_loss(uniform, mask).item()
+    theirs = K * ((mask.double().sum(0) / B) * uniform.mean(0)).sum().item()
+    assert ours == 1.0
+    assert theirs == pytest.approx(k * ours)
+
+
+def test_router_z_loss_matches_hand_computation_and_is_reported_by_the_layer():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]], dtype=torch.float64)
+    # logsumexp: log 2 and log 4; mean of squares
+    assert router_z_loss(logits).item() == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2)
+    layer = make_layer(4)
+    h = random_h(6)
+    result = layer(h, perfect_costs(6, 4, 4), RouterSpec("topk", k=2))
+    torch.testing.assert_close(result.z_loss, torch.logsumexp(layer.gate(h), -1).pow(2).mean())
+
+
+def test_load_metrics_and_dead_experts_are_over_all_batches():
+    assert load_metrics(torch.tensor([1.0, 1.0, 1.0, 1.0])) == {"load_max_over_mean": 1.0, "load_cv": 0.0, "dead_experts": 0.0}
+    m = load_metrics(torch.tensor([3.0, 1.0, 0.0, 0.0]))
+    assert m["load_max_over_mean"] == 3.0 and m["dead_experts"] == 2.0
+    assert m["load_cv"] == pytest.approx(math.sqrt(((3 - 1) ** 2 + 0 + 1 + 1) / 4) / 1.0)
+    # Two batches, each with a different expert idle: no expert is dead over both.
+    K = 3
+    layer = make_layer(K)
+    spec = RouterSpec("topk", k=1)
+    h = random_h(40)
+    winners = torch.softmax(layer.gate(h), -1).argmax(1)
+    used = winners.unique()
+    assert len(used) >= 2
+    averager = MetricAverager()
+    per_batch_dead = []
+    for expert in used.tolist():
+        rows = (winners == expert).nonzero().squeeze(1)
+        metrics = layer(h[rows], perfect_costs(len(rows), K, K), spec).metrics
+        per_batch_dead.append(load_metrics(metrics["utilisation"])["dead_experts"])
+        averager.update(metrics)
+    result = averager.compute()
+    assert all(d == K - 1 for d in per_batch_dead)  # every batch alone has idle experts
+    assert result["dead_experts"] == K - len(used)
+    assert result["single_expert_rate"] == 1.0

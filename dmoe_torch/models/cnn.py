@@ -24,12 +24,15 @@ class ModelOutput:
     aux_loss       scalar, mean over layers of the load-balancing loss (1.0 = balanced)
     layer_metrics  L metric dicts of the MoE layers (per-batch means, see moe.METRIC_WEIGHTS)
     selections     L Selections (CPU)
+    z_loss         scalar, mean over layers of the router z-loss (None: the model computes none;
+                   train.z_loss_coef > 0 then fails)
     """
 
     logits: torch.Tensor
     aux_loss: torch.Tensor
     layer_metrics: list[dict[str, torch.Tensor]]
     selections: list[Selection]
+    z_loss: torch.Tensor | None = None
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -52,6 +55,8 @@ class DMoEClassifier(nn.Module):
     num_moe_layers  L
     hidden_mult     expert hidden width = hidden_mult * d_model
     link_dropout    training-time link dropout of every MoE layer (see MoELayer)
+    combine         combine rule of every MoE layer (moe.COMBINE_RULES, see MoELayer)
+    balance_on      what the load-balancing loss counts (moe.BALANCE_ON, see MoELayer)
 
     Stem: two conv(3x3)-BN-ReLU-maxpool(2) blocks (32, 64 channels), flatten, linear to d_model.
     """
@@ -66,6 +71,8 @@ class DMoEClassifier(nn.Module):
         num_moe_layers: int = 2,
         hidden_mult: int = 2,
         link_dropout: float = 0.0,
+        combine: str = "renormalized",
+        balance_on: str = "selection",
     ) -> None:
         super().__init__()
         for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
@@ -86,7 +93,8 @@ class DMoEClassifier(nn.Module):
         # channels_last convolutions run ~1.5x faster on CPU (oneDNN) than NCHW ones.
         self.stem.to(memory_format=torch.channels_last)
         self.moe_layers = nn.ModuleList(
-            MoELayer(d_model, num_experts, hidden_mult, link_dropout) for _ in range(num_moe_layers)
+            MoELayer(d_model, num_experts, hidden_mult, link_dropout, combine=combine, balance_on=balance_on)
+            for _ in range(num_moe_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)
@@ -110,12 +118,13 @@ class DMoEClassifier(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"x must be an image batch [B, C, H, W], got {tuple(x.shape)}")
         h = self.stem(x.contiguous(memory_format=torch.channels_last))
-        aux_losses, layer_metrics, selections = [], [], []
+        aux_losses, z_losses, layer_metrics, selections = [], [], [], []
         delivered = delivered or [None] * L
         for layer, layer_costs, spec, layer_delivered in zip(self.moe_layers, costs, specs, delivered):
             result = layer(h, layer_costs, spec, generator=generator, delivered=layer_delivered)
             h = result.out
             aux_losses.append(result.aux_loss)
+            z_losses.append(result.z_loss)
             layer_metrics.append(result.metrics)
             selections.append(result.selection)
         logits = self.head(self.norm(h))
@@ -124,4 +133,5 @@ class DMoEClassifier(nn.Module):
             aux_loss=torch.stack(aux_losses).mean(),
             layer_metrics=layer_metrics,
             selections=selections,
+            z_loss=torch.stack(z_losses).mean(),
         )

@@ -59,11 +59,12 @@ class Block(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, hidden_mult: int, num_experts: int | None,
-                 link_dropout: float = 0.0) -> None:
+                 link_dropout: float = 0.0, combine: str = "renormalized", balance_on: str = "selection") -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads)
-        self.moe = MoELayer(d_model, num_experts, hidden_mult, link_dropout) if num_experts else None
+        self.moe = MoELayer(d_model, num_experts, hidden_mult, link_dropout, combine=combine,
+                            balance_on=balance_on) if num_experts else None
         self.mlp = None if num_experts else Expert(d_model, hidden_mult)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +87,8 @@ class VMoEClassifier(nn.Module):
     hidden_mult  MLP / expert hidden width = hidden_mult * d_model
     class_token  prepend a learned class token and classify from it (else: mean of the tokens)
     link_dropout training-time link dropout of every MoE block (see MoELayer)
+    combine      combine rule of every MoE block (moe.COMBINE_RULES, see MoELayer)
+    balance_on   what the load-balancing loss counts (moe.BALANCE_ON, see MoELayer)
     stem         "conv": a 3x3 conv-BN-GELU layer (d_model / 2 channels) before the patch
                  embedding; "conv2": that layer, then a stride-2 3x3 conv-BN-GELU (d_model
                  channels), and patches of patch_size / 2 on the half-size map (the same tokens;
@@ -107,6 +110,8 @@ class VMoEClassifier(nn.Module):
         class_token: bool = False,
         stem: str = "conv",
         link_dropout: float = 0.0,
+        combine: str = "renormalized",
+        balance_on: str = "selection",
     ) -> None:
         super().__init__()
         for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
@@ -146,7 +151,8 @@ class VMoEClassifier(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(1, 1, d_model)) if class_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.tokens_per_input, d_model) * 0.02)
         self.blocks = nn.ModuleList(
-            Block(d_model, num_heads, hidden_mult, num_experts if i in self.moe_block_ids else None, link_dropout)
+            Block(d_model, num_heads, hidden_mult, num_experts if i in self.moe_block_ids else None, link_dropout,
+                  combine, balance_on)
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(d_model)
@@ -178,7 +184,7 @@ class VMoEClassifier(nn.Module):
             tokens = torch.cat([self.class_token.expand(len(x), -1, -1), tokens], dim=1)
         h = tokens + self.pos_embed
         B, T, d = h.shape
-        aux_losses, layer_metrics, selections = [], [], []
+        aux_losses, z_losses, layer_metrics, selections = [], [], [], []
         delivered = delivered or [None] * L
         moe_index = 0
         for block in self.blocks:
@@ -188,6 +194,7 @@ class VMoEClassifier(nn.Module):
                                    delivered=delivered[moe_index])
                 h = result.out.view(B, T, d)
                 aux_losses.append(result.aux_loss)
+                z_losses.append(result.z_loss)
                 layer_metrics.append(result.metrics)
                 selections.append(result.selection)
                 moe_index += 1
@@ -198,4 +205,5 @@ class VMoEClassifier(nn.Module):
             aux_loss=torch.stack(aux_losses).mean(),
             layer_metrics=layer_metrics,
             selections=selections,
+            z_loss=torch.stack(z_losses).mean(),
         )
