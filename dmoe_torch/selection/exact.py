@@ -29,7 +29,7 @@ from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 
 from .common import RELEVANCE_TOL, Selection, empty_selection, result_arrays, selection_from_arrays, validate_inputs
 
-__all__ = ["des_reference", "brute_force_p1", "milp_p1", "milp_p1_row", "brute_force_p2", "milp_p2", "subset_count"]
+__all__ = ["des_reference", "brute_force_p1", "milp_p1", "milp_p1_row", "brute_force_p2", "milp_p2", "subset_count", "brute_force_p3", "milp_p3"]
 
 # HiGHS defaults (absolute gap 1e-6, feasibility 1e-6/1e-7) are coarse next to energies of
 # ~1e-5 J and the 1e-6 relevance tolerance, so the references ask for exact optimality.
@@ -356,3 +356,183 @@ def des_reference(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min
         if feasible:
             bound[b] = lb
     return selection_from_arrays(mask, energy, violation, dropped, nodes, bound)
+
+
+# --------------------------------------------------------------------------------------
+# P3: the image frame (docs/method.md section 11); results are frame.FrameSelection
+# --------------------------------------------------------------------------------------
+# Brute force refuses frames with more partitions than this ((K + 1)^N).
+_MAX_PARTITIONS = 20_000
+
+
+def _p3_result(s, e, c, gamma, k_min, masks, owners, optimal, bounds):
+    """FrameSelection of the references: feasible frames get their plan (certified when
+    proven optimal); infeasible ones (mask None) an empty plan, every token a violation."""
+    from .frame import plan_from_owner
+
+    F, T, K = s.shape
+    want = np.zeros((F, T, K), dtype=np.bool_)
+    owner = np.full((F, e.shape[2]), -1, dtype=np.int64)
+    for f, (mask, own) in enumerate(zip(masks, owners)):
+        if mask is not None:
+            want[f], owner[f] = mask, own
+    plan = plan_from_owner(s, e, c, owner, want, gamma, k_min)
+    found = np.array([m is not None for m in masks], dtype=np.bool_)
+    plan.lower_bound = np.where(found & optimal, plan.energy, np.where(found, bounds, np.nan))
+    plan.certified = found & optimal & plan.feasible
+    return plan
+
+
+def _device_fill_table(e_k, c_k, owned, T):
+    """Energy of 0..T tokens on one device owning the subcarriers `owned` (bool [N]),
+    cheapest slots first; +inf beyond its capacity.  float64 [T + 1]."""
+    slots = np.repeat(e_k[owned], np.minimum(c_k[owned], T))
+    slots = np.sort(slots)[:T]
+    table = np.full(T + 1, np.inf)
+    table[: slots.size + 1] = np.concatenate([[0.0], np.cumsum(slots)])
+    return table
+
+
+def _p3_brute_frame(s, e, c, thr, k_min, k_max):
+    """One frame by enumeration: every token's allowed expert sets give the reachable device
+    load vectors (with one witness selection each); every partition of the subcarriers
+    gives each device's cheapest-first energy per load; the best (partition, load) pair
+    is optimal because the energy depends on the selection only through the loads.
+    Returns (mask [T, K], owner [N]) or None when P3 is infeasible."""
+    T, K = s.shape
+    N = e.shape[1]
+    usable = np.flatnonzero((c > 0).any(1))
+    token_sets = []
+    for t in range(T):
+        sets = [combo for m in range(k_min, k_max + 1) for combo in itertools.combinations(usable.tolist(), m)
+                if s[t, list(combo)].sum() >= thr]
+        if not sets:
+            return None
+        token_sets.append(sets)
+    witness = {(0,) * K: ()}
+    for sets in token_sets:
+        grown = {}
+        for load, chosen in witness.items():
+            for combo in sets:
+                new = list(load)
+                for k in combo:
+                    new[k] += 1
+                grown.setdefault(tuple(new), chosen + (combo,))
+        witness = grown
+    loads = np.array(list(witness.keys()), dtype=np.int64)  # [M, K]
+    best, best_owner, best_load = np.inf, None, None
+    for owner in itertools.product(range(-1, K), repeat=N):
+        owner = np.array(owner, dtype=np.int64)
+        table = np.stack([_device_fill_table(e[k], c[k], owner == k, T) for k in range(K)])  # [K, T+1]
+        totals = table[np.arange(K), loads].sum(1)
+        j = int(np.argmin(totals))
+        if totals[j] < best:
+            best, best_owner, best_load = totals[j], owner, tuple(loads[j])
+    if best_owner is None:
+        return None
+    mask = np.zeros((T, K), dtype=np.bool_)
+    for t, combo in enumerate(witness[best_load]):
+        mask[t, list(combo)] = True
+    return mask, best_owner
+
+
+def brute_force_p3(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int | None = None):
+    """Exact P3 by enumeration, for tiny frames (T, K, N <= ~4).
+
+    scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens per link.  Returns a
+    frame.FrameSelection: feasible frames certified optimal (lower_bound = energy),
+    infeasible frames an empty plan with every token a violation."""
+    from .frame import validate_frame_inputs
+
+    s, e, c, gamma, k_min, k_max = validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max)
+    F, T, K = s.shape
+    if (K + 1) ** e.shape[2] > _MAX_PARTITIONS:
+        raise ValueError(f"brute_force_p3: K={K}, N={e.shape[2]} gives {(K + 1) ** e.shape[2]} partitions; too many")
+    found = [_p3_brute_frame(s[f], e[f], c[f], gamma - RELEVANCE_TOL, k_min, k_max) for f in range(F)]
+    masks = [None if r is None else r[0] for r in found]
+    owners = [None if r is None else r[1] for r in found]
+    return _p3_result(s, e, c, gamma, k_min, masks, owners, np.ones(F, dtype=np.bool_), np.full(F, np.nan))
+
+
+def _p3_milp_frame(s, e, c, thr, k_min, k_max, time_limit):
+    """One frame of P3 by HiGHS.  Variables x[t,k], z[k,n] binary and w[k,n] integer
+    (tokens on link k,n); the rate-capacity coupling is linear: w <= c z, one owner per
+    subcarrier, sum_n w[k,n] = sum_t x[t,k].  Returns (mask [T,K], owner [N], proven
+    optimal, dual bound J) or None when infeasible (proven)."""
+    T, K = s.shape
+    N = e.shape[1]
+    usable = (c > 0).any(1)
+    if usable.sum() < k_min:
+        return None
+    nx, nl = T * K, K * N
+    V = nx + 2 * nl
+    x_col = np.arange(nx).reshape(T, K)
+    z_col = nx + np.arange(nl).reshape(K, N)
+    w_col = nx + nl + np.arange(nl).reshape(K, N)
+    link_cost = np.where(c > 0, e, 0.0)
+    objective = np.zeros(V)
+    objective[w_col.ravel()] = link_cost.ravel()
+    positive = link_cost[link_cost > 0]
+    scale = positive.min() if positive.size else 1.0
+    upper_bound = np.zeros(V)
+    upper_bound[x_col.ravel()] = np.repeat(usable[None, :], T, 0).ravel()
+    upper_bound[z_col.ravel()] = (c > 0).ravel()
+    upper_bound[w_col.ravel()] = c.ravel()
+    R = _RELEVANCE_ROW_SCALE
+    rows, lo, hi = [], [], []
+
+    def row(cols, vals, low, high):
+        r = np.zeros(V)
+        r[cols] = vals
+        rows.append(r)
+        lo.append(low)
+        hi.append(high)
+
+    for t in range(T):
+        row(x_col[t], R * s[t], R * thr, np.inf)
+        row(x_col[t], 1.0, k_min, k_max)
+    for k in range(K):
+        row(np.concatenate([x_col[:, k], w_col[k]]), np.concatenate([np.ones(T), -np.ones(N)]), 0.0, 0.0)
+        for n in range(N):
+            row([w_col[k, n], z_col[k, n]], [1.0, -float(c[k, n])], -np.inf, 0.0)
+    for n in range(N):
+        row(z_col[:, n], 1.0, -np.inf, 1.0)
+    options = dict(_HIGHS_OPTIONS)
+    if time_limit is not None:
+        options["time_limit"] = float(time_limit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = milp(objective / scale, integrality=np.ones(V), bounds=Bounds(np.zeros(V), upper_bound),
+                   constraints=[LinearConstraint(np.array(rows), np.array(lo), np.array(hi))], options=options)
+    if res.status == 2:
+        return None
+    if res.x is None:
+        raise RuntimeError(f"HiGHS found no P3 plan within the time limit: {res.message}")
+    if res.status not in (0, 1):
+        raise RuntimeError(f"HiGHS failed: {res.message}")
+    mask = res.x[x_col] > 0.5
+    z = res.x[z_col] > 0.5
+    owner = np.where(z.any(0), z.argmax(0), -1).astype(np.int64)
+    bound = getattr(res, "mip_dual_bound", np.nan)
+    return mask, owner, res.status == 0, (np.nan if bound is None else bound * scale)
+
+
+def milp_p3(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int | None = None,
+            *, time_limit: float | None = None):
+    """Exact P3 per frame by scipy.optimize.milp (HiGHS); see :func:`_p3_milp_frame`.
+
+    scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens per link.  Returns a
+    frame.FrameSelection; feasible frames solved to optimality are certified (lower_bound
+    = energy); with `time_limit` (s per frame) a frame HiGHS did not finish keeps its
+    incumbent, certified False, lower_bound HiGHS's dual bound.  Infeasible frames: an
+    empty plan with every token a violation."""
+    from .frame import validate_frame_inputs
+
+    s, e, c, gamma, k_min, k_max = validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max)
+    F = s.shape[0]
+    found = [_p3_milp_frame(s[f], e[f], c[f], gamma - RELEVANCE_TOL, k_min, k_max, time_limit) for f in range(F)]
+    masks = [None if r is None else r[0] for r in found]
+    owners = [None if r is None else r[1] for r in found]
+    optimal = np.array([r is not None and r[2] for r in found], dtype=np.bool_)
+    bounds = np.array([np.nan if r is None else r[3] for r in found])
+    return _p3_result(s, e, c, gamma, k_min, masks, owners, optimal, bounds)

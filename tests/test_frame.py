@@ -1,0 +1,243 @@
+"""P3, the image frame: exact references (brute force, MILP), the fast solver and the baselines.
+
+Instances are seeded and tiny (T, K, N <= 4) so brute force can enumerate them; they include
+ties, zero scores, unreachable devices, links in outage and infeasible targets.
+"""
+import numpy as np
+import pytest
+import torch
+
+from dmoe_torch.selection.common import RELEVANCE_TOL
+from dmoe_torch.selection.exact import brute_force_p3, milp_p2, milp_p3
+from dmoe_torch.selection.frame import (
+    frame_jesa,
+    frame_tokenwise,
+    frame_topk_capacity,
+    frame_topk_overrun,
+    link_capacity,
+    static_owner,
+    validate_frame_inputs,
+)
+from dmoe_torch.selection.jesa import jesa_numpy
+
+GAMMAS = (0.3, 0.6, 0.9, 1.0)
+
+
+def random_frames(seed, F, T, K, N, *, ties=False, zeros=False, unreachable=False, outage=0.2, max_cap=3):
+    """scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] for seeded random frames."""
+    rng = np.random.default_rng(seed)
+    s = rng.dirichlet(np.ones(K), size=(F, T))
+    if ties:
+        s = np.round(s * 4) + 1e-9
+    if zeros:
+        s = np.where(rng.random(s.shape) < 0.3, 0.0, s) + np.where(np.arange(K) == 0, 1e-12, 0.0)
+    s = s / s.sum(2, keepdims=True)
+    e = (rng.integers(1, 4, size=(F, K, N)) if ties else rng.uniform(1, 3, size=(F, K, N))) * 1e-5
+    down = rng.random((F, K, N)) < outage
+    if unreachable:
+        down |= (rng.random((F, K, 1)) < 0.25)
+    e = np.where(down, np.inf, e)
+    c = np.where(down, 0, rng.integers(1, max_cap + 1, size=(F, K, N)))
+    return s, e, c
+
+
+def instance_grid():
+    """(seed, F, T, K, N, kwargs) covering sizes and the hard cases."""
+    cases = []
+    seed = 0
+    for T, K, N in ((1, 3, 3), (2, 3, 2), (3, 3, 3), (4, 3, 2), (2, 4, 3), (3, 2, 4)):
+        for kwargs in ({}, {"ties": True}, {"zeros": True}, {"unreachable": True}, {"max_cap": 1}):
+            cases.append((seed, 6, T, K, N, kwargs))
+            seed += 1
+    return cases
+
+
+def assert_valid_plan(plan, s, e, c, gamma, k_min, k_max, *, failure_energy=None):
+    """Capacities, ownership, energies and flags of a FrameSelection are consistent."""
+    F, T, K = s.shape
+    N = e.shape[2]
+    assert plan.owner.shape == (F, N) and ((plan.owner >= -1) & (plan.owner < K)).all()
+    f, t, k = np.nonzero(plan.mask)
+    n = plan.subcarrier[f, t, k]
+    assert (n >= 0).all() and (plan.owner[f, n] == k).all() and (c[f, k, n] > 0).all()
+    assert (plan.subcarrier[~plan.mask] == -1).all()
+    carried = np.zeros((F, K, N), dtype=np.int64)
+    np.add.at(carried, (f, k, n), 1)
+    assert (carried <= c).all(), "a link carries more tokens than its capacity"
+    token_energy = np.zeros((F, T))
+    np.add.at(token_energy, (f, t), e[f, k, n])
+    if failure_energy is not None:
+        token_energy += failure_energy * plan.failed.sum(2)
+    np.testing.assert_allclose(plan.token_energy, token_energy, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(plan.energy, plan.token_energy.sum(1), rtol=1e-12, atol=0)
+    count = plan.mask.sum(2)
+    assert (count <= k_max).all()
+    assert (plan.dropped == (count == 0)).all()
+    assert not (plan.cut & plan.mask).any() and not (plan.failed & plan.mask).any()
+    if gamma is not None:
+        rel = (s * plan.mask).sum(2)
+        assert (plan.violation == ((rel < gamma - RELEVANCE_TOL) | (count < k_min))).all()
+        assert (plan.feasible == ~plan.violation.any(1)).all()
+
+
+@pytest.mark.parametrize("case", instance_grid())
+def test_milp_matches_brute_force(case):
+    seed, F, T, K, N, kwargs = case
+    s, e, c = random_frames(seed, F, T, K, N, **kwargs)
+    for gamma in GAMMAS:
+        for k_min, k_max in ((1, K), (1, 2), (2, 2)):
+            if k_min > N:
+                continue
+            brute = brute_force_p3(s, e, c, gamma, k_min, k_max)
+            exact = milp_p3(s, e, c, gamma, k_min, k_max)
+            assert (brute.feasible == exact.feasible).all()
+            ok = brute.feasible
+            np.testing.assert_allclose(exact.energy[ok], brute.energy[ok], rtol=1e-9, atol=0)
+            assert exact.certified[ok].all() and brute.certified[ok].all()
+            for plan in (brute, exact):
+                assert_valid_plan(plan, s, e, c, gamma, k_min, min(k_max, N))
+                assert plan.violation[~ok].all()
+
+
+def test_grid_has_feasible_and_infeasible_frames():
+    feasible = []
+    for seed, F, T, K, N, kwargs in instance_grid()[::3]:
+        s, e, c = random_frames(seed, F, T, K, N, **kwargs)
+        feasible.append(milp_p3(s, e, c, 0.6, 1, 2).feasible)
+    feasible = np.concatenate(feasible)
+    assert 0.2 < feasible.mean() < 0.95
+
+
+def test_one_token_frame_is_p2():
+    """Proposition 1: a frame of one token is P2 (same feasibility and optimum)."""
+    s, e, c = random_frames(101, 40, 1, 4, 4, outage=0.3)
+    for gamma, k_min, k_max in ((0.5, 1, 4), (0.9, 1, 2), (1.0, 2, 3)):
+        p3 = milp_p3(s, e, c, gamma, k_min, k_max)
+        p2 = milp_p2(torch.from_numpy(s[:, 0]), torch.from_numpy(e), gamma, k_min, k_max)
+        assert (p3.feasible == ~p2.violation.numpy()).all()
+        ok = p3.feasible
+        np.testing.assert_allclose(p3.energy[ok], p2.energy.numpy()[ok], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("price_rounds", [0, 6])
+def test_fast_solver_against_exact(price_rounds):
+    found, feasible_frames, certified_exact = 0, 0, 0
+    for seed, F, T, K, N, kwargs in instance_grid():
+        s, e, c = random_frames(seed, F, T, K, N, **kwargs)
+        for gamma in GAMMAS:
+            for k_min, k_max in ((1, K), (1, 2)):
+                exact = milp_p3(s, e, c, gamma, k_min, k_max)
+                fast = frame_jesa(s, e, c, gamma, k_min, k_max, price_rounds=price_rounds)
+                assert_valid_plan(fast, s, e, c, gamma, k_min, min(k_max, N))
+                assert not fast.overrun.any() and not fast.failed.any()
+                assert not (fast.feasible & ~exact.feasible).any(), "feasible plan for an infeasible frame"
+                both = fast.feasible & exact.feasible
+                assert (fast.energy[both] >= exact.energy[both] * (1 - 1e-9)).all()
+                ok = exact.feasible
+                bound = fast.lower_bound[ok]
+                assert np.isfinite(bound).all()
+                assert (bound <= exact.energy[ok] * (1 + 1e-9)).all(), "lower bound above the optimum"
+                cert = fast.certified
+                assert (fast.feasible[cert]).all()
+                np.testing.assert_allclose(fast.energy[cert], exact.energy[cert], rtol=1e-9, atol=0)
+                found += both.sum()
+                feasible_frames += ok.sum()
+                certified_exact += cert.sum()
+    # measured, not assumed: the share of feasible frames where the heuristic finds a plan
+    assert found >= (0.9 if price_rounds else 0.75) * feasible_frames
+    assert certified_exact > 0
+
+
+def test_price_rounds_tighten_the_bound_and_never_lose_plans():
+    s, e, c = random_frames(7, 60, 4, 4, 4, max_cap=1)
+    plain = frame_jesa(s, e, c, 0.6, 1, 2)
+    priced = frame_jesa(s, e, c, 0.6, 1, 2, price_rounds=8)
+    ok = np.isfinite(plain.lower_bound)
+    assert (priced.lower_bound[ok] >= plain.lower_bound[ok] * (1 - 1e-12)).all()
+    assert (priced.lower_bound[ok] > plain.lower_bound[ok] * (1 + 1e-6)).any()
+    assert (priced.violation.sum(1) <= plain.violation.sum(1)).all()
+
+
+def test_infeasible_target_counts_every_token():
+    """gamma = 1 with a device whose links are all in outage and positive scores: no token
+    can reach its target; the plan still respects every capacity and counts the tokens."""
+    s, e, c = random_frames(3, 10, 3, 3, 3, outage=0.0)
+    e[:, 2] = np.inf
+    c[:, 2] = 0
+    s = np.full_like(s, 1 / 3)
+    fast = frame_jesa(s, e, c, 1.0, 1, 3, price_rounds=3)
+    assert_valid_plan(fast, s, e, c, 1.0, 1, 3)
+    assert fast.violation.all() and not fast.feasible.any() and np.isnan(fast.lower_bound).all()
+    assert not milp_p3(s, e, c, 1.0, 1, 3).feasible.any()
+
+
+def test_no_usable_link_drops_every_token():
+    s, e, c = random_frames(4, 3, 2, 3, 3)
+    e[:] = np.inf
+    c[:] = 0
+    fast = frame_jesa(s, e, c, 0.5)
+    assert fast.dropped.all() and (fast.energy == 0).all() and not fast.mask.any()
+
+
+def test_topk_capacity_drops_what_does_not_fit():
+    s, e, c = random_frames(11, 30, 4, 4, 4, max_cap=2)
+    plan = frame_topk_capacity(s, e, c, 2)
+    assert_valid_plan(plan, s, e, c, None, 1, 2)
+    wanted = np.zeros_like(plan.mask)
+    np.put_along_axis(wanted, np.argsort(-s, axis=2, kind="stable")[:, :, :2], True, axis=2)
+    assert ((plan.mask | plan.cut) == wanted).all()
+    assert (plan.violation == plan.dropped).all()
+    owner = static_owner(4, 4)
+    assert (plan.owner == owner).all()
+    cap = np.stack([(c[:, k] * (owner == k)).sum(1) for k in range(4)], 1)  # [F, K]
+    load = wanted.sum(1)
+    assert (plan.mask.sum(1) == np.minimum(load, cap)).all()
+    assert plan.cut.any()
+
+
+def test_topk_overrun_fails_links_beyond_capacity():
+    s, e, c = random_frames(12, 30, 4, 4, 4, max_cap=2)
+    p_fail = 0.2 * 1e-3
+    plan = frame_topk_overrun(s, e, c, 2, p_fail)
+    assert_valid_plan(plan, s, e, c, None, 1, 2, failure_energy=p_fail)
+    owner = static_owner(4, 4)
+    cap = np.stack([(c[:, k] * (owner == k)).sum(1) for k in range(4)], 1)
+    load = (plan.mask | plan.failed).sum(1)
+    assert (plan.failed.sum(1) == np.maximum(load - cap, 0)).all()
+    assert (plan.overrun == plan.failed.any((1, 2))).all() and plan.overrun.any()
+    assert not plan.cut.any()
+
+
+@pytest.mark.parametrize("policy", ["des", "jesa"])
+def test_tokenwise_truncation_respects_capacity(policy):
+    s, e, c = random_frames(13, 30, 4, 4, 4, max_cap=2)
+    plan = frame_tokenwise(s, e, c, policy, 0.6, 1, 3)
+    assert_valid_plan(plan, s, e, c, 0.6, 1, 3)
+    assert plan.cut.any()
+
+
+def test_tokenwise_jesa_one_token_is_jesa():
+    s, e, c = random_frames(14, 40, 1, 4, 4, outage=0.3)
+    plan = frame_tokenwise(s, e, c, "jesa", 0.7, 1, 3)
+    ref = jesa_numpy(s[:, 0], e, 0.7, 1, 3)
+    assert (plan.mask[:, 0] == ref.mask).all()
+    np.testing.assert_allclose(plan.energy, ref.energy, rtol=1e-12)
+    assert not plan.cut.any()
+
+
+def test_link_capacity_counts_whole_tokens_on_the_slower_hop():
+    cap = link_capacity(np.array([[3.0e6, 1.0e6]]), np.array([[2.5e6, 4.0e6]]), 1000.0, 1e-3)
+    assert cap.tolist() == [[2, 1]]
+
+
+def test_validation_names_the_problem():
+    s, e, c = random_frames(15, 2, 2, 3, 3)
+    bad = c.copy()
+    bad[np.isinf(e)] = 1
+    if np.isinf(e).any():
+        with pytest.raises(ValueError, match="capacity must be 0 exactly where"):
+            validate_frame_inputs(s, e, bad, 0.5, 1, 2)
+    with pytest.raises(ValueError, match="gamma"):
+        validate_frame_inputs(s, e, c, 0.0, 1, 2)
+    with pytest.raises(ValueError, match="costs must be"):
+        validate_frame_inputs(s, e[:, :2], c[:, :2], 0.5, 1, 2)
