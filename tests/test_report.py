@@ -208,3 +208,17 @@ def test_write_results_logs_hparams_per_layer_and_utilisation(tmp_path):
     content = hp.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in content
     assert b"channel.num_subcarriers" in content["_hparams_/session_start_info"]
+
+
+def test_results_md_explains_the_table_once_under_it(tmp_path):
+    settings = [EvalPolicy("topk", 2), EvalPolicy("jesa", None, 0.9, 1, None)]
+    per_image = [[images([1, 0, 0, 1], 100.0)], [images([1, 1, 0, 1], 40.0)]]
+    rows = [report.summarise_draws(s, [fake_results(0.5, e)], i) for s, e, i in zip(settings, (100.0, 40.0), per_image)]
+    report.add_comparisons(rows, per_image)
+    report.write_results(rows, tmp_path, title="t")
+    text = (tmp_path / "results.md").read_text()
+    legend = report.LEGEND.format(reference=report.REFERENCE_POLICY)
+    assert text.count(legend) == 1
+    assert text.count("half-width of the 95% interval") == 1  # no other copy, reworded or not
+    last_row = text.index("| jesa | 0.9 |")
+    assert last_row < text.index(legend) < text.index("## Per MoE layer")
