@@ -506,15 +506,16 @@ def _p3_milp_frame(s, e, c, thr, k_min, k_max, time_limit):
                    constraints=[LinearConstraint(np.array(rows), np.array(lo), np.array(hi))], options=options)
     if res.status == 2:
         return None
-    if res.x is None:
-        raise RuntimeError(f"HiGHS found no P3 plan within the time limit: {res.message}")
-    if res.status not in (0, 1):
+    bound = getattr(res, "mip_dual_bound", None)
+    bound = np.nan if bound is None else bound * scale
+    if res.x is None and res.status == 1:  # time limit before any plan: feasibility unknown
+        return "unknown", (0.0 if np.isnan(bound) else bound)
+    if res.status not in (0, 1) or res.x is None:
         raise RuntimeError(f"HiGHS failed: {res.message}")
     mask = res.x[x_col] > 0.5
     z = res.x[z_col] > 0.5
     owner = np.where(z.any(0), z.argmax(0), -1).astype(np.int64)
-    bound = getattr(res, "mip_dual_bound", np.nan)
-    return mask, owner, res.status == 0, (np.nan if bound is None else bound * scale)
+    return mask, owner, res.status == 0, bound
 
 
 def milp_p3(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int | None = None,
@@ -525,14 +526,20 @@ def milp_p3(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int | 
     frame.FrameSelection; feasible frames solved to optimality are certified (lower_bound
     = energy); with `time_limit` (s per frame) a frame HiGHS did not finish keeps its
     incumbent, certified False, lower_bound HiGHS's dual bound.  Infeasible frames: an
-    empty plan with every token a violation."""
+    empty plan with every token a violation; lower_bound nan when HiGHS proved the frame
+    infeasible, its (finite) dual bound when the time limit came before any plan (feasibility
+    unknown)."""
     from .frame import validate_frame_inputs
 
     s, e, c, gamma, k_min, k_max = validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max)
     F = s.shape[0]
-    found = [_p3_milp_frame(s[f], e[f], c[f], gamma - RELEVANCE_TOL, k_min, k_max, time_limit) for f in range(F)]
+    raw = [_p3_milp_frame(s[f], e[f], c[f], gamma - RELEVANCE_TOL, k_min, k_max, time_limit) for f in range(F)]
+    unknown = np.array([r is not None and len(r) == 2 for r in raw], dtype=np.bool_)
+    found = [None if u else r for r, u in zip(raw, unknown)]
     masks = [None if r is None else r[0] for r in found]
     owners = [None if r is None else r[1] for r in found]
     optimal = np.array([r is not None and r[2] for r in found], dtype=np.bool_)
     bounds = np.array([np.nan if r is None else r[3] for r in found])
-    return _p3_result(s, e, c, gamma, k_min, masks, owners, optimal, bounds)
+    plan = _p3_result(s, e, c, gamma, k_min, masks, owners, optimal, bounds)
+    plan.lower_bound[unknown] = [r[1] for r, u in zip(raw, unknown) if u]
+    return plan

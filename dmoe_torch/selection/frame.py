@@ -41,6 +41,7 @@ __all__ = [
     "FrameSelection",
     "validate_frame_inputs",
     "link_capacity",
+    "frame_links",
     "static_owner",
     "plan_from_owner",
     "frame_jesa",
@@ -145,6 +146,24 @@ def link_capacity(rate_dl, rate_ul, payload_bits: float, latency_s: float) -> np
     i.e. where S / r > T_max on either hop)."""
     slowest = np.minimum(np.asarray(rate_dl, dtype=np.float64), np.asarray(rate_ul, dtype=np.float64))
     return np.floor(latency_s * slowest / payload_bits).astype(np.int64)
+
+
+def frame_links(channel, frame_ids, layer: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
+    """Link energies and capacities of image frames on the true channel (perfect CSI).
+
+    channel: a ``WirelessChannel``; frame_ids [F] int64 (one id per (image, layer) frame:
+    all its tokens share that draw).  Returns costs [F, K, N] J (``channel.costs``) and
+    capacity [F, K, N] int64 = floor(T_max min(r_dl, r_ul) / S), 0 exactly where the cost
+    is +inf and at least 1 where it is finite (the same outage rule)."""
+    cfg = channel.cfg
+    power = np.asarray(channel.power_gains(frame_ids, layer, stream), dtype=np.float64)
+    costs = channel.costs(frame_ids, layer, stream).numpy()
+    snr = power * channel.mean_gain.numpy()[None, :, None] / cfg.noise_power_w
+    rate_dl = cfg.subcarrier_bandwidth_hz * np.log2(1.0 + cfg.ap_power_w * snr)
+    rate_ul = cfg.subcarrier_bandwidth_hz * np.log2(1.0 + cfg.device_power_w * snr)
+    capacity = link_capacity(rate_dl, rate_ul, channel.payload_bits, cfg.latency_budget_s)
+    finite = np.isfinite(costs)
+    return costs, np.where(finite, np.maximum(capacity, 1), 0).astype(np.int64)
 
 
 def static_owner(num_devices: int, num_subcarriers: int) -> np.ndarray:

@@ -1,0 +1,233 @@
+"""P3 benchmark (the image frame): the fast solver against the exact MILP, the baselines, speed.
+
+Gap.  Seeded frames from the project's channel (WirelessChannel, K = 8 devices, N = 16
+subcarriers, d_model = 128; capacities from `frame.frame_links`) and gate-like scores
+(softmax of N(0, 2^2) logits), T = 49 tokens (a 7x7 image), k_min = 1, k_max = 8, for
+several T_max and gamma.  Per cell: the share of frames P3-feasible (MILP), the share the
+MILP proved optimal within its time limit, and for `frame_jesa` without and with price
+rounds the share where it found a feasible plan, where it equals the optimum, where it is
+certified, its mean / worst relative gap to the optimum and the bound's mean gap below it.
+Plus tiny random frames (T, K, N <= 4, as in the tests) against the same MILP.
+
+Baselines side by side (same frames): energy per frame, violating tokens, cut links per
+frame, overrun frames, for frame_jesa, top-2 with channel-set capacity (Switch-style
+dropping), top-2 ignoring capacity (overruns fail at P_ap T_max), des and jesa token by
+token then truncated.
+
+Speed.  256 frames of 49 tokens (one token-model batch at one MoE layer, 12,544 tokens) on
+one thread: frame_jesa against token-frame JESA on the 12,544 tokens (each its own draw).
+
+    python benchmarks/bench_frame.py            # defaults, a few minutes
+    python benchmarks/bench_frame.py --quick    # a smoke run
+
+Writes benchmarks/results/frame.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+from dmoe_torch.channel import ChannelConfig, WirelessChannel  # noqa: E402
+from dmoe_torch.selection.exact import milp_p3  # noqa: E402
+from dmoe_torch.selection.frame import (  # noqa: E402
+    frame_jesa,
+    frame_links,
+    frame_tokenwise,
+    frame_topk_capacity,
+    frame_topk_overrun,
+)
+from dmoe_torch.selection.jesa import jesa_numpy  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "frame.json"
+EQUAL_RTOL = 1e-9
+K, N, T, D_MODEL = 8, 16, 49, 128
+
+
+def gate_scores(F: int, T: int, K: int, seed: int) -> np.ndarray:
+    logits = np.random.default_rng(seed).normal(0.0, 2.0, (F, T, K))
+    s = np.exp(logits - logits.max(2, keepdims=True))
+    return s / s.sum(2, keepdims=True)
+
+
+def channel_frames(F: int, latency_s: float, seed: int):
+    channel = WirelessChannel(ChannelConfig(num_subcarriers=N, latency_budget_s=latency_s), K, D_MODEL, seed=seed)
+    e, c = frame_links(channel, np.arange(F), layer=0, stream=seed)
+    return channel, e, c
+
+
+def gap_stats(fast, exact, proven):
+    """Quality of `fast` on the frames the MILP proved (feasible and optimal)."""
+    ok = exact.feasible & proven
+    n = int(ok.sum())
+    found = fast.feasible & ok
+    gap = (fast.energy[found] - exact.energy[found]) / exact.energy[found]
+    bound_gap = (exact.energy[ok] - fast.lower_bound[ok]) / exact.energy[ok]
+    return {
+        "proven_feasible": n,
+        "found": float(found.sum() / n) if n else None,
+        "optimal": float((found & (np.abs(fast.energy - exact.energy) <= EQUAL_RTOL * exact.energy)).sum() / n) if n else None,
+        "certified": float((fast.certified & ok).sum() / n) if n else None,
+        "mean_gap": float(gap.mean()) if gap.size else None,
+        "worst_gap": float(gap.max()) if gap.size else None,
+        "bound_gap": float(np.nanmean(bound_gap)) if n else None,
+    }
+
+
+def baseline_row(name, plan):
+    return {
+        "policy": name,
+        "energy_mJ": float(plan.energy.mean() * 1e3),
+        "violating_tokens": float(plan.violation.mean()),
+        "dropped_tokens": float(plan.dropped.mean()),
+        "cut_links": float(plan.cut.sum((1, 2)).mean()),
+        "failed_links": float(plan.failed.sum((1, 2)).mean()),
+        "overrun_frames": float(plan.overrun.mean()),
+        "experts_per_token": float(plan.mask.sum(2).mean()),
+    }
+
+
+def channel_cell(F, latency_s, gamma, seed, price_rounds, time_limit):
+    channel, e, c = channel_frames(F, latency_s, seed)
+    s = gate_scores(F, T, K, seed + 1000)
+    start = time.perf_counter()
+    fast0 = frame_jesa(s, e, c, gamma, 1, K)
+    t_fast0 = (time.perf_counter() - start) / F
+    start = time.perf_counter()
+    fast = frame_jesa(s, e, c, gamma, 1, K, price_rounds=price_rounds)
+    t_fast = (time.perf_counter() - start) / F
+    start = time.perf_counter()
+    exact = milp_p3(s, e, c, gamma, 1, K, time_limit=time_limit)
+    t_milp = (time.perf_counter() - start) / F
+    proven = exact.certified | ~exact.feasible & np.isnan(exact.lower_bound)
+    p_fail = channel.failure_energy_j
+    baselines = [
+        baseline_row("frame_jesa", fast),
+        baseline_row("topk2_capacity", frame_topk_capacity(s, e, c, 2)),
+        baseline_row("topk2_overrun", frame_topk_overrun(s, e, c, 2, p_fail)),
+        baseline_row("des_tokenwise", frame_tokenwise(s, e, c, "des", gamma, 1, K)),
+        baseline_row("jesa_tokenwise", frame_tokenwise(s, e, c, "jesa", gamma, 1, K)),
+    ]
+    return {
+        "T_max_ms": latency_s * 1e3, "gamma": gamma, "frames": F,
+        "feasible": float(exact.feasible.mean()),
+        "milp_proven": float(exact.certified.sum() / max(exact.feasible.sum(), 1)),
+        "mean_slots": float(c.max(1).sum(1).mean()),
+        "fast": gap_stats(fast0, exact, proven),
+        "fast_priced": gap_stats(fast, exact, proven),
+        "ms_per_frame": {"fast": t_fast0 * 1e3, "fast_priced": t_fast * 1e3, "milp": t_milp * 1e3},
+        "baselines": baselines,
+    }
+
+
+def tiny_cells(seeds, price_rounds):
+    """Tiny random frames (the test generator's kind) against the MILP."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for Tt, Kt, Nt in ((2, 3, 3), (4, 4, 4), (4, 4, 2)):
+        F = seeds
+        s = rng.dirichlet(np.ones(Kt), size=(F, Tt))
+        e = rng.uniform(1, 3, (F, Kt, Nt)) * 1e-5
+        down = rng.random((F, Kt, Nt)) < 0.2
+        e[down] = np.inf
+        c = np.where(down, 0, rng.integers(1, 3, (F, Kt, Nt)))
+        for gamma in (0.5, 0.9):
+            exact = milp_p3(s, e, c, gamma, 1, 2)
+            proven = np.ones(F, dtype=bool)
+            rows.append({"T": Tt, "K": Kt, "N": Nt, "gamma": gamma, "frames": F,
+                         "feasible": float(exact.feasible.mean()),
+                         "fast": gap_stats(frame_jesa(s, e, c, gamma, 1, 2), exact, proven),
+                         "fast_priced": gap_stats(frame_jesa(s, e, c, gamma, 1, 2, price_rounds=price_rounds), exact, proven)})
+    return rows
+
+
+def speed(F, latency_s, gamma, repeats):
+    _, e, c = channel_frames(F, latency_s, 7)
+    s = gate_scores(F, T, K, 8)
+    channel = WirelessChannel(ChannelConfig(num_subcarriers=N, latency_budget_s=latency_s), K, D_MODEL, seed=7)
+    e_tok = channel.costs(np.arange(F * T), layer=0, stream=7).numpy()
+    s_tok = s.reshape(F * T, K)
+    frame_jesa(s[:2], e[:2], c[:2], gamma, 1, K)  # compile
+    jesa_numpy(s_tok[:2], e_tok[:2], gamma, 1, K)
+
+    def best_of(fn):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    t_frame = best_of(lambda: frame_jesa(s, e, c, gamma, 1, K))
+    t_token = best_of(lambda: jesa_numpy(s_tok, e_tok, gamma, 1, K))
+    return {"frames": F, "tokens": F * T, "gamma": gamma, "T_max_ms": latency_s * 1e3,
+            "frame_jesa_ms": t_frame * 1e3, "token_jesa_ms": t_token * 1e3, "ratio": t_frame / t_token}
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    F = 4 if args.quick else 16
+    price_rounds = 8
+    time_limit = 5.0 if args.quick else 10.0
+    latencies = (1e-3, 2e-3) if args.quick else (1e-3, 2e-3, 4e-3)
+    gammas = (0.3, 0.8) if args.quick else (0.3, 0.5, 0.8)
+
+    out = {"setting": {"K": K, "N": N, "T": T, "d_model": D_MODEL, "k_min": 1, "k_max": K,
+                       "price_rounds": price_rounds, "milp_time_limit_s": time_limit}}
+    print(f"P3 on channel frames: K={K}, N={N}, T={T}, {F} frames per cell, MILP limit {time_limit:g} s")
+    header = ("T_max", "gamma", "feas", "slots", "found", "found+p", "opt", "opt+p", "cert+p",
+              "mean gap", "worst gap", "mean gap+p", "worst gap+p", "bound gap+p", "ms fast", "ms +p", "ms MILP")
+    print(" | ".join(header))
+    cells = []
+    for latency_s in latencies:
+        for gamma in gammas:
+            row = channel_cell(F, latency_s, gamma, 0, price_rounds, time_limit)
+            cells.append(row)
+            a, b, ms = row["fast"], row["fast_priced"], row["ms_per_frame"]
+            print(" | ".join([f"{latency_s * 1e3:g} ms", f"{gamma:.1f}", f"{row['feasible']:.2f}", f"{row['mean_slots']:.0f}",
+                              fmt(a["found"], ".2f"), fmt(b["found"], ".2f"), fmt(a["optimal"], ".2f"), fmt(b["optimal"], ".2f"),
+                              fmt(b["certified"], ".2f"), fmt(a["mean_gap"], ".2e"), fmt(a["worst_gap"], ".2e"),
+                              fmt(b["mean_gap"], ".2e"), fmt(b["worst_gap"], ".2e"), fmt(b["bound_gap"], ".2e"),
+                              f"{ms['fast']:.1f}", f"{ms['fast_priced']:.1f}", f"{ms['milp']:.0f}"]))
+    out["channel"] = cells
+
+    print("\nBaselines side by side (same frames): energy mJ/frame, violating tokens, cut / failed links per frame, overrun frames")
+    for row in cells:
+        print(f"T_max {row['T_max_ms']:g} ms, gamma {row['gamma']:.1f}")
+        for b in row["baselines"]:
+            print(f"  {b['policy']:<15} {b['energy_mJ']:7.3f} mJ  viol {b['violating_tokens']:.3f}  "
+                  f"cut {b['cut_links']:6.2f}  failed {b['failed_links']:6.2f}  overrun {b['overrun_frames']:.2f}  "
+                  f"experts/token {b['experts_per_token']:.2f}")
+
+    tiny = tiny_cells(20 if args.quick else 100, price_rounds)
+    out["tiny"] = tiny
+    print("\nTiny random frames (k_max = 2) against the MILP: found / optimal / certified / mean gap / worst gap (plain | priced)")
+    for r in tiny:
+        a, b = r["fast"], r["fast_priced"]
+        print(f"  T={r['T']} K={r['K']} N={r['N']} gamma={r['gamma']}: feasible {r['feasible']:.2f} | "
+              f"{fmt(a['found'], '.2f')} {fmt(a['optimal'], '.2f')} {fmt(a['certified'], '.2f')} {fmt(a['mean_gap'], '.1e')} {fmt(a['worst_gap'], '.1e')} | "
+              f"{fmt(b['found'], '.2f')} {fmt(b['optimal'], '.2f')} {fmt(b['certified'], '.2f')} {fmt(b['mean_gap'], '.1e')} {fmt(b['worst_gap'], '.1e')}")
+
+    sp = speed(64 if args.quick else 256, 1e-3, 0.5, 2 if args.quick else 3)
+    out["speed"] = sp
+    print(f"\nSpeed, one thread: {sp['frames']} frames x {T} tokens: frame_jesa {sp['frame_jesa_ms']:.1f} ms, "
+          f"token-frame JESA on the {sp['tokens']} tokens {sp['token_jesa_ms']:.1f} ms (ratio {sp['ratio']:.2f})")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=1))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
