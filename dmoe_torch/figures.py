@@ -119,7 +119,8 @@ def checkpoint_facts(ckpt: str) -> dict[str, Any]:
     if model_name(config) == "vmoe":
         tokens = (DATASET_IMAGE_SIZES[config.data.name] // int(config.model.patch_size)) ** 2 + int(config.model.class_token)
     return {"path": path, "sha": digest, "K": shape.num_experts, "L": shape.num_moe_layers, "T": tokens,
-            "d_min_m": float(config.channel.d_min_m)}
+            "d_min_m": float(config.channel.d_min_m), "bandwidth_hz": float(config.channel.subcarrier_bandwidth_hz),
+            "latency_s": float(config.channel.latency_budget_s)}
 
 
 def csi_supported() -> bool:
@@ -169,16 +170,29 @@ def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...]
         s = OmegaConf.merge(s, {"limit_test": max(1, int(s.tokens) // facts["T"])})
         return subcarriers(s, ["jesa", "optimal"])
 
+    def delay_spread(s, spacing_hz: float):
+        # TDL at one subcarrier spacing; T_max scales with 1 / spacing so that a hop needs the
+        # checkpoint's spectral efficiency.  optimal is a MILP per token: a token budget again.
+        s = OmegaConf.merge(s, {"limit_test": max(1, int(s.tokens) // facts["T"])})
+        tdl = {"++channel.model": "tdl", "++channel.tdl_profile": str(s.tdl_profile),
+               "++channel.subcarrier_bandwidth_hz": float(spacing_hz),
+               "++channel.latency_budget_s": facts["latency_s"] * facts["bandwidth_hz"] / float(spacing_hz)}
+        return ("++channel.delay_spread_s", [float(v) for v in s.delay_spread_s],
+                fixed(s, **{"eval.policies": plain(s.policies), "eval.gammas": plain(s.gammas), **tdl}))
+
     makers = {"accuracy_energy": accuracy_energy, "subcarriers": subcarriers, "optimal": optimal,
               "layer_gammas": layer_gammas, "cell": cell}
     if csi_supported():
         makers["csi"] = csi
+    makers["delay_spread_wide"] = lambda s: delay_spread(s, s.wide_spacing_hz)
+    makers["delay_spread_narrow"] = lambda s: delay_spread(s, s.narrow_spacing_hz)
     sweeps: dict[str, Sweep] = {}
     for name, make in makers.items():
-        if name not in spec:
+        section = name.rsplit("_", 1)[0] if name.startswith("delay_spread_") else name  # two sweeps of one section
+        if section not in spec:
             continue
         try:
-            key, values, overrides = make(spec[name])
+            key, values, overrides = make(spec[section])
         except Exception as exc:  # a missing or mistyped key of the settings file
             raise ConfigError(f"{name}: {str(exc).splitlines()[0]} (settings file)") from None
         sweeps[name] = Sweep(name, key, tuple(hydra_value(v) for v in values), overrides)

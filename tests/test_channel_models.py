@@ -168,3 +168,31 @@ def test_default_path_never_imports_sionna():
             "[WirelessChannel(ChannelConfig(model=m), 8, 64, seed=0).costs(np.arange(4), 0, 0) for m in ('rayleigh', 'tdl', 'umi')]; "
             "assert not [name for name in sys.modules if name.startswith('sionna')], 'sionna imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_figure7_sweeps_and_draw():
+    """make figures' fig7: tdl at two spacings over the delay spread; JESA's saving over DES."""
+    from pathlib import Path
+
+    from dmoe_torch import figure_plots, figures
+
+    spec = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "figures" / "default.yaml")
+    facts = {"path": "run/checkpoint.pt", "K": 8, "L": 4, "T": 49, "d_min_m": 50.0, "bandwidth_hz": 1e6, "latency_s": 1e-3}
+    sweeps = figures.build_sweeps(spec, facts)
+    wide, narrow = sweeps["delay_spread_wide"], sweeps["delay_spread_narrow"]
+    assert wide.key == "++channel.delay_spread_s" and wide.values == ("3e-08", "1e-07", "3e-07", "1e-06")
+    assert "++channel.model=tdl" in wide.fixed and "++channel.subcarrier_bandwidth_hz=120000.0" in narrow.fixed
+    assert "++channel.latency_budget_s=0.008333333333333333" in narrow.fixed  # same spectral efficiency as 1 MHz, 1 ms
+    assert f"data.limit_test={1000 // 49}" in wide.fixed
+
+    def row(policy, spacing, spread, energy):
+        return {"policy": policy, "gamma": 0.9, "energy_uj_mean": energy, "energy_uj_ci95": 1.0, "inputs": 20, "draws": 1,
+                "seed": 0, "channel.subcarrier_bandwidth_hz": spacing, "channel.delay_spread_s": spread,
+                "channel.latency_budget_s": 1e-3 * 1e6 / spacing, "channel.tdl_profile": "A"}
+
+    data = {"delay_spread_wide": [("3e-08", [row("des", 1e6, 3e-8, 100.0), row("jesa", 1e6, 3e-8, 80.0)])],
+            "delay_spread_narrow": [("3e-08", [row("des", 1.2e5, 3e-8, 100.0), row("jesa", 1.2e5, 3e-8, 95.0)])]}
+    figure, rows = figure_plots.draw_delay_spread(data, facts, sweeps)
+    assert len(rows) == 4 and figure is not None
+    savings = {s["spacing_hz"]: s["saving_pct"] for s in figure_plots._jesa_savings(rows)}
+    assert savings == pytest.approx({1e6: 20.0, 1.2e5: 5.0})
