@@ -249,3 +249,45 @@ def test_validation_names_the_problem():
         validate_frame_inputs(s, e, c, 0.0, 1, 2)
     with pytest.raises(ValueError, match="costs must be"):
         validate_frame_inputs(s, e[:, :2], c[:, :2], 0.5, 1, 2)
+
+
+@pytest.mark.parametrize("policy", ["none", "topk", "topk_capacity", "des", "jesa_tokenwise", "jesa", "optimal"])
+def test_route_frames_and_token_view(policy):
+    from dmoe_torch.selection.frame import route_frames, token_selection
+
+    s, e, c = random_frames(21, 5, 3, 4, 4, max_cap=2)
+    plan = route_frames(policy, s, e, c, gamma=0.6, k=2, k_min=1, k_max=3, failure_energy=2e-4)
+    assert_valid_plan(plan, s, e, c, None, 1, 3, failure_energy=2e-4 if policy == "topk" else None)
+    sel = token_selection(plan)
+    assert tuple(sel.mask.shape) == (15, 4)
+    assert (sel.mask.numpy().reshape(5, 3, 4) == (plan.mask | plan.failed)).all()
+    np.testing.assert_allclose(sel.energy.numpy().reshape(5, 3).sum(1), plan.energy, rtol=1e-12)
+    assert (sel.dropped.numpy() == plan.dropped.reshape(-1)).all()
+    if policy == "none":
+        assert plan.dropped.all() and (plan.energy == 0).all()
+
+
+def test_route_frames_rejects_token_only_policies():
+    from dmoe_torch.selection.frame import route_frames
+
+    s, e, c = random_frames(22, 2, 2, 3, 3)
+    with pytest.raises(ValueError, match="not available with image frames"):
+        route_frames("channel_topk", s, e, c)
+    with pytest.raises(ValueError, match="k must be"):
+        route_frames("topk", s, e, c, k=5)
+
+
+def test_frame_links_match_the_channel():
+    from dmoe_torch.channel import ChannelConfig, WirelessChannel
+    from dmoe_torch.selection.frame import frame_links
+
+    channel = WirelessChannel(ChannelConfig(num_subcarriers=8), num_devices=4, d_model=128, seed=3)
+    e, c = frame_links(channel, np.arange(20), layer=1, stream=0)
+    np.testing.assert_array_equal(e, channel.costs(np.arange(20), 1, 0).numpy())
+    assert ((c > 0) == np.isfinite(e)).all() and c.max() > 1
+    # a link carrying c tokens needs c * S / r <= T_max on the slower hop (equal powers: e = 2 P S / r)
+    cfg = channel.cfg
+    rate = 2 * cfg.ap_power_w * channel.payload_bits / e[np.isfinite(e)]
+    slots = c[np.isfinite(e)]
+    assert (slots * channel.payload_bits / rate <= cfg.latency_budget_s * (1 + 1e-9)).all()
+    assert ((slots + 1) * channel.payload_bits / rate > cfg.latency_budget_s).all()

@@ -48,6 +48,9 @@ __all__ = [
     "frame_topk_capacity",
     "frame_topk_overrun",
     "frame_tokenwise",
+    "FRAME_POLICIES",
+    "route_frames",
+    "token_selection",
 ]
 
 # Relative slack when comparing energies (as in jesa.py).
@@ -795,3 +798,71 @@ def frame_tokenwise(scores, costs, capacity, policy: str, gamma: float, k_min: i
     else:
         raise ValueError(f"policy must be 'des' or 'jesa', got {policy!r}")
     return plan_from_owner(s, e, c, owner, want, gamma, k_min)
+
+
+# --------------------------------------------------------------------------------------
+# One entry point for image frames, and the token-level view the MoE layer consumes
+# --------------------------------------------------------------------------------------
+# Policies under channel.frame=image.  topk is channel-unaware as in the token frame: it
+# ignores capacity, and its links beyond capacity fail (P_ap T_max each); topk_capacity is
+# Switch-style dropping at the channel-set capacity; des and jesa_tokenwise solve P1 / P2
+# token by token and are truncated to capacity; jesa is the P3 solver; optimal the P3 MILP.
+FRAME_POLICIES = ("none", "topk", "topk_capacity", "des", "jesa_tokenwise", "jesa", "optimal")
+
+
+def route_frames(policy: str, scores, costs, capacity, *, gamma: float = 1.0, k: int = 2, k_min: int = 1,
+                 k_max: int | None = None, failure_energy: float = 0.0, price_rounds: int = 0) -> FrameSelection:
+    """Route image frames: scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens.
+
+    gamma / k_min / k_max: the targets of des, jesa_tokenwise, jesa and optimal; k: the
+    cardinality of topk / topk_capacity; failure_energy: J per failed link of topk
+    (P_ap T_max); price_rounds: Lagrangian rounds of jesa.  Raises ValueError naming the
+    bad argument."""
+    if policy not in FRAME_POLICIES:
+        raise ValueError(f"policy={policy!r} is not available with image frames; one of {', '.join(FRAME_POLICIES)}")
+    s, e, c, gamma, k_min, k_max = validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max)
+    K = s.shape[2]
+    if policy in ("topk", "topk_capacity") and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K):
+        raise ValueError(f"k must be an int in [1, {K}], got {k!r}")
+    if policy == "none":
+        F, T, _ = s.shape
+        plan = plan_from_owner(s, e, c, np.full((F, e.shape[2]), -1, dtype=np.int64), np.zeros(s.shape, dtype=np.bool_), gamma, k_min)
+        plan.violation[:] = True
+        plan.feasible[:] = False
+        return plan
+    if policy == "topk":
+        return frame_topk_overrun(s, e, c, k, failure_energy)
+    if policy == "topk_capacity":
+        return frame_topk_capacity(s, e, c, k)
+    if policy == "des":
+        return frame_tokenwise(s, e, c, "des", gamma, k_min, k_max)
+    if policy == "jesa_tokenwise":
+        return frame_tokenwise(s, e, c, "jesa", gamma, k_min, k_max)
+    if policy == "jesa":
+        return frame_jesa(s, e, c, gamma, k_min, k_max, price_rounds=price_rounds)
+    from .exact import milp_p3  # scipy's MILP, only for the reference policy
+
+    return milp_p3(s, e, c, gamma, k_min, k_max)
+
+
+def token_selection(plan: FrameSelection):
+    """The plan as a token-level :class:`Selection` of F * T rows (row f * T + t is token t
+    of frame f), what the MoE layer's combine and metrics consume: mask = links sent (failed
+    ones included, flagged in ``failed``), energy = per-token energy, certified = the
+    frame's certificate, lower_bound nan (the bound is per frame: ``plan.lower_bound``)."""
+    import torch
+
+    from .common import empty_selection
+
+    F, T, K = plan.mask.shape
+    sel = empty_selection(F * T, K)
+    sent = plan.mask | plan.failed
+    sel.mask = torch.from_numpy(sent.reshape(F * T, K).copy())
+    sub = np.where(plan.mask, plan.subcarrier, -1)
+    sel.subcarrier = torch.from_numpy(sub.reshape(F * T, K).copy())
+    sel.energy = torch.from_numpy(plan.token_energy.reshape(F * T).copy())
+    sel.violation = torch.from_numpy(plan.violation.reshape(F * T).copy())
+    sel.dropped = torch.from_numpy(plan.dropped.reshape(F * T).copy())
+    sel.certified = torch.from_numpy(np.repeat(plan.certified, T))
+    sel.failed = torch.from_numpy(plan.failed.reshape(F * T, K).copy())
+    return sel
