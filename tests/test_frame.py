@@ -253,7 +253,8 @@ def test_validation_names_the_problem():
 
 @pytest.mark.parametrize("policy", ["none", "topk", "topk_capacity", "des", "jesa_tokenwise", "jesa", "optimal"])
 def test_route_frames_and_token_view(policy):
-    from dmoe_torch.selection.frame import route_frames, token_selection
+    from dmoe_torch.selection.frame import token_selection
+    from dmoe_torch.selection.registry import route_frames
 
     s, e, c = random_frames(21, 5, 3, 4, 4, max_cap=2)
     plan = route_frames(policy, s, e, c, gamma=0.6, k=2, k_min=1, k_max=3, failure_energy=2e-4)
@@ -268,7 +269,7 @@ def test_route_frames_and_token_view(policy):
 
 
 def test_route_frames_rejects_token_only_policies():
-    from dmoe_torch.selection.frame import route_frames
+    from dmoe_torch.selection.registry import route_frames
 
     s, e, c = random_frames(22, 2, 2, 3, 3)
     with pytest.raises(ValueError, match="not available with image frames"):

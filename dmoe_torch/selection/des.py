@@ -760,7 +760,7 @@ def des_numpy(
         run_parallel(_des_rows, num_threads, *args)
     unfinished = np.flatnonzero(~violation & (nodes >= node_limit))
     if unfinished.size:
-        from .exact import milp_p1_row  # imports scipy; only ever needed for such rows
+        from .milp import milp_p1_row  # imports scipy; only ever needed for such rows
 
         for b in unfinished:
             chosen = milp_p1_row(scores[b], costs[b], gamma, k_min, k_max)

@@ -28,16 +28,10 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 
 from .common import RELEVANCE_TOL, Selection, empty_selection, result_arrays, selection_from_arrays, validate_inputs
+from .milp import _HIGHS_OPTIONS, _RELEVANCE_ROW_SCALE, milp_p1_row, solve_milp
 
 __all__ = ["des_reference", "brute_force_p1", "milp_p1", "milp_p1_row", "brute_force_p2", "milp_p2", "subset_count", "brute_force_p3", "milp_p3"]
 
-# HiGHS defaults (absolute gap 1e-6, feasibility 1e-6/1e-7) are coarse next to energies of
-# ~1e-5 J and the 1e-6 relevance tolerance, so the references ask for exact optimality.
-_HIGHS_OPTIONS = dict(mip_rel_gap=0.0, mip_abs_gap=0.0)
-# HiGHS accepts constraint violations up to ~1e-6 (absolute); the relevance row is scaled up
-# so that this slack is ~1e-10 in score units, far inside RELEVANCE_TOL.  (Tightening HiGHS's
-# own feasibility tolerances instead made it return wrong optima.)
-_RELEVANCE_ROW_SCALE = 1e4
 # Brute force refuses more subsets than this per instance.
 _MAX_SUBSETS = 2_000_000
 
@@ -112,46 +106,6 @@ def brute_force_p1(scores, costs, gamma: float, k_min: int = 1, k_max: int | Non
         mask[b, _fallback(s[b], c[b], k_max)] = True
     energy = np.where(mask, c, 0.0).sum(1)
     return _selection(mask, energy, feasible, np.full(B, n_subsets, dtype=np.int64))
-
-
-def _solve_milp(objective, A, lower, upper):
-    """Binary program min objective @ y s.t. lower <= A y <= upper; returns y (bool) or None."""
-    # HiGHS's tolerances are absolute (~1e-7 .. 1e-6): in joules (~1e-5) every energy
-    # would look alike, and scaled by the largest cost a cheap optimum would still drown.
-    # Scaled by the smallest non-zero cost, every non-zero coefficient is >= 1.
-    positive = objective[objective > 0]
-    scale = positive.min() if positive.size else 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # HiGHS options passed through verbatim
-        res = milp(
-            objective / scale,
-            integrality=np.ones(objective.size),
-            bounds=Bounds(0.0, 1.0),
-            constraints=[LinearConstraint(A, lower, upper)],
-            options=dict(_HIGHS_OPTIONS),
-        )
-    if res.status == 2 or res.x is None:  # infeasible
-        return None
-    if res.status != 0:
-        raise RuntimeError(f"HiGHS failed: {res.message}")
-    return res.x > 0.5
-
-
-def milp_p1_row(s: np.ndarray, c: np.ndarray, gamma: float, k_min: int, k_max: int):
-    """One P1 instance by HiGHS: s, c float64 [K]; returns the optimal mask bool [K], or None
-    when no allowed set reaches gamma.  No validation (DES calls it for rows that exhaust
-    its node budget)."""
-    reach = np.flatnonzero(np.isfinite(c))
-    if reach.size < k_min:
-        return None
-    R = _RELEVANCE_ROW_SCALE
-    A = np.vstack([R * s[reach], np.ones(reach.size)])
-    x = _solve_milp(c[reach], A, np.array([R * (gamma - RELEVANCE_TOL), k_min]), np.array([np.inf, k_max]))
-    if x is None:
-        return None
-    mask = np.zeros(c.shape[0], dtype=np.bool_)
-    mask[reach[x]] = True
-    return mask
 
 
 def milp_p1(scores, costs, gamma: float, k_min: int = 1, k_max: int | None = None) -> Selection:
@@ -263,7 +217,7 @@ def milp_p2(scores, costs, gamma: float, k_min: int = 1, k_max: int | None = Non
             A = np.vstack([expert_rows, subcarrier_rows, R * s[b, ks][None, :], np.ones((1, V))])
             lower = np.concatenate([np.zeros(K + N), [R * thr, k_min]])
             upper = np.concatenate([np.ones(K + N), [np.inf, k_max]])
-            y = _solve_milp(e[b, ks, ns], A, lower, upper)
+            y = solve_milp(e[b, ks, ns], A, lower, upper)
             if y is not None:
                 assignment = {int(k): int(n) for k, n in zip(ks[y], ns[y])}
         feasible[b] = assignment is not None

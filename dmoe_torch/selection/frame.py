@@ -48,8 +48,6 @@ __all__ = [
     "frame_topk_capacity",
     "frame_topk_overrun",
     "frame_tokenwise",
-    "FRAME_POLICIES",
-    "route_frames",
     "token_selection",
 ]
 
@@ -803,46 +801,8 @@ def frame_tokenwise(scores, costs, capacity, policy: str, gamma: float, k_min: i
 # --------------------------------------------------------------------------------------
 # One entry point for image frames, and the token-level view the MoE layer consumes
 # --------------------------------------------------------------------------------------
-# Policies under channel.frame=image.  topk is channel-unaware as in the token frame: it
-# ignores capacity, and its links beyond capacity fail (P_ap T_max each); topk_capacity is
-# Switch-style dropping at the channel-set capacity; des and jesa_tokenwise solve P1 / P2
-# token by token and are truncated to capacity; jesa is the P3 solver; optimal the P3 MILP.
-FRAME_POLICIES = ("none", "topk", "topk_capacity", "des", "jesa_tokenwise", "jesa", "optimal")
-
-
-def route_frames(policy: str, scores, costs, capacity, *, gamma: float = 1.0, k: int = 2, k_min: int = 1,
-                 k_max: int | None = None, failure_energy: float = 0.0, price_rounds: int = 0) -> FrameSelection:
-    """Route image frames: scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens.
-
-    gamma / k_min / k_max: the targets of des, jesa_tokenwise, jesa and optimal; k: the
-    cardinality of topk / topk_capacity; failure_energy: J per failed link of topk
-    (P_ap T_max); price_rounds: Lagrangian rounds of jesa.  Raises ValueError naming the
-    bad argument."""
-    if policy not in FRAME_POLICIES:
-        raise ValueError(f"policy={policy!r} is not available with image frames; one of {', '.join(FRAME_POLICIES)}")
-    s, e, c, gamma, k_min, k_max = validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max)
-    K = s.shape[2]
-    if policy in ("topk", "topk_capacity") and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K):
-        raise ValueError(f"k must be an int in [1, {K}], got {k!r}")
-    if policy == "none":
-        F, T, _ = s.shape
-        plan = plan_from_owner(s, e, c, np.full((F, e.shape[2]), -1, dtype=np.int64), np.zeros(s.shape, dtype=np.bool_), gamma, k_min)
-        plan.violation[:] = True
-        plan.feasible[:] = False
-        return plan
-    if policy == "topk":
-        return frame_topk_overrun(s, e, c, k, failure_energy)
-    if policy == "topk_capacity":
-        return frame_topk_capacity(s, e, c, k)
-    if policy == "des":
-        return frame_tokenwise(s, e, c, "des", gamma, k_min, k_max)
-    if policy == "jesa_tokenwise":
-        return frame_tokenwise(s, e, c, "jesa", gamma, k_min, k_max)
-    if policy == "jesa":
-        return frame_jesa(s, e, c, gamma, k_min, k_max, price_rounds=price_rounds)
-    from .exact import milp_p3  # scipy's MILP, only for the reference policy
-
-    return milp_p3(s, e, c, gamma, k_min, k_max)
+# route_frames, the one entry point for image frames, is in registry.py beside route(): it
+# dispatches to the solvers here and to the P3 references of exact.py, which import this module.
 
 
 def token_selection(plan: FrameSelection):

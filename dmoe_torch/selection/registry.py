@@ -1,4 +1,4 @@
-"""One entry point for every routing policy: :func:`route`.
+"""One entry point for every routing policy: :func:`route`, and :func:`route_frames` for image frames.
 
 The MoE layer calls ``route(policy, scores, costs, ...)`` with the gate's scores ``[B, K]``
 and the channel's per-link costs ``[B, K, N]`` (joules, ``+inf`` = outage) for every policy,
@@ -13,11 +13,14 @@ once per input.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import baselines
 from .common import Selection, empty_selection, validate_inputs
 from .des import des_validated
+from .frame import (FrameSelection, frame_jesa, frame_tokenwise, frame_topk_capacity, frame_topk_overrun,
+                    plan_from_owner, validate_frame_inputs)
 from .jesa import jesa_validated
 
 # "none" bypasses every expert (the residual passes through, no transmission): the floor of
@@ -27,7 +30,7 @@ STATIC_POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des")
 # Policies whose cardinality is the fixed `k` (the others use gamma, k_min, k_max or take all).
 FIXED_K_POLICIES = ("topk", "channel_topk", "random_topk")
 
-__all__ = ["POLICIES", "STATIC_POLICIES", "FIXED_K_POLICIES", "route"]
+__all__ = ["POLICIES", "STATIC_POLICIES", "FIXED_K_POLICIES", "FRAME_POLICIES", "route", "route_frames"]
 
 
 def route(
@@ -91,3 +94,45 @@ def _static_des(s: torch.Tensor, c: torch.Tensor, gamma: float, k_min: int, k_ma
     result = des_validated(s, baselines.static_costs(c), gamma, k_min, k_max)
     result.subcarrier = baselines.static_plan_for(result.mask, c.shape[2])
     return result
+
+
+# Policies under channel.frame=image.  topk is channel-unaware as in the token frame: it
+# ignores capacity, and its links beyond capacity fail (P_ap T_max each); topk_capacity is
+# Switch-style dropping at the channel-set capacity; des and jesa_tokenwise solve P1 / P2
+# token by token and are truncated to capacity; jesa is the P3 solver; optimal the P3 MILP.
+FRAME_POLICIES = ("none", "topk", "topk_capacity", "des", "jesa_tokenwise", "jesa", "optimal")
+
+
+def route_frames(policy: str, scores, costs, capacity, *, gamma: float = 1.0, k: int = 2, k_min: int = 1,
+                 k_max: int | None = None, failure_energy: float = 0.0, price_rounds: int = 0) -> FrameSelection:
+    """Route image frames: scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens.
+
+    gamma / k_min / k_max: the targets of des, jesa_tokenwise, jesa and optimal; k: the
+    cardinality of topk / topk_capacity; failure_energy: J per failed link of topk
+    (P_ap T_max); price_rounds: Lagrangian rounds of jesa.  Raises ValueError naming the
+    bad argument."""
+    if policy not in FRAME_POLICIES:
+        raise ValueError(f"policy={policy!r} is not available with image frames; one of {', '.join(FRAME_POLICIES)}")
+    s, e, c, gamma, k_min, k_max = validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max)
+    K = s.shape[2]
+    if policy in ("topk", "topk_capacity") and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K):
+        raise ValueError(f"k must be an int in [1, {K}], got {k!r}")
+    if policy == "none":
+        F, T, _ = s.shape
+        plan = plan_from_owner(s, e, c, np.full((F, e.shape[2]), -1, dtype=np.int64), np.zeros(s.shape, dtype=np.bool_), gamma, k_min)
+        plan.violation[:] = True
+        plan.feasible[:] = False
+        return plan
+    if policy == "topk":
+        return frame_topk_overrun(s, e, c, k, failure_energy)
+    if policy == "topk_capacity":
+        return frame_topk_capacity(s, e, c, k)
+    if policy == "des":
+        return frame_tokenwise(s, e, c, "des", gamma, k_min, k_max)
+    if policy == "jesa_tokenwise":
+        return frame_tokenwise(s, e, c, "jesa", gamma, k_min, k_max)
+    if policy == "jesa":
+        return frame_jesa(s, e, c, gamma, k_min, k_max, price_rounds=price_rounds)
+    from .exact import milp_p3  # scipy's MILP, only for the reference policy
+
+    return milp_p3(s, e, c, gamma, k_min, k_max)
