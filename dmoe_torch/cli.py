@@ -19,8 +19,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from .config import (ConfigError, allowed_keys, configured_num_experts, runtime_settings, unknown_key_message,
-                     validate_train_config)
+from .config import (
+    ConfigError,
+    allowed_keys,
+    configured_num_experts,
+    runtime_settings,
+    unknown_key_message,
+    validate_train_config,
+)
 from .eval_config import validate_eval_config
 
 EXIT_CONFIG_ERROR = 2

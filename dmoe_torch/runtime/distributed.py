@@ -49,9 +49,29 @@ from ..moe import MoELayer
 from ..utils import atomic_write_json
 from . import ExchangeError, RuntimeSettings, _set_active
 from .transport import (
-    BASE_HEADER, CLOSE_TIMEOUT, FLAG_GRAD, FLAG_TRAINING, OP_BACKWARD, OP_CLIP, OP_FORWARD, OP_GET_STATE,
-    OP_GRAD_NORMS, OP_SETUP, OP_SHUTDOWN, OP_STEP, ExchangeStats, Session, _first_line, _from_bytes, _state_to_cpu,
-    _tensor_bytes, _to_bytes, check_world_size, hosted_experts, log_summary, process_env,
+    BASE_HEADER,
+    CLOSE_TIMEOUT,
+    FLAG_GRAD,
+    FLAG_TRAINING,
+    OP_BACKWARD,
+    OP_CLIP,
+    OP_FORWARD,
+    OP_GET_STATE,
+    OP_GRAD_NORMS,
+    OP_SETUP,
+    OP_SHUTDOWN,
+    OP_STEP,
+    ExchangeStats,
+    Session,
+    _first_line,
+    _from_bytes,
+    _state_to_cpu,
+    _tensor_bytes,
+    _to_bytes,
+    check_world_size,
+    hosted_experts,
+    log_summary,
+    process_env,
 )
 from .worker import serve
 

@@ -18,9 +18,26 @@ from torch import nn
 
 from . import ExchangeError, RuntimeSettings
 from .transport import (
-    BASE_HEADER, DTYPES, FLAG_GRAD, FLAG_TRAINING, IDLE_TIMEOUT, OP_BACKWARD, OP_CLIP, OP_FORWARD, OP_GET_STATE,
-    OP_GRAD_NORMS, OP_SETUP, OP_SHUTDOWN, OP_STEP, Session, _first_line, _from_bytes, _state_to_cpu, _to_bytes,
-    check_world_size, process_env,
+    BASE_HEADER,
+    DTYPES,
+    FLAG_GRAD,
+    FLAG_TRAINING,
+    IDLE_TIMEOUT,
+    OP_BACKWARD,
+    OP_CLIP,
+    OP_FORWARD,
+    OP_GET_STATE,
+    OP_GRAD_NORMS,
+    OP_SETUP,
+    OP_SHUTDOWN,
+    OP_STEP,
+    Session,
+    _first_line,
+    _from_bytes,
+    _state_to_cpu,
+    _to_bytes,
+    check_world_size,
+    process_env,
 )
 
 log = logging.getLogger(__name__)
