@@ -165,6 +165,11 @@ def test_the_checks_see_imports_inside_functions_and_cycles():
     assert "dmoe_torch.plotting" in graph["dmoe_torch.report"]
     assert "dmoe_torch.moe" in graph["dmoe_torch.models.cnn"]
     assert "dmoe_torch.channel" in graph["dmoe_torch.config"]  # `from .channel import ChannelConfig` in a function
+    # A new file in a folder of the table has the folder's layer without a new entry.
+    table = layer_table()
+    assert layer_of(REPO / PACKAGE / "selection" / "new_policy.py", table) == 0
+    assert layer_of(REPO / PACKAGE / "models" / "convmoe.py", table) == 1
+    assert layer_of(REPO / PACKAGE / "config.py", table) < layer_of(REPO / PACKAGE / "checkpoint.py", table)
     # ... and the cycle finder on a made-up graph.
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
