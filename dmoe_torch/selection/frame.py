@@ -264,6 +264,65 @@ def _greedy_partition(e, c, loads, owner):
 
 
 @njit(cache=True)
+def _regret_partition(e, c, loads, owner):
+    """Most-constrained-first partition for device loads [K]: among the devices that still
+    have unplaced tokens, the one that would lose most by not getting its cheapest free
+    usable subcarrier (second-cheapest minus cheapest; +inf when it has one option left)
+    takes it.  Writes owner [N]."""
+    K, N = e.shape
+    need = loads.copy()
+    for n in range(N):
+        owner[n] = -1
+    while True:
+        pick_k, pick_n, pick_regret, pick_cost = -1, -1, -1.0, math.inf
+        for k in range(K):
+            if need[k] <= 0:
+                continue
+            b1, b2, n1 = math.inf, math.inf, -1
+            for n in range(N):
+                if owner[n] >= 0 or c[k, n] <= 0:
+                    continue
+                if e[k, n] < b1:
+                    b1, b2, n1 = e[k, n], b1, n
+                elif e[k, n] < b2:
+                    b2 = e[k, n]
+            if n1 < 0:
+                continue
+            regret = b2 - b1
+            if regret > pick_regret or (regret == pick_regret and b1 < pick_cost):
+                pick_k, pick_n, pick_regret, pick_cost = k, n1, regret, b1
+        if pick_k < 0:
+            return
+        owner[pick_n] = pick_k
+        need[pick_k] -= min(need[pick_k], c[pick_k, pick_n])
+
+
+@njit(cache=True)
+def _partition_value(e, c, order, owner, loads):
+    unmet = 0
+    cost = 0.0
+    for k in range(e.shape[0]):
+        ck, uk = _fill(e, c, order, owner, k, loads[k])
+        cost += ck
+        unmet += uk
+    return unmet, cost
+
+
+@njit(cache=True)
+def _initial_partition(e, c, order, loads, owner, spare):
+    """The better (fewer unplaced tokens, then less energy) of the cheapest-link-first and
+    the most-constrained-first partitions, each after the local search."""
+    _greedy_partition(e, c, loads, owner)
+    _improve_partition(e, c, order, loads, owner, 20)
+    _regret_partition(e, c, loads, spare)
+    _improve_partition(e, c, order, loads, spare, 20)
+    u0, c0 = _partition_value(e, c, order, owner, loads)
+    u1, c1 = _partition_value(e, c, order, spare, loads)
+    if _better(u1, c1, u0, c0):
+        owner[:] = spare
+
+
+@njit(cache=True)
 def _improve_partition(e, c, order, loads, owner, max_passes):
     """Local search on the partition for fixed loads: move one subcarrier to another device
     (or idle), or swap the owners of two; accept strict lexicographic improvements of
@@ -527,6 +586,7 @@ def _solve_frames(s_all, e_all, c_all, order_all, x_all, thr, k_min, rounds, att
     cut_x = np.empty((T, K), dtype=np.bool_)
     best_x = np.empty((T, K), dtype=np.bool_)
     best_owner = np.empty(N, dtype=np.int64)
+    spare = np.empty(N, dtype=np.int64)
     for f in range(F):
         e, c, order, x, owner = e_all[f], c_all[f], order_all[f], x_all[f], owner_all[f]
         s = s_all[f]
@@ -537,10 +597,11 @@ def _solve_frames(s_all, e_all, c_all, order_all, x_all, thr, k_min, rounds, att
                     usable[k] = True
         wanted[:, :] = x
         _count_loads(x, demand)
-        _greedy_partition(e, c, demand, owner)
+        _initial_partition(e, c, order, demand, owner, spare)
         best_cuts, best = -1, math.inf
         for attempt in range(attempts + 1):
-            _improve_partition(e, c, order, demand, owner, 20)
+            if attempt > 0:
+                _improve_partition(e, c, order, demand, owner, 20)
             x[:, :] = wanted
             _count_loads(x, loads)
             _slot_tables(e, c, order, owner, T, slot_cost, caps)
@@ -571,6 +632,27 @@ def _solve_frames(s_all, e_all, c_all, order_all, x_all, thr, k_min, rounds, att
             best_owner[:] = owner
         x[:, :] = best_x
         owner[:] = best_owner
+
+
+@njit(cache=True)
+def _marginal_costs(e_all, c_all, order_all, owner_all, x_all, out):
+    """Per-token link prices under a plan, out [F, T, K]: for a link the token holds, the
+    cost of the device's last used slot (what leaving saves); otherwise the cost of the
+    device's next free slot (+inf if the device is full).  DES on these prices is every
+    token's best response to the others' links."""
+    F, T, K = x_all.shape
+    subs = np.empty(T + 1, dtype=np.int64)
+    costs = np.empty(T + 1)
+    for f in range(F):
+        for k in range(K):
+            count = _device_slots(e_all[f], c_all[f], order_all[f], owner_all[f], k, T + 1, subs, costs)
+            load = 0
+            for t in range(T):
+                load += x_all[f, t, k]
+            held = costs[load - 1] if load > 0 else math.inf
+            free = costs[load] if load < count else math.inf
+            for t in range(T):
+                out[f, t, k] = held if x_all[f, t, k] else free
 
 
 @njit(cache=True)
@@ -699,6 +781,17 @@ def _take_better(best: FrameSelection, other: FrameSelection, rows: np.ndarray) 
         getattr(best, name)[rows[better]] = getattr(other, name)[better]
 
 
+def _best_response(s, e, c, order, owner, mask, gamma, k_min, k_max):
+    """Every token's P1 optimum (batched DES) on its link prices under the plan
+    (:func:`_marginal_costs`); tokens whose prices leave no feasible set keep their links."""
+    F, T, K = s.shape
+    prices = np.empty((F, T, K))
+    _marginal_costs(e, c, order, np.ascontiguousarray(owner), np.ascontiguousarray(mask), prices)
+    new, _, bad, _, _, _ = des_numpy(s.reshape(F * T, K), prices.reshape(F * T, K), gamma, k_min, k_max)
+    new = new.reshape(F, T, K)
+    return np.where(bad.reshape(F, T)[:, :, None], mask, new)
+
+
 def frame_jesa(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int | None = None, *,
                rounds: int = 4, attempts: int = 3, price_rounds: int = 0) -> FrameSelection:
     """Fast P3 solver.  scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens.
@@ -709,8 +802,9 @@ def frame_jesa(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int
     of token moves and partition moves while the energy decreases.  `price_rounds` > 0
     adds Lagrangian rounds (Proposition 3) on the frames not yet certified: each round
     prices the devices, runs DES once for those frames' tokens (a better bound) and the
-    heuristic from that selection (a new candidate; the plan with fewer violation tokens,
-    then less energy, is kept).  Never exceeds a capacity; a frame is certified when its
+    heuristic from that selection and from every token's best response to the current plan
+    (DES on its link prices, :func:`_marginal_costs`): two new candidates per round; the
+    plan with fewer violation tokens, then less energy, is kept.  Never exceeds a capacity; a frame is certified when its
     energy equals the bound."""
     s, e, c, gamma, k_min, k_max = validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max)
     x0, tok_lb, tok_bad, c_star = capacity_free_selection(s, e, c, gamma, k_min, k_max)
@@ -726,6 +820,8 @@ def frame_jesa(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int
             for lag, x_mu in _price_rounds(*sub, gamma, k_min, k_max, c_star[rows], upper, int(price_rounds)):
                 bound[rows] = np.maximum(bound[rows], lag)
                 _take_better(plan, _heuristic(*sub, order[rows], x_mu, gamma, k_min, rounds, attempts), rows)
+                x_br = _best_response(*sub, order[rows], plan.owner[rows], plan.mask[rows], gamma, k_min, k_max)
+                _take_better(plan, _heuristic(*sub, order[rows], x_br, gamma, k_min, rounds, attempts), rows)
     plan.lower_bound = bound
     plan.certified = plan.feasible & np.isfinite(bound) & (plan.energy <= bound * (1 + ENERGY_RTOL) + 1e-300)
     return plan
