@@ -15,7 +15,8 @@ dropping), top-2 ignoring capacity (overruns fail at P_ap T_max), des and jesa t
 token then truncated.
 
 Speed.  256 frames of 49 tokens (one token-model batch at one MoE layer, 12,544 tokens) on
-one thread: frame_jesa against token-frame JESA on the 12,544 tokens (each its own draw).
+one thread: frame_jesa against token-frame JESA on the 12,544 tokens (each its own draw),
+solvers alone and with the channel draw (what one MoE layer's routing costs per batch).
 
     python benchmarks/bench_frame.py            # defaults, a few minutes
     python benchmarks/bench_frame.py --quick    # a smoke run
@@ -170,6 +171,38 @@ def speed(F, latency_s, gamma, repeats):
             "frame_jesa_ms": t_frame * 1e3, "token_jesa_ms": t_token * 1e3, "ratio": t_frame / t_token}
 
 
+def pipeline(F, latency_s, gamma, repeats):
+    """One MoE layer's routing for one token-model batch (F images x T tokens), channel draw
+    included: token frames (costs of F*T draws, JESA on F*T rows) against image frames
+    (costs and capacities of F draws, frame_jesa, the token-level Selection view)."""
+    from dmoe_torch.selection.frame import token_selection
+
+    channel = WirelessChannel(ChannelConfig(num_subcarriers=N, latency_budget_s=latency_s), K, D_MODEL, seed=9)
+    s = gate_scores(F, T, K, 10)
+    s_tok = s.reshape(F * T, K)
+
+    def token_frames():
+        e_tok = channel.costs(np.arange(F * T), layer=0, stream=0).numpy()
+        return jesa_numpy(s_tok, e_tok, gamma, 1, K)
+
+    def image_frames():
+        e, c = frame_links(channel, np.arange(F), layer=0, stream=0)
+        return token_selection(frame_jesa(s, e, c, gamma, 1, K))
+
+    token_frames()
+    image_frames()
+    times = {}
+    for name, fn in (("token_frames", token_frames), ("image_frames", image_frames)):
+        best = np.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        times[name + "_ms"] = best * 1e3
+    times["ratio"] = times["image_frames_ms"] / times["token_frames_ms"]
+    return {"frames": F, "tokens": F * T, "gamma": gamma, "T_max_ms": latency_s * 1e3, **times}
+
+
 def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
@@ -224,6 +257,10 @@ def main():
     out["speed"] = sp
     print(f"\nSpeed, one thread: {sp['frames']} frames x {T} tokens: frame_jesa {sp['frame_jesa_ms']:.1f} ms, "
           f"token-frame JESA on the {sp['tokens']} tokens {sp['token_jesa_ms']:.1f} ms (ratio {sp['ratio']:.2f})")
+    pipe = pipeline(64 if args.quick else 256, 1e-3, 0.5, 2 if args.quick else 3)
+    out["pipeline"] = pipe
+    print(f"Routing one MoE layer, channel draw included: token frames {pipe['token_frames_ms']:.1f} ms, "
+          f"image frames {pipe['image_frames_ms']:.1f} ms (ratio {pipe['ratio']:.2f})")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1))
     print(f"wrote {RESULTS}")
