@@ -15,10 +15,14 @@ Shapes: F frames, T tokens per frame, K devices (experts), N subcarriers.  Every
 batched over frames; the per-frame work runs in numba loops (no Python loop over frames).
 
 * :func:`frame_jesa`, the fast solver: capacity-free DES selection (a lower bound,
-  Proposition 2), a subcarrier partition for its loads (greedy, then moves and swaps of
-  subcarriers), a capacity repair that moves tokens off full devices (cuts them only when no
-  move keeps the token's target), then token moves and re-partitions until nothing
-  improves; optional Lagrangian rounds (Proposition 3) tighten the bound.
+  Proposition 2), a subcarrier partition for its loads (two greedy constructions, then
+  moves and swaps of subcarriers), a capacity repair that moves tokens off full devices
+  (single moves, then chains of moves; cuts a link only when none keeps the token's
+  target), then token moves and re-partitions while the energy drops; optional price
+  rounds (Proposition 3) tighten the bound and restart the heuristic from the priced and
+  the best-response selections.
+* :func:`route_frames`, one entry point for every frame policy, and :func:`token_selection`,
+  the plan as the token-level Selection the MoE layer consumes.
 * baselines under the same frame model: :func:`frame_topk_capacity` (Switch-style dropping),
   :func:`frame_topk_overrun` (capacity ignored: links beyond it fail at P_ap T_max each) and
   :func:`frame_tokenwise` (des / jesa token by token, then truncated to capacity).
