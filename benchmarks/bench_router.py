@@ -54,8 +54,8 @@ def build(args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     if args.ckpt:
         from omegaconf import OmegaConf
 
-        from dmoe_torch.checkpoint import load_checkpoint
         from dmoe_torch.build import build_model
+        from dmoe_torch.checkpoint import load_checkpoint
         from dmoe_torch.data import build_datasets
 
         checkpoint = load_checkpoint(args.ckpt)

@@ -51,6 +51,11 @@ def build_model(cfg: DictConfig, info):
     """The classifier described by ``cfg.model`` for a dataset described by ``info`` (DataInfo)."""
     model = _plain(cfg.model)
     name = model.pop("name", "cnn")
+    if name == "convmoe":
+        from .models.convmoe import ConvMoEClassifier
+
+        return ConvMoEClassifier(in_channels=info.in_channels, num_classes=info.num_classes,
+                                 image_size=info.image_size, **model)
     if name == "vmoe":
         from .models.vmoe import VMoEClassifier
 

@@ -242,6 +242,8 @@ MODEL_KEYS = {
     "cnn": ("name", "d_model", "num_experts", "num_moe_layers", "hidden_mult", "link_dropout", "combine", "balance_on"),
     "vmoe": ("name", "d_model", "num_experts", "depth", "moe_every", "num_heads", "patch_size",
              "hidden_mult", "class_token", "stem", "link_dropout", "combine", "balance_on"),
+    "convmoe": ("name", "d_model", "num_experts", "depth", "hidden_mult", "kernel_size", "link_dropout",
+                "combine", "balance_on"),
 }
 
 
@@ -266,6 +268,15 @@ def validate_model(cfg: DictConfig) -> ModelShape:
     validate_moe_choices(cfg)
     if name == "cnn":
         num_moe_layers = get_int(cfg, "model.num_moe_layers", minimum=1)
+    elif name == "convmoe":
+        num_moe_layers = get_int(cfg, "model.depth", minimum=1)
+        kernel_size = get_int(cfg, "model.kernel_size", minimum=1)
+        if kernel_size % 2 == 0:
+            raise ConfigError(f"model.kernel_size={kernel_size}: must be odd (a centred depthwise conv)")
+        image_size = DATASET_IMAGE_SIZES.get(OmegaConf.select(cfg, "data.name", default=None))
+        if image_size is not None and image_size % 4:
+            raise ConfigError(f"model.name=convmoe: the image size {image_size} of data.name={cfg.data.name} "
+                              "must be divisible by 4 (the stem's two 2x poolings)")
     else:
         depth = get_int(cfg, "model.depth", minimum=1)
         moe_every = get_int(cfg, "model.moe_every", minimum=1, maximum=depth,

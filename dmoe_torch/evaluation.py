@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import report
-from .checkpoint import load_checkpoint, load_model_state
-from .runtime import attach_experts
 from .build import build_channel, build_model, setting_specs
+from .checkpoint import load_checkpoint, load_model_state
 from .config import ConfigError, channel_config, data_root, validate_checkpoint_config
 from .eval_config import EvalPolicy, eval_policies
+from .runtime import attach_experts
 from .utils import derive_seed, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)

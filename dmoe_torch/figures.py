@@ -115,9 +115,11 @@ def checkpoint_facts(ckpt: str) -> dict[str, Any]:
     except ConfigError as exc:
         raise ConfigError(f"CKPT={str(path)!r}: the checkpoint's config is invalid ({exc})") from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    tokens = 1  # routed inputs per image: 1 for the per-image model, the patch tokens for vmoe
+    tokens = 1  # routed inputs per image: 1 for the per-image model, the tokens for vmoe / convmoe
     if model_name(config) == "vmoe":
         tokens = (DATASET_IMAGE_SIZES[config.data.name] // int(config.model.patch_size)) ** 2 + int(config.model.class_token)
+    elif model_name(config) == "convmoe":
+        tokens = (DATASET_IMAGE_SIZES[config.data.name] // 4) ** 2  # the positions of the stem's feature map
     return {"path": path, "sha": digest, "K": shape.num_experts, "L": shape.num_moe_layers, "T": tokens,
             "d_min_m": float(config.channel.d_min_m), "bandwidth_hz": float(config.channel.subcarrier_bandwidth_hz),
             "latency_s": float(config.channel.latency_budget_s)}

@@ -23,10 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import report
-from .checkpoint import (CHECKPOINT_NAME, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state,
-                         save_checkpoint)
 from .build import build_channel, build_model, router_specs
 from .channel.geometry import ADDED_CHANNEL_KEYS, ChannelConfig
+from .checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint
 from .config import ConfigError, resume_path, validate_train_config
 from .evaluation import (
     VAL_STREAM,

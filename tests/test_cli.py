@@ -33,8 +33,8 @@ from dmoe_torch.config import (
     ConfigError,
     validate_train_config,
 )
-from dmoe_torch.eval_config import validate_eval_config
 from dmoe_torch.data import DATASETS, DEBIAN_FASHION_MNIST_DIR
+from dmoe_torch.eval_config import validate_eval_config
 from dmoe_torch.rundir import lock_run_dir
 from dmoe_torch.selection.registry import POLICIES
 

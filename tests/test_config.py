@@ -11,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from dmoe_torch.build import build_channel, build_model, router_specs
 from dmoe_torch.channel import ChannelConfig
 from dmoe_torch.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from dmoe_torch.config import (
@@ -26,11 +27,10 @@ from dmoe_torch.config import (
     check_keys,
     validate_train_config,
 )
-from dmoe_torch.build import build_channel, build_model, router_specs
-from dmoe_torch.eval_config import eval_policies, parse_policy, validate_eval_config
 from dmoe_torch.data import DATASET_TRAIN_SIZES, DataInfo
-from dmoe_torch.selection.registry import STATIC_POLICIES
+from dmoe_torch.eval_config import eval_policies, parse_policy, validate_eval_config
 from dmoe_torch.moe import RouterSpec
+from dmoe_torch.selection.registry import STATIC_POLICIES
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
@@ -51,11 +51,12 @@ def test_train_defaults_compose_validate_and_build():
     validate_train_config(cfg)
     assert cfg.data.name == "fashion_mnist" and cfg.data.batch_size == 256
     assert (cfg.router.policy, cfg.router.k) == ("topk", 2)
-    assert cfg.train.epochs == 8 and cfg.train.lr == pytest.approx(2e-3)
+    assert cfg.train.epochs == 16 and cfg.train.lr == pytest.approx(2e-3)
     assert cfg.device == "auto"
     model = build_model(cfg, FASHION)
     assert model.num_experts == cfg.model.num_experts == 8
-    assert model.num_moe_layers == cfg.model.num_moe_layers == 2
+    assert cfg.model.name == "convmoe" and model.num_moe_layers == cfg.model.depth == 2
+    assert model.tokens_per_input == 49  # every position of the 7x7 feature map is a routed token
     channel = build_channel(cfg)
     assert channel.num_devices == 8 and channel.num_subcarriers == 16
     specs = router_specs(cfg, "router", channel.failure_energy_j)

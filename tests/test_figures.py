@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from dmoe_torch import figures
 from dmoe_torch.channel import ChannelConfig
 from dmoe_torch.config import ConfigError
-from dmoe_torch.eval_config import validate_eval_config
 from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
+from dmoe_torch.eval_config import validate_eval_config
 
 REPO = Path(__file__).resolve().parents[1]
 

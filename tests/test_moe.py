@@ -299,6 +299,7 @@ def test_layer_rejects_mismatched_costs():
 
 from dmoe_torch.moe import COMBINE_RULES, balance_mask, combine_weights, load_metrics, router_z_loss  # noqa: E402
 
+
 def default_combine() -> str:
     """model.combine of conf/model/vmoe.yaml and cnn.yaml (the same; chosen by measurement, README)."""
     from pathlib import Path

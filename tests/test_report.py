@@ -12,7 +12,6 @@ from dmoe_torch import report, stats
 from dmoe_torch.eval_config import EvalPolicy
 from dmoe_torch.plotting import accuracy_energy_figure, pareto_rows, pyplot
 
-
 # --------------------------------------------------------------------------------------------
 # Statistics
 

@@ -18,10 +18,10 @@ from dmoe_torch.checkpoint import capture_rng_state, restore_rng_state
 from dmoe_torch.cli import report_errors
 from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
 from dmoe_torch.evaluation import evaluate
-from dmoe_torch.training import EpochProgress, NonFiniteLossError, StopSignal, lr_lambda, train_one_epoch
 from dmoe_torch.models import DMoEClassifier
 from dmoe_torch.moe import MoELayer, RouterSpec, drop_links
 from dmoe_torch.selection import route
+from dmoe_torch.training import EpochProgress, NonFiniteLossError, StopSignal, lr_lambda, train_one_epoch
 from dmoe_torch.utils import atomic_write, atomic_write_text
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

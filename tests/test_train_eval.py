@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 # A tiny model on 400 training / 200 test images: each run takes seconds.
 TINY_RUN = (
     "data.limit_train=400", "data.limit_test=200", "data.batch_size=64", "train.epochs=2",
-    "model.d_model=32", "model.num_experts=4", "train.warmup_steps=2", "device=cpu",
+    "model=tiny", "model.d_model=32", "model.num_experts=4", "train.warmup_steps=2", "device=cpu",
 )
 EVAL_ARGS = (
     "eval.policies=[topk@2,dense,des,jesa]", "eval.gammas=[0.3,0.9]", "eval.channel_draws=2",

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_train_eval import check_ok, data_root, run_cli  # noqa: F401  (fixture)
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
 from dmoe_torch.config import ConfigError, validate_model, validate_router
 from dmoe_torch.evaluation import evaluate, frame_ids, layer_costs
 from dmoe_torch.models.vmoe import VMoEClassifier
 from dmoe_torch.moe import RouterSpec, perfect_costs
-from test_train_eval import check_ok, data_root, run_cli  # noqa: F401  (fixture)
 
 K, N = 4, 4
 

@@ -14,11 +14,6 @@ docs/method.md sections 1 and "Channel dynamics and imperfect CSI" give the mode
 from .csi import conservative_power, csi_correlation, estimate_power
 from .fading import (
     JAKES_SINUSOIDS,
-    _GOLDEN,
-    _MIX1,
-    _MIX2,
-    _splitmix64,
-    _stream_key,
     csi_noise,
     iid_power_gains,
     jakes_fading,
@@ -33,7 +28,6 @@ from .geometry import (
     ChannelConfig,
     LinkState,
     WirelessChannel,
-    _as_numpy_ids,
     check_outage_target,
     db_to_linear,
     dbm_to_watt,

@@ -22,8 +22,8 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from scipy.special import j0, ndtri
 from numba import njit
+from scipy.special import j0, ndtri
 from scipy.stats import ncx2
 
 # Quantile table: uniform grid in xi = 1 / (1 + nu) on [1 / (1 + NU_MAX), 1]; beyond NU_MAX an

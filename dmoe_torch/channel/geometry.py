@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .csi import conservative_power, csi_correlation, estimate_power
-from .kernels import link_energies, run_threaded
 from . import scenario
+from .csi import conservative_power, csi_correlation, estimate_power
 from .fading import csi_noise, iid_power_gains, jakes_power_gains
+from .kernels import link_energies, run_threaded
 from .tdl import LOS_PROFILES, TDL_PROFILES, MissingSionnaError, tap_profile, tdl_iid_power, tdl_jakes_power
 
 BOLTZMANN_NOISE_DBM_PER_HZ = -174.0  # thermal noise density at 290 K
