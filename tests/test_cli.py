@@ -171,7 +171,8 @@ def test_evaluate_help_offers_only_what_evaluate_accepts():
     for word in POLICIES:
         assert re.search(rf"\b{word}\b", text), word
     for train_only in ("model=", "model:", "experiment", "same_as_train", "eval_router", "router:"):
-        assert train_only not in text, train_only
+        # channel.model=... is an evaluation-time channel override, not the model group
+        assert not re.search(rf"(?<![\w.]){re.escape(train_only)}", text), train_only
 
 
 # --------------------------------------------------------------------------------------------
