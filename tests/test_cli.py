@@ -171,8 +171,10 @@ def test_evaluate_help_offers_only_what_evaluate_accepts():
     for word in POLICIES:
         assert re.search(rf"\b{word}\b", text), word
     for train_only in ("model=", "model:", "experiment", "same_as_train", "eval_router", "router:"):
-        # channel.model=... is an evaluation-time channel override, not the model group
-        assert not re.search(rf"(?<![\w.]){re.escape(train_only)}", text), train_only
+        # channel.model=... (and channel's `  model:` in the printed config) is a channel
+        # override, not the model group: sections start a line, overrides follow no key.
+        pattern = rf"(?m)^{re.escape(train_only)}" if train_only.endswith(":") else rf"(?<![\w.]){re.escape(train_only)}"
+        assert not re.search(pattern, text), train_only
 
 
 # --------------------------------------------------------------------------------------------
