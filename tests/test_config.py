@@ -25,6 +25,7 @@ from dmoe_torch.config import (
     ConfigError,
     channel_config,
     check_keys,
+    validate_model,
     validate_train_config,
 )
 from dmoe_torch.data import DATASET_TRAIN_SIZES, DataInfo
@@ -83,7 +84,7 @@ def test_every_router_group_option_validates_and_builds_specs(router):
     validate_train_config(cfg)
     assert cfg.router.policy == router
     specs = router_specs(cfg, "router", 0.0)
-    assert len(specs) == cfg.model.num_moe_layers
+    assert len(specs) == validate_model(cfg).num_moe_layers == 2
     assert all(isinstance(s, RouterSpec) and s.policy == cfg.router.policy for s in specs)
     # The validation policy follows the training policy unless told otherwise.
     assert cfg.eval_router.policy == cfg.router.policy
@@ -129,7 +130,7 @@ def test_interface_overrides_reach_the_built_objects():
         "train",
         [
             "data.name=mnist", "data.batch_size=32", "data.limit_train=400", "data.limit_test=50",
-            "data.num_workers=1", "model.num_experts=4", "model.num_moe_layers=3", "model.d_model=16",
+            "data.num_workers=1", "model=cnn", "model.num_experts=4", "model.num_moe_layers=3", "model.d_model=16",
             "channel.num_subcarriers=6", "channel.ap_power_w=0.5", "router.policy=des",
             "router.gamma=[0.9,0.7,0.5]", "router.k_min=2", "router.k_max=3", "train.epochs=3",
             "train.lr=0.01", "seed=7",
