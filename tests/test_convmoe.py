@@ -127,3 +127,20 @@ def test_train_and_evaluate_convmoe_end_to_end(tmp_path, data_root):  # noqa: F8
     assert set(rows) == {"none", "topk@2", "jesa"}
     assert float(rows["none"]["energy_uj_mean"]) == 0.0
     assert float(rows["topk@2"]["energy_uj_mean"]) > float(rows["jesa"]["energy_uj_mean"]) > 0.0
+
+
+def test_reports_the_router_z_loss_of_its_layers():
+    """train.z_loss_coef > 0 needs the model's z-loss: the mean over layers of each gate's
+    mean logsumexp(logits)^2, differentiable in the gates."""
+    from dmoe_torch.moe import router_z_loss
+
+    model = tiny().eval()
+    T = model.tokens_per_input
+    gate_logits = []
+    for layer in model.moe_layers:
+        layer.gate.register_forward_hook(lambda m, inputs, out: gate_logits.append(out))
+    out = model(images(2), [perfect_costs(2 * T, K, N)] * 2, [RouterSpec("topk", k=2)] * 2)
+    expected = torch.stack([router_z_loss(logits) for logits in gate_logits]).mean()
+    torch.testing.assert_close(out.z_loss, expected)
+    out.z_loss.backward()
+    assert all(layer.gate.weight.grad.abs().sum() > 0 for layer in model.moe_layers)

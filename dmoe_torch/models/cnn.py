@@ -34,6 +34,28 @@ class ModelOutput:
     selections: list[Selection]
     z_loss: torch.Tensor | None = None
 
+    @classmethod
+    def from_layers(cls, logits: torch.Tensor, results: list) -> "ModelOutput":
+        """The output of a model whose MoE layers returned ``results`` (MoEOutputs, in order)."""
+        return cls(
+            logits=logits,
+            aux_loss=torch.stack([r.aux_loss for r in results]).mean(),
+            layer_metrics=[r.metrics for r in results],
+            selections=[r.selection for r in results],
+            z_loss=torch.stack([r.z_loss for r in results]).mean(),
+        )
+
+
+def check_routing_inputs(x: torch.Tensor, costs: list, specs: list, num_layers: int) -> None:
+    """Raise ValueError unless there is one cost tensor and one RouterSpec per MoE layer and
+    ``x`` is an image batch [B, C, H, W]."""
+    if len(costs) != num_layers:
+        raise ValueError(f"costs must hold one tensor per MoE layer ({num_layers}), got {len(costs)}")
+    if len(specs) != num_layers:
+        raise ValueError(f"specs must hold one RouterSpec per MoE layer ({num_layers}), got {len(specs)}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be an image batch [B, C, H, W], got {tuple(x.shape)}")
+
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     # conv-BN-ReLU-maxpool, with the ReLU after the pooling: the same function (max-pooling
@@ -110,28 +132,10 @@ class DMoEClassifier(nn.Module):
         """x [B, C, H, W]; costs: L float64 CPU tensors [B, K, N] (J, +inf = outage);
         specs: L RouterSpecs (one per layer); generator: for random policies; delivered: None
         (perfect CSI) or L bool tensors [B, K, N] (see MoELayer.forward)."""
-        L = self.num_moe_layers
-        if len(costs) != L:
-            raise ValueError(f"costs must hold one tensor per MoE layer ({L}), got {len(costs)}")
-        if len(specs) != L:
-            raise ValueError(f"specs must hold one RouterSpec per MoE layer ({L}), got {len(specs)}")
-        if x.dim() != 4:
-            raise ValueError(f"x must be an image batch [B, C, H, W], got {tuple(x.shape)}")
+        check_routing_inputs(x, costs, specs, self.num_moe_layers)
         h = self.stem(x.contiguous(memory_format=torch.channels_last))
-        aux_losses, z_losses, layer_metrics, selections = [], [], [], []
-        delivered = delivered or [None] * L
-        for layer, layer_costs, spec, layer_delivered in zip(self.moe_layers, costs, specs, delivered):
-            result = layer(h, layer_costs, spec, generator=generator, delivered=layer_delivered)
-            h = result.out
-            aux_losses.append(result.aux_loss)
-            z_losses.append(result.z_loss)
-            layer_metrics.append(result.metrics)
-            selections.append(result.selection)
-        logits = self.head(self.norm(h))
-        return ModelOutput(
-            logits=logits,
-            aux_loss=torch.stack(aux_losses).mean(),
-            layer_metrics=layer_metrics,
-            selections=selections,
-            z_loss=torch.stack(z_losses).mean(),
-        )
+        results = []
+        for layer, layer_costs, spec, layer_delivered in zip(self.moe_layers, costs, specs, delivered or [None] * len(costs)):
+            results.append(layer(h, layer_costs, spec, generator=generator, delivered=layer_delivered))
+            h = results[-1].out
+        return ModelOutput.from_layers(self.head(self.norm(h)), results)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..moe import MoELayer, RouterSpec, check_positive_int
-from .cnn import ModelOutput
+from .cnn import ModelOutput, check_routing_inputs
 
 __all__ = ["ConvMoEClassifier"]
 
@@ -117,27 +117,15 @@ class ConvMoEClassifier(nn.Module):
         outage), row b*T + t for token t (row-major position) of image b; specs: one RouterSpec
         per MoE layer; delivered: None (perfect CSI) or one bool tensor [B*T, K, N] per MoE
         layer (see MoELayer.forward).  Selections in the output have B*T rows in that order."""
-        L = self.num_moe_layers
-        if len(costs) != L or len(specs) != L:
-            raise ValueError(f"costs and specs must hold one entry per MoE layer ({L}), got {len(costs)} and {len(specs)}")
-        if x.dim() != 4:
-            raise ValueError(f"x must be an image batch [B, C, H, W], got {tuple(x.shape)}")
+        check_routing_inputs(x, costs, specs, self.num_moe_layers)
         fmap = self.stem(x.contiguous(memory_format=torch.channels_last))
         B, d, h, w = fmap.shape
-        aux_losses, layer_metrics, selections = [], [], []
-        delivered = delivered or [None] * L
-        for mixer, moe, layer_costs, spec, layer_delivered in zip(self.mixers, self.moe_layers, costs, specs, delivered):
+        results = []
+        for mixer, moe, layer_costs, spec, layer_delivered in zip(
+                self.mixers, self.moe_layers, costs, specs, delivered or [None] * len(costs)):
             fmap = mixer(fmap)
             tokens = fmap.permute(0, 2, 3, 1).reshape(B * h * w, d)  # row b*T + t, t = i*w + j
-            result = moe(tokens, layer_costs, spec, generator=generator, delivered=layer_delivered)
-            fmap = result.out.view(B, h, w, d).permute(0, 3, 1, 2)  # back to [B, d, h, w], channels_last
-            aux_losses.append(result.aux_loss)
-            layer_metrics.append(result.metrics)
-            selections.append(result.selection)
+            results.append(moe(tokens, layer_costs, spec, generator=generator, delivered=layer_delivered))
+            fmap = results[-1].out.view(B, h, w, d).permute(0, 3, 1, 2)  # back to [B, d, h, w], channels_last
         pooled = self.norm(fmap.permute(0, 2, 3, 1).reshape(B, h * w, d)).mean(1)
-        return ModelOutput(
-            logits=self.head(pooled),
-            aux_loss=torch.stack(aux_losses).mean(),
-            layer_metrics=layer_metrics,
-            selections=selections,
-        )
+        return ModelOutput.from_layers(self.head(pooled), results)
