@@ -396,6 +396,82 @@ def draw_delay_spread(data, facts, sweeps) -> tuple[Any, list[dict]]:
     return figure, every
 
 
+# ---------------------------------------------------------------------------------------------
+# 8. latency budget under image frames (channel.frame=image; token frames as the reference)
+
+
+def _frame_rows(data) -> list[dict]:
+    """The rows of both frame sweeps, each with ``frame`` (image | token), ``latency_budget_ms``
+    (the swept T_max, ms) and ``frame_overrun_rate`` (nan in results that predate it)."""
+    rows = []
+    for frame in ("image", "token"):
+        for value, points in data.get(f"frame_latency_{frame}", []):
+            for r in points:
+                rows.append({"frame": frame, "latency_budget_ms": 1e3 * float(value), **r})
+                rows[-1].setdefault("frame_overrun_rate", math.nan)
+    return rows
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _frame_series(axes, rows: list[dict], y_key: str, *, scale: float, ci: str | None, colors: dict) -> None:
+    """One line per (policy, γ, frame) of ``y_key`` against T_max: colour by policy, marker by
+    (policy, γ), solid with filled markers for image frames, dashed and hollow for token frames."""
+    names = list(dict.fromkeys(_series_label(r) for r in rows))
+    markers = ("o", "s", "^", "v", "D", "P", "X")
+    for name in names:
+        for frame in ("image", "token"):
+            group = sorted((r for r in rows if _series_label(r) == name and r["frame"] == frame), key=lambda r: r["latency_budget_ms"])
+            if not group:
+                continue
+            color = colors[group[0]["policy"]]
+            axes.errorbar([r["latency_budget_ms"] for r in group], [scale * r[y_key] for r in group],
+                          yerr=[scale * _ci(r, ci) for r in group] if ci else None, label=f"{name}, {frame} frames",
+                          color=color, linestyle="-" if frame == "image" else "--", marker=markers[names.index(name) % len(markers)],
+                          markersize=5, markerfacecolor=color if frame == "image" else "none", capsize=2, elinewidth=0.8)
+
+
+def draw_frame_latency(data, facts, sweeps) -> tuple[Any, list[dict]]:
+    plt = pyplot()
+    rows = _frame_rows(data)
+    figure, axes = plt.subplots(2, 2, figsize=(13.0, 8.6))
+    (energy, acc), (violation, overrun) = axes
+    colors = policy_colors([r["policy"] for r in rows])
+    specs = ((energy, rows, "energy_uj_mean", 1.0, "energy_uj", ENERGY_LABEL, "energy per image"),
+             (acc, rows, "accuracy_mean", 100.0, "accuracy", "test accuracy (%)", "accuracy"),
+             (violation, rows, "violation_rate", 100.0, None, "violations (% of tokens and MoE layers)",
+              "tokens missing γ / k_min or dropped (image frames: past the capacity)"),
+             (overrun, [r for r in rows if _finite(r["frame_overrun_rate"])], "frame_overrun_rate", 100.0, None,
+              "frame overruns (% of frames and MoE layers)",
+              "frames where a device's hop exceeds T_max (topk@2 ignores the capacity)"))
+    budgets = sorted({r["latency_budget_ms"] for r in rows})
+    for panel, points, y, scale, ci, ylabel, title in specs:
+        if points:
+            _frame_series(panel, points, y, scale=scale, ci=ci, colors=colors)
+        elif rows:
+            panel.text(0.5, 0.5, f"no {y} in these results\n(evaluated before it existed)", ha="center", va="center",
+                       transform=panel.transAxes, fontsize=9)
+        if _finite(facts.get("latency_s")):
+            panel.axvline(1e3 * facts["latency_s"], color="0.5", linestyle=":", linewidth=1.0, label="checkpoint's T_max")
+        if budgets:
+            panel.set_xscale("log", base=2)
+            panel.set_xticks(budgets, [f"{b:g}" for b in budgets])
+            panel.minorticks_off()
+        panel.set_xlabel("latency budget T_max per hop (ms)")
+        panel.set_ylabel(ylabel)
+        panel.set_title(title, fontsize=9)
+        panel.grid(True, which="both", alpha=0.3)
+    _log_axis(energy)
+    if energy.lines:
+        _legend(acc, energy)
+    figure.suptitle("Energy and accuracy vs the latency budget T_max: image frames (solid; link capacity "
+                    "⌊T_max·rate/S⌋ tokens) vs token frames (dashed)" + (f"\n{_subtitle(rows)}" if rows else ""), fontsize=10)
+    figure.tight_layout()
+    return figure, rows
+
+
 FIGURES: dict[int, Figure] = {
     1: Figure("accuracy_energy", ("accuracy_energy",), draw_accuracy_energy),
     2: Figure("subcarriers", ("subcarriers", "optimal"), draw_subcarriers),
@@ -405,4 +481,6 @@ FIGURES: dict[int, Figure] = {
     6: Figure("csi_error", ("csi",), draw_csi,
               requires="needs channel.csi_error_std and eval.outage_targets, which this version does not have yet"),
     7: Figure("delay_spread", ("delay_spread_wide", "delay_spread_narrow"), draw_delay_spread),
+    8: Figure("frame_latency", ("frame_latency_image", "frame_latency_token"), draw_frame_latency,
+              requires="needs channel.frame (token | image), which this version does not have yet"),
 }

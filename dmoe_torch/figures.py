@@ -132,6 +132,17 @@ def csi_supported() -> bool:
     return "csi_error_std" in {f.name for f in fields(ChannelConfig)} and "outage_targets" in EVAL_KEYS
 
 
+def frames_supported() -> bool:
+    """Figure 8 needs channel.frame (token | image)."""
+    from .channel import ChannelConfig
+
+    return "frame" in {f.name for f in fields(ChannelConfig)}
+
+
+# Figures that need a feature this version may not have: number -> its check.
+SUPPORTED: dict[int, Callable[[], bool]] = {6: csi_supported, 8: frames_supported}
+
+
 def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Sweep]:
     """The sweeps of ``spec`` (conf/figures/*.yaml) for a checkpoint with ``facts``; a section
     the file does not have gives no sweep (its figures are skipped with a note)."""
@@ -182,15 +193,29 @@ def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...]
         return ("++channel.delay_spread_s", [float(v) for v in s.delay_spread_s],
                 fixed(s, **{"eval.policies": plain(s.policies), "eval.gammas": plain(s.gammas), **tdl}))
 
+    def frame_latency(s, frame: str):
+        # T_max under image frames (an image's tokens share one frame per MoE layer: link capacity
+        # floor(T_max * rate / S) tokens) or token frames (the reference); topk_capacity and
+        # jesa_tokenwise exist only for image frames.
+        from .selection.registry import FRAME_ONLY_POLICIES
+
+        policies = [p for p in plain(s.policies) if frame == "image" or str(p).split("@")[0] not in FRAME_ONLY_POLICIES]
+        return ("++channel.latency_budget_s", [float(v) for v in s.latency_budget_s],
+                fixed(s, **{"eval.policies": policies, "eval.gammas": plain(s.gammas), "++channel.frame": frame}))
+
     makers = {"accuracy_energy": accuracy_energy, "subcarriers": subcarriers, "optimal": optimal,
               "layer_gammas": layer_gammas, "cell": cell}
     if csi_supported():
         makers["csi"] = csi
     makers["delay_spread_wide"] = lambda s: delay_spread(s, s.wide_spacing_hz)
     makers["delay_spread_narrow"] = lambda s: delay_spread(s, s.narrow_spacing_hz)
+    if frames_supported():
+        makers["frame_latency_image"] = lambda s: frame_latency(s, "image")
+        makers["frame_latency_token"] = lambda s: frame_latency(s, "token")
     sweeps: dict[str, Sweep] = {}
     for name, make in makers.items():
-        section = name.rsplit("_", 1)[0] if name.startswith("delay_spread_") else name  # two sweeps of one section
+        two = name.startswith(("delay_spread_", "frame_latency_"))
+        section = name.rsplit("_", 1)[0] if two else name  # two sweeps of one section
         if section not in spec:
             continue
         try:
@@ -375,7 +400,7 @@ def _run(FIGURES, only, sweeps, facts, spec_path, root, out, docs, jobs, echo) -
     done: set[str] = set()
     for number in sorted(only):
         figure = FIGURES[number]
-        if number == 6 and not csi_supported():
+        if number in SUPPORTED and not SUPPORTED[number]():
             echo(f"Note: figure {number} ({figure.name}) skipped: {figure.requires}")
             continue
         if not any(name in sweeps for name in figure.sweeps):

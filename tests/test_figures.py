@@ -5,6 +5,7 @@ A tiny token model trained for one epoch on 200 images; every point on 40 test i
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -153,3 +154,43 @@ def test_unknown_channel_override_names_the_key_and_the_fields():
         validate_eval_config(cfg)
     message = str(error.value)
     assert "channel.num_subcarier" in message and "num_subcarriers" in message and "\n" not in message
+
+
+@pytest.mark.skipif(not figures.frames_supported(), reason="needs channel.frame")
+def test_figure8_sweeps_and_draw():
+    """fig8: T_max under image frames, token frames as the reference (no topk_capacity there);
+    the drawn rows carry frame and T_max, and results without frame_overrun_rate still draw."""
+    from dmoe_torch import figure_plots
+
+    facts = {"path": "run/checkpoint.pt", "K": 8, "L": 2, "T": 49, "d_min_m": 50.0, "bandwidth_hz": 1e6, "latency_s": 1e-3}
+    sweeps = figures.build_sweeps(OmegaConf.load(REPO / "conf" / "figures" / "default.yaml"), facts)
+    image, token = sweeps["frame_latency_image"], sweeps["frame_latency_token"]
+    assert image.key == token.key == "++channel.latency_budget_s"
+    assert image.values == token.values == ("0.0005", "0.001", "0.002", "0.004", "0.008")
+    assert figures.parse_overrides(image.overrides("0.0005"))["channel.frame"] == "image"
+    assert figures.parse_overrides(token.overrides("0.0005"))["channel.frame"] == "token"
+    assert "eval.policies=[topk@2,topk_capacity@2,des,jesa]" in image.fixed
+    assert "eval.policies=[topk@2,des,jesa]" in token.fixed  # topk_capacity exists only for image frames
+    assert "data.limit_test=1000" in image.fixed and "eval.gammas=[0.25,0.5]" in token.fixed
+    quick = figures.build_sweeps(OmegaConf.load(REPO / "conf" / "figures" / "quick.yaml"), facts)
+    assert quick["frame_latency_image"].values == ("0.0005", "0.002") and "data.limit_test=100" in quick["frame_latency_token"].fixed
+
+    def row(policy, t_max, energy, overrun=None):
+        r = {"policy": policy, "gamma": "" if policy.startswith("topk") else "0.5", "energy_uj_mean": energy,
+             "energy_uj_ci95": 1.0, "accuracy_mean": 0.9, "accuracy_ci95": 0.01, "violation_rate": 0.1, "inputs": 100,
+             "draws": 1, "seed": 0, "channel.latency_budget_s": t_max}
+        return r if overrun is None else {**r, "frame_overrun_rate": overrun}
+
+    data = {"frame_latency_image": [("0.0005", [row("topk@2", 5e-4, 900.0, 0.6), row("topk_capacity@2", 5e-4, 50.0, 0.0)]),
+                                    ("0.002", [row("topk@2", 2e-3, 60.0, 0.0), row("topk_capacity@2", 2e-3, 55.0, 0.0)])],
+            "frame_latency_token": [("0.0005", [row("topk@2", 5e-4, 40.0)])]}  # results without frame_overrun_rate
+    figure, rows = figure_plots.draw_frame_latency(data, facts, sweeps)
+    assert [(r["frame"], r["latency_budget_ms"], r["policy"]) for r in rows] == [
+        ("image", 0.5, "topk@2"), ("image", 0.5, "topk_capacity@2"), ("image", 2.0, "topk@2"),
+        ("image", 2.0, "topk_capacity@2"), ("token", 0.5, "topk@2")]
+    assert rows[0]["frame_overrun_rate"] == 0.6 and math.isnan(rows[-1]["frame_overrun_rate"])
+    assert figure_plots.FIGURES[8].sweeps == ("frame_latency_image", "frame_latency_token")
+    figure_plots.pyplot().close(figure)
+    figure, empty = figure_plots.draw_frame_latency({"frame_latency_image": [], "frame_latency_token": []}, facts, sweeps)
+    assert empty == []
+    figure_plots.pyplot().close(figure)
