@@ -17,12 +17,10 @@ Prints a table with ratios vs rayleigh and writes benchmarks/results/channel.jso
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,6 +28,7 @@ from dmoe_torch.channel import ChannelConfig, WirelessChannel
 from dmoe_torch.evaluation import layer_costs
 from dmoe_torch.models.vmoe import VMoEClassifier
 from dmoe_torch.moe import RouterSpec
+from dmoe_torch.utils import atomic_write_json
 
 # (label, ChannelConfig overrides); the first row is the baseline.
 MODELS = [
@@ -111,11 +110,7 @@ def main() -> None:
         batch=args.batch, frames_per_layer=args.batch * 49, moe_layers=4, steps=args.steps * args.repeats,
         targets=dict(train_ratio=1.3, eval_ratio=2.0), rows=rows,
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    out = atomic_write_json(args.out, result)
     print(f"wrote {out}")
 
 

@@ -37,6 +37,7 @@ from dmoe_torch.evaluation import layer_costs  # noqa: E402
 from dmoe_torch.models import DMoEClassifier  # noqa: E402
 from dmoe_torch.models.vmoe import VMoEClassifier  # noqa: E402
 from dmoe_torch.moe import RouterSpec  # noqa: E402
+from dmoe_torch.utils import atomic_write_json
 
 
 def build(args) -> torch.nn.Module:
@@ -168,11 +169,7 @@ def main() -> None:
                      threads_per_process=args.threads),
         batch=args.batch, steps=args.steps, workers=args.workers, rows=rows,
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = atomic_write_json(args.out, result)
     print(f"wrote {out}")
 
 

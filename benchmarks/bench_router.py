@@ -14,12 +14,10 @@ Prints a table with ratios vs topk and writes benchmarks/results/router.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -29,6 +27,7 @@ from dmoe_torch.models import DMoEClassifier
 from dmoe_torch.models.vmoe import VMoEClassifier
 from dmoe_torch.moe import RouterSpec
 from dmoe_torch.selection import route
+from dmoe_torch.utils import atomic_write_json
 
 # (label, policy, router parameters).  The "=2" rows pin des / jesa to exactly two experts
 # (k_min = k_max = 2, a target any pair meets), so they run the same expert compute as top-2
@@ -161,11 +160,7 @@ def main() -> None:
         model=what, batch=args.batch, rows_per_layer=rows_per_layer, moe_layers=probe.num_moe_layers,
         steps=args.steps * 2, rows=rows,
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    out = atomic_write_json(args.out, result)
     print(f"wrote {out}")
 
 

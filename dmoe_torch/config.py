@@ -25,10 +25,12 @@ from omegaconf.errors import MissingMandatoryValue
 
 from .data import DATASET_IMAGE_SIZES, DATASET_TRAIN_SIZES, DATASETS
 from .models.vmoe import STEMS
-from .selection.registry import POLICIES, STATIC_POLICIES
+from .selection.registry import FRAME_ONLY_POLICIES, POLICIES, STATIC_POLICIES, TOKEN_ONLY_POLICIES
 
 # Policies with a relevance target gamma and cardinality bounds k_min..k_max.
-GAMMA_POLICIES = ("des", "jesa", "optimal")
+GAMMA_POLICIES = ("des", "jesa", "optimal", "jesa_tokenwise")
+# Policies on the static subcarrier plan under image frames (the partition n mod K).
+STATIC_FRAME_POLICIES = ("topk", "topk_capacity", "des")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
 
@@ -343,11 +345,14 @@ def validate_gamma(value: Any, key: str, num_layers: int) -> float | list[float]
     return float(value)
 
 
-def validate_router(cfg: DictConfig, prefix: str, shape: ModelShape, num_subcarriers: int) -> dict[str, Any]:
-    """Check ``<prefix>.{policy,k,gamma,k_min,k_max}`` against the model and the channel."""
+def validate_router(cfg: DictConfig, prefix: str, shape: ModelShape, num_subcarriers: int,
+                    frame: str = "token") -> dict[str, Any]:
+    """Check ``<prefix>.{policy,k,gamma,k_min,k_max}`` against the model and the channel
+    (its subcarriers and its frame mode, channel.frame)."""
     check_keys(get_value(cfg, prefix), prefix, ROUTER_KEYS)
     K = shape.num_experts
-    policy = get_str(cfg, f"{prefix}.policy", choices=POLICIES)
+    policy = get_str(cfg, f"{prefix}.policy", choices=POLICIES + FRAME_ONLY_POLICIES)
+    check_policy_fits_frame(policy, f"{prefix}.policy", frame)
     k = get_int(cfg, f"{prefix}.k", minimum=1, maximum=K, why=f"at most model.num_experts={K}")
     gamma = validate_gamma(get_value(cfg, f"{prefix}.gamma"), f"{prefix}.gamma", shape.num_moe_layers)
     k_min = get_int(cfg, f"{prefix}.k_min", minimum=1, maximum=K, why=f"at most model.num_experts={K}")
@@ -371,8 +376,17 @@ def validate_outage_target(value: Any, key: str) -> float | None:
     return float(value)
 
 
+def check_policy_fits_frame(policy: str, key: str, frame: str) -> None:
+    """Frame-only policies need channel.frame=image; some token policies have no image-frame form."""
+    if frame == "token" and policy in FRAME_ONLY_POLICIES:
+        raise ConfigError(f"{key}={policy!r}: exists only with channel.frame=image (the tokens of an image share a frame)")
+    if frame == "image" and policy in TOKEN_ONLY_POLICIES:
+        allowed = [p for p in POLICIES + FRAME_ONLY_POLICIES if p not in TOKEN_ONLY_POLICIES]
+        raise ConfigError(f"{key}={policy!r}: not available with channel.frame=image; use one of {', '.join(allowed)}")
+
+
 def _check_policy_fits_channel(policy: str, key: str, num_experts: int, num_subcarriers: int, k_min: int) -> None:
-    if policy in STATIC_POLICIES and num_subcarriers < num_experts:
+    if policy in STATIC_POLICIES + STATIC_FRAME_POLICIES and num_subcarriers < num_experts:
         raise ConfigError(
             f"{key}={policy!r}: the static subcarrier plan needs channel.num_subcarriers >= model.num_experts "
             f"(got {num_subcarriers} < {num_experts}); use jesa or optimal, or more subcarriers"
@@ -391,8 +405,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     validate_data(cfg, training=True)
     shape = validate_model(cfg)
     channel = channel_config(cfg)
-    validate_router(cfg, "router", shape, channel.num_subcarriers)
-    validate_router(cfg, "eval_router", shape, channel.num_subcarriers)
+    validate_router(cfg, "router", shape, channel.num_subcarriers, channel.frame)
+    validate_router(cfg, "eval_router", shape, channel.num_subcarriers, channel.frame)
     check_keys(get_value(cfg, "train"), "train", TRAIN_KEYS)
     get_int(cfg, "train.epochs", minimum=1)
     get_float(cfg, "train.lr", exclusive_minimum=0.0)
@@ -422,7 +436,8 @@ def validate_checkpoint_config(cfg: DictConfig) -> None:
     get_int(cfg, "data.limit_train", minimum=1, optional=True)
     get_bool(cfg, "data.augment")
     shape = validate_model(cfg)
-    validate_router(cfg, "router", shape, channel_config(cfg).num_subcarriers)
+    channel = channel_config(cfg)
+    validate_router(cfg, "router", shape, channel.num_subcarriers, channel.frame)
 
 
 def resume_path(cfg: DictConfig) -> str | None:

@@ -8,6 +8,11 @@ Evaluation policy syntax (``eval.policies``): ``NAME`` or ``NAME@K``.
 * ``dense``: every reachable expert;
 * ``des``, ``jesa``, ``optimal``: one row per importance factor in ``eval.gammas`` (a float
   for every MoE layer, or a list with one value per layer), with ``eval.k_min`` / ``eval.k_max``.
+
+Under ``channel.frame=image`` (the tokens of an image share a frame): ``topk_capacity@K``
+(Switch-style dropping at the link capacity) and ``jesa_tokenwise`` (P2 token by token, then
+truncated) join; ``channel_topk``, ``random_topk`` and ``dense`` have no image-frame form and
+are skipped with a note.
 """
 from __future__ import annotations
 
@@ -36,7 +41,11 @@ from .config import (
     validate_outage_target,
     validate_runtime,
 )
-from .selection.registry import FIXED_K_POLICIES, POLICIES, STATIC_POLICIES
+from .selection.registry import FIXED_K_POLICIES, FRAME_ONLY_POLICIES, POLICIES, STATIC_POLICIES, TOKEN_ONLY_POLICIES
+
+# Every name eval.policies accepts, and those taking @K (topk_capacity only under channel.frame=image).
+EVAL_POLICY_NAMES = POLICIES + FRAME_ONLY_POLICIES
+EVAL_FIXED_K = FIXED_K_POLICIES + ("topk_capacity",)
 
 
 @dataclass(frozen=True)
@@ -57,13 +66,14 @@ class EvalPolicy:
 
 def parse_policy(text: Any, key: str, *, num_experts: int, default_k: int) -> tuple[str, int | None]:
     """``"topk@2"`` -> ("topk", 2); ``"des"`` -> ("des", None); see the module docstring."""
-    allowed = "NAME or NAME@K with NAME in " + ", ".join(POLICIES) + " (K only for " + ", ".join(FIXED_K_POLICIES) + ")"
+    allowed = ("NAME or NAME@K with NAME in " + ", ".join(EVAL_POLICY_NAMES) + " (K only for " + ", ".join(EVAL_FIXED_K)
+               + "; " + ", ".join(FRAME_ONLY_POLICIES) + " only with channel.frame=image)")
     if not isinstance(text, str):
         raise ConfigError(f"{key}={format_value(text)}: must be {allowed}")
     name, _, k_text = text.partition("@")
-    if name not in POLICIES:
+    if name not in EVAL_POLICY_NAMES:
         raise ConfigError(f"{key}={text!r}: unknown policy {name!r}; must be {allowed}")
-    if name not in FIXED_K_POLICIES:
+    if name not in EVAL_FIXED_K:
         if k_text:
             raise ConfigError(f"{key}={text!r}: policy {name!r} takes no @K; must be {allowed}")
         return name, None
@@ -107,7 +117,8 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
     saying so; a ConfigError says what to pass when nothing is left.
     """
     shape = validate_model(train_cfg)
-    num_subcarriers = channel_config(train_cfg).num_subcarriers
+    channel = channel_config(train_cfg)
+    num_subcarriers, frame = channel.num_subcarriers, channel.frame
     K, L = shape.num_experts, shape.num_moe_layers
     k_min = get_int(cfg, "eval.k_min", minimum=1, maximum=K, why=f"at most the checkpoint's model.num_experts={K}")
     k_max = get_int(cfg, "eval.k_max", minimum=1, maximum=K, optional=True, why=f"at most the checkpoint's model.num_experts={K}")
@@ -119,10 +130,16 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
     default_k = int(train_cfg.router.k)
     settings: list[EvalPolicy] = []
     skipped: list[str] = []
+    frame_skipped: list[str] = []
     for i, text in enumerate(get_value(cfg, "eval.policies")):
         key = f"eval.policies[{i}]"
         name, k = parse_policy(text, key, num_experts=K, default_k=default_k)
-        if name in STATIC_POLICIES and num_subcarriers < K:
+        if frame == "token" and name in FRAME_ONLY_POLICIES:
+            raise ConfigError(f"{key}={text!r}: exists only with channel.frame=image (pass channel.frame=image)")
+        if frame == "image" and name in TOKEN_ONLY_POLICIES:
+            frame_skipped.append(text)
+            continue
+        if name in STATIC_POLICIES + ("topk_capacity",) and num_subcarriers < K:
             skipped.append(text)
             continue
         if name in GAMMA_POLICIES and num_subcarriers < k_min:
@@ -140,6 +157,11 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
                           f"choose the subcarriers ({', '.join(usable)}), e.g. eval.policies=[{usable[0]}]")
     if skipped and notes is not None:
         notes.append(f"skipped {', '.join(skipped)}: {static_text}")
+    if frame_skipped and not settings:
+        raise ConfigError(f"eval.policies={format_value(get_value(cfg, 'eval.policies'))}: none is available with "
+                          f"channel.frame=image; use none, topk, topk_capacity, des, jesa_tokenwise, jesa or optimal")
+    if frame_skipped and notes is not None:
+        notes.append(f"skipped {', '.join(frame_skipped)}: no image-frame form under channel.frame=image")
     labels = [(s.label, format_value(s.gamma), format_value(s.outage_target)) for s in settings]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:

@@ -26,7 +26,9 @@ from .build import build_channel, build_model, setting_specs
 from .checkpoint import load_checkpoint, load_model_state
 from .config import ConfigError, channel_config, data_root, validate_checkpoint_config
 from .eval_config import EvalPolicy, eval_policies
+from .moe import FrameLinks
 from .runtime import attach_experts
+from .selection.frame import frame_links
 from .utils import derive_seed, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -66,15 +68,24 @@ def layer_links(channel, sample_ids: torch.Tensor, specs: list, stream: int, tok
                 cache: dict | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """What the router of each MoE layer sees and what the channel then delivers.
 
-    Returns (costs, delivered): per layer the costs [B*T, K, N] (J, +inf = outage) planned
+    Under channel.frame=image: per layer the :class:`FrameLinks` of the batch's images (one
+    frame per image, frame id = sample id; perfect CSI only, delivered None).  Otherwise
+    returns (costs, delivered): per layer the costs [B*T, K, N] (J, +inf = outage) planned
     from the coordinator's channel estimate (conservatively for a spec whose
     ``planning_target`` is set) and the bool mask [B*T, K, N] of links the true channel
     delivers at the planned rate; under perfect CSI the costs are the true ones and
     delivered is None.  ``cache`` (a dict, for one batch and stream) keeps the states per
     (layer, target) so that several settings on one channel draw compute them once.
     """
-    frames = frame_ids(sample_ids, tokens_per_input)
     cache = {} if cache is None else cache
+    if channel.cfg.frame == "image":  # one frame per (image, layer), keyed by the sample id
+        ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
+        for layer in range(len(specs)):
+            if (layer, "image") not in cache:
+                layer_costs, capacity = frame_links(channel, ids, layer, stream)
+                cache[layer, "image"] = FrameLinks(torch.from_numpy(layer_costs), torch.from_numpy(capacity))
+        return [cache[layer, "image"] for layer in range(len(specs))], [None] * len(specs)
+    frames = frame_ids(sample_ids, tokens_per_input)
     perfect_csi = channel.cfg.csi_error_std == 0 and channel.cfg.csi_delay_frames == 0
     costs, delivered = [], []
     for layer, spec in enumerate(specs):
@@ -119,7 +130,7 @@ def combine_layers(per_layer: list[dict[str, Any]], tokens_per_input: int = 1) -
         combined[name] = sum(m[name] for m in per_layer) / L
     K = len(per_layer[0]["utilisation"])
     combined["utilisation"] = [sum(m["utilisation"][k] for m in per_layer) / L for k in range(K)]
-    for name in ("single_expert_rate", "load_max_over_mean", "load_cv"):
+    for name in ("single_expert_rate", "load_max_over_mean", "load_cv", "frame_overrun_rate"):
         if all(name in m for m in per_layer):
             combined[name] = sum(m[name] for m in per_layer) / L
     if all("dead_experts" in m for m in per_layer):
@@ -129,7 +140,8 @@ def combine_layers(per_layer: list[dict[str, Any]], tokens_per_input: int = 1) -
 
 
 # Per-MoE-layer counters of EvalTotals (one integer per layer).
-_LAYER_COUNTS = ("selected_links", "failed_links", "effective_experts", "violations", "drops", "certified", "nodes")
+_LAYER_COUNTS = ("selected_links", "failed_links", "effective_experts", "violations", "drops", "certified", "nodes",
+                 "overruns")
 
 
 @dataclass
@@ -167,7 +179,7 @@ class EvalTotals:
             energy[:, layer] = sel.energy.to(torch.float64).view(B, T).sum(1)
             for name, value in (("selected_links", sel.mask), ("failed_links", sel.failed), ("effective_experts", effective),
                                 ("violations", sel.violation), ("drops", ~effective.any(1)),
-                                ("certified", sel.certified), ("nodes", sel.nodes)):
+                                ("certified", sel.certified), ("nodes", sel.nodes), ("overruns", sel.frame_overrun)):
                 self.counts[name][layer] += int(value.sum())
         self.energies.append(energy)
         self.expert_uses.append(torch.stack([(s.mask & ~s.failed).sum(0).cpu() for s in selections]))
@@ -191,6 +203,9 @@ class EvalTotals:
                 "drop_rate": counts["drops"] / frames,
                 "certified_rate": counts["certified"] / frames,
                 "nodes": counts["nodes"] / frames,
+                # tokens whose frame missed T_max / tokens: under image frames every token of a
+                # frame carries its frame's flag, so this is also the share of frames
+                "frame_overrun_rate": counts["overruns"] / frames,
             }
 
         total = {name: sum(values) for name, values in self.counts.items()}

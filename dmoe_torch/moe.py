@@ -25,9 +25,12 @@ from torch import nn
 
 from .selection import POLICIES, Selection, route
 from .selection.delivery import apply_delivery
+from .selection.frame import token_selection
+from .selection.registry import FRAME_ONLY_POLICIES, route_frames
 
 __all__ = [
     "RouterSpec",
+    "FrameLinks",
     "Expert",
     "MoELayer",
     "MoEOutput",
@@ -100,8 +103,8 @@ class RouterSpec:
     outage_target: float | None = None
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"router.policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        if self.policy not in POLICIES + FRAME_ONLY_POLICIES:
+            raise ValueError(f"router.policy must be one of {', '.join(POLICIES + FRAME_ONLY_POLICIES)}; got {self.policy!r}")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"router.gamma must be a float in (0, 1], got {self.gamma!r}")
         for key in ("k", "k_min"):
@@ -123,6 +126,25 @@ class RouterSpec:
         that optimise over the channel (des, jesa, optimal) plan conservatively; the others
         see the plain estimate."""
         return self.outage_target if self.policy in ("des", "jesa", "optimal") else None
+
+
+@dataclass
+class FrameLinks:
+    """The links of image frames (channel.frame=image; docs/method.md section 11): one frame per
+    (image, MoE layer), whose T tokens share its channel draw and its N subcarriers.
+
+    costs     [F, K, N] float64 CPU  J per token on link (k, n), downlink + uplink (+inf = outage)
+    capacity  [F, K, N] int64 CPU    whole tokens link (k, n) carries within T_max on both hops
+    The MoE layer's rows are the F * T tokens, row f * T + t for token t of frame f.
+    """
+
+    costs: torch.Tensor
+    capacity: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.costs.dim() != 3 or self.capacity.shape != self.costs.shape:
+            raise ValueError(f"FrameLinks: costs and capacity must both be [F, K, N], got "
+                             f"{tuple(self.costs.shape)} and {tuple(self.capacity.shape)}")
 
 
 class Expert(nn.Module):
@@ -175,6 +197,7 @@ METRIC_WEIGHTS = {
     "gate_entropy": "count",        # mean entropy of the gate's softmax, nats
     "utilisation": "count",         # [K] share of inputs each expert effectively served
     "single_expert_rate": "count",  # share of inputs with exactly one effective expert
+    "frame_overrun_rate": "count",  # share of inputs whose frame missed T_max (Selection.frame_overrun)
 }
 # Computed by MetricAverager.compute() from the utilisation over everything it saw (not
 # per-batch means: an expert is dead only if no batch of the epoch selected it):
@@ -266,7 +289,7 @@ def balance_mask(balance_on: str, selection: Selection, scores: torch.Tensor, sp
     """
     if balance_on == "selection":
         return selection.mask.to(scores.device)
-    k = BALANCE_K_OF_GAMMA_POLICIES if spec.policy in ("des", "jesa", "optimal") else spec.k
+    k = BALANCE_K_OF_GAMMA_POLICIES if spec.policy in ("des", "jesa", "optimal", "jesa_tokenwise") else spec.k
     k = min(k, scores.shape[1])
     top = scores.detach().topk(k, dim=1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
@@ -366,14 +389,23 @@ class MoELayer(nn.Module):
         delivered: torch.Tensor | None = None,
     ) -> MoEOutput:
         """h [B, d]; costs [B, K, N] float64 J (+inf = outage), CPU, as the router sees them
-        (planned from its channel estimate); spec: routing config; generator: CPU
-        torch.Generator for random policies; delivered: None (perfect CSI: every finite link
-        carries its planned rate) or bool [B, K, N], whether the true channel carries link
-        (k, n)'s planned rate within T_max; a selected link that does not is a failure."""
+        (planned from its channel estimate), one frame per row; or :class:`FrameLinks` of F
+        image frames whose T = B / F tokens share a frame (rows f * T + t), routed by
+        ``route_frames`` (P3); spec: routing config; generator: CPU torch.Generator for
+        random policies; delivered: None (perfect CSI: every finite link carries its planned
+        rate) or bool [B, K, N], whether the true channel carries link (k, n)'s planned rate
+        within T_max; a selected link that does not is a failure (token frames only)."""
         if h.dim() != 2 or h.shape[1] != self.d_model:
             raise ValueError(f"h must be [B, {self.d_model}], got {tuple(h.shape)}")
         B, K = h.shape[0], self.num_experts
-        if costs.dim() != 3 or costs.shape[0] != B or costs.shape[1] != K:
+        frames = costs if isinstance(costs, FrameLinks) else None
+        if frames is not None:
+            F = frames.costs.shape[0]
+            if frames.costs.shape[1] != K or F == 0 or B % F:
+                raise ValueError(f"FrameLinks must be [F, K={K}, N] with F dividing the {B} rows, got {tuple(frames.costs.shape)}")
+            if delivered is not None:
+                raise ValueError("image frames (FrameLinks) plan on the true channel: delivered must be None")
+        elif costs.dim() != 3 or costs.shape[0] != B or costs.shape[1] != K:
             raise ValueError(f"costs must be [B={B}, K={K}, N], got {tuple(costs.shape)}")
 
         logits = self.gate(h)
@@ -383,11 +415,19 @@ class MoELayer(nn.Module):
         scores_cpu = scores.detach().cpu()  # the router, link dropout and metrics work on the CPU
 
         with torch.no_grad():
-            selection = route(
-                spec.policy, scores_cpu, costs,
-                gamma=spec.gamma, k=spec.k, k_min=spec.k_min, k_max=spec.k_max,
-                failure_energy=spec.failure_energy, generator=generator,
-            )
+            if frames is not None:
+                plan = route_frames(
+                    spec.policy, scores_cpu.view(F, B // F, K), frames.costs, frames.capacity,
+                    gamma=spec.gamma, k=spec.k, k_min=spec.k_min, k_max=spec.k_max,
+                    failure_energy=spec.failure_energy,
+                )
+                selection = token_selection(plan)
+            else:
+                selection = route(
+                    spec.policy, scores_cpu, costs,
+                    gamma=spec.gamma, k=spec.k, k_min=spec.k_min, k_max=spec.k_max,
+                    failure_energy=spec.failure_energy, generator=generator,
+                )
             if delivered is not None:
                 selection = apply_delivery(selection, costs, delivered, spec.failure_energy)
             if self.training and self.link_dropout > 0:
@@ -442,4 +482,5 @@ class MoELayer(nn.Module):
             "gate_entropy": entropy.sum() / inputs,
             "utilisation": effective.sum(0).to(f64) / inputs,
             "single_expert_rate": (effective.sum(1) == 1).sum().to(f64) / inputs,
+            "frame_overrun_rate": selection.frame_overrun.sum().to(f64) / inputs,
         }

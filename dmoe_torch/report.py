@@ -55,6 +55,7 @@ RESULT_COLUMNS = (
     "energy_per_token_uj",
     "experts_per_token",
     "outage_rate",
+    "frame_overrun_rate",
     "violation_rate",
     "drop_rate",
     "certified_rate",
@@ -65,11 +66,12 @@ RESULT_COLUMNS = (
     "k_min",
     "k_max",
 )
-_MEAN_OVER_DRAWS = ("energy_per_token_uj", "experts_per_token", "outage_rate", "violation_rate", "drop_rate", "certified_rate", "nodes", "loss")
+_MEAN_OVER_DRAWS = ("energy_per_token_uj", "experts_per_token", "outage_rate", "frame_overrun_rate", "violation_rate",
+                    "drop_rate", "certified_rate", "nodes", "loss")
 # Per MoE layer (energy per image at that layer; the rates per token at that layer).
 LAYER_METRICS = ("energy_uj", "experts_per_token", "outage_rate", "violation_rate", "drop_rate", "certified_rate")
 # Policies that solve an optimisation problem and can certify optimality.
-_CERTIFYING = ("des", "jesa", "optimal")
+_CERTIFYING = ("des", "jesa", "optimal", "jesa_tokenwise")
 
 
 def format_gamma(gamma: Any) -> str:
@@ -128,7 +130,8 @@ def summarise_draws(setting, results: list[dict[str, Any]], images: list[dict] |
         "vs_topk2_losses": "",
     }
     for name in _MEAN_OVER_DRAWS:
-        row[name] = statistics.fmean(r[name] for r in results)
+        if all(name in r for r in results):  # frame_overrun_rate is absent from results of older versions
+            row[name] = statistics.fmean(r[name] for r in results)
     row["draws"] = draws
     row["inputs"] = int(results[0]["inputs"])
     gamma_policy = setting.policy in _CERTIFYING
@@ -226,7 +229,7 @@ def results_markdown(rows: list[dict[str, Any]], reference: str = REFERENCE_POLI
     ``reference``, the spread over draws) and a per-MoE-layer table."""
     header = ("policy", "gamma", "accuracy % (95% CI)", f"vs {reference} (pp, 95% CI, p)",
               "energy µJ/image, all MoE layers (95% CI)", "std over draws (pp / µJ)",
-              "experts/token per MoE layer", "outage", "violation", "drop", "certified")
+              "experts/token per MoE layer", "outage", "frame overrun", "violation", "drop", "certified")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
         name = row["policy"].split("@")[0]
@@ -239,6 +242,7 @@ def results_markdown(rows: list[dict[str, Any]], reference: str = REFERENCE_POLI
             _std_cell(row),
             f"{row['experts_per_token']:.2f}",
             f"{row['outage_rate']:.2%}",
+            f"{row.get('frame_overrun_rate', math.nan):.2%}",
             f"{row['violation_rate']:.2%}",
             f"{row['drop_rate']:.2%}",
             f"{row['certified_rate']:.2%}" if name in _CERTIFYING else "-",
@@ -271,7 +275,9 @@ LEGEND = (
     "difference on the same images and draws, paired 95% interval and exact sign test (McNemar's exact test with "
     "one draw). std over draws: spread over channel draws on this test set only (n/a with one draw). Energy is per "
     "image, summed over its tokens and all MoE layers; experts/token and the rates are per token and MoE layer "
-    "(averaged over the layers); outage: failed selected links / selected links."
+    "(averaged over the layers); outage: failed selected links / selected links; frame overrun: share of frames "
+    "(a token, or an image's tokens at one MoE layer under channel.frame=image) in which some device's planned or "
+    "realised hop time exceeded T_max."
 )
 
 

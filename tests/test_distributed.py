@@ -409,11 +409,15 @@ def test_dead_or_hung_worker_stops_the_coordinator_with_one_line(tmp_path, data_
         assert metrics["epochs_completed"] == 2 and len(metrics["history"]) == 2
 
 
-def test_evaluate_py_distributed_writes_the_local_table(tmp_path, data_root, one_epoch_checkpoint):
+@pytest.mark.parametrize("frame, policies, rows", [
+    ("token", "[topk@1,topk@2,dense,channel_topk@2]", 4),
+    ("image", "[topk@2,topk_capacity@2,jesa]", 3),  # channel.frame=image: the P3 policies
+])
+def test_evaluate_py_distributed_writes_the_local_table(tmp_path, data_root, one_epoch_checkpoint, frame, policies, rows):
     """evaluate.py with its experts on 2 workers (processes started as torchrun would) writes
     the same results.csv as in process, from a checkpoint written by a local run."""
-    args = [f"ckpt={one_epoch_checkpoint}", "eval.policies=[topk@1,topk@2,dense,channel_topk@2]", "eval.channel_draws=2",
-            "data.limit_test=100", f"data.root={data_root}", "device=cpu", "progress=false"]
+    args = [f"ckpt={one_epoch_checkpoint}", f"eval.policies={policies}", "eval.gammas=[0.5]", "eval.channel_draws=2",
+            "data.limit_test=100", f"data.root={data_root}", "device=cpu", "progress=false", f"channel.frame={frame}"]
     local = subprocess.run([sys.executable, "evaluate.py", *args, f"hydra.run.dir={tmp_path / 'local'}"], cwd=REPO,
                            capture_output=True, text=True, timeout=PROCESS_TIMEOUT, env=torchrun_env(0, 1, 0))
     assert local.returncode == 0, local.stderr[-3000:]
@@ -428,6 +432,6 @@ def test_evaluate_py_distributed_writes_the_local_table(tmp_path, data_root, one
             process.kill()
     assert [process.returncode for process in processes] == [0, 0, 0], outputs[0][1][-3000:]
     table = (tmp_path / "local" / "results.csv").read_text()
-    assert table.count("\n") == 5 and (tmp_path / "distributed" / "results.csv").read_text() == table
+    assert table.count("\n") == rows + 1 and (tmp_path / "distributed" / "results.csv").read_text() == table
     exchange = json.loads((tmp_path / "distributed" / "exchange.json").read_text())
     assert [row["layer"] for row in exchange["layers"]] == [0, 1] and exchange["layers"][0]["backward_sent"] == 0

@@ -37,9 +37,12 @@ from .tdl import LOS_PROFILES, TDL_PROFILES, MissingSionnaError, tap_profile, td
 BOLTZMANN_NOISE_DBM_PER_HZ = -174.0  # thermal noise density at 290 K
 FADING_MODELS = ("iid", "jakes")
 CHANNEL_MODELS = ("rayleigh", "tdl") + scenario.SCENARIOS
+# token: every routed token is its own frame (all N subcarriers and T_max to itself);
+# image: the tokens of one image at one MoE layer share one frame (docs/method.md section 11).
+FRAME_MODES = ("token", "image")
 # Keys added after round 2; a run directory written before them used these defaults.
-ADDED_CHANNEL_KEYS = ("model", "tdl_profile", "delay_spread_s", "carrier_frequency_hz")
-_TEXT_KEYS = ("fading", "model", "tdl_profile")
+ADDED_CHANNEL_KEYS = ("model", "tdl_profile", "delay_spread_s", "carrier_frequency_hz", "frame")
+_TEXT_KEYS = ("fading", "model", "tdl_profile", "frame")
 
 
 def db_to_linear(db):
@@ -78,6 +81,10 @@ class ChannelConfig:
     delay_spread_s  RMS delay spread scaling the profile's delays (TR 38.901 Table 7.7.3-1:
                     10 ns very short .. 100 ns nominal .. 1 us very long)
     carrier_frequency_hz  f_c of the umi / uma path loss (doppler_hz stays the Doppler)
+
+    frame           'token' (every routed token its own frame) or 'image' (the tokens of an
+                    image share one frame per MoE layer: its channel draw, its N subcarriers,
+                    and T_max, so link capacity caps the tokens each device takes)
     """
 
     num_subcarriers: int = 16
@@ -100,6 +107,7 @@ class ChannelConfig:
     tdl_profile: str = "A"
     delay_spread_s: float = 100e-9
     carrier_frequency_hz: float = 3.5e9
+    frame: str = "token"
 
     def validate(self, prefix: str = "channel") -> "ChannelConfig":
         """Raise ValueError naming the first bad field (as ``prefix.field``)."""
@@ -120,6 +128,11 @@ class ChannelConfig:
             raise ValueError(f"{prefix}.fading={self.fading!r}: must be one of {', '.join(FADING_MODELS)}")
         if self.model not in CHANNEL_MODELS:
             raise ValueError(f"{prefix}.model={self.model!r}: must be one of {', '.join(CHANNEL_MODELS)}")
+        if self.frame not in FRAME_MODES:
+            raise ValueError(f"{prefix}.frame={self.frame!r}: must be one of {', '.join(FRAME_MODES)}")
+        if self.frame == "image" and not self.perfect_csi:
+            raise ValueError(f"{prefix}.frame='image' plans on the true channel: it needs perfect CSI "
+                             f"({prefix}.csi_error_std=0 and {prefix}.csi_delay_frames=0)")
         if self.tdl_profile not in TDL_PROFILES:
             raise ValueError(f"{prefix}.tdl_profile={self.tdl_profile!r}: must be one of {', '.join(TDL_PROFILES)}")
         for name, value in asdict(self).items():

@@ -35,6 +35,9 @@ class Selection:
     certified   [B]    bool    the result is proven optimal for its problem (P1 for des, P2 for jesa)
     failed      [B, K] bool    selected links that were in outage (channel-unaware policies only):
                                their contribution is lost and P_ap * T_max is spent
+    frame_overrun [B]  bool    the input's frame missed T_max: some device's planned or realised
+                               hop time exceeded it (a failed link; under channel.frame=image the
+                               frame's flag, repeated on each of its tokens).  None: failed.any(1)
     """
 
     mask: torch.Tensor
@@ -46,6 +49,11 @@ class Selection:
     lower_bound: torch.Tensor
     certified: torch.Tensor
     failed: torch.Tensor
+    frame_overrun: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.frame_overrun is None:
+            self.frame_overrun = self.failed.any(1)
 
     @property
     def batch_size(self) -> int:

@@ -53,4 +53,5 @@ def apply_delivery(selection: Selection, planned_costs: torch.Tensor, delivered:
         energy=torch.where(touched, recomputed, selection.energy),
         dropped=dropped,
         violation=selection.violation | dropped,
+        frame_overrun=selection.frame_overrun | lost.any(1),  # a link that missed its rate missed T_max
     )

@@ -925,4 +925,5 @@ def token_selection(plan: FrameSelection):
     sel.dropped = torch.from_numpy(plan.dropped.reshape(F * T).copy())
     sel.certified = torch.from_numpy(np.repeat(plan.certified, T))
     sel.failed = torch.from_numpy(plan.failed.reshape(F * T, K).copy())
+    sel.frame_overrun = torch.from_numpy(np.repeat(plan.overrun | plan.failed.any((1, 2)), T))
     return sel

@@ -37,7 +37,8 @@ STATIC_POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des")
 # Policies whose cardinality is the fixed `k` (the others use gamma, k_min, k_max or take all).
 FIXED_K_POLICIES = ("topk", "channel_topk", "random_topk")
 
-__all__ = ["POLICIES", "STATIC_POLICIES", "FIXED_K_POLICIES", "FRAME_POLICIES", "route", "route_frames"]
+__all__ = ["POLICIES", "STATIC_POLICIES", "FIXED_K_POLICIES", "FRAME_POLICIES", "FRAME_ONLY_POLICIES",
+           "TOKEN_ONLY_POLICIES", "route", "route_frames"]
 
 
 def route(
@@ -61,6 +62,9 @@ def route(
     generator: torch.Generator for random_topk.  Returns a CPU :class:`Selection`.
     Raises ValueError naming the bad argument.
     """
+    if policy in FRAME_ONLY_POLICIES:
+        raise ValueError(f"policy={policy!r} exists only for image frames (channel.frame=image); with token "
+                         f"frames use one of {', '.join(POLICIES)}")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     # Validate the shared arguments once, for every policy, so a bad config fails whatever
@@ -108,6 +112,9 @@ def _static_des(s: torch.Tensor, c: torch.Tensor, gamma: float, k_min: int, k_ma
 # Switch-style dropping at the channel-set capacity; des and jesa_tokenwise solve P1 / P2
 # token by token and are truncated to capacity; jesa is the P3 solver; optimal the P3 MILP.
 FRAME_POLICIES = ("none", "topk", "topk_capacity", "des", "jesa_tokenwise", "jesa", "optimal")
+# Frame policies that have no token-frame meaning, and token policies with no image-frame one.
+FRAME_ONLY_POLICIES = tuple(p for p in FRAME_POLICIES if p not in POLICIES)
+TOKEN_ONLY_POLICIES = tuple(p for p in POLICIES if p not in FRAME_POLICIES)
 
 
 def route_frames(policy: str, scores, costs, capacity, *, gamma: float = 1.0, k: int = 2, k_min: int = 1,
