@@ -6,10 +6,15 @@ token-frame optimum, frame_overrun_rate counts what it claims, and the configs f
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_train_eval import check_ok, data_root, run_cli  # noqa: F401  (fixture)
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
 from dmoe_torch.config import ConfigError, channel_config
@@ -138,3 +143,37 @@ def test_router_policy_must_fit_the_frame_mode():
     cfg.router.policy = "dense"
     with pytest.raises(ConfigError, match=r"router.policy='dense': not available with channel.frame=image"):
         validate_router(cfg, "router", shape, 16, "image")
+
+
+def test_train_with_image_frames_then_evaluate_any_batch_size(tmp_path, data_root):  # noqa: F811
+    """router=jesa under channel.frame=image trains; evaluation keeps the frame mode of the
+    checkpoint, counts overruns, skips the policies without an image-frame form, and gives the
+    same table whatever the batch size (one draw per image and layer, keyed by sample id)."""
+    run = tmp_path / "run"
+    check_ok(run_cli("train.py", "model=tiny_convmoe", "data.limit_train=200", "data.limit_test=60", "data.batch_size=50",
+                     "train.epochs=1", "train.warmup_steps=2", "device=cpu", "progress=false", "router=jesa",
+                     "router.gamma=0.5", "router.k_max=2", "channel.frame=image", "channel.latency_budget_s=5e-4",
+                     f"data.root={data_root}", f"hydra.run.dir={run}"))
+    train_router = json.loads((run / "metrics.json").read_text())["history"][0]["train"]["router"]
+    assert 0.0 <= train_router["frame_overrun_rate"] <= 1.0
+    tables = []
+    for batch in (30, 60):
+        result = check_ok(run_cli(
+            "evaluate.py", f"ckpt={run}/checkpoint.pt", "eval.policies=[none,topk@2,topk_capacity@2,jesa,dense]",
+            "eval.gammas=[0.5]", "eval.channel_draws=1", "data.limit_test=60", f"data.batch_size={batch}", "device=cpu",
+            "progress=false", f"data.root={data_root}", f"hydra.run.dir={tmp_path}/eval{batch}"))
+        assert "skipped dense: no image-frame form" in result.stdout + result.stderr
+        tables.append((tmp_path / f"eval{batch}" / "results.csv").read_text())
+    # Routing, energies and rates are identical; the CPU kernels' float rounding (~1e-7)
+    # depends on the batch size and reaches only the mean loss (as for token frames).
+    small, large = (list(csv.DictReader(io.StringIO(table))) for table in tables)
+    for row_a, row_b in zip(small, large, strict=True):
+        assert float(row_a.pop("loss")) == pytest.approx(float(row_b.pop("loss")), rel=1e-5)
+        assert row_a == row_b
+    rows = {row["policy"]: row for row in small}
+    assert set(rows) == {"none", "topk@2", "topk_capacity@2", "jesa"}
+    assert all(row["channel.frame"] == "image" for row in rows.values())
+    # at 0.5 ms a device's two static subcarriers often cannot carry every token's top-2 link
+    assert float(rows["topk@2"]["frame_overrun_rate"]) > 0.1
+    assert float(rows["topk_capacity@2"]["frame_overrun_rate"]) == float(rows["jesa"]["frame_overrun_rate"]) == 0.0
+    assert float(rows["topk_capacity@2"]["drop_rate"]) > 0.0
