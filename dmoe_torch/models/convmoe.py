@@ -114,7 +114,8 @@ class ConvMoEClassifier(nn.Module):
         delivered: list[torch.Tensor | None] | None = None,
     ) -> ModelOutput:
         """x [B, C, H, W]; costs: one float64 CPU tensor [B*T, K, N] per MoE layer (J, +inf =
-        outage), row b*T + t for token t (row-major position) of image b; specs: one RouterSpec
+        outage), row b*T + t for token t (row-major position) of image b, or under image
+        frames one ``moe.FrameLinks`` [B, K, N] per layer (the image's tokens share it); specs: one RouterSpec
         per MoE layer; delivered: None (perfect CSI) or one bool tensor [B*T, K, N] per MoE
         layer (see MoELayer.forward).  Selections in the output have B*T rows in that order."""
         check_routing_inputs(x, costs, specs, self.num_moe_layers)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..moe import Expert, MoELayer, RouterSpec, check_positive_int
-from .cnn import ModelOutput
+from .cnn import ModelOutput, check_routing_inputs
 
 __all__ = ["VMoEClassifier", "STEMS"]
 
@@ -175,35 +175,21 @@ class VMoEClassifier(nn.Module):
         delivered: None (perfect CSI) or one bool tensor [B*T, K, N] per MoE block (see
         MoELayer.forward).  Selections in the output have B*T rows in the same order."""
         L = self.num_moe_layers
-        if len(costs) != L or len(specs) != L:
-            raise ValueError(f"costs and specs must hold one entry per MoE block ({L}), got {len(costs)} and {len(specs)}")
-        if x.dim() != 4:
-            raise ValueError(f"x must be an image batch [B, C, H, W], got {tuple(x.shape)}")
+        check_routing_inputs(x, costs, specs, L)
         tokens = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)  # [B, T, d]
         if self.class_token is not None:
             tokens = torch.cat([self.class_token.expand(len(x), -1, -1), tokens], dim=1)
         h = tokens + self.pos_embed
         B, T, d = h.shape
-        aux_losses, z_losses, layer_metrics, selections = [], [], [], []
+        results = []
         delivered = delivered or [None] * L
-        moe_index = 0
         for block in self.blocks:
             h = block(h)
             if block.moe is not None:
-                result = block.moe(h.reshape(B * T, d), costs[moe_index], specs[moe_index], generator=generator,
-                                   delivered=delivered[moe_index])
-                h = result.out.view(B, T, d)
-                aux_losses.append(result.aux_loss)
-                z_losses.append(result.z_loss)
-                layer_metrics.append(result.metrics)
-                selections.append(result.selection)
-                moe_index += 1
+                index = len(results)
+                results.append(block.moe(h.reshape(B * T, d), costs[index], specs[index], generator=generator,
+                                         delivered=delivered[index]))
+                h = results[-1].out.view(B, T, d)
         h = self.norm(h)
         pooled = h[:, 0] if self.class_token is not None else h.mean(1)
-        return ModelOutput(
-            logits=self.head(pooled),
-            aux_loss=torch.stack(aux_losses).mean(),
-            layer_metrics=layer_metrics,
-            selections=selections,
-            z_loss=torch.stack(z_losses).mean(),
-        )
+        return ModelOutput.from_layers(self.head(pooled), results)
