@@ -4,13 +4,11 @@ does not depend on the batch size, bad configs, and the entry points end to end.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_train_eval import check_ok, data_root, run_cli  # noqa: F401  (fixture)
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
 from dmoe_torch.config import ConfigError, validate_model
@@ -112,21 +110,6 @@ def test_bad_model_config_names_the_key(override, message):
         validate_model(cfg)
     assert str(info.value).startswith(message), str(info.value)
     assert "\n" not in str(info.value)
-
-
-def test_train_and_evaluate_convmoe_end_to_end(tmp_path, data_root):  # noqa: F811
-    run = tmp_path / "run"
-    check_ok(run_cli("train.py", "model=tiny_convmoe", "data.limit_train=300", "data.limit_test=100", "data.batch_size=50",
-                     "train.epochs=1", "train.warmup_steps=2", "device=cpu", "progress=false",
-                     f"data.root={data_root}", f"hydra.run.dir={run}"))
-    check_ok(run_cli("evaluate.py", f"ckpt={run}/checkpoint.pt", "eval.policies=[none,topk@2,jesa]", "eval.gammas=[0.5]",
-                     "eval.channel_draws=1", "data.limit_test=100", "device=cpu", "progress=false",
-                     f"data.root={data_root}", f"hydra.run.dir={run}/eval"))
-    with open(run / "eval" / "results.csv") as handle:
-        rows = {row["policy"]: row for row in csv.DictReader(handle)}
-    assert set(rows) == {"none", "topk@2", "jesa"}
-    assert float(rows["none"]["energy_uj_mean"]) == 0.0
-    assert float(rows["topk@2"]["energy_uj_mean"]) > float(rows["jesa"]["energy_uj_mean"]) > 0.0
 
 
 def test_reports_the_router_z_loss_of_its_layers():

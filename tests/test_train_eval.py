@@ -226,3 +226,20 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(trained, data_ro
     resumed = check_ok(train(tmp_path, data_root))
     assert "Resuming" in resumed.stdout
     assert_same_run(trained, tmp_path)
+
+
+@pytest.mark.parametrize("model", ["tiny_convmoe", "tiny_vmoe"])
+def test_token_models_train_and_evaluate_end_to_end(tmp_path, data_root, model):
+    """Both token-routed models (every token of every image routed) train and evaluate through
+    the entry points; jesa spends less than top-2 and `none` nothing."""
+    run = tmp_path / "run"
+    check_ok(run_cli("train.py", f"model={model}", "data.limit_train=300", "data.limit_test=100", "data.batch_size=50",
+                     "train.epochs=1", "train.warmup_steps=2", "device=cpu", "progress=false",
+                     f"data.root={data_root}", f"hydra.run.dir={run}"))
+    check_ok(run_cli("evaluate.py", f"ckpt={run}/checkpoint.pt", "eval.policies=[none,topk@2,jesa]", "eval.gammas=[0.5]",
+                     "eval.channel_draws=1", "data.limit_test=100", "device=cpu", "progress=false",
+                     f"data.root={data_root}", f"hydra.run.dir={run}/eval"))
+    rows = {row["policy"]: row for row in read_rows(run / "eval" / "results.csv")}
+    assert set(rows) == {"none", "topk@2", "jesa"}
+    assert float(rows["none"]["energy_uj_mean"]) == 0.0
+    assert float(rows["topk@2"]["energy_uj_mean"]) > float(rows["jesa"]["energy_uj_mean"]) > 0.0
