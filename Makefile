@@ -24,6 +24,9 @@ bench: setup
 	$(PY) benchmarks/bench_des.py
 	$(PY) benchmarks/bench_jesa.py
 	$(PY) benchmarks/bench_router.py
+	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_channel.py
+	$(PY) benchmarks/bench_frame.py
 
 # Evaluation sweeps of a trained checkpoint and their figures (README "Figures"):
 #   make figures [QUICK=1] [CKPT=checkpoint.pt or run dir] [OUT=dir] [JOBS=parallel points]
