@@ -37,13 +37,9 @@ torch.set_num_threads(1)
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel  # noqa: E402
 from dmoe_torch.selection.exact import milp_p3  # noqa: E402
-from dmoe_torch.selection.frame import (  # noqa: E402
-    frame_jesa,
-    frame_links,
-    frame_tokenwise,
-    frame_topk_capacity,
-    frame_topk_overrun,
-)
+from dmoe_torch.selection.frame import frame_links  # noqa: E402
+from dmoe_torch.selection.frame_baselines import frame_tokenwise, frame_topk_capacity, frame_topk_overrun  # noqa: E402
+from dmoe_torch.selection.frame_jesa import frame_jesa  # noqa: E402
 from dmoe_torch.selection.jesa import jesa_numpy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "frame.json"

@@ -36,7 +36,7 @@ from dmoe_torch.data import build_datasets  # noqa: E402
 from dmoe_torch.evaluation import eval_stream, layer_links  # noqa: E402
 from dmoe_torch.moe import RouterSpec  # noqa: E402
 from dmoe_torch.selection.exact import milp_p3  # noqa: E402
-from dmoe_torch.selection.frame import frame_jesa  # noqa: E402
+from dmoe_torch.selection.frame_jesa import frame_jesa  # noqa: E402
 from dmoe_torch.utils import atomic_write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "frame_trained.json"

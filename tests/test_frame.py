@@ -9,15 +9,9 @@ import torch
 
 from dmoe_torch.selection.common import RELEVANCE_TOL
 from dmoe_torch.selection.exact import brute_force_p3, milp_p2, milp_p3
-from dmoe_torch.selection.frame import (
-    frame_jesa,
-    frame_tokenwise,
-    frame_topk_capacity,
-    frame_topk_overrun,
-    link_capacity,
-    static_owner,
-    validate_frame_inputs,
-)
+from dmoe_torch.selection.frame import link_capacity, static_owner, validate_frame_inputs
+from dmoe_torch.selection.frame_baselines import frame_tokenwise, frame_topk_capacity, frame_topk_overrun
+from dmoe_torch.selection.frame_jesa import frame_jesa
 from dmoe_torch.selection.jesa import jesa_numpy
 
 GAMMAS = (0.3, 0.6, 0.9, 1.0)

@@ -19,15 +19,9 @@ import torch
 from . import baselines
 from .common import Selection, empty_selection, validate_inputs
 from .des import des_validated
-from .frame import (
-    FrameSelection,
-    frame_jesa,
-    frame_tokenwise,
-    frame_topk_capacity,
-    frame_topk_overrun,
-    plan_from_owner,
-    validate_frame_inputs,
-)
+from .frame import FrameSelection, plan_from_owner, validate_frame_inputs
+from .frame_baselines import frame_tokenwise, frame_topk_capacity, frame_topk_overrun
+from .frame_jesa import frame_jesa
 from .jesa import jesa_validated
 
 # "none" bypasses every expert (the residual passes through, no transmission): the floor of
