@@ -25,6 +25,7 @@ from .config import (
     EVAL_KEYS,
     EVAL_TOP_KEYS,
     GAMMA_POLICIES,
+    STATIC_FRAME_POLICIES,
     ConfigError,
     allowed_keys,
     channel_config,
@@ -139,7 +140,7 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
         if frame == "image" and name in TOKEN_ONLY_POLICIES:
             frame_skipped.append(text)
             continue
-        if name in STATIC_POLICIES + ("topk_capacity",) and num_subcarriers < K:
+        if name in STATIC_POLICIES + STATIC_FRAME_POLICIES and num_subcarriers < K:
             skipped.append(text)
             continue
         if name in GAMMA_POLICIES and num_subcarriers < k_min:
