@@ -97,7 +97,7 @@ def _best_response(s, e, c, order, owner, mask, gamma, k_min, k_max):
 
 
 def frame_jesa(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int | None = None, *,
-               rounds: int = 4, attempts: int = 3, price_rounds: int = 0) -> FrameSelection:
+               rounds: int = 4, attempts: int = 3, price_rounds: int = 0, rescue_rounds: int = 0) -> FrameSelection:
     """Fast P3 solver.  scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens.
 
     Steps (docs/method.md section 11): DES per token under c* (capacity-free: lower bound
@@ -108,20 +108,23 @@ def frame_jesa(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int
     prices the devices, runs DES once for those frames' tokens (a better bound) and the
     heuristic from that selection and from every token's best response to the current plan
     (DES on its link prices, :func:`_marginal_costs`): two new candidates per round; the
-    plan with fewer violation tokens, then less energy, is kept.  Never exceeds a capacity; a frame is certified when its
-    energy equals the bound."""
+    plan with fewer violation tokens, then less energy, is kept.  `rescue_rounds` > 0 runs
+    such rounds only on the frames left without a feasible plan whose every token can reach
+    its target (where capacity binds; cheap where it does not, since no frame qualifies).
+    Never exceeds a capacity; a frame is certified when its energy equals the bound."""
     s, e, c, gamma, k_min, k_max = validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max)
     x0, tok_lb, tok_bad, c_star = capacity_free_selection(s, e, c, gamma, k_min, k_max)
     order = _link_order(e)
     plan = _heuristic(s, e, c, order, x0, gamma, k_min, rounds, attempts)
     reachable = ~tok_bad.any(1)
     bound = np.where(reachable, tok_lb.sum(1), np.nan)
-    if price_rounds > 0:
-        rows = np.flatnonzero(reachable & ~(plan.feasible & (plan.energy <= bound * (1 + ENERGY_RTOL))))
+    for count, wanted in ((price_rounds, ~(plan.feasible & (plan.energy <= bound * (1 + ENERGY_RTOL)))),
+                          (rescue_rounds, ~plan.feasible)):
+        rows = np.flatnonzero(reachable & wanted) if count > 0 else np.zeros(0, dtype=np.int64)
         if rows.size:
             sub = (s[rows], e[rows], c[rows])
             upper = np.where(plan.feasible[rows], plan.energy[rows], 2 * bound[rows] + 1e-3)
-            for lag, x_mu in _price_rounds(*sub, gamma, k_min, k_max, c_star[rows], upper, int(price_rounds)):
+            for lag, x_mu in _price_rounds(*sub, gamma, k_min, k_max, c_star[rows], upper, int(count)):
                 bound[rows] = np.maximum(bound[rows], lag)
                 _take_better(plan, _heuristic(*sub, order[rows], x_mu, gamma, k_min, rounds, attempts), rows)
                 x_br = _best_response(*sub, order[rows], plan.owner[rows], plan.mask[rows], gamma, k_min, k_max)

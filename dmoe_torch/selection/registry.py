@@ -111,14 +111,22 @@ FRAME_ONLY_POLICIES = tuple(p for p in FRAME_POLICIES if p not in POLICIES)
 TOKEN_ONLY_POLICIES = tuple(p for p in POLICIES if p not in FRAME_POLICIES)
 
 
+# Price rounds jesa spends on the frames its heuristic left without a feasible plan (capacity
+# binding): measured on the default checkpoint's frames at T_max = 0.5 ms, they raise the share
+# of feasible frames solved from 64-73% to 87-93%; where capacity does not bind they never run.
+RESCUE_ROUNDS = 8
+
+
 def route_frames(policy: str, scores, costs, capacity, *, gamma: float = 1.0, k: int = 2, k_min: int = 1,
-                 k_max: int | None = None, failure_energy: float = 0.0, price_rounds: int = 0) -> FrameSelection:
+                 k_max: int | None = None, failure_energy: float = 0.0, price_rounds: int = 0,
+                 rescue_rounds: int = RESCUE_ROUNDS) -> FrameSelection:
     """Route image frames: scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens.
 
     gamma / k_min / k_max: the targets of des, jesa_tokenwise, jesa and optimal; k: the
     cardinality of topk / topk_capacity; failure_energy: J per failed link of topk
-    (P_ap T_max); price_rounds: Lagrangian rounds of jesa.  Raises ValueError naming the
-    bad argument."""
+    (P_ap T_max); price_rounds: Lagrangian rounds of jesa on every uncertified frame,
+    rescue_rounds: on the frames left without a feasible plan only (see ``frame_jesa``).
+    Raises ValueError naming the bad argument."""
     if policy not in FRAME_POLICIES:
         raise ValueError(f"policy={policy!r} is not available with image frames; one of {', '.join(FRAME_POLICIES)}")
     s, e, c, gamma, k_min, k_max = validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max)
@@ -140,7 +148,7 @@ def route_frames(policy: str, scores, costs, capacity, *, gamma: float = 1.0, k:
     if policy == "jesa_tokenwise":
         return frame_tokenwise(s, e, c, "jesa", gamma, k_min, k_max)
     if policy == "jesa":
-        return frame_jesa(s, e, c, gamma, k_min, k_max, price_rounds=price_rounds)
+        return frame_jesa(s, e, c, gamma, k_min, k_max, price_rounds=price_rounds, rescue_rounds=rescue_rounds)
     from .exact import milp_p3  # scipy's MILP, only for the reference policy
 
     return milp_p3(s, e, c, gamma, k_min, k_max)
