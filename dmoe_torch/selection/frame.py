@@ -148,9 +148,9 @@ def frame_links(channel, frame_ids, layer: int, stream: int) -> tuple[np.ndarray
     capacity [F, K, N] int64 = floor(T_max min(r_dl, r_ul) / S), 0 exactly where the cost
     is +inf and at least 1 where it is finite (the same outage rule)."""
     cfg = channel.cfg
-    power = np.asarray(channel.power_gains(frame_ids, layer, stream), dtype=np.float64)
-    costs = channel.costs(frame_ids, layer, stream).numpy()
-    snr = power * channel.mean_gain.numpy()[None, :, None] / cfg.noise_power_w
+    gains = channel.gains(frame_ids, layer, stream)  # one fading draw serves costs and rates
+    costs = channel.costs_from_gains(gains).numpy()
+    snr = gains.numpy() / cfg.noise_power_w
     rate_dl = cfg.subcarrier_bandwidth_hz * np.log2(1.0 + cfg.ap_power_w * snr)
     rate_ul = cfg.subcarrier_bandwidth_hz * np.log2(1.0 + cfg.device_power_w * snr)
     capacity = link_capacity(rate_dl, rate_ul, channel.payload_bits, cfg.latency_budget_s)
