@@ -25,10 +25,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 from .data import DATASET_IMAGE_SIZES, DATASET_TRAIN_SIZES, DATASETS
 from .models.vmoe import STEMS
-from .selection.registry import FRAME_ONLY_POLICIES, POLICIES, STATIC_POLICIES, TOKEN_ONLY_POLICIES
+from .selection.registry import FRAME_ONLY_POLICIES, GAMMA_POLICIES, POLICIES, STATIC_POLICIES, TOKEN_ONLY_POLICIES
 
 # Policies with a relevance target gamma and cardinality bounds k_min..k_max.
-GAMMA_POLICIES = ("des", "jesa", "optimal", "jesa_tokenwise")
 # Policies on the static subcarrier plan under image frames (the partition n mod K).
 STATIC_FRAME_POLICIES = ("topk", "topk_capacity", "des")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")

@@ -26,7 +26,7 @@ from torch import nn
 from .selection import POLICIES, Selection, route
 from .selection.delivery import apply_delivery
 from .selection.frame import token_selection
-from .selection.registry import FRAME_ONLY_POLICIES, route_frames
+from .selection.registry import FRAME_ONLY_POLICIES, GAMMA_POLICIES, route_frames
 
 __all__ = [
     "RouterSpec",
@@ -289,7 +289,7 @@ def balance_mask(balance_on: str, selection: Selection, scores: torch.Tensor, sp
     """
     if balance_on == "selection":
         return selection.mask.to(scores.device)
-    k = BALANCE_K_OF_GAMMA_POLICIES if spec.policy in ("des", "jesa", "optimal", "jesa_tokenwise") else spec.k
+    k = BALANCE_K_OF_GAMMA_POLICIES if spec.policy in GAMMA_POLICIES else spec.k
     k = min(k, scores.shape[1])
     top = scores.detach().topk(k, dim=1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)

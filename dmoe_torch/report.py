@@ -22,6 +22,7 @@ import numpy as np
 
 from . import stats
 from .plotting import target_text
+from .selection.registry import GAMMA_POLICIES
 from .utils import atomic_write, atomic_write_text
 
 # The row every other row is compared with, image by image (when it was evaluated).
@@ -71,7 +72,7 @@ _MEAN_OVER_DRAWS = ("energy_per_token_uj", "experts_per_token", "outage_rate", "
 # Per MoE layer (energy per image at that layer; the rates per token at that layer).
 LAYER_METRICS = ("energy_uj", "experts_per_token", "outage_rate", "violation_rate", "drop_rate", "certified_rate")
 # Policies that solve an optimisation problem and can certify optimality.
-_CERTIFYING = ("des", "jesa", "optimal", "jesa_tokenwise")
+_CERTIFYING = GAMMA_POLICIES  # the policies with a problem to certify (and k_min / k_max)
 
 
 def format_gamma(gamma: Any) -> str:

@@ -30,8 +30,10 @@ POLICIES = ("none", "topk", "channel_topk", "random_topk", "dense", "des", "jesa
 STATIC_POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des")
 # Policies whose cardinality is the fixed `k` (the others use gamma, k_min, k_max or take all).
 FIXED_K_POLICIES = ("topk", "channel_topk", "random_topk")
+# Policies driven by the relevance target gamma with k_min / k_max (jesa_tokenwise: image frames only).
+GAMMA_POLICIES = ("des", "jesa", "optimal", "jesa_tokenwise")
 
-__all__ = ["POLICIES", "STATIC_POLICIES", "FIXED_K_POLICIES", "FRAME_POLICIES", "FRAME_ONLY_POLICIES",
+__all__ = ["POLICIES", "STATIC_POLICIES", "FIXED_K_POLICIES", "GAMMA_POLICIES", "FRAME_POLICIES", "FRAME_ONLY_POLICIES",
            "TOKEN_ONLY_POLICIES", "route", "route_frames"]
 
 
