@@ -118,9 +118,12 @@ def frame_jesa(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int
     plan = _heuristic(s, e, c, order, x0, gamma, k_min, rounds, attempts)
     reachable = ~tok_bad.any(1)
     bound = np.where(reachable, tok_lb.sum(1), np.nan)
-    for count, wanted in ((price_rounds, ~(plan.feasible & (plan.energy <= bound * (1 + ENERGY_RTOL)))),
-                          (rescue_rounds, ~plan.feasible)):
-        rows = np.flatnonzero(reachable & wanted) if count > 0 else np.zeros(0, dtype=np.int64)
+    for count, only_without_plan in ((price_rounds, False), (rescue_rounds, True)):
+        if count <= 0:
+            continue
+        # chosen after the previous pass: frames that price rounds already solved need no rescue
+        unsolved = ~plan.feasible if only_without_plan else ~(plan.feasible & (plan.energy <= bound * (1 + ENERGY_RTOL)))
+        rows = np.flatnonzero(reachable & unsolved)
         if rows.size:
             sub = (s[rows], e[rows], c[rows])
             upper = np.where(plan.feasible[rows], plan.energy[rows], 2 * bound[rows] + 1e-3)
