@@ -6,6 +6,7 @@ examples/)::
     from dmoe_torch import des, jesa, route, Selection          # routing on your own tensors
     from dmoe_torch import ChannelConfig, WirelessChannel       # per-link energies
     from dmoe_torch import MoELayer, RouterSpec                 # the layer in your own nn.Module
+    from dmoe_torch import ConvMoEClassifier, DMoEClassifier, VMoEClassifier  # the built-in models
 
 Each name is imported from its module on first use, so ``import dmoe_torch`` stays cheap
 (no torch, scipy or model code until a name is asked for).
@@ -39,15 +40,16 @@ _HOMES = {
     "dmoe_torch.moe": ("MoELayer", "MoEOutput", "RouterSpec", "Expert", "MetricAverager", "perfect_costs"),
     "dmoe_torch.models.cnn": ("DMoEClassifier", "ModelOutput"),
     "dmoe_torch.models.vmoe": ("VMoEClassifier",),
+    "dmoe_torch.models.convmoe": ("ConvMoEClassifier",),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
-    "POLICIES", "ChannelConfig", "DMoEClassifier", "Expert", "LinkState", "MetricAverager", "MoELayer", "MoEOutput",
-    "ModelOutput", "RouterSpec", "Selection", "VMoEClassifier", "WirelessChannel", "__version__", "apply_delivery",
-    "brute_force_p1", "brute_force_p2", "channel_topk", "db_to_linear", "dbm_to_watt", "dense", "des", "jesa",
-    "linear_to_db", "milp_p1", "milp_p2", "outage_probability", "path_loss_db", "perfect_costs", "random_topk",
-    "route", "topk",
+    "ChannelConfig", "ConvMoEClassifier", "DMoEClassifier", "Expert", "LinkState", "MetricAverager", "MoELayer",
+    "MoEOutput", "ModelOutput", "POLICIES", "RouterSpec", "Selection", "VMoEClassifier", "WirelessChannel",
+    "__version__", "apply_delivery", "brute_force_p1", "brute_force_p2", "channel_topk", "db_to_linear",
+    "dbm_to_watt", "dense", "des", "jesa", "linear_to_db", "milp_p1", "milp_p2", "outage_probability", "path_loss_db",
+    "perfect_costs", "random_topk", "route", "topk",
 ]
 
 

@@ -5,10 +5,14 @@ import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import dmoe_torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_names_of_the_readme_import_from_the_package():
@@ -20,6 +24,21 @@ def test_the_names_of_the_readme_import_from_the_package():
     assert MoELayer is HomeLayer and route is registry.route
     assert ChannelConfig is geometry.ChannelConfig and WirelessChannel is geometry.WirelessChannel
     assert {des.__name__, jesa.__name__, Selection.__name__, RouterSpec.__name__} == {"des", "jesa", "Selection", "RouterSpec"}
+
+
+def test_the_class_of_every_conf_model_is_public():
+    """A model of conf/model/ built as train.py builds it is a public name of the package."""
+    from omegaconf import OmegaConf
+
+    from dmoe_torch.build import build_model
+
+    dataset = SimpleNamespace(in_channels=1, num_classes=10, image_size=28)
+    classes = set()
+    for path in sorted((REPO / "conf" / "model").glob("*.yaml")):
+        model = build_model(OmegaConf.create({"model": OmegaConf.load(path)}), dataset)
+        assert getattr(dmoe_torch, type(model).__name__, None) is type(model), path.name
+        classes.add(type(model).__name__)
+    assert classes == {"ConvMoEClassifier", "DMoEClassifier", "VMoEClassifier"}
 
 
 def test_all_lists_every_public_name_and_each_is_its_modules_object():
