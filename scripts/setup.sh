@@ -8,8 +8,9 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-# torch/torchvision are pinned in pyproject.toml; pip resolves them from the local disk here.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# The tested versions of torch / torchvision are pinned in constraints.txt (pyproject.toml
+# gives ranges); pip resolves them from the local disk here.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 
 fmnist=/usr/share/datasets/fashion-mnist
 if [ ! -f "$fmnist/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null 2>&1; then
