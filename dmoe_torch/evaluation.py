@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from . import report
+from . import frontier, report
 from .build import build_channel, build_model, setting_specs
 from .checkpoint import load_checkpoint, load_model_state
 from .config import ConfigError, channel_config, data_root, validate_checkpoint_config
@@ -335,8 +335,9 @@ def with_channel_overrides(train_cfg: DictConfig, cfg: DictConfig) -> tuple[Dict
 def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     """Evaluate every setting of eval.policies x eval.gammas over eval.channel_draws draws.
 
-    Writes results.csv, results.md, results.png and TensorBoard events to ``output_dir``;
-    returns the result rows (see report.RESULT_COLUMNS).
+    Writes results.csv, results.md (with the Frontier section), results.png, frontier.csv,
+    frontier.png, per_image.npz (see :mod:`dmoe_torch.frontier`) and TensorBoard events to
+    ``output_dir``; returns the result rows (see report.RESULT_COLUMNS).
     """
     from hydra.utils import to_absolute_path
 
@@ -387,10 +388,14 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
     title = f"{cfg.ckpt} ({info.name}, {len(test_ds)} test images, {draws} channel draws, seed {seed})"
     if channel_changes:
         title += "; channel differs from training: " + ", ".join(channel_changes)
+    images = frontier.stack_per_image(per_image)  # kept so that scripts/frontier.py can merge runs
+    frontier.save_per_image(output_dir / frontier.PER_IMAGE_FILE, rows, images)
+    _, frontier_table = frontier.write_frontier(rows, images, output_dir, title=title)
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # the table goes to the log: console and evaluate.log
-        report.write_results(rows, output_dir, title=title)
+        report.write_results(rows, output_dir, title=title, frontier=frontier_table)
     log.info("Results:\n%s", printed.getvalue().rstrip("\n"))
     for note in notes:
         log.warning("Note: %s", note)
-    log.info("results.csv, results.md and results.png written to %s", output_dir)
+    log.info("results.csv, results.md, results.png, frontier.csv, frontier.png and %s written to %s",
+             frontier.PER_IMAGE_FILE, output_dir)
     return rows

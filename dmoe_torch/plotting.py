@@ -216,3 +216,109 @@ def accuracy_energy_figure(rows: list[dict[str, Any]], title: str = "", *, paret
     place_labels(detail, [(x, y) for x, y, _ in to_label], [t for _, _, t in to_label],
                  avoid=[(r["energy_uj_mean"], r["accuracy_mean"]) for r in focus])
     return figure
+
+
+def _envelope(group: list[dict]) -> tuple[list[float], list[float]]:
+    """The upper envelope of a family's points (dmoe_torch.frontier): its Pareto points, then
+    flat to its dearest point."""
+    energy = [r["energy_uj_mean"] for r in group]
+    accuracy = [r["accuracy_mean"] for r in group]
+    front = stats.pareto_front(energy, accuracy)
+    x, y = [energy[i] for i in front], [accuracy[i] for i in front]
+    if max(energy) > x[-1]:
+        x.append(max(energy))
+        y.append(y[-1])
+    return x, y
+
+
+def _forest(axes, summary: list[dict[str, Any]], colors: dict, name: str, *, scale: float = 1.0,
+            limits: tuple[float, float] | None = None) -> None:
+    """One row per family: ``name`` with its 95% bootstrap interval (columns ``name``,
+    ``name_lo``, ``name_hi``), clipped to ``limits``; "n/a" where undefined."""
+    low, high = limits if limits is not None else axes.get_xlim()
+    for position, row in enumerate(summary):
+        y = len(summary) - 1 - position
+        value, left, right = (scale * row[name], scale * row[f"{name}_lo"], scale * row[f"{name}_hi"])
+        color = colors[row["family"]]
+        if math.isfinite(left):
+            axes.plot([max(left, low), min(right, high)], [y, y], color=color, linewidth=2.0, solid_capstyle="butt")
+        if math.isfinite(value):
+            marker = "<" if name == "iso_energy_uj" and row["iso_at_cheapest"] else "o"
+            axes.plot([value], [y], marker=marker, markersize=6, color=color)
+        elif not math.isfinite(left):
+            axes.annotate("n/a", (0.99, y), xycoords=("axes fraction", "data"), ha="right", va="center", fontsize=7)
+    axes.set_yticks(range(len(summary)), [row["family"] for row in reversed(summary)], fontsize=8)
+    axes.set_ylim(-0.7, len(summary) - 0.3)
+    axes.set_xlim(low, high)
+    axes.grid(True, axis="x", which="both", alpha=0.3)
+
+
+def frontier_figure(curves: dict[str, list[dict[str, Any]]], summary: list[dict[str, Any]], title: str = ""):
+    """The per-family frontier of an evaluation (one colour per policy family).
+
+    ``curves``: family -> its results rows (``dmoe_torch.frontier.family_curves``);
+    ``summary``: ``frontier_summary``'s rows.  Top: accuracy vs energy per image (log axis),
+    every setting a marker with 95% interval bars, each family's upper envelope (what its
+    iso-accuracy energy is read from) a line, the target accuracy a dotted horizontal line and
+    the anchor's energy a dotted vertical one; left every family, right zoomed on the target.
+    Zero-energy families (none) are dashed floors.  Bottom: the summary with its 95% paired
+    bootstrap intervals: the accuracy at the anchor's energy (left) and the energy at the
+    target (right, on the energy axis above; ◀: the family's cheapest setting already reaches it;
+    an interval running to the edge: not reached in some resamples).
+    """
+    plt = pyplot()
+    points = {f: [r for r in group if r["energy_uj_mean"] > 0] for f, group in curves.items()}
+    points = {f: group for f, group in points.items() if group}
+    floors = [r for group in curves.values() for r in group if r["energy_uj_mean"] <= 0]
+    colors = policy_colors(list(curves))
+    first = summary[0] if summary else {}
+    target = float(first.get("target_accuracy", math.nan))
+    anchor_energy = float(first.get("anchor_energy_uj", math.nan))
+    rows = max(len(summary), 1)
+    figure, panels = plt.subplots(2, 2, figsize=(14.0, 6.0 + 0.22 * rows), squeeze=False,
+                                  gridspec_kw={"height_ratios": [4.0, 0.9 + 0.22 * rows]})
+    overview, detail, at_anchor, at_target = panels[0][0], panels[0][1], panels[1][0], panels[1][1]
+    energies = [r["energy_uj_mean"] for group in points.values() for r in group]
+    for axes in (overview, detail):
+        axes.set_ylabel("test accuracy")
+        axes.grid(True, which="both", alpha=0.3)
+        _draw_floors(axes, floors)
+        for family, group in points.items():
+            axes.errorbar([r["energy_uj_mean"] for r in group], [r["accuracy_mean"] for r in group],
+                          xerr=[_finite(r.get("energy_uj_ci95")) for r in group],
+                          yerr=[_finite(r.get("accuracy_ci95")) for r in group],
+                          marker="o", markersize=4, capsize=2, elinewidth=0.8, linestyle="none", color=colors[family])
+            x, y = _envelope(group)
+            axes.plot(x, y, color=colors[family], linewidth=1.3, label=family)
+        if energies:
+            _energy_axis(axes, energies)
+        if math.isfinite(anchor_energy):
+            axes.axvline(anchor_energy, color="0.4", linestyle=":", linewidth=1.0, label=f"{first['anchor']}'s energy")
+        if math.isfinite(target):
+            axes.axhline(target, color="black", linestyle=":", linewidth=1.0,
+                         label=f"target: {first['reference']} − {first['drop_pp']:g} pp")
+    overview.set_title("all families", fontsize=9)
+    if math.isfinite(target) and energies:
+        near = [r for group in points.values() for r in group if r["accuracy_mean"] >= target - 0.02]
+        span = [target] + [r["accuracy_mean"] + s * _finite(r.get("accuracy_ci95")) for r in near for s in (-1, 1)]
+        pad = 0.08 * (max(span) - min(span) or 0.01)
+        detail.set_ylim(min(span) - pad, max(span) + pad)
+    detail.set_title("near the target", fontsize=9)
+    detail.legend(fontsize=8, loc="lower right", title="family (line: upper envelope)", title_fontsize=8)
+    at_target.set_xscale(detail.get_xscale())
+    _forest(at_target, summary, colors, "iso_energy_uj", limits=detail.get_xlim())
+    at_target.xaxis.set_major_locator(detail.xaxis.get_major_locator())
+    at_target.xaxis.set_major_formatter(detail.xaxis.get_major_formatter())
+    at_target.xaxis.set_minor_formatter(detail.xaxis.get_minor_formatter())
+    at_target.set_xlabel("energy per image at the target accuracy (µJ), 95% paired bootstrap interval", fontsize=8)
+    anchor_values = [v for row in summary for v in (row["anchor_accuracy_lo"], row["anchor_accuracy_hi"]) if math.isfinite(v)]
+    if anchor_values:
+        pad = 0.1 * (max(anchor_values) - min(anchor_values) or 0.01)
+        at_anchor.set_xlim(100 * (min(anchor_values) - pad), 100 * (max(anchor_values) + pad))
+    _forest(at_anchor, summary, colors, "anchor_accuracy", scale=100.0)
+    at_anchor.set_xlabel(f"accuracy (%) at {first.get('anchor') or 'the anchor'}'s energy, 95% paired bootstrap interval",
+                         fontsize=8)
+    if title:
+        figure.suptitle(textwrap.fill(title, width=int(15 * figure.get_figwidth())), fontsize=9)
+    figure.tight_layout()
+    return figure

@@ -338,11 +338,12 @@ def log_evaluation(writer, rows: list[dict[str, Any]], figure=None, table: str =
         writer.add_hparams(hparams, metrics, run_name=f"hparams/{index:03d}")
 
 
-def write_results(rows: list[dict[str, Any]], output_dir: str | Path, *, title: str = "") -> None:
+def write_results(rows: list[dict[str, Any]], output_dir: str | Path, *, title: str = "", frontier: str = "") -> None:
     """Write results.csv, results.md, results.png and TensorBoard events; print the table.
 
     Keys of a row that start with ``_`` (e.g. ``_utilisation_<l>``, per-expert lists) go to
-    TensorBoard only.
+    TensorBoard only.  ``frontier``: the markdown of the per-family iso-accuracy summary
+    (``dmoe_torch.frontier.frontier_markdown``), results.md's "Frontier" section, also printed.
     """
     import matplotlib.pyplot as plt
     from torch.utils.tensorboard import SummaryWriter
@@ -356,6 +357,8 @@ def write_results(rows: list[dict[str, Any]], output_dir: str | Path, *, title: 
     markdown = (f"# {title}\n\n" if title else "") + table + "\n" + legend + "\n"
     if layers:
         markdown += "\n## Per MoE layer\n\n" + layers
+    if frontier:
+        markdown += "\n## Frontier\n\n" + frontier
     atomic_write_text(output_dir / "results.md", markdown)
     figure = accuracy_energy_figure(public, title)
     save_figure(figure, output_dir / "results.png")
@@ -365,7 +368,8 @@ def write_results(rows: list[dict[str, Any]], output_dir: str | Path, *, title: 
     finally:
         writer.close()
         plt.close(figure)
-    print(table + "\n" + legend + ("\n\nPer MoE layer:\n" + layers if layers else ""), file=sys.stdout, flush=True)
+    print(table + "\n" + legend + ("\n\nPer MoE layer:\n" + layers if layers else "")
+          + ("\nFrontier:\n" + frontier if frontier else ""), file=sys.stdout, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
