@@ -56,8 +56,8 @@ Complexity
 ----------
 Per row: P1 O(C K) work and [B, C] memory (C candidate sets); P2 exact O(C m^m) with
 [B, C_m, m^m] temporaries per size m; JESA one P1 per round plus [B, 64] assignment tables.
-Rows are processed in chunks of at most ``_CHUNK_ELEMENTS`` table entries, a shape-only
-split that keeps memory bounded without reading any tensor value.
+Rows are processed in chunks of at most ``_CHUNK_ELEMENTS`` table entries (per device type),
+a shape-only split that keeps memory bounded without reading any tensor value.
 
 Host syncs
 ----------
@@ -103,9 +103,11 @@ MAX_CANDIDATE_SETS = 1_000
 # Largest set size enumerated: a P2 set of m experts enumerates m^m rank tuples and a partial
 # assignment (R + 1)^m option tuples, 27 and 64 at m = 3.
 MAX_SET_SIZE = 3
-# Rows per chunk are chosen so that one chunk's largest table holds at most this many entries
-# (float64: 32 MiB), bounding the memory of [B, C] and [B, C, m^m] temporaries.
-_CHUNK_ELEMENTS = 1 << 22
+# Rows per chunk are chosen so that one chunk's largest table holds at most this many entries,
+# bounding the memory of the [B, C] and [B, C, m^m] temporaries: 32 MiB of float64 on the CPU
+# (cache-sized), 256 MiB on an accelerator (fewer, larger kernels).
+_CHUNK_ELEMENTS = {"cpu": 1 << 22}
+_CHUNK_ELEMENTS_ACCELERATOR = 1 << 25
 
 
 # --------------------------------------------------------------------------------------
@@ -183,9 +185,10 @@ def _option_tuples(slots: int, ranks: int, device: torch.device) -> torch.Tensor
     return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), slots).to(device)
 
 
-def _row_chunks(rows: int, width: int) -> list[slice]:
-    """Row slices whose [rows, width] tables hold at most _CHUNK_ELEMENTS entries (shape only)."""
-    step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+def _row_chunks(rows: int, width: int, device: torch.device) -> list[slice]:
+    """Row slices whose [rows, width] tables fit the chunk budget of `device` (shape only)."""
+    budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS_ACCELERATOR)
+    step = max(1, budget // max(width, 1))
     return [slice(start, min(rows, start + step)) for start in range(0, rows, step)] or [slice(0, 0)]
 
 
@@ -265,7 +268,7 @@ def _des_core(scores: torch.Tensor, costs: torch.Tensor, threshold: float, k_min
     reach_scores = torch.where(reachable, scores, -(K + 1.0))
     best_set = torch.empty(B, dtype=torch.int64, device=scores.device)
     feasible = torch.empty(B, dtype=torch.bool, device=scores.device)
-    for rows in _row_chunks(B, sets.shape[0]):
+    for rows in _row_chunks(B, sets.shape[0], scores.device):
         allowed = reach_scores[rows] @ members >= threshold
         energy = torch.where(allowed, finite_costs[rows] @ members, math.inf)
         best_set[rows] = energy.argmin(1)  # first minimum: the first optimal set in candidate order
@@ -293,12 +296,28 @@ def _ranked_links(costs3: torch.Tensor, ranks: int) -> tuple[torch.Tensor, torch
     return torch.cat(values, 2), torch.cat(indices, 2)
 
 
-def _distinct(subs: list[torch.Tensor]) -> torch.Tensor:
-    """Pairwise distinct subcarriers, negative entries (no link) never colliding."""
-    ok = torch.ones_like(subs[0], dtype=torch.bool)
-    for i, j in itertools.combinations(range(len(subs)), 2):
-        ok = ok & ((subs[i] != subs[j]) | (subs[i] < 0))
-    return ok
+def _tuples(costs: list[torch.Tensor], subs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every tuple of one option per slot, by broadcasting (no gathers).
+
+    costs[j] float64 [..., n] J and subs[j] int64 [..., n]: slot j's options (subcarrier < 0:
+    no link, never colliding).  Returns (total float64 [..., n^m] J, allowed bool [..., n^m]:
+    finite, pairwise distinct subcarriers), tuples in lexicographic order (itertools.product).
+    """
+    m = len(costs)
+    lead = costs[0].shape[:-1]
+
+    def on_axis(x: torch.Tensor, j: int) -> torch.Tensor:
+        return x.view(*lead, *([1] * j), x.shape[-1], *([1] * (m - 1 - j)))
+
+    total = on_axis(costs[0], 0)
+    for j in range(1, m):
+        total = total + on_axis(costs[j], j)
+    allowed = torch.isfinite(total)
+    for i, j in itertools.combinations(range(m), 2):
+        sub_i = on_axis(subs[i], i)
+        allowed = allowed & ((sub_i != on_axis(subs[j], j)) | (sub_i < 0))
+    count = math.prod(c.shape[-1] for c in costs)
+    return total.reshape(*lead, count), allowed.reshape(*lead, count)
 
 
 def _assign_slots(rank_cost, rank_sub, experts, valid):
@@ -315,21 +334,15 @@ def _assign_slots(rank_cost, rank_sub, experts, valid):
     slot_cost = torch.where(valid[:, :, None], rank_cost.gather(1, index), math.inf)
     slot_sub = rank_sub.gather(1, index)
     # option R of every slot is "no link": cost 0, subcarrier -1
-    slot_cost = torch.cat([slot_cost, slot_cost.new_zeros(B, m, 1)], 2).reshape(B, m * (R + 1))
-    slot_sub = torch.cat([slot_sub, slot_sub.new_full((B, m, 1), -1)], 2).reshape(B, m * (R + 1))
-    options = _option_tuples(m, R, experts.device)  # [T, m]
-    flat = [options[:, j] + j * (R + 1) for j in range(m)]
-    costs = [slot_cost.index_select(1, f) for f in flat]  # m x [B, T]
-    subs = [slot_sub.index_select(1, f) for f in flat]
-    total = costs[0]
-    for j in range(1, m):
-        total = total + costs[j]
-    allowed = torch.isfinite(total) & _distinct(subs)
+    slot_cost = torch.cat([slot_cost, slot_cost.new_zeros(B, m, 1)], 2)
+    slot_sub = torch.cat([slot_sub, slot_sub.new_full((B, m, 1), -1)], 2)
+    total, allowed = _tuples(list(slot_cost.unbind(1)), list(slot_sub.unbind(1)))  # [B, (R + 1)^m]
+    options = _option_tuples(m, R, experts.device)  # [T, m], the same order
     links = (options < R).sum(1)  # [T]
     most = torch.where(allowed, links, -1).amax(1, keepdim=True)  # the "no link" tuple is always allowed
     best = torch.where(allowed & (links == most), total, math.inf).argmin(1, keepdim=True)
     chosen = options[best[:, 0]]  # [B, m]
-    sub = torch.where(chosen < R, slot_sub.gather(1, chosen + torch.arange(m, device=chosen.device) * (R + 1)), -1)
+    sub = torch.where(chosen < R, slot_sub.gather(2, chosen[:, :, None])[:, :, 0], -1)
     return sub, total.gather(1, best)[:, 0], most[:, 0]
 
 
@@ -387,20 +400,17 @@ def _best_assignment_of_size(scores, rank_cost, rank_sub, threshold, size):
     members = _sets_of_size(K, size, scores.device)  # [C, size]
     tuples = _rank_tuples(size, scores.device)  # [T, size], ranks < size <= R
     C, T = members.shape[0], tuples.shape[0]
-    flat = [(members[:, j, None] * R + tuples[None, :, j]).reshape(-1) for j in range(size)]  # size x [C*T]
-    flat_cost = rank_cost.reshape(B, K * R)
-    flat_sub = rank_sub.reshape(B, K * R)
     relevance = scores[:, members[:, 0]]
     for j in range(1, size):
         relevance = relevance + scores[:, members[:, j]]
     set_cost = torch.empty(B, C, dtype=torch.float64, device=scores.device)
     set_tuple = torch.empty(B, C, dtype=torch.int64, device=scores.device)
-    for rows in _row_chunks(B, C * T):
-        subs = [flat_sub[rows].index_select(1, f) for f in flat]
-        total = flat_cost[rows].index_select(1, flat[0])
-        for j in range(1, size):
-            total = total + flat_cost[rows].index_select(1, flat[j])
-        total = torch.where(_distinct(subs), total, math.inf).view(-1, C, T)
+    for rows in _row_chunks(B, C * T, scores.device):
+        # slot j of every set: its member's `size` cheapest links, [rows, C, size]
+        costs = [rank_cost[rows][:, members[:, j], :size] for j in range(size)]
+        subs = [rank_sub[rows][:, members[:, j], :size] for j in range(size)]
+        total, allowed = _tuples(costs, subs)  # [rows, C, T]
+        total = torch.where(allowed, total, math.inf)
         best = total.argmin(2, keepdim=True)
         set_tuple[rows] = best[:, :, 0]
         set_cost[rows] = total.gather(2, best)[:, :, 0]
