@@ -202,10 +202,13 @@ def bootstrap_means(scores: np.ndarray, resamples: int, seed: int, chunk: int = 
     return means
 
 
-def _interval(values: np.ndarray, *, infinite_nan: bool) -> tuple[float, float]:
-    """2.5 / 97.5 percentiles (order statistics) of the resampled values [R]: nan counts as
-    +inf (``infinite_nan``: an iso energy never reached) or is left out (an undefined value)."""
-    values = np.where(np.isnan(values), math.inf, values) if infinite_nan else values[~np.isnan(values)]
+def _interval(values: np.ndarray, unreached: np.ndarray | None = None) -> tuple[float, float]:
+    """2.5 / 97.5 percentiles (order statistics) of the resampled values [R]; a nan counts as
+    +inf where ``unreached`` [R] bool is set (an iso energy never reached), else is left out
+    (an undefined value)."""
+    if unreached is not None:
+        values = np.where(unreached, math.inf, values)
+    values = values[~np.isnan(values)]
     if len(values) == 0:
         return math.nan, math.nan
     low, high = np.quantile(values, CI_QUANTILES, method="inverted_cdf")
@@ -263,8 +266,8 @@ def frontier_summary(rows: Sequence[dict[str, Any]], per_image: dict[str, np.nda
     shared = {"reference": reference, "drop_pp": drop_pp, "target_accuracy": float(target[0]),
               "anchor": anchor_label(anchor), "anchor_energy_uj": float(anchor_energy[0]),
               "resamples": resamples, "inputs": n, "draws": D}
-    shared["target_accuracy_lo"], shared["target_accuracy_hi"] = _interval(target[1:], infinite_nan=False)
-    shared["anchor_energy_uj_lo"], shared["anchor_energy_uj_hi"] = _interval(anchor_energy[1:], infinite_nan=False)
+    shared["target_accuracy_lo"], shared["target_accuracy_hi"] = _interval(target[1:])
+    shared["anchor_energy_uj_lo"], shared["anchor_energy_uj_hi"] = _interval(anchor_energy[1:])
     summary = []
     for family, members in indices.items():
         curves = np.stack([energy_uj[:, members], accuracy[:, members]], axis=-1)  # [1 + R, P, 2]
@@ -274,13 +277,14 @@ def frontier_summary(rows: Sequence[dict[str, Any]], per_image: dict[str, np.nda
         diff = at_anchor - anchor_accuracy
         row = {"family": family, "settings": len(members), "energy_min_uj": float(curves[0, :, 0].min()),
                "energy_max_uj": float(curves[0, :, 0].max()), "accuracy_max": float(curves[0, :, 1].max())}
+        unreached = np.isnan(iso[1:]) & np.isfinite(target[1:])  # a target no setting reaches: infinite energy
         for name, values, infinite in (("iso_energy_uj", iso, True), ("iso_energy_vs_reference", iso_share, True),
                                        ("anchor_accuracy", at_anchor, False), ("anchor_accuracy_diff", diff, False)):
             row[name] = float(values[0])
-            row[f"{name}_lo"], row[f"{name}_hi"] = _interval(values[1:], infinite_nan=infinite)
+            row[f"{name}_lo"], row[f"{name}_hi"] = _interval(values[1:], unreached if infinite else None)
         cheapest = int(np.argmin(curves[0, :, 0]))
         row["iso_at_cheapest"] = bool(curves[0, cheapest, 1] >= target[0])  # the true crossing may lie below
-        row["iso_reached_share"] = float(np.mean(~np.isnan(iso[1:])))
+        row["iso_reached_share"] = float(np.mean(~np.isnan(iso[1:]))) if reference_index is not None else math.nan
         row["anchor_defined_share"] = float(np.mean(~np.isnan(at_anchor[1:])))
         summary.append({**row, **shared})
     return [{column: row[column] for column in FRONTIER_COLUMNS} for row in summary]

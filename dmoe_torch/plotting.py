@@ -304,7 +304,8 @@ def frontier_figure(curves: dict[str, list[dict[str, Any]]], summary: list[dict[
         pad = 0.08 * (max(span) - min(span) or 0.01)
         detail.set_ylim(min(span) - pad, max(span) + pad)
     detail.set_title("near the target", fontsize=9)
-    detail.legend(fontsize=8, loc="lower right", title="family (line: upper envelope)", title_fontsize=8)
+    if detail.get_legend_handles_labels()[0]:
+        detail.legend(fontsize=8, loc="lower right", title="family (line: upper envelope)", title_fontsize=8)
     at_target.set_xscale(detail.get_xscale())
     _forest(at_target, summary, colors, "iso_energy_uj", limits=detail.get_xlim())
     at_target.xaxis.set_major_locator(detail.xaxis.get_major_locator())
