@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 _HOMES = {
     # Routing policies: a Selection from scores [B, K] and costs [B, K] or [B, K, N] (joules).
     "dmoe_torch.selection": ("POLICIES", "Selection", "route", "des", "jesa", "topk", "channel_topk", "random_topk",
-                             "dense"),
+                             "dense", "register_policy", "policy_names", "POLICY_TABLE", "Policy", "RouteArgs"),
     "dmoe_torch.selection.delivery": ("apply_delivery",),
     "dmoe_torch.selection.exact": ("brute_force_p1", "milp_p1", "brute_force_p2", "milp_p2"),
     # The wireless channel: geometry, fading, per-link energies in joules.
@@ -49,7 +49,8 @@ __all__ = [
     "MoEOutput", "ModelOutput", "POLICIES", "RouterSpec", "Selection", "VMoEClassifier", "WirelessChannel",
     "__version__", "apply_delivery", "brute_force_p1", "brute_force_p2", "channel_topk", "db_to_linear",
     "dbm_to_watt", "dense", "des", "jesa", "linear_to_db", "milp_p1", "milp_p2", "outage_probability", "path_loss_db",
-    "perfect_costs", "random_topk", "route", "topk",
+    "perfect_costs", "random_topk", "route", "topk", "register_policy", "policy_names", "POLICY_TABLE", "Policy",
+    "RouteArgs",
 ]
 
 

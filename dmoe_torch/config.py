@@ -25,11 +25,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from .data import DATASET_IMAGE_SIZES, DATASET_TRAIN_SIZES, DATASETS
 from .models.vmoe import STEMS
-from .selection.registry import FRAME_ONLY_POLICIES, GAMMA_POLICIES, POLICIES, STATIC_POLICIES, TOKEN_ONLY_POLICIES
+from .selection.policies import get_policy, policy_names
 
-# Policies with a relevance target gamma and cardinality bounds k_min..k_max.
-# Policies on the static subcarrier plan under image frames (the partition n mod K).
-STATIC_FRAME_POLICIES = ("topk", "topk_capacity", "des")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
 
@@ -350,7 +347,7 @@ def validate_router(cfg: DictConfig, prefix: str, shape: ModelShape, num_subcarr
     (its subcarriers and its frame mode, channel.frame)."""
     check_keys(get_value(cfg, prefix), prefix, ROUTER_KEYS)
     K = shape.num_experts
-    policy = get_str(cfg, f"{prefix}.policy", choices=POLICIES + FRAME_ONLY_POLICIES)
+    policy = get_str(cfg, f"{prefix}.policy", choices=policy_names())
     check_policy_fits_frame(policy, f"{prefix}.policy", frame)
     k = get_int(cfg, f"{prefix}.k", minimum=1, maximum=K, why=f"at most model.num_experts={K}")
     gamma = validate_gamma(get_value(cfg, f"{prefix}.gamma"), f"{prefix}.gamma", shape.num_moe_layers)
@@ -377,20 +374,20 @@ def validate_outage_target(value: Any, key: str) -> float | None:
 
 def check_policy_fits_frame(policy: str, key: str, frame: str) -> None:
     """Frame-only policies need channel.frame=image; some token policies have no image-frame form."""
-    if frame == "token" and policy in FRAME_ONLY_POLICIES:
+    if frame == "token" and policy not in policy_names("token"):
         raise ConfigError(f"{key}={policy!r}: exists only with channel.frame=image (the tokens of an image share a frame)")
-    if frame == "image" and policy in TOKEN_ONLY_POLICIES:
-        allowed = [p for p in POLICIES + FRAME_ONLY_POLICIES if p not in TOKEN_ONLY_POLICIES]
-        raise ConfigError(f"{key}={policy!r}: not available with channel.frame=image; use one of {', '.join(allowed)}")
+    if frame == "image" and policy not in policy_names("image"):
+        raise ConfigError(f"{key}={policy!r}: not available with channel.frame=image; use one of {', '.join(policy_names('image'))}")
 
 
 def _check_policy_fits_channel(policy: str, key: str, num_experts: int, num_subcarriers: int, k_min: int) -> None:
-    if policy in STATIC_POLICIES + STATIC_FRAME_POLICIES and num_subcarriers < num_experts:
+    entry = get_policy(policy)
+    if entry.static_plan and num_subcarriers < num_experts:
         raise ConfigError(
             f"{key}={policy!r}: the static subcarrier plan needs channel.num_subcarriers >= model.num_experts "
             f"(got {num_subcarriers} < {num_experts}); use jesa or optimal, or more subcarriers"
         )
-    if policy in GAMMA_POLICIES and num_subcarriers < k_min:
+    if entry.bounded and num_subcarriers < k_min:
         raise ConfigError(f"{key}={policy!r}: needs channel.num_subcarriers >= k_min (got {num_subcarriers} < {k_min})")
 
 

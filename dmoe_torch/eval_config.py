@@ -24,8 +24,6 @@ from omegaconf import DictConfig
 from .config import (
     EVAL_KEYS,
     EVAL_TOP_KEYS,
-    GAMMA_POLICIES,
-    STATIC_FRAME_POLICIES,
     ConfigError,
     allowed_keys,
     channel_config,
@@ -42,11 +40,7 @@ from .config import (
     validate_outage_target,
     validate_runtime,
 )
-from .selection.registry import FIXED_K_POLICIES, FRAME_ONLY_POLICIES, POLICIES, STATIC_POLICIES, TOKEN_ONLY_POLICIES
-
-# Every name eval.policies accepts, and those taking @K (topk_capacity only under channel.frame=image).
-EVAL_POLICY_NAMES = POLICIES + FRAME_ONLY_POLICIES
-EVAL_FIXED_K = FIXED_K_POLICIES + ("topk_capacity",)
+from .selection.policies import POLICY_TABLE, get_policy, policy_names
 
 
 @dataclass(frozen=True)
@@ -67,14 +61,16 @@ class EvalPolicy:
 
 def parse_policy(text: Any, key: str, *, num_experts: int, default_k: int) -> tuple[str, int | None]:
     """``"topk@2"`` -> ("topk", 2); ``"des"`` -> ("des", None); see the module docstring."""
-    allowed = ("NAME or NAME@K with NAME in " + ", ".join(EVAL_POLICY_NAMES) + " (K only for " + ", ".join(EVAL_FIXED_K)
-               + "; " + ", ".join(FRAME_ONLY_POLICIES) + " only with channel.frame=image)")
+    fixed_k = [n for n, p in POLICY_TABLE.items() if p.fixed_k]
+    frame_only = [n for n in policy_names() if n not in policy_names("token")]
+    allowed = ("NAME or NAME@K with NAME in " + ", ".join(policy_names()) + " (K only for " + ", ".join(fixed_k)
+               + "; " + ", ".join(frame_only) + " only with channel.frame=image)")
     if not isinstance(text, str):
         raise ConfigError(f"{key}={format_value(text)}: must be {allowed}")
     name, _, k_text = text.partition("@")
-    if name not in EVAL_POLICY_NAMES:
+    if name not in POLICY_TABLE:
         raise ConfigError(f"{key}={text!r}: unknown policy {name!r}; must be {allowed}")
-    if name not in EVAL_FIXED_K:
+    if name not in fixed_k:
         if k_text:
             raise ConfigError(f"{key}={text!r}: policy {name!r} takes no @K; must be {allowed}")
         return name, None
@@ -135,32 +131,33 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
     for i, text in enumerate(get_value(cfg, "eval.policies")):
         key = f"eval.policies[{i}]"
         name, k = parse_policy(text, key, num_experts=K, default_k=default_k)
-        if frame == "token" and name in FRAME_ONLY_POLICIES:
+        entry = get_policy(name)
+        if frame == "token" and name not in policy_names("token"):
             raise ConfigError(f"{key}={text!r}: exists only with channel.frame=image (pass channel.frame=image)")
-        if frame == "image" and name in TOKEN_ONLY_POLICIES:
+        if frame == "image" and name not in policy_names("image"):
             frame_skipped.append(text)
             continue
-        if name in STATIC_POLICIES + STATIC_FRAME_POLICIES and num_subcarriers < K:
+        if entry.static_plan and num_subcarriers < K:
             skipped.append(text)
             continue
-        if name in GAMMA_POLICIES and num_subcarriers < k_min:
+        if entry.bounded and num_subcarriers < k_min:
             raise ConfigError(f"eval.k_min={k_min}: {name} needs at least k_min subcarriers and the checkpoint's "
                               f"channel has {num_subcarriers}; pass eval.k_min={num_subcarriers} or less")
-        if name in GAMMA_POLICIES:
+        if entry.bounded:
             settings.extend(EvalPolicy(name, None, gamma, k_min, k_max, q) for gamma in gammas for q in targets)
         else:
             settings.append(EvalPolicy(name, k))
     static_text = (f"the static subcarrier plan a(k) = k mod N needs at least as many subcarriers as experts and "
                    f"the checkpoint has {num_subcarriers} subcarriers for {K} experts")
     if skipped and not settings:
-        usable = [p for p in POLICIES if p not in STATIC_POLICIES and p != "none"]
+        usable = [n for n, p in POLICY_TABLE.items() if p.subcarriers == "joint" and p.token_solver is not None]
         raise ConfigError(f"eval.policies={format_value(get_value(cfg, 'eval.policies'))}: {static_text}; pass policies that "
                           f"choose the subcarriers ({', '.join(usable)}), e.g. eval.policies=[{usable[0]}]")
     if skipped and notes is not None:
         notes.append(f"skipped {', '.join(skipped)}: {static_text}")
     if frame_skipped and not settings:
         raise ConfigError(f"eval.policies={format_value(get_value(cfg, 'eval.policies'))}: none is available with "
-                          f"channel.frame=image; use none, topk, topk_capacity, des, jesa_tokenwise, jesa or optimal")
+                          f"channel.frame=image; use {', '.join(policy_names('image'))}")
     if frame_skipped and notes is not None:
         notes.append(f"skipped {', '.join(frame_skipped)}: no image-frame form under channel.frame=image")
     labels = [(s.label, format_value(s.gamma), format_value(s.outage_target)) for s in settings]

@@ -197,9 +197,9 @@ def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...]
         # T_max under image frames (an image's tokens share one frame per MoE layer: link capacity
         # floor(T_max * rate / S) tokens) or token frames (the reference); topk_capacity and
         # jesa_tokenwise exist only for image frames.
-        from .selection.registry import FRAME_ONLY_POLICIES
+        from .selection.policies import policy_names
 
-        policies = [p for p in plain(s.policies) if frame == "image" or str(p).split("@")[0] not in FRAME_ONLY_POLICIES]
+        policies = [p for p in plain(s.policies) if frame == "image" or str(p).split("@")[0] in policy_names("token")]
         return ("++channel.latency_budget_s", [float(v) for v in s.latency_budget_s],
                 fixed(s, **{"eval.policies": policies, "eval.gammas": plain(s.gammas), "++channel.frame": frame}))
 

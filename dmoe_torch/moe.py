@@ -18,15 +18,18 @@ Per input (one frame) and layer (docs/method.md, section 1):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from .selection import POLICIES, Selection, route
+from .selection import Selection, route
+from .selection.common import check_bounds, check_gamma, is_int, is_real
 from .selection.delivery import apply_delivery
 from .selection.frame import token_selection
-from .selection.registry import FRAME_ONLY_POLICIES, GAMMA_POLICIES, route_frames
+from .selection.policies import get_policy
+from .selection.registry import check_lam, route_frames
 
 __all__ = [
     "RouterSpec",
@@ -48,7 +51,7 @@ __all__ = [
 
 def check_positive_int(key: str, value) -> None:
     """Raise ValueError naming ``key`` unless ``value`` is an int >= 1 (bools rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{key} must be an int >= 1, got {value!r}")
 
 
@@ -65,7 +68,7 @@ COMBINE_RULES = ("renormalized", "raw", "renormalized_st")
 #   scores     the score-only top-k mask (k = router.k; 2 for des / jesa / optimal)
 BALANCE_ON = ("selection", "scores")
 # Policies without a fixed k: balance_on=scores counts their top-2 (the expert budget of topk@2).
-BALANCE_K_OF_GAMMA_POLICIES = 2
+BALANCE_K_OF_TARGET_POLICIES = 2
 
 
 def check_choice(key: str, value, choices: tuple[str, ...]) -> None:
@@ -76,7 +79,7 @@ def check_choice(key: str, value, choices: tuple[str, ...]) -> None:
 
 def check_link_dropout(value) -> None:
     """Raise ValueError naming model.link_dropout unless ``value`` is a probability in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if not is_real(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"model.link_dropout must be a probability in [0, 1), got {value!r}")
 
 
@@ -84,12 +87,13 @@ def check_link_dropout(value) -> None:
 class RouterSpec:
     """How one MoE layer routes.
 
-    policy          one of ``dmoe_torch.selection.POLICIES``
-    gamma           relevance target (importance factor) in (0, 1] of des / jesa / optimal
-    k               number of experts of topk / channel_topk / random_topk
-    k_min, k_max    cardinality bounds of des / jesa / optimal (k_max None: K)
+    policy          a name of the policy table (``dmoe_torch.selection.policy_names()``)
+    gamma           relevance target (importance factor) in (0, 1] of the target-driven policies
+    k               number of experts of the fixed-k policies (topk, channel_topk, random_topk)
+    k_min, k_max    cardinality bounds of the target-driven policies (k_max None: K)
+    lam             Lagrange multiplier [1/J] of the lagrangian policy (None: unset)
     failure_energy  joules counted per failed attempt of a channel-unaware policy (P_ap * T_max)
-    outage_target   des / jesa / optimal plan for this per-link outage probability (None: trust the estimate)
+    outage_target   channel-optimising policies plan for this per-link outage probability (None: trust the estimate)
 
     Raises ValueError naming the ``router.*`` key on a bad value.
     """
@@ -99,33 +103,38 @@ class RouterSpec:
     k: int = 2
     k_min: int = 1
     k_max: int | None = None
+    lam: float | None = None
     failure_energy: float = 0.0
     outage_target: float | None = None
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES + FRAME_ONLY_POLICIES:
-            raise ValueError(f"router.policy must be one of {', '.join(POLICIES + FRAME_ONLY_POLICIES)}; got {self.policy!r}")
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"router.gamma must be a float in (0, 1], got {self.gamma!r}")
-        for key in ("k", "k_min"):
-            check_positive_int(f"router.{key}", getattr(self, key))
-        if self.k_max is not None and (
-            isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or self.k_max < self.k_min
-        ):
-            raise ValueError(f"router.k_max must be null or an int >= router.k_min ({self.k_min}), got {self.k_max!r}")
+        if not isinstance(self.policy, str):
+            raise ValueError(f"router.policy must be a policy name (str), got {type(self.policy).__name__}")
+        entry = get_policy(self.policy, key="router.policy")
+        check_gamma(self.gamma, "router.gamma")
+        check_positive_int("router.k", self.k)
+        # K is not known here (the layer checks k_max <= K): no upper bound
+        check_bounds(self.k_min, self.k_min if self.k_max is None else self.k_max, sys.maxsize, prefix="router.")
+        if "lam" in entry.params or self.lam is not None:
+            check_lam(self.lam, "router.lam")
         fe = self.failure_energy
-        if isinstance(fe, bool) or not isinstance(fe, (int, float)) or not (math.isfinite(fe) and fe >= 0):
+        if not is_real(fe) or not (math.isfinite(fe) and fe >= 0):
             raise ValueError(f"router.failure_energy must be a finite float >= 0 (joules), got {fe!r}")
         q = self.outage_target
-        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q < 1.0):
+        if q is not None and (not is_real(q) or not 0.0 < q < 1.0):
             raise ValueError(f"router.outage_target must be null or a probability in (0, 1), got {q!r}")
 
     @property
     def planning_target(self) -> float | None:
         """The outage target the channel plans this policy's costs with: only the policies
-        that optimise over the channel (des, jesa, optimal) plan conservatively; the others
-        see the plain estimate."""
-        return self.outage_target if self.policy in ("des", "jesa", "optimal") else None
+        that optimise over the channel (``Policy.plans_for_outage``) plan conservatively; the
+        others see the plain estimate."""
+        return self.outage_target if get_policy(self.policy).plans_for_outage else None
+
+    def route_kwargs(self) -> dict:
+        """The keyword arguments of ``route`` / ``route_frames`` this spec sets."""
+        return dict(gamma=self.gamma, k=self.k, k_min=self.k_min, k_max=self.k_max, lam=self.lam,
+                    failure_energy=self.failure_energy)
 
 
 @dataclass
@@ -173,6 +182,8 @@ class MoEOutput:
     metrics    dict of detached CPU tensors, per-batch means (see :data:`METRIC_WEIGHTS`)
     selection  the policy's :class:`Selection` (CPU)
     z_loss     scalar  router z-loss mean_b logsumexp(logits_b)^2 (:func:`router_z_loss`), differentiable
+    energy_loss scalar expected link cost under the gate (:func:`expected_link_cost`), differentiable;
+               None unless the layer has the channel-aware gate
     """
 
     out: torch.Tensor
@@ -180,6 +191,7 @@ class MoEOutput:
     metrics: dict[str, torch.Tensor]
     selection: Selection
     z_loss: torch.Tensor | None = None
+    energy_loss: torch.Tensor | None = None
 
 
 # Every metric of MoELayer is a per-batch mean; this is the batch quantity it is a mean over,
@@ -189,7 +201,8 @@ class MoEOutput:
 METRIC_WEIGHTS = {
     "energy_j": "count",            # mean energy per input spent by this layer, J
     "experts_per_input": "count",   # mean number of effective experts (selected, not failed)
-    "outage_rate": "selected_links",  # failed selected links / selected links
+    "outage_rate": "selected_links",  # selected links the channel failed / selected links
+    "link_dropout_rate": "selected_links",  # selected links dropped by training-time link dropout / selected links
     "violation_rate": "count",      # share of inputs whose relevance target was not reachable
     "drop_rate": "count",           # share of inputs with no effective expert (passed through)
     "certified_rate": "count",      # share of inputs whose selection is proven optimal
@@ -219,29 +232,31 @@ class MetricAverager:
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
-        self._metric_weights: dict[str, float] = {}  # name -> summed weight of the batches that had it
-        self._weights: dict[str, float] = {"count": 0.0, "selected_links": 0.0}
+        self._metric_weights: dict[str, torch.Tensor] = {}  # name -> summed weight of the batches that had it
+        self._weights: dict[str, torch.Tensor | float] = {"count": 0.0, "selected_links": 0.0}
 
     def update(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Add one batch's metrics; tensors stay where they are (no host sync until compute)."""
         for name, weight_name in METRIC_WEIGHTS.items():
             if name not in metrics:
                 continue
-            weight = float(metrics[weight_name])
-            value = metrics[name].detach().to("cpu", torch.float64) * weight
+            weight = metrics[weight_name].detach().to(torch.float64)
+            value = metrics[name].detach().to(torch.float64) * weight
             self._sums[name] = self._sums[name] + value if name in self._sums else value
-            self._metric_weights[name] = self._metric_weights.get(name, 0.0) + weight
+            self._metric_weights[name] = self._metric_weights[name] + weight if name in self._metric_weights else weight
         for weight_name in self._weights:
-            self._weights[weight_name] += float(metrics[weight_name])
+            self._weights[weight_name] = self._weights[weight_name] + metrics[weight_name].detach().to(torch.float64)
 
     def compute(self) -> dict[str, float | list[float]]:
+        """The means over every batch seen, read to the host once."""
         result: dict[str, float | list[float]] = {}
         for name, total in self._sums.items():
-            weight = self._metric_weights[name]
-            mean = total / weight if weight > 0 else torch.zeros_like(total)
+            weight = float(self._metric_weights[name])
+            mean = total.cpu() / weight if weight > 0 else torch.zeros_like(total, device="cpu")
             result[name] = mean.tolist() if mean.dim() else float(mean)
-        result.update(self._weights)
+        result.update({name: float(value) for name, value in self._weights.items()})
         if "utilisation" in self._sums:  # summed count x share = inputs each expert served
-            result.update(load_metrics(self._sums["utilisation"]))
+            result.update(load_metrics(self._sums["utilisation"].cpu()))
         return result
 
 
@@ -288,11 +303,46 @@ def balance_mask(balance_on: str, selection: Selection, scores: torch.Tensor, sp
     route, so the loss does not push probability toward the experts the channel favours.
     """
     if balance_on == "selection":
-        return selection.mask.to(scores.device)
-    k = BALANCE_K_OF_GAMMA_POLICIES if spec.policy in GAMMA_POLICIES else spec.k
+        return selection.mask
+    k = spec.k if get_policy(spec.policy).fixed_k else BALANCE_K_OF_TARGET_POLICIES
     k = min(k, scores.shape[1])
     top = scores.detach().topk(k, dim=1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
+
+
+# An expert with no finite link is fed to the channel-aware gate as this many times costlier
+# (in log units: + log(10)) than the row's costliest reachable one.
+UNREACHABLE_COST_FACTOR = 10.0
+
+
+def _finite_link_costs(best_link: torch.Tensor) -> torch.Tensor:
+    """best_link [B, K] J with +inf replaced by UNREACHABLE_COST_FACTOR x the row's largest
+    finite cost (1 J where no expert of the row is reachable)."""
+    finite = torch.isfinite(best_link)
+    worst = best_link.masked_fill(~finite, 0.0).amax(1, keepdim=True)
+    worst = torch.where(finite.any(1, keepdim=True), worst, torch.ones_like(worst))
+    return torch.where(finite, best_link, UNREACHABLE_COST_FACTOR * worst)
+
+
+def link_features(best_link: torch.Tensor) -> torch.Tensor:
+    """The channel-aware gate's input [B, K]: the log of each expert's cheapest planned link
+    energy, centred over the row's experts (unit-free: only the relative price of the experts
+    of one input matters).  best_link [B, K] J, +inf = unreachable."""
+    log_cost = _finite_link_costs(best_link).clamp_min(1e-30).log()
+    return log_cost - log_cost.mean(1, keepdim=True)
+
+
+def expected_link_cost(scores: torch.Tensor, best_link: torch.Tensor) -> torch.Tensor:
+    """mean_b sum_k s_bk c_bk / mean_k c_bk: the expected cost of one link drawn from the
+    gate's probabilities, in units of the row's mean link cost (1 = channel-blind uniform
+    gate; min_k c / mean_k c = all mass on the cheapest expert).  scores [B, K];
+    best_link [B, K] J (+inf: see :func:`_finite_link_costs`).  Scalar, differentiable in
+    scores; 0 for an empty batch."""
+    if scores.shape[0] == 0:
+        return scores.sum()
+    cost = _finite_link_costs(best_link).to(scores.dtype)
+    relative = cost / cost.mean(1, keepdim=True)
+    return (scores * relative).sum(1).mean()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -332,16 +382,18 @@ def drop_links(selection: Selection, scores: torch.Tensor, p: float, generator: 
     The model thus learns to classify with fewer experts than it was routed to (what cheap
     des / jesa selections and outages give it at test time) without learning to do without
     experts altogether.  Dropped links are marked ``failed``; energy and the other fields are
-    unchanged.  scores [B, K] (CPU); draws one uniform per (row, expert) from ``generator``.
+    unchanged.  scores [B, K] on the selection's device; draws one uniform per (row, expert)
+    from ``generator`` (a CPU generator: the same draws on every device).
     """
     effective = selection.mask & ~selection.failed
-    drop = effective & (torch.rand(effective.shape, generator=generator) < p)
+    uniforms = torch.rand(effective.shape, generator=generator).to(effective.device, non_blocking=True)
+    drop = effective & (uniforms < p)
     lost_all = effective.any(1) & ~(effective & ~drop).any(1)
-    if lost_all.any():
-        best = scores.masked_fill(~effective, -math.inf).argmax(1)
-        rows = lost_all.nonzero().squeeze(1)
-        drop[rows, best[rows]] = False
-    return replace(selection, failed=selection.failed | drop)
+    # A row that drew all its links keeps its best-scored one (no data-dependent branch: the
+    # mask is all-False on the other rows).
+    best = scores.masked_fill(~effective, -math.inf).argmax(1, keepdim=True)
+    keep = torch.zeros_like(drop).scatter_(1, best, True) & lost_all.unsqueeze(1)
+    return replace(selection, failed=selection.failed | (drop & ~keep))
 
 
 def perfect_costs(batch: int, num_experts: int, num_subcarriers: int) -> torch.Tensor:
@@ -360,11 +412,16 @@ class MoELayer(nn.Module):
     combine      combine rule, one of :data:`COMBINE_RULES` (default: renormalized, what
                  runs recorded before the key mean)
     balance_on   what the load-balancing loss counts, one of :data:`BALANCE_ON`
+    channel_gate the learned channel-aware gate: the gate also sees each expert's link cost
+                 (:func:`link_features`) through ``link_gate`` (K -> K, zero at init, so it
+                 starts as the plain gate), and the layer reports ``energy_loss``, the
+                 expected link cost under the gate's probabilities (:func:`expected_link_cost`),
+                 which training weighs with train.energy_loss_coef
     The gate is ``nn.Linear(d_model, K)`` producing logits; the softmax is taken in forward.
     """
 
     def __init__(self, d_model: int, num_experts: int, hidden_mult: int = 2, link_dropout: float = 0.0,
-                 combine: str = "renormalized", balance_on: str = "selection") -> None:
+                 combine: str = "renormalized", balance_on: str = "selection", channel_gate: bool = False) -> None:
         super().__init__()
         for key, value in (("model.d_model", d_model), ("model.num_experts", num_experts),
                            ("model.hidden_mult", hidden_mult)):
@@ -378,6 +435,12 @@ class MoELayer(nn.Module):
         self.d_model = d_model
         self.num_experts = num_experts
         self.gate = nn.Linear(d_model, num_experts)
+        if not isinstance(channel_gate, bool):
+            raise ValueError(f"model.channel_gate must be true or false, got {channel_gate!r}")
+        self.link_gate = nn.Linear(num_experts, num_experts) if channel_gate else None
+        if self.link_gate is not None:
+            nn.init.zeros_(self.link_gate.weight)
+            nn.init.zeros_(self.link_gate.bias)
         self.experts = nn.ModuleList(Expert(d_model, hidden_mult) for _ in range(num_experts))
 
     def forward(
@@ -395,9 +458,19 @@ class MoELayer(nn.Module):
         random policies; delivered: None (perfect CSI: every finite link carries its planned
         rate) or bool [B, K, N], whether the true channel carries link (k, n)'s planned rate
         within T_max; a selected link that does not is a failure (token frames only)."""
-        if h.dim() != 2 or h.shape[1] != self.d_model:
-            raise ValueError(f"h must be [B, {self.d_model}], got {tuple(h.shape)}")
+        if isinstance(spec, str):  # a bare policy name: its defaults
+            spec = RouterSpec(spec)
+        if not isinstance(spec, RouterSpec):
+            raise ValueError(f"spec must be a RouterSpec or a policy name, got {type(spec).__name__}")
+        if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[1] != self.d_model:
+            raise ValueError(f"h must be a tensor [B, {self.d_model}], got {tuple(getattr(h, 'shape', ())) or type(h).__name__}")
+        weight_dtype = self.gate.weight.dtype
+        if h.dtype != weight_dtype and not torch.is_autocast_enabled(h.device.type):
+            raise ValueError(f"h has dtype {h.dtype} but the layer's parameters are {weight_dtype}: convert one to "
+                             f"the other (layer.to({h.dtype}) or h.to({weight_dtype})), or run under torch.autocast")
         B, K = h.shape[0], self.num_experts
+        if not isinstance(costs, (torch.Tensor, FrameLinks)):
+            raise ValueError(f"costs must be a tensor [B, K, N] or FrameLinks, got {type(costs).__name__}")
         frames = costs if isinstance(costs, FrameLinks) else None
         if frames is not None:
             F = frames.costs.shape[0]
@@ -408,51 +481,74 @@ class MoELayer(nn.Module):
         elif costs.dim() != 3 or costs.shape[0] != B or costs.shape[1] != K:
             raise ValueError(f"costs must be [B={B}, K={K}, N], got {tuple(costs.shape)}")
 
-        logits = self.gate(h)
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # the softmax and combine weights in at least float32
-        scores = torch.softmax(logits, dim=-1)
-        scores_cpu = scores.detach().cpu()  # the router, link dropout and metrics work on the CPU
-
+        best_link = None
+        if self.link_gate is not None:  # each row's cheapest planned link per expert, [B, K] J
+            link_costs = costs.costs.repeat_interleave(B // F, 0) if frames is not None else costs
+            best_link = link_costs.to(h.device, torch.float32, non_blocking=True).amin(2)
+        logits, scores = self.gate_scores(h, best_link)
         with torch.no_grad():
-            if frames is not None:
-                plan = route_frames(
-                    spec.policy, scores_cpu.view(F, B // F, K), frames.costs, frames.capacity,
-                    gamma=spec.gamma, k=spec.k, k_min=spec.k_min, k_max=spec.k_max,
-                    failure_energy=spec.failure_energy,
-                )
-                selection = token_selection(plan)
-            else:
-                selection = route(
-                    spec.policy, scores_cpu, costs,
-                    gamma=spec.gamma, k=spec.k, k_min=spec.k_min, k_max=spec.k_max,
-                    failure_energy=spec.failure_energy, generator=generator,
-                )
-            if delivered is not None:
-                selection = apply_delivery(selection, costs, delivered, spec.failure_energy)
+            selection = self.select(scores.detach(), costs, spec, generator, delivered)
+            channel_failed = selection.failed
             if self.training and self.link_dropout > 0:
-                selection = drop_links(selection, scores_cpu, self.link_dropout, generator)
-        effective_cpu = selection.mask & ~selection.failed
-        effective = effective_cpu.to(h.device)
+                selection = drop_links(selection, scores.detach(), self.link_dropout, generator)
+        effective = selection.mask & ~selection.failed
         weights = combine_weights(logits, scores, effective, self.combine)
-
-        # Dispatch: gather the routed rows once, grouped by expert (expert-major order), run
-        # each expert on its own group only, scale by w and scatter-add back onto h.
-        routed = effective_cpu.t().nonzero()  # [M, 2] (expert, row), rows ascending per expert
-        out = h
-        if routed.numel():
-            experts_of_slot = routed[:, 0].to(h.device)
-            rows = routed[:, 1].to(h.device)
-            counts = effective_cpu.sum(0).tolist()
-            groups = h.index_select(0, rows).split(counts)
-            expert_out = torch.cat(self.run_experts(counts, groups))
-            slot_weights = weights[rows, experts_of_slot].unsqueeze(1).to(expert_out.dtype)
-            out = h.index_add(0, rows, (expert_out * slot_weights).to(h.dtype))
-
+        out = self.dispatch_and_combine(h, effective, weights)
         aux_loss = load_balancing_loss(scores, balance_mask(self.balance_on, selection, scores, spec))
-        metrics = self._metrics(scores_cpu, selection, effective_cpu)
+        metrics = self._metrics(scores.detach(), selection, effective, channel_failed)
+        energy_loss = expected_link_cost(scores, best_link) if best_link is not None else None
         return MoEOutput(out=out, aux_loss=aux_loss, metrics=metrics, selection=selection,
-                         z_loss=router_z_loss(logits))
+                         z_loss=router_z_loss(logits), energy_loss=energy_loss)
+
+    def gate_scores(self, h: torch.Tensor, best_link: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate's logits and softmax scores [B, K], float32 at least: under autocast the
+        gate matmul itself runs in float32 (bf16 logits would round the scores the router
+        compares and the combine weights).  best_link [B, K] J: the channel-aware gate's input."""
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            if self.gate.weight.dtype == dtype:  # the module call keeps forward hooks working
+                logits = self.gate(h.to(dtype))
+            else:  # half-precision parameters: the gate still multiplies in float32
+                logits = nn.functional.linear(h.to(dtype), self.gate.weight.to(dtype), self.gate.bias.to(dtype))
+            if self.link_gate is not None:
+                features = link_features(best_link).to(dtype)
+                logits = logits + nn.functional.linear(features, self.link_gate.weight.to(dtype),
+                                                       self.link_gate.bias.to(dtype))
+        return logits, torch.softmax(logits, dim=-1)
+
+    def select(self, scores: torch.Tensor, costs, spec: RouterSpec, generator: torch.Generator | None,
+               delivered: torch.Tensor | None) -> Selection:
+        """The policy's Selection for scores [B, K] (on the model's device), routed on that device
+        for token frames; image frames (``FrameLinks``) are solved on the CPU by numba (P3)."""
+        B, K = scores.shape
+        if isinstance(costs, FrameLinks):
+            F = costs.costs.shape[0]
+            plan = route_frames(spec.policy, scores.cpu().view(F, B // F, K), costs.costs, costs.capacity,
+                                **spec.route_kwargs())
+            return token_selection(plan).to(scores.device)
+        # check_values=False: the scores are this layer's own softmax and the costs come from the
+        # channel; checking their values would wait for an accelerator.
+        selection = route(spec.policy, scores, costs, generator=generator, check_values=False, **spec.route_kwargs())
+        if delivered is not None:
+            selection = apply_delivery(selection, costs, delivered, spec.failure_energy)
+        return selection
+
+    def dispatch_and_combine(self, h: torch.Tensor, effective: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """h + sum_k w_k f_k(h): gather the routed rows once, grouped by expert (expert-major,
+        rows ascending), run each expert on its own group only, scale by w and index-add back.
+        h [B, d]; effective [B, K] bool; weights [B, K]."""
+        # The layer's one host sync: the group sizes, which the per-expert GEMMs (and a remote
+        # runtime's messages) need on the host.  nonzero_static then needs no second one.
+        counts = effective.sum(0).tolist()
+        routed_count = sum(counts)
+        if not routed_count:
+            return h
+        routed = torch.nonzero_static(effective.t(), size=routed_count)  # [M, 2] (expert, row)
+        experts_of_slot, rows = routed[:, 0], routed[:, 1]
+        groups = h.index_select(0, rows).split(counts)
+        expert_out = torch.cat(self.run_experts(counts, groups))
+        slot_weights = weights[rows, experts_of_slot].unsqueeze(1).to(expert_out.dtype)
+        return h.index_add(0, rows, (expert_out * slot_weights).to(h.dtype))
 
     def run_experts(self, counts: list[int], groups: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """Run expert k on ``groups[k]`` ([counts[k], d], the rows routed to k); return the
@@ -461,20 +557,24 @@ class MoELayer(nn.Module):
         return [self.experts[k](group) for k, group in enumerate(groups) if counts[k]]
 
     @staticmethod
-    def _metrics(scores: torch.Tensor, selection: Selection, effective: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-batch means (see METRIC_WEIGHTS) as detached float64 CPU tensors."""
+    def _metrics(scores: torch.Tensor, selection: Selection, effective: torch.Tensor,
+                 channel_failed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-batch means (see METRIC_WEIGHTS) as detached float64 tensors on the layer's device
+        (read on the host only when logged).  channel_failed [B, K]: the links the channel
+        failed, before training-time link dropout (counted apart, as link_dropout_rate)."""
         B = effective.shape[0]
         inputs = max(B, 1)
         f64 = torch.float64
-        selected_links = selection.mask.sum()
-        s = scores.to("cpu", f64)
+        selected_links = selection.mask.sum().to(f64)
+        s = scores.to(f64)
         entropy = -torch.special.xlogy(s, s).sum(1)
         return {
-            "count": torch.tensor(float(B), dtype=f64),
-            "selected_links": selected_links.to(f64),
+            "count": torch.tensor(float(B), dtype=f64, device=s.device),
+            "selected_links": selected_links,
             "energy_j": selection.energy.to(f64).sum() / inputs,
             "experts_per_input": effective.sum().to(f64) / inputs,
-            "outage_rate": selection.failed.sum().to(f64) / max(int(selected_links), 1),
+            "outage_rate": channel_failed.sum().to(f64) / selected_links.clamp_min(1.0),
+            "link_dropout_rate": (selection.failed & ~channel_failed).sum().to(f64) / selected_links.clamp_min(1.0),
             "violation_rate": selection.violation.sum().to(f64) / inputs,
             "drop_rate": (~effective.any(1)).sum().to(f64) / inputs,
             "certified_rate": selection.certified.sum().to(f64) / inputs,

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import stats
 from .plotting import target_text
-from .selection.registry import GAMMA_POLICIES
+from .selection.policies import POLICY_TABLE
 from .utils import atomic_write, atomic_write_text
 
 # The row every other row is compared with, image by image (when it was evaluated).
@@ -72,7 +72,18 @@ _MEAN_OVER_DRAWS = ("energy_per_token_uj", "experts_per_token", "outage_rate", "
 # Per MoE layer (energy per image at that layer; the rates per token at that layer).
 LAYER_METRICS = ("energy_uj", "experts_per_token", "outage_rate", "violation_rate", "drop_rate", "certified_rate")
 # Policies that solve an optimisation problem and can certify optimality.
-_CERTIFYING = GAMMA_POLICIES  # the policies with a problem to certify (and k_min / k_max)
+
+
+def _certifies(policy: str) -> bool:
+    """The policy solves a problem and reports certified optima (its certified column is shown)."""
+    entry = POLICY_TABLE.get(policy)
+    return entry is not None and entry.certifies
+
+
+def _bounded(policy: str) -> bool:
+    """The policy reads k_min / k_max (its k_min / k_max columns are filled)."""
+    entry = POLICY_TABLE.get(policy)
+    return entry is not None and entry.bounded
 
 
 def format_gamma(gamma: Any) -> str:
@@ -135,7 +146,7 @@ def summarise_draws(setting, results: list[dict[str, Any]], images: list[dict] |
             row[name] = statistics.fmean(r[name] for r in results)
     row["draws"] = draws
     row["inputs"] = int(results[0]["inputs"])
-    gamma_policy = setting.policy in _CERTIFYING
+    gamma_policy = _bounded(setting.policy)
     row["k_min"] = int(setting.k_min) if gamma_policy else ""
     row["k_max"] = ("" if setting.k_max is None else int(setting.k_max)) if gamma_policy else ""
     for layer in range(len(results[0].get("layers", []))):
@@ -246,7 +257,7 @@ def results_markdown(rows: list[dict[str, Any]], reference: str = REFERENCE_POLI
             f"{row.get('frame_overrun_rate', math.nan):.2%}",
             f"{row['violation_rate']:.2%}",
             f"{row['drop_rate']:.2%}",
-            f"{row['certified_rate']:.2%}" if name in _CERTIFYING else "-",
+            f"{row['certified_rate']:.2%}" if _certifies(name) else "-",
         )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -31,7 +31,9 @@ from dmoe_torch.config import (
 from dmoe_torch.data import DATASET_TRAIN_SIZES, DataInfo
 from dmoe_torch.eval_config import eval_policies, parse_policy, validate_eval_config
 from dmoe_torch.moe import RouterSpec
-from dmoe_torch.selection.registry import STATIC_POLICIES
+from dmoe_torch.selection.policies import POLICY_TABLE
+
+STATIC_POLICIES = tuple(n for n, p in POLICY_TABLE.items() if p.static_plan and p.token_solver is not None)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-CHECKED = {"routing_on_your_tensors.py", "channel_energies.py", "moe_in_your_model.py"}
+CHECKED = {"routing_on_your_tensors.py", "channel_energies.py", "moe_in_your_model.py", "custom_policy.py"}
 
 
 def run_example(name: str, *args: str) -> str:
@@ -48,3 +48,13 @@ def test_moe_in_your_model_learns(policy):
     assert last < 0.8 * first
     energies = [float(e) for e in re.findall(r"energy ([\d.]+) µJ/token", out)]
     assert energies and all(e > 0 for e in energies)
+
+
+def test_custom_policy_routes_and_trains():
+    """A policy registered from user code routes through route() and MoELayer and trains."""
+    out = run_example("custom_policy.py", "--steps", "40")
+    experts, mine, top2 = map(float, re.search(r"price_rule: ([\d.]+) experts/input, energy ([\d.]+) µJ; "
+                                                 r"topk@2: energy ([\d.]+) µJ", out).groups())
+    assert 1.0 <= experts <= 2.0 and 0 < mine < top2
+    first, last = map(float, re.search(r"first 5 steps ([\d.]+), of the last 5 steps ([\d.]+)", out).groups())
+    assert last < 0.8 * first

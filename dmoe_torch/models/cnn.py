@@ -26,6 +26,8 @@ class ModelOutput:
     selections     L Selections (CPU)
     z_loss         scalar, mean over layers of the router z-loss (None: the model computes none;
                    train.z_loss_coef > 0 then fails)
+    energy_loss    scalar, sum over layers of the channel-aware gates' expected link cost
+                   (moe.expected_link_cost); None without model.channel_gate
     """
 
     logits: torch.Tensor
@@ -33,6 +35,7 @@ class ModelOutput:
     layer_metrics: list[dict[str, torch.Tensor]]
     selections: list[Selection]
     z_loss: torch.Tensor | None = None
+    energy_loss: torch.Tensor | None = None
 
     @classmethod
     def from_layers(cls, logits: torch.Tensor, results: list) -> "ModelOutput":
@@ -43,6 +46,8 @@ class ModelOutput:
             layer_metrics=[r.metrics for r in results],
             selections=[r.selection for r in results],
             z_loss=torch.stack([r.z_loss for r in results]).mean(),
+            energy_loss=(torch.stack([r.energy_loss for r in results]).sum()
+                         if all(r.energy_loss is not None for r in results) else None),
         )
 
 
@@ -79,6 +84,7 @@ class DMoEClassifier(nn.Module):
     link_dropout    training-time link dropout of every MoE layer (see MoELayer)
     combine         combine rule of every MoE layer (moe.COMBINE_RULES, see MoELayer)
     balance_on      what the load-balancing loss counts (moe.BALANCE_ON, see MoELayer)
+    channel_gate    the learned channel-aware gate in every MoE layer (see MoELayer)
 
     Stem: two conv(3x3)-BN-ReLU-maxpool(2) blocks (32, 64 channels), flatten, linear to d_model.
     """
@@ -95,6 +101,7 @@ class DMoEClassifier(nn.Module):
         link_dropout: float = 0.0,
         combine: str = "renormalized",
         balance_on: str = "selection",
+        channel_gate: bool = False,
     ) -> None:
         super().__init__()
         for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
@@ -115,7 +122,8 @@ class DMoEClassifier(nn.Module):
         # channels_last convolutions run ~1.5x faster on CPU (oneDNN) than NCHW ones.
         self.stem.to(memory_format=torch.channels_last)
         self.moe_layers = nn.ModuleList(
-            MoELayer(d_model, num_experts, hidden_mult, link_dropout, combine=combine, balance_on=balance_on)
+            MoELayer(d_model, num_experts, hidden_mult, link_dropout, combine=combine, balance_on=balance_on,
+                     channel_gate=channel_gate)
             for _ in range(num_moe_layers)
         )
         self.norm = nn.LayerNorm(d_model)

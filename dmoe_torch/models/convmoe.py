@@ -63,6 +63,7 @@ class ConvMoEClassifier(nn.Module):
     kernel_size  of the depthwise token-mixing convs (odd)
     link_dropout training-time link dropout of every MoE layer (see MoELayer)
     combine, balance_on  the MoE layers' combine rule and load-balancing mask (see MoELayer)
+    channel_gate the learned channel-aware gate in every MoE layer (see MoELayer)
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class ConvMoEClassifier(nn.Module):
         link_dropout: float = 0.0,
         combine: str = "renormalized",
         balance_on: str = "selection",
+        channel_gate: bool = False,
     ) -> None:
         super().__init__()
         for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
@@ -99,7 +101,8 @@ class ConvMoEClassifier(nn.Module):
         self.stem.to(memory_format=torch.channels_last)
         self.mixers.to(memory_format=torch.channels_last)
         self.moe_layers = nn.ModuleList(
-            MoELayer(d_model, num_experts, hidden_mult, link_dropout, combine=combine, balance_on=balance_on)
+            MoELayer(d_model, num_experts, hidden_mult, link_dropout, combine=combine, balance_on=balance_on,
+                     channel_gate=channel_gate)
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(d_model)

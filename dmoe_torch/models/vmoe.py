@@ -59,12 +59,13 @@ class Block(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, hidden_mult: int, num_experts: int | None,
-                 link_dropout: float = 0.0, combine: str = "renormalized", balance_on: str = "selection") -> None:
+                 link_dropout: float = 0.0, combine: str = "renormalized", balance_on: str = "selection",
+                 channel_gate: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads)
         self.moe = MoELayer(d_model, num_experts, hidden_mult, link_dropout, combine=combine,
-                            balance_on=balance_on) if num_experts else None
+                            balance_on=balance_on, channel_gate=channel_gate) if num_experts else None
         self.mlp = None if num_experts else Expert(d_model, hidden_mult)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +90,7 @@ class VMoEClassifier(nn.Module):
     link_dropout training-time link dropout of every MoE block (see MoELayer)
     combine      combine rule of every MoE block (moe.COMBINE_RULES, see MoELayer)
     balance_on   what the load-balancing loss counts (moe.BALANCE_ON, see MoELayer)
+    channel_gate the learned channel-aware gate in every MoE layer (see MoELayer)
     stem         "conv": a 3x3 conv-BN-GELU layer (d_model / 2 channels) before the patch
                  embedding; "conv2": that layer, then a stride-2 3x3 conv-BN-GELU (d_model
                  channels), and patches of patch_size / 2 on the half-size map (the same tokens;
@@ -112,6 +114,7 @@ class VMoEClassifier(nn.Module):
         link_dropout: float = 0.0,
         combine: str = "renormalized",
         balance_on: str = "selection",
+        channel_gate: bool = False,
     ) -> None:
         super().__init__()
         for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
@@ -152,7 +155,7 @@ class VMoEClassifier(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, self.tokens_per_input, d_model) * 0.02)
         self.blocks = nn.ModuleList(
             Block(d_model, num_heads, hidden_mult, num_experts if i in self.moe_block_ids else None, link_dropout,
-                  combine, balance_on)
+                  combine, balance_on, channel_gate)
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(d_model)

@@ -22,26 +22,26 @@ import math
 
 import torch
 
-from .common import Selection, validate_inputs
+from .common import Selection, is_int, is_real, validate_inputs
 
 __all__ = ["static_subcarriers", "static_costs", "topk", "channel_topk", "random_topk", "dense"]
 
 
-def static_subcarriers(num_experts: int, num_subcarriers: int) -> torch.Tensor:
-    """Static subcarrier plan a(k) = k mod N as an int64 tensor [K]."""
-    return torch.arange(num_experts, dtype=torch.int64) % num_subcarriers
+def static_subcarriers(num_experts: int, num_subcarriers: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Static subcarrier plan a(k) = k mod N as an int64 tensor [K] on ``device`` (default CPU)."""
+    return torch.arange(num_experts, dtype=torch.int64, device=device) % num_subcarriers
 
 
 def static_plan_for(mask: torch.Tensor, num_subcarriers: int) -> torch.Tensor:
     """Subcarriers [B, K] of a static-plan selection: a(k) where mask [B, K] is set, else -1."""
-    plan = static_subcarriers(mask.shape[1], num_subcarriers).expand_as(mask)
+    plan = static_subcarriers(mask.shape[1], num_subcarriers, mask.device).expand_as(mask)
     return torch.where(mask, plan, torch.full_like(plan, -1))
 
 
 def static_costs(costs: torch.Tensor) -> torch.Tensor:
     """Costs [B, K, N] -> [B, K]: each expert's cost on its static subcarrier k mod N."""
     B, K, N = costs.shape
-    plan = static_subcarriers(K, N)
+    plan = static_subcarriers(K, N, costs.device)
     return costs.gather(2, plan.view(1, K, 1).expand(B, K, 1)).squeeze(2)
 
 
@@ -55,15 +55,15 @@ def check_static_plan(costs: torch.Tensor) -> None:
 
 
 def check_k(k, num_experts: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    if not is_int(k):
         raise ValueError(f"k must be an int, got {k!r}")
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be in [1, K={num_experts}], got {k}")
-    return k
+    return int(k)
 
 
 def check_failure_energy(failure_energy) -> float:
-    if isinstance(failure_energy, bool) or not isinstance(failure_energy, (int, float)):
+    if not is_real(failure_energy):
         raise ValueError(f"failure_energy must be a float >= 0 (joules), got {failure_energy!r}")
     value = float(failure_energy)
     if not (math.isfinite(value) and value >= 0.0):
@@ -99,9 +99,9 @@ def _static_selection(mask: torch.Tensor, costs: torch.Tensor, failure_energy: f
         energy=energy,
         violation=dropped.clone(),
         dropped=dropped,
-        nodes=torch.zeros(B, dtype=torch.int64),
-        lower_bound=torch.full((B,), math.nan, dtype=torch.float64),
-        certified=torch.zeros(B, dtype=torch.bool),
+        nodes=torch.zeros(B, dtype=torch.int64, device=mask.device),
+        lower_bound=torch.full((B,), math.nan, dtype=torch.float64, device=mask.device),
+        certified=torch.zeros(B, dtype=torch.bool, device=mask.device),
         failed=failed,
     )
 
@@ -109,7 +109,7 @@ def _static_selection(mask: torch.Tensor, costs: torch.Tensor, failure_energy: f
 def _mask_from_ranking(ranked_experts: torch.Tensor, count: int, num_experts: int) -> torch.Tensor:
     """Mask [B, K] with the first `count` experts of each row of ranked_experts [B, K]."""
     B = ranked_experts.shape[0]
-    mask = torch.zeros(B, num_experts, dtype=torch.bool)
+    mask = torch.zeros(B, num_experts, dtype=torch.bool, device=ranked_experts.device)
     mask.scatter_(1, ranked_experts[:, :count], True)
     return mask
 
@@ -125,7 +125,7 @@ def topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_energy: f
 
 
 def topk_validated(s: torch.Tensor, c: torch.Tensor, k: int, failure_energy: float) -> Selection:
-    """:func:`topk` on checked inputs (CPU float64 scores [B, K], costs [B, K, N], N >= K)."""
+    """:func:`topk` on checked inputs (float64 scores [B, K], costs [B, K, N] on one device, N >= K)."""
     ranking = torch.sort(s, dim=1, descending=True, stable=True).indices
     return _static_selection(_mask_from_ranking(ranking, k, s.shape[1]), c, failure_energy)
 
@@ -170,8 +170,9 @@ def random_topk_validated(
 ) -> Selection:
     """:func:`random_topk` on checked inputs."""
     B, K = s.shape
-    # Ranking i.i.d. uniform keys gives a uniformly random permutation per row.
-    keys = torch.rand(B, K, generator=generator, dtype=torch.float64)
+    # Ranking i.i.d. uniform keys gives a uniformly random permutation per row.  The keys come
+    # from the CPU generator on every device, so a seed gives the same experts everywhere.
+    keys = torch.rand(B, K, generator=generator, dtype=torch.float64).to(s.device, non_blocking=True)
     ranking = torch.argsort(keys, dim=1)
     return _static_selection(_mask_from_ranking(ranking, k, K), c, failure_energy)
 

@@ -7,6 +7,7 @@ energies in joules; ``+inf`` marks an unreachable expert / link in outage.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -63,20 +64,55 @@ class Selection:
         return Selection(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-def empty_selection(batch_size: int, num_experts: int) -> Selection:
-    """An all-False selection with zero energy; policies fill it in."""
+def empty_selection(batch_size: int, num_experts: int, device: torch.device | str | None = None) -> Selection:
+    """An all-False selection with zero energy on ``device`` (default CPU); policies fill it in."""
     B, K = batch_size, num_experts
     return Selection(
-        mask=torch.zeros(B, K, dtype=torch.bool),
-        subcarrier=torch.full((B, K), -1, dtype=torch.int64),
-        energy=torch.zeros(B, dtype=torch.float64),
-        violation=torch.zeros(B, dtype=torch.bool),
-        dropped=torch.zeros(B, dtype=torch.bool),
-        nodes=torch.zeros(B, dtype=torch.int64),
-        lower_bound=torch.full((B,), math.nan, dtype=torch.float64),
-        certified=torch.zeros(B, dtype=torch.bool),
-        failed=torch.zeros(B, K, dtype=torch.bool),
+        mask=torch.zeros(B, K, dtype=torch.bool, device=device),
+        subcarrier=torch.full((B, K), -1, dtype=torch.int64, device=device),
+        energy=torch.zeros(B, dtype=torch.float64, device=device),
+        violation=torch.zeros(B, dtype=torch.bool, device=device),
+        dropped=torch.zeros(B, dtype=torch.bool, device=device),
+        nodes=torch.zeros(B, dtype=torch.int64, device=device),
+        lower_bound=torch.full((B,), math.nan, dtype=torch.float64, device=device),
+        certified=torch.zeros(B, dtype=torch.bool, device=device),
+        failed=torch.zeros(B, K, dtype=torch.bool, device=device),
     )
+
+
+def is_real(value) -> bool:
+    """A Python or numpy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def is_int(value) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_gamma(gamma, key: str = "gamma") -> float:
+    """gamma as a float; ValueError naming ``key`` unless it is a real number in (0, 1]."""
+    if not is_real(gamma) or not 0.0 < float(gamma) <= 1.0:
+        raise ValueError(f"{key} must be a float in (0, 1], got {gamma!r}")
+    return float(gamma)
+
+
+def check_bounds(k_min, k_max, num_experts: int, prefix: str = "") -> tuple[int, int]:
+    """(k_min, k_max) as ints with k_max None -> K; ValueError naming the key unless
+    1 <= k_min <= k_max <= K."""
+    if k_max is None:
+        k_max = num_experts
+    for name, value in (("k_min", k_min), ("k_max", k_max)):
+        if not is_int(value):
+            raise ValueError(f"{prefix}{name} must be an int, got {value!r}")
+    k_min, k_max = int(k_min), int(k_max)
+    if k_min < 1:
+        raise ValueError(f"{prefix}k_min must be >= 1, got {k_min}")
+    if k_max < k_min:
+        raise ValueError(f"{prefix}k_min ({k_min}) must be <= {prefix}k_max ({k_max})")
+    if k_max > num_experts:
+        raise ValueError(f"{prefix}k_max ({k_max}) must be <= the number of experts K ({num_experts})")
+    return k_min, k_max
 
 
 def validate_inputs(
@@ -87,12 +123,17 @@ def validate_inputs(
     k_max: int | None,
     *,
     cost_ndim: int,
+    keep_device: bool = False,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, float, int, int]:
-    """Check a policy's inputs and return them as CPU float64 tensors.
+    """Check a policy's inputs and return them as float64 tensors.
 
     scores: [B, K] relevance scores, rows sum to 1; costs: [B, K] (cost_ndim=2) or
     [B, K, N] (cost_ndim=3) energies in J, >= 0 or +inf.  Returns
-    (scores64, costs64, gamma, k_min, k_max) with k_max resolved (None -> K).
+    (scores64, costs64, gamma, k_min, k_max) with k_max resolved (None -> K), on the CPU, or
+    with keep_device on scores' device (costs moved there).  check_values=False skips the
+    checks of the tensors' values (NaN, signs, row sums), which on an accelerator would wait
+    for the device: the MoE layer's own softmax and channel need none of them.
     Raises ValueError naming the bad argument.
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
@@ -110,35 +151,26 @@ def validate_inputs(
     B, K = scores.shape
     if K < 1:
         raise ValueError("scores must have at least one expert (K >= 1)")
-    s = scores.detach().to("cpu", torch.float64)
-    c = costs.detach().to("cpu", torch.float64)
-    if not torch.isfinite(s).all():
-        raise ValueError("scores contain NaN or inf; they must be finite probabilities")
-    if (s < 0).any():
-        raise ValueError("scores contain negative values; they must be probabilities in [0, 1]")
-    if B and ((s.sum(1) - 1).abs() > SCORE_SUM_TOL).any():
-        worst = (s.sum(1) - 1).abs().max().item()
-        raise ValueError(f"scores rows must sum to 1 within {SCORE_SUM_TOL} (worst deviation {worst:.3g})")
-    if torch.isnan(c).any():
-        raise ValueError("costs contain NaN; use +inf for unreachable links")
-    if (c < 0).any():
-        raise ValueError("costs contain negative values; energies must be >= 0 (or +inf)")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0.0 < float(gamma) <= 1.0):
-        raise ValueError(f"gamma must be a float in (0, 1], got {gamma!r}")
-    if k_max is None:
-        k_max = K
-    for name, value in (("k_min", k_min), ("k_max", k_max)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an int, got {value!r}")
-    if k_min < 1:
-        raise ValueError(f"k_min must be >= 1, got {k_min}")
-    if k_max < k_min:
-        raise ValueError(f"k_min ({k_min}) must be <= k_max ({k_max})")
-    if k_max > K:
-        raise ValueError(f"k_max ({k_max}) must be <= the number of experts K ({K})")
+    device = scores.device if keep_device else torch.device("cpu")
+    s = scores.detach().to(device, torch.float64)
+    c = costs.detach().to(device, torch.float64, non_blocking=True)
+    if check_values:
+        if not torch.isfinite(s).all():
+            raise ValueError("scores contain NaN or inf; they must be finite probabilities")
+        if (s < 0).any():
+            raise ValueError("scores contain negative values; they must be probabilities in [0, 1]")
+        if B and ((s.sum(1) - 1).abs() > SCORE_SUM_TOL).any():
+            worst = (s.sum(1) - 1).abs().max().item()
+            raise ValueError(f"scores rows must sum to 1 within {SCORE_SUM_TOL} (worst deviation {worst:.3g})")
+        if torch.isnan(c).any():
+            raise ValueError("costs contain NaN; use +inf for unreachable links")
+        if (c < 0).any():
+            raise ValueError("costs contain negative values; energies must be >= 0 (or +inf)")
+    gamma = check_gamma(gamma)
+    k_min, k_max = check_bounds(k_min, k_max, K)
     if cost_ndim == 3 and costs.shape[2] < k_min:
         raise ValueError(f"costs has N={costs.shape[2]} subcarriers, fewer than k_min={k_min}")
-    return s, c, float(gamma), k_min, k_max
+    return s, c, gamma, k_min, k_max
 
 
 def _describe(x) -> str:

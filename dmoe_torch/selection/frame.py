@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import RELEVANCE_TOL
+from .common import RELEVANCE_TOL, check_bounds, check_gamma
 from .frame_kernels import ENERGY_RTOL, _link_order, _place
 
 __all__ = [
@@ -112,14 +112,8 @@ def validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max):
     if ((c > 0) != np.isfinite(e)).any():
         raise ValueError("capacity must be 0 exactly where costs are +inf (a link in outage carries nothing)")
     K, N = e.shape[1], e.shape[2]
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < float(gamma) <= 1.0:
-        raise ValueError(f"gamma must be a float in (0, 1], got {gamma!r}")
-    k_max = K if k_max is None else k_max
-    for name, value in (("k_min", k_min), ("k_max", k_max)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be an int, got {value!r}")
-    if not 1 <= k_min <= k_max <= K:
-        raise ValueError(f"need 1 <= k_min ({k_min}) <= k_max ({k_max}) <= K ({K})")
+    gamma = check_gamma(gamma)
+    k_min, k_max = check_bounds(k_min, k_max, K)
     if N < k_min:
         raise ValueError(f"N={N} subcarriers is fewer than k_min={k_min}")
     return s, e, c, float(gamma), int(k_min), int(min(k_max, N))

@@ -2,14 +2,20 @@
 
 The MoE layer calls ``route(policy, scores, costs, ...)`` with the gate's scores ``[B, K]``
 and the channel's per-link costs ``[B, K, N]`` (joules, ``+inf`` = outage) for every policy,
-so switching policy is a config change.
+so switching policy is a config change.  Both look the policy up in the policy table
+(policies.py) and call its solver; this module also registers the built-in policies.
 
 Subcarriers.  ``jesa`` and ``optimal`` choose a subcarrier per selected expert from the full
-cost tensor.  The other policies use the static plan a(k) = k mod N: ``des`` solves P1 on
+cost tensor.  The static policies use the plan a(k) = k mod N: ``des`` solves P1 on
 ``costs[b, k, k mod N]`` and the registry fills ``subcarrier`` with a(k) for the selected
 experts.  The static plan gives distinct subcarriers only when N >= K, so static policies
 raise a ValueError when N < K; with it every policy's result uses each subcarrier at most
 once per input.
+
+Devices.  Token routing runs on the scores' device.  The exact policies (des, jesa,
+optimal) enumerate the candidate sets in torch (enumerate.py) when there are few of them
+(K <= 16 and k_max <= 3 with the default limit) and otherwise run the numba / HiGHS solvers
+on the CPU and move the result back; both are exact and agree (tests/test_enumerate.py).
 """
 from __future__ import annotations
 
@@ -17,24 +23,16 @@ import numpy as np
 import torch
 
 from . import baselines
-from .common import Selection, empty_selection, validate_inputs
+from .common import Selection, empty_selection, is_real, validate_inputs
 from .des import des_validated
+from .enumerate import des_enumerate, enumerable, jesa_enumerate, optimal_enumerate
 from .frame import FrameSelection, plan_from_owner, validate_frame_inputs
 from .frame_baselines import frame_tokenwise, frame_topk_capacity, frame_topk_overrun
 from .frame_jesa import frame_jesa
 from .jesa import jesa_validated
+from .policies import POLICY_TABLE, RouteArgs, get_policy, register_policy
 
-# "none" bypasses every expert (the residual passes through, no transmission): the floor of
-# an accuracy-vs-energy curve.
-POLICIES = ("none", "topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal")
-STATIC_POLICIES = ("topk", "channel_topk", "random_topk", "dense", "des")
-# Policies whose cardinality is the fixed `k` (the others use gamma, k_min, k_max or take all).
-FIXED_K_POLICIES = ("topk", "channel_topk", "random_topk")
-# Policies driven by the relevance target gamma with k_min / k_max (jesa_tokenwise: image frames only).
-GAMMA_POLICIES = ("des", "jesa", "optimal", "jesa_tokenwise")
-
-__all__ = ["POLICIES", "STATIC_POLICIES", "FIXED_K_POLICIES", "GAMMA_POLICIES", "FRAME_POLICIES", "FRAME_ONLY_POLICIES",
-           "TOKEN_ONLY_POLICIES", "route", "route_frames"]
+__all__ = ["route", "route_frames", "RESCUE_ROUNDS"]
 
 
 def route(
@@ -46,71 +44,87 @@ def route(
     k: int = 2,
     k_min: int = 1,
     k_max: int | None = None,
+    lam: float | None = None,
     failure_energy: float = 0.0,
     generator: torch.Generator | None = None,
+    check_values: bool = True,
 ) -> Selection:
-    """Run routing policy `policy` on a batch.
+    """Run routing policy `policy` (a name of the policy table) on a batch.
 
     scores [B, K] gate probabilities (rows sum to 1); costs [B, K, N] link energies in J
-    (+inf = outage).  gamma, k_min, k_max: the relevance target and cardinality bounds of
-    des / jesa / optimal; k: the cardinality of topk / channel_topk / random_topk;
-    failure_energy: J counted per failed attempt of a channel-unaware policy (P_ap * T_max);
-    generator: torch.Generator for random_topk.  Returns a CPU :class:`Selection`.
+    (+inf = outage), moved to scores' device.  gamma, k_min, k_max: the relevance target and
+    cardinality bounds of the target-driven policies (des, jesa, optimal, greedy, lagrangian);
+    k: the cardinality of topk / channel_topk / random_topk; lam: the multiplier [1/J] of
+    lagrangian; failure_energy: J counted per failed attempt of a channel-unaware policy
+    (P_ap * T_max); generator: CPU torch.Generator of random policies; check_values=False
+    skips the value checks of scores and costs (they would wait for an accelerator; see
+    ``validate_inputs``).  Returns a :class:`Selection` on scores' device.
     Raises ValueError naming the bad argument.
     """
-    if policy in FRAME_ONLY_POLICIES:
-        raise ValueError(f"policy={policy!r} exists only for image frames (channel.frame=image); with token "
-                         f"frames use one of {', '.join(POLICIES)}")
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    entry = get_policy(policy, frame="token")
     # Validate the shared arguments once, for every policy, so a bad config fails whatever
-    # the policy; the policies below then run on the checked CPU float64 tensors.
-    s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=3)
-    if policy in STATIC_POLICIES:
+    # the policy; the solvers then run on the checked float64 tensors.
+    s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=3, keep_device=True,
+                                                check_values=check_values)
+    if entry.static_plan:
         baselines.check_static_plan(c)
-    if policy in FIXED_K_POLICIES:
+    if entry.fixed_k:
         k = baselines.check_k(k, s.shape[1])
-    failure_energy = baselines.check_failure_energy(failure_energy)
-
-    if policy == "none":  # no expert, no transmission; like every baseline, violation = dropped
-        selection = empty_selection(*s.shape)
-        selection.dropped.fill_(True)
-        selection.violation.fill_(True)
-        return selection
-    if policy == "topk":
-        return baselines.topk_validated(s, c, k, failure_energy)
-    if policy == "channel_topk":
-        return baselines.channel_topk_validated(s, c, k, failure_energy)
-    if policy == "random_topk":
-        return baselines.random_topk_validated(s, c, k, baselines.check_generator(generator), failure_energy)
-    if policy == "dense":
-        return baselines.dense_validated(s, c, failure_energy)
-    if policy == "des":
-        return _static_des(s, c, gamma, k_min, k_max)
-    if policy == "jesa":
-        return jesa_validated(s, c, gamma, k_min, k_max)
-    # policy == "optimal": exact P2 by MILP; imported lazily (scipy.optimize.milp is only
-    # needed for this reference policy).
-    from .exact import milp_p2
-
-    return milp_p2(s, c, gamma, k_min, k_max)
+    if "lam" in entry.params:
+        lam = check_lam(lam)
+    if "generator" in entry.params:
+        baselines.check_generator(generator)
+    args = RouteArgs(gamma=gamma, k=k, k_min=k_min, k_max=k_max, lam=lam,
+                     failure_energy=baselines.check_failure_energy(failure_energy), generator=generator)
+    return entry.token_solver(s, c, args)
 
 
-def _static_des(s: torch.Tensor, c: torch.Tensor, gamma: float, k_min: int, k_max: int) -> Selection:
+def check_lam(lam, key: str = "lam") -> float:
+    """The Lagrange multiplier [1/J] as a float; ValueError naming ``key`` unless a finite real >= 0."""
+    if not is_real(lam) or not np.isfinite(float(lam)) or float(lam) < 0:
+        raise ValueError(f"{key} must be a finite float >= 0 (relevance per joule, 1/J), got {lam!r}")
+    return float(lam)
+
+
+# --------------------------------------------------------------------------------------
+# built-in token solvers: (scores [B, K], costs [B, K, N], RouteArgs) -> Selection
+# --------------------------------------------------------------------------------------
+def _none(s: torch.Tensor, c: torch.Tensor, a: RouteArgs) -> Selection:
+    """No expert, no transmission; like every baseline, violation = dropped."""
+    selection = empty_selection(*s.shape, device=s.device)
+    selection.dropped.fill_(True)
+    selection.violation.fill_(True)
+    return selection
+
+
+def _on_host(solver, s: torch.Tensor, c: torch.Tensor, *args) -> Selection:
+    """A numba / HiGHS solver on CPU copies of s and c, its Selection moved back to s's device."""
+    return solver(s.cpu(), c.cpu(), *args).to(s.device)
+
+
+def _des(s: torch.Tensor, c: torch.Tensor, a: RouteArgs) -> Selection:
     """DES (P1) on the static plan: costs c[b, k, k mod N], subcarrier a(k) for selected experts."""
-    result = des_validated(s, baselines.static_costs(c), gamma, k_min, k_max)
+    static = baselines.static_costs(c)
+    if enumerable(s.shape[1], a.k_min, a.k_max):
+        result = des_enumerate(s, static, a.gamma, a.k_min, a.k_max)
+    else:
+        result = _on_host(des_validated, s, static, a.gamma, a.k_min, a.k_max)
     result.subcarrier = baselines.static_plan_for(result.mask, c.shape[2])
     return result
 
 
-# Policies under channel.frame=image.  topk is channel-unaware as in the token frame: it
-# ignores capacity, and its links beyond capacity fail (P_ap T_max each); topk_capacity is
-# Switch-style dropping at the channel-set capacity; des and jesa_tokenwise solve P1 / P2
-# token by token and are truncated to capacity; jesa is the P3 solver; optimal the P3 MILP.
-FRAME_POLICIES = ("none", "topk", "topk_capacity", "des", "jesa_tokenwise", "jesa", "optimal")
-# Frame policies that have no token-frame meaning, and token policies with no image-frame one.
-FRAME_ONLY_POLICIES = tuple(p for p in FRAME_POLICIES if p not in POLICIES)
-TOKEN_ONLY_POLICIES = tuple(p for p in POLICIES if p not in FRAME_POLICIES)
+def _jesa(s: torch.Tensor, c: torch.Tensor, a: RouteArgs) -> Selection:
+    if enumerable(s.shape[1], a.k_min, min(a.k_max, c.shape[2])):
+        return jesa_enumerate(s, c, a.gamma, a.k_min, a.k_max)
+    return _on_host(jesa_validated, s, c, a.gamma, a.k_min, a.k_max)
+
+
+def _optimal(s: torch.Tensor, c: torch.Tensor, a: RouteArgs) -> Selection:
+    if enumerable(s.shape[1], a.k_min, min(a.k_max, c.shape[2])):
+        return optimal_enumerate(s, c, a.gamma, a.k_min, a.k_max)
+    from .exact import milp_p2  # scipy's MILP, only for large instances of the reference policy
+
+    return _on_host(milp_p2, s, c, a.gamma, a.k_min, a.k_max)
 
 
 # Price rounds jesa spends on the frames its heuristic left without a feasible plan (capacity
@@ -120,7 +134,7 @@ RESCUE_ROUNDS = 8
 
 
 def route_frames(policy: str, scores, costs, capacity, *, gamma: float = 1.0, k: int = 2, k_min: int = 1,
-                 k_max: int | None = None, failure_energy: float = 0.0, price_rounds: int = 0,
+                 k_max: int | None = None, lam: float | None = None, failure_energy: float = 0.0, price_rounds: int = 0,
                  rescue_rounds: int = RESCUE_ROUNDS) -> FrameSelection:
     """Route image frames: scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens.
 
@@ -129,28 +143,76 @@ def route_frames(policy: str, scores, costs, capacity, *, gamma: float = 1.0, k:
     (P_ap T_max); price_rounds: Lagrangian rounds of jesa on every uncertified frame,
     rescue_rounds: on the frames left without a feasible plan only (see ``frame_jesa``).
     Raises ValueError naming the bad argument."""
-    if policy not in FRAME_POLICIES:
-        raise ValueError(f"policy={policy!r} is not available with image frames; one of {', '.join(FRAME_POLICIES)}")
+    entry = get_policy(policy, frame="image")
     s, e, c, gamma, k_min, k_max = validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max)
-    K = s.shape[2]
-    if policy in ("topk", "topk_capacity") and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K):
-        raise ValueError(f"k must be an int in [1, {K}], got {k!r}")
-    if policy == "none":
-        F, T, _ = s.shape
-        plan = plan_from_owner(s, e, c, np.full((F, e.shape[2]), -1, dtype=np.int64), np.zeros(s.shape, dtype=np.bool_), gamma, k_min)
-        plan.violation[:] = True
-        plan.feasible[:] = False
-        return plan
-    if policy == "topk":
-        return frame_topk_overrun(s, e, c, k, failure_energy)
-    if policy == "topk_capacity":
-        return frame_topk_capacity(s, e, c, k)
-    if policy == "des":
-        return frame_tokenwise(s, e, c, "des", gamma, k_min, k_max)
-    if policy == "jesa_tokenwise":
-        return frame_tokenwise(s, e, c, "jesa", gamma, k_min, k_max)
-    if policy == "jesa":
-        return frame_jesa(s, e, c, gamma, k_min, k_max, price_rounds=price_rounds, rescue_rounds=rescue_rounds)
+    if entry.fixed_k:
+        k = baselines.check_k(k, s.shape[2])
+    if "lam" in entry.params:
+        lam = check_lam(lam)
+    args = RouteArgs(gamma=gamma, k=k, k_min=k_min, k_max=k_max, lam=lam,
+                     failure_energy=baselines.check_failure_energy(failure_energy),
+                     price_rounds=price_rounds, rescue_rounds=rescue_rounds)
+    return entry.frame_solver(s, e, c, args)
+
+
+# --------------------------------------------------------------------------------------
+# built-in frame solvers: (scores [F, T, K], costs [F, K, N], capacity [F, K, N], RouteArgs)
+# --------------------------------------------------------------------------------------
+def _frame_none(s, e, c, a: RouteArgs) -> FrameSelection:
+    F = s.shape[0]
+    plan = plan_from_owner(s, e, c, np.full((F, e.shape[2]), -1, dtype=np.int64), np.zeros(s.shape, dtype=np.bool_),
+                           a.gamma, a.k_min)
+    plan.violation[:] = True
+    plan.feasible[:] = False
+    return plan
+
+
+def _frame_optimal(s, e, c, a: RouteArgs) -> FrameSelection:
     from .exact import milp_p3  # scipy's MILP, only for the reference policy
 
-    return milp_p3(s, e, c, gamma, k_min, k_max)
+    return milp_p3(s, e, c, a.gamma, a.k_min, a.k_max)
+
+
+# --------------------------------------------------------------------------------------
+# the built-in policies
+# --------------------------------------------------------------------------------------
+_TARGET = ("gamma", "k_min", "k_max")
+_FIXED_K = ("k", "failure_energy")
+_EXACT_DEVICES = "any (torch enumeration when K <= 16, k_max <= 3); else CPU (numba / HiGHS)"
+_BUILTINS = (
+    dict(name="none", summary="no expert at all: the residual passes through (the floor of a curve)",
+         token_solver=_none, frame_solver=_frame_none, subcarriers="none", channel_aware=False),
+    dict(name="topk", summary="the k highest scores, channel-blind; links in outage fail",
+         token_solver=lambda s, c, a: baselines.topk_validated(s, c, a.k, a.failure_energy),
+         frame_solver=lambda s, e, c, a: frame_topk_overrun(s, e, c, a.k, a.failure_energy),
+         params=_FIXED_K, subcarriers="static", channel_aware=False),
+    dict(name="channel_topk", summary="the k cheapest reachable experts, relevance-blind",
+         token_solver=lambda s, c, a: baselines.channel_topk_validated(s, c, a.k, a.failure_energy),
+         params=_FIXED_K, subcarriers="static", channel_aware=True),
+    dict(name="random_topk", summary="k experts drawn at random; links in outage fail",
+         token_solver=lambda s, c, a: baselines.random_topk_validated(s, c, a.k, a.generator, a.failure_energy),
+         params=(*_FIXED_K, "generator"), subcarriers="static", channel_aware=False),
+    dict(name="dense", summary="every reachable expert (the dense mixture)",
+         token_solver=lambda s, c, a: baselines.dense_validated(s, c, a.failure_energy),
+         params=("failure_energy",), subcarriers="static", channel_aware=True),
+    dict(name="des", summary="P1 optimum by DES: least energy reaching relevance gamma, static subcarriers",
+         token_solver=_des, frame_solver=lambda s, e, c, a: frame_tokenwise(s, e, c, "des", a.gamma, a.k_min, a.k_max),
+         params=_TARGET, subcarriers="static", channel_aware=True, certifies=True, devices=_EXACT_DEVICES),
+    dict(name="jesa", summary="JESA: P2 by iterated DES and subcarrier assignment (image frames: the P3 solver)",
+         token_solver=_jesa,
+         frame_solver=lambda s, e, c, a: frame_jesa(s, e, c, a.gamma, a.k_min, a.k_max, price_rounds=a.price_rounds,
+                                                    rescue_rounds=a.rescue_rounds),
+         params=_TARGET, subcarriers="joint", channel_aware=True, certifies=True, devices=_EXACT_DEVICES),
+    dict(name="optimal", summary="exact P2 (image frames: exact P3 by MILP): the reference",
+         token_solver=_optimal, frame_solver=_frame_optimal,
+         params=_TARGET, subcarriers="joint", channel_aware=True, certifies=True, devices=_EXACT_DEVICES),
+    dict(name="topk_capacity", summary="top-k with Switch-style dropping at each device's capacity",
+         frame_solver=lambda s, e, c, a: frame_topk_capacity(s, e, c, a.k),
+         params=("k",), subcarriers="static", channel_aware=False, devices="CPU"),
+    dict(name="jesa_tokenwise", summary="token-frame JESA per token, truncated to capacity",
+         frame_solver=lambda s, e, c, a: frame_tokenwise(s, e, c, "jesa", a.gamma, a.k_min, a.k_max),
+         params=_TARGET, subcarriers="joint", channel_aware=True, certifies=True, devices="CPU"),
+)
+for _record in _BUILTINS:
+    if _record["name"] not in POLICY_TABLE:
+        register_policy(**_record, _builtin=True)
