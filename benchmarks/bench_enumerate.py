@@ -215,6 +215,27 @@ def best_time(fn, repeats: int, device: torch.device) -> float:
     return min(times)
 
 
+def graph_time(fn, repeats: int) -> float | str:
+    """Best replay time of `fn` captured in a CUDA graph (possible because the solvers never
+    sync); the replay must reproduce the eager result.  The error text if capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            eager = fn()  # warm-up on a side stream, as torch.cuda.graph requires
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        if not (torch.equal(captured.mask, eager.mask) and torch.equal(captured.energy, eager.energy)):
+            return "replay differs from the eager result"
+        return best_time(graph.replay, repeats, torch.device("cuda"))
+    except RuntimeError as error:
+        return f"capture failed: {error}"[:300]
+
+
 def numba_on(device: torch.device, solver):
     """numba as the router would call it from `device`: copy there, solve, copy back."""
 
@@ -259,6 +280,11 @@ def time_case(K: int, N: int, k_max: int, rows: int, repeats: int, device: torch
             row["jesa_enumerate_no_compaction_s"] = best_time(jesa_enum, repeats, device)
         finally:
             enum._active_rows = saved
+    if device.type == "cuda":
+        row["des_enumerate_graph_s"] = graph_time(lambda: des_enumerate(st, ct, gamma, 1, k_max), repeats)
+        row["jesa_enumerate_graph_s"] = graph_time(jesa_enum, repeats)
+        if K <= 16:
+            row["optimal_enumerate_graph_s"] = graph_time(lambda: optimal_enumerate(st, et, gamma, 1, k_max), repeats)
     row["des_ratio_enum_over_numba"] = row["des_enumerate_s"] / row["des_numba_s"]
     row["jesa_ratio_enum_over_numba"] = row["jesa_enumerate_s"] / row["jesa_numba_s"]
     return row
@@ -281,6 +307,7 @@ def print_speed_row(row: dict) -> None:
     opt = row.get("optimal_enumerate_s", math.nan)
     milp = row.get("optimal_milp_s_scaled", math.nan)
     frozen = row.get("jesa_enumerate_no_compaction_s", math.nan)
+    graphs = {k: row[k] for k in ("des_enumerate_graph_s", "jesa_enumerate_graph_s", "optimal_enumerate_graph_s") if k in row}
     ms = {name: row[name] * 1e3 for name in ("des_numba_s", "des_enumerate_s", "jesa_numba_s", "jesa_enumerate_s")}
     print(
         f"K={row['K']:>2} N={row['N']:>2} k_max={row['k_max']} C={row['candidate_sets']:>5} | "
@@ -291,6 +318,10 @@ def print_speed_row(row: dict) -> None:
         f"optimal enum {opt * 1e3:9.1f} ms  MILP {milp:8.1f} s",
         flush=True,
     )
+    if graphs:
+        print("    CUDA graph replay: " + "  ".join(
+            f"{k.split('_')[0]} " + (f"{v * 1e3:.2f} ms" if isinstance(v, float) else v) for k, v in graphs.items()
+        ), flush=True)
 
 
 def device_checks(device: torch.device, seed: int) -> dict:

@@ -185,6 +185,11 @@ def _option_tuples(slots: int, ranks: int, device: torch.device) -> torch.Tensor
     return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), slots).to(device)
 
 
+def _joined(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """The row chunks' results as one tensor (no copy for a single chunk)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
 def _row_chunks(rows: int, width: int, device: torch.device) -> list[slice]:
     """Row slices whose [rows, width] tables fit the chunk budget of `device` (shape only)."""
     budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS_ACCELERATOR)
@@ -252,11 +257,12 @@ def _top_score_slots(scores: torch.Tensor, costs: torch.Tensor, count: int) -> t
     return experts, torch.isfinite(costs.gather(1, experts))
 
 
-def _des_core(scores: torch.Tensor, costs: torch.Tensor, threshold: float, k_min: int, k_max: int):
+def _des_core(scores: torch.Tensor, costs: torch.Tensor, threshold: float, k_min: int, k_max: int, fallback: bool = True):
     """P1 on float64 scores, costs [B, K]; returns (mask bool [B, K], feasible bool [B]).
 
     Feasible rows: the first cheapest candidate set reaching `threshold`; others: the
-    top-score fallback (an empty mask where no expert is reachable).
+    top-score fallback (an empty mask where no expert is reachable), or any set when
+    `fallback` is False (for callers that discard infeasible rows).
     """
     B, K = scores.shape
     sets = _candidate_sets(K, k_min, k_max, scores.device)
@@ -266,16 +272,18 @@ def _des_core(scores: torch.Tensor, costs: torch.Tensor, threshold: float, k_min
     # an unreachable expert's score becomes -(K + 1): every set holding it has relevance
     # below -K < threshold, while the other sets' relevance is computed unchanged
     reach_scores = torch.where(reachable, scores, -(K + 1.0))
-    best_set = torch.empty(B, dtype=torch.int64, device=scores.device)
-    feasible = torch.empty(B, dtype=torch.bool, device=scores.device)
+    best_set, feasible = [], []
     for rows in _row_chunks(B, sets.shape[0], scores.device):
         allowed = reach_scores[rows] @ members >= threshold
         energy = torch.where(allowed, finite_costs[rows] @ members, math.inf)
-        best_set[rows] = energy.argmin(1)  # first minimum: the first optimal set in candidate order
-        feasible[rows] = allowed.any(1)
+        best_set.append(energy.argmin(1))  # first minimum: the first optimal set in candidate order
+        feasible.append(allowed.any(1))
+    best_set, feasible = _joined(best_set), _joined(feasible)
+    if not fallback:
+        return sets[best_set], feasible
     fallback_experts, fallback_valid = _top_score_slots(scores, costs, k_max)
-    fallback = _mask_from_slots(fallback_experts, fallback_valid, K)
-    return torch.where(feasible[:, None], sets[best_set], fallback), feasible
+    fallback_mask = _mask_from_slots(fallback_experts, fallback_valid, K)
+    return torch.where(feasible[:, None], sets[best_set], fallback_mask), feasible
 
 
 def _ranked_links(costs3: torch.Tensor, ranks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,8 +411,7 @@ def _best_assignment_of_size(scores, rank_cost, rank_sub, threshold, size):
     relevance = scores[:, members[:, 0]]
     for j in range(1, size):
         relevance = relevance + scores[:, members[:, j]]
-    set_cost = torch.empty(B, C, dtype=torch.float64, device=scores.device)
-    set_tuple = torch.empty(B, C, dtype=torch.int64, device=scores.device)
+    set_cost, set_tuple = [], []
     for rows in _row_chunks(B, C * T, scores.device):
         # slot j of every set: its member's `size` cheapest links, [rows, C, size]
         costs = [rank_cost[rows][:, members[:, j], :size] for j in range(size)]
@@ -412,9 +419,10 @@ def _best_assignment_of_size(scores, rank_cost, rank_sub, threshold, size):
         total, allowed = _tuples(costs, subs)  # [rows, C, T]
         total = torch.where(allowed, total, math.inf)
         best = total.argmin(2, keepdim=True)
-        set_tuple[rows] = best[:, :, 0]
-        set_cost[rows] = total.gather(2, best)[:, :, 0]
-    set_cost = torch.where(relevance >= threshold, set_cost, math.inf)
+        set_tuple.append(best[:, :, 0])
+        set_cost.append(total.gather(2, best)[:, :, 0])
+    set_tuple = _joined(set_tuple)
+    set_cost = torch.where(relevance >= threshold, _joined(set_cost), math.inf)
     best_set = set_cost.argmin(1, keepdim=True)
     experts = members[best_set[:, 0]]  # [B, size]
     ranks = tuples[set_tuple.gather(1, best_set)[:, 0]]  # [B, size]
@@ -491,7 +499,7 @@ def _jesa_round(s, e, rank_cost, rank_sub, subcarrier, threshold, k_min, k_max):
 
     Returns (mask bool [B, K], subcarrier int64 [B, K], energy float64 [B] J, +inf where DES
     was infeasible or the set has no matching)."""
-    mask, feasible = _des_core(s, _updated_costs(e, subcarrier), threshold, k_min, k_max)
+    mask, feasible = _des_core(s, _updated_costs(e, subcarrier), threshold, k_min, k_max, fallback=False)
     subcarrier, energy = _assign_mask(rank_cost, rank_sub, mask, k_max)
     return mask, subcarrier, torch.where(feasible, energy, math.inf)
 
