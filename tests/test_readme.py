@@ -152,6 +152,20 @@ def test_every_relative_link_points_to_a_file_and_heading_that_exist(where, targ
         assert fragment in anchors(target), f"{where}: no heading #{fragment} in {target.name}"
 
 
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:benchmarks|conf|docs|examples|scripts|tests|dmoe_torch)/[\w./-]*)")
+
+
+def test_every_repository_path_and_make_target_the_readme_names_exists():
+    text = README.read_text()
+    paths = {path.rstrip(".") for path in REPO_PATH.findall(text)}
+    assert {"examples/channel_energies.py", "scripts/setup.sh"} <= paths
+    missing = sorted(path for path in paths if not (REPO / path).exists())
+    assert not missing, f"README.md names paths that do not exist: {missing}"
+    targets = set(re.findall(r"^([a-z]+):", (REPO / "Makefile").read_text(), re.M))
+    named = set(re.findall(r"\bmake ([a-z]+)\b", text))
+    assert {"run", "test"} <= named and named <= targets, sorted(named - targets)
+
+
 # --------------------------------------------------------------------------------------------
 # Help texts
 
