@@ -17,7 +17,7 @@ def router_specs(cfg: DictConfig, prefix: str, failure_energy: float) -> list:
     num_layers = validate_model(cfg).num_moe_layers
     return setting_specs(
         EvalPolicy(section.policy, int(section.k), _plain(section.gamma), int(section.k_min), _plain(section.k_max),
-                   OmegaConf.select(section, "outage_target", default=None)),
+                   OmegaConf.select(section, "outage_target", default=None), OmegaConf.select(section, "lam", default=None)),
         num_layers,
         failure_energy,
     )
@@ -36,6 +36,7 @@ def setting_specs(setting: EvalPolicy, num_layers: int, failure_energy: float) -
             k_max=None if setting.k_max is None else int(setting.k_max),
             failure_energy=float(failure_energy),
             outage_target=setting.outage_target,
+            lam=setting.lam,
         )
         for layer in range(num_layers)
     ]

@@ -129,12 +129,13 @@ def _range_text(minimum: int | None, maximum: int | None) -> str:
 TRAIN_TOP_KEYS = ("seed", "device", "progress", "resume", "resume_force", "data", "model", "channel", "router",
                   "eval_router", "train", "runtime")
 TRAIN_DATA_KEYS = ("name", "root", "batch_size", "val_size", "limit_train", "limit_test", "num_workers", "augment")
-ROUTER_KEYS = ("policy", "k", "gamma", "k_min", "k_max", "outage_target")
-TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "z_loss_coef", "grad_clip", "log_every",
+ROUTER_KEYS = ("policy", "k", "gamma", "k_min", "k_max", "lam", "outage_target")
+TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "z_loss_coef", "energy_loss_coef", "grad_clip",
+              "log_every",
               "stop_after_epochs")
 EVAL_TOP_KEYS = ("ckpt", "seed", "device", "progress", "data", "eval", "runtime", "channel")
 EVAL_DATA_KEYS = ("root", "batch_size", "limit_test", "num_workers")
-EVAL_KEYS = ("policies", "gammas", "k_min", "k_max", "outage_targets", "channel_draws")
+EVAL_KEYS = ("policies", "gammas", "lams", "k_min", "k_max", "outage_targets", "channel_draws")
 
 
 def check_keys(section: Mapping, prefix: str, allowed: Iterable[str]) -> None:
@@ -237,11 +238,12 @@ class ModelShape:
 
 # The keys of each model (config group `model`); `name` picks the architecture.
 MODEL_KEYS = {
-    "cnn": ("name", "d_model", "num_experts", "num_moe_layers", "hidden_mult", "link_dropout", "combine", "balance_on"),
+    "cnn": ("name", "d_model", "num_experts", "num_moe_layers", "hidden_mult", "link_dropout", "combine", "balance_on",
+            "channel_gate"),
     "vmoe": ("name", "d_model", "num_experts", "depth", "moe_every", "num_heads", "patch_size",
-             "hidden_mult", "class_token", "stem", "link_dropout", "combine", "balance_on"),
+             "hidden_mult", "class_token", "stem", "link_dropout", "combine", "balance_on", "channel_gate"),
     "convmoe": ("name", "d_model", "num_experts", "depth", "hidden_mult", "kernel_size", "link_dropout",
-                "combine", "balance_on"),
+                "combine", "balance_on", "channel_gate"),
 }
 
 
@@ -264,6 +266,8 @@ def validate_model(cfg: DictConfig) -> ModelShape:
     if not _is_number(link_dropout) or not 0.0 <= link_dropout < 1.0:
         raise ConfigError(f"model.link_dropout={format_value(link_dropout)}: must be a probability in [0, 1)")
     validate_moe_choices(cfg)
+    if OmegaConf.select(cfg, "model.channel_gate", default=None) is not None:  # absent in older runs: false
+        get_bool(cfg, "model.channel_gate")
     if name == "cnn":
         num_moe_layers = get_int(cfg, "model.num_moe_layers", minimum=1)
     elif name == "convmoe":
@@ -356,11 +360,26 @@ def validate_router(cfg: DictConfig, prefix: str, shape: ModelShape, num_subcarr
     if k_max is not None and k_min > k_max:
         raise ConfigError(f"{prefix}.k_min={k_min}: must be <= {prefix}.k_max={k_max}")
     _check_policy_fits_channel(policy, f"{prefix}.policy", K, num_subcarriers, k_min)
+    lam = validate_lam(OmegaConf.select(cfg, f"{prefix}.lam", default=None), f"{prefix}.lam", policy)
     # Checkpoints written before imperfect CSI existed have no outage_target: trust the estimate.
     outage_target = None
     if OmegaConf.select(cfg, f"{prefix}.outage_target", default=None) is not None:
         outage_target = validate_outage_target(get_value(cfg, f"{prefix}.outage_target"), f"{prefix}.outage_target")
-    return {"policy": policy, "k": k, "gamma": gamma, "k_min": k_min, "k_max": k_max, "outage_target": outage_target}
+    return {"policy": policy, "k": k, "gamma": gamma, "k_min": k_min, "k_max": k_max, "lam": lam,
+            "outage_target": outage_target}
+
+
+def validate_lam(value: Any, key: str, policy: str | None = None) -> float | None:
+    """The Lagrange multiplier [1/J] of a policy that reads it (lagrangian): a number >= 0;
+    null for the others (absent in runs recorded before it existed)."""
+    needed = policy is not None and "lam" in get_policy(policy).params
+    if value is None:
+        if needed:
+            raise ConfigError(f"{key}=null: policy {policy!r} needs its multiplier, a number >= 0 (relevance per joule, 1/J)")
+        return None
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{key}={format_value(value)}: must be a number >= 0 (relevance per joule, 1/J) or null")
+    return float(value)
 
 
 def validate_outage_target(value: Any, key: str) -> float | None:
@@ -409,6 +428,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     get_float(cfg, "train.weight_decay", minimum=0.0)
     get_float(cfg, "train.aux_loss_coef", minimum=0.0)
     get_float(cfg, "train.z_loss_coef", minimum=0.0)
+    if OmegaConf.select(cfg, "train.energy_loss_coef", default=None) is not None:  # absent in older runs: 0
+        get_float(cfg, "train.energy_loss_coef", minimum=0.0)
     get_float(cfg, "train.grad_clip", exclusive_minimum=0.0, optional=True)
     get_int(cfg, "train.warmup_steps", minimum=0)
     get_int(cfg, "train.log_every", minimum=1)

@@ -36,6 +36,7 @@ from .config import (
     validate_data,
     validate_device,
     validate_gamma,
+    validate_lam,
     validate_model,
     validate_outage_target,
     validate_runtime,
@@ -53,6 +54,7 @@ class EvalPolicy:
     k_min: int = 1
     k_max: int | None = None
     outage_target: float | None = None  # des / jesa / optimal: conservative planning under imperfect CSI
+    lam: float | None = None  # lagrangian: the multiplier [1/J]
 
     @property
     def label(self) -> str:
@@ -124,6 +126,10 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
     if not isinstance(targets_value, list) or not targets_value:
         raise ConfigError(f"eval.outage_targets={format_value(targets_value)}: must be a non-empty list of null or probabilities in (0, 1), e.g. [null,0.05]")
     targets = [validate_outage_target(q, f"eval.outage_targets[{i}]") for i, q in enumerate(targets_value)]
+    lams_value = get_value(cfg, "eval.lams") if "lams" in cfg.eval else []
+    if not isinstance(lams_value, list):
+        raise ConfigError(f"eval.lams={format_value(lams_value)}: must be a list of numbers >= 0 (1/J), e.g. [1e4,3e4]")
+    lams = [validate_lam(v, f"eval.lams[{i}]") for i, v in enumerate(lams_value)]
     default_k = int(train_cfg.router.k)
     settings: list[EvalPolicy] = []
     skipped: list[str] = []
@@ -143,7 +149,11 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
         if entry.bounded and num_subcarriers < k_min:
             raise ConfigError(f"eval.k_min={k_min}: {name} needs at least k_min subcarriers and the checkpoint's "
                               f"channel has {num_subcarriers}; pass eval.k_min={num_subcarriers} or less")
-        if entry.bounded:
+        if "lam" in entry.params:
+            if not lams:
+                raise ConfigError(f"{key}={text!r}: needs eval.lams, the multipliers to sweep (numbers >= 0, 1/J)")
+            settings.extend(EvalPolicy(name, None, None, k_min, k_max, q, lam) for lam in lams for q in targets)
+        elif entry.bounded:
             settings.extend(EvalPolicy(name, None, gamma, k_min, k_max, q) for gamma in gammas for q in targets)
         else:
             settings.append(EvalPolicy(name, k))
@@ -160,9 +170,10 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
                           f"channel.frame=image; use {', '.join(policy_names('image'))}")
     if frame_skipped and notes is not None:
         notes.append(f"skipped {', '.join(frame_skipped)}: no image-frame form under channel.frame=image")
-    labels = [(s.label, format_value(s.gamma), format_value(s.outage_target)) for s in settings]
+    labels = [(s.label, format_value(s.gamma), format_value(s.outage_target), format_value(s.lam)) for s in settings]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
-        label, gamma, target = duplicates[0]
-        raise ConfigError(f"eval.policies / eval.gammas / eval.outage_targets: duplicate setting {label} (gamma {gamma}, outage target {target})")
+        label, gamma, target, lam = duplicates[0]
+        raise ConfigError(f"eval.policies / eval.gammas / eval.lams / eval.outage_targets: duplicate setting {label} "
+                          f"(gamma {gamma}, lam {lam}, outage target {target})")
     return settings

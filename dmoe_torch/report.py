@@ -41,6 +41,7 @@ REFERENCE_POLICY = "topk@2"
 RESULT_COLUMNS = (
     "policy",
     "gamma",
+    "lam",
     "outage_target",
     "accuracy_mean",
     "accuracy_ci95",
@@ -86,6 +87,12 @@ def _bounded(policy: str) -> bool:
     return entry is not None and entry.bounded
 
 
+def lam_text(row: dict[str, Any]) -> str:
+    """The multiplier of a lagrangian row for the tables' gamma column ("" for other rows)."""
+    lam = row.get("lam", "")
+    return "" if lam in ("", None) or (isinstance(lam, float) and math.isnan(lam)) else f"λ {float(lam):g}/J"
+
+
 def format_gamma(gamma: Any) -> str:
     """``None`` -> "", ``0.9`` -> "0.9", ``[0.9, 0.5]`` -> "[0.9, 0.5]"."""
     if gamma is None:
@@ -128,6 +135,7 @@ def summarise_draws(setting, results: list[dict[str, Any]], images: list[dict] |
     row: dict[str, Any] = {
         "policy": setting.label,
         "gamma": format_gamma(setting.gamma),
+        "lam": "" if setting.lam is None else setting.lam,
         "outage_target": "" if getattr(setting, "outage_target", None) is None else f"{setting.outage_target:g}",
         "accuracy_mean": statistics.fmean(accuracy),
         "accuracy_ci95": accuracy_ci95,
@@ -247,7 +255,7 @@ def results_markdown(rows: list[dict[str, Any]], reference: str = REFERENCE_POLI
         name = row["policy"].split("@")[0]
         cells = (
             row["policy"],
-            ", ".join(filter(None, (row["gamma"], target_text(row)))) or "-",
+            ", ".join(filter(None, (row["gamma"], lam_text(row), target_text(row)))) or "-",
             _pm(row["accuracy_mean"], row.get("accuracy_ci95", math.nan), 2, 100.0),
             _comparison_cell(row, reference),
             _pm(row["energy_uj_mean"], row.get("energy_uj_ci95", math.nan), 2),
@@ -275,7 +283,7 @@ def layers_markdown(rows: list[dict[str, Any]]) -> str:
         def per_layer(metric: str, fmt: str) -> str:
             return " / ".join(format(row[layer_column(layer, metric)], fmt) for layer in range(L))
 
-        cells = (row["policy"], ", ".join(filter(None, (row["gamma"], target_text(row)))) or "-", per_layer("energy_uj", ".2f"), per_layer("experts_per_token", ".2f"),
+        cells = (row["policy"], ", ".join(filter(None, (row["gamma"], lam_text(row), target_text(row)))) or "-", per_layer("energy_uj", ".2f"), per_layer("experts_per_token", ".2f"),
                  per_layer("outage_rate", ".2%"), per_layer("violation_rate", ".2%"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

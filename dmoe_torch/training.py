@@ -55,7 +55,8 @@ RESUME_FREE_KEYS = (
 # Config keys added after runs may have been recorded, with the value their absence means, so
 # that rerunning an older run directory is not refused for a key it could not have had.
 ADDED_KEY_DEFAULTS = {"model.link_dropout": 0.0, "model.combine": "renormalized", "model.balance_on": "selection",
-                      "train.z_loss_coef": 0.0}
+                      "train.z_loss_coef": 0.0, "train.energy_loss_coef": 0.0, "model.channel_gate": False,
+                      "router.lam": None, "eval_router.lam": None}
 
 # channel.model and its keys (docs/method.md, "Channel models"): absent means the rayleigh channel.
 ADDED_KEY_DEFAULTS.update({f"channel.{name}": getattr(ChannelConfig, name) for name in ADDED_CHANNEL_KEYS})
@@ -157,6 +158,7 @@ def train_one_epoch(
     aux_loss_coef: float,
     grad_clip: float | None,
     z_loss_coef: float = 0.0,
+    energy_loss_coef: float = 0.0,
     generator: torch.Generator | None,
     progress: EpochProgress,
     stop: StopSignal | None = None,
@@ -180,6 +182,11 @@ def train_one_epoch(
             if output.z_loss is None:
                 raise ConfigError(f"train.z_loss_coef={z_loss_coef}: this model reports no router z-loss; use 0")
             loss = loss + z_loss_coef * output.z_loss
+        if energy_loss_coef > 0:
+            if output.energy_loss is None:
+                raise ConfigError(f"train.energy_loss_coef={energy_loss_coef}: prices the channel-aware gate's expected "
+                                  "link cost; set model.channel_gate=true (or use 0)")
+            loss = loss + energy_loss_coef * output.energy_loss
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
@@ -358,6 +365,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                     stream=train_stream(epoch), device=device, aux_loss_coef=float(cfg.train.aux_loss_coef),
                     grad_clip=None if cfg.train.grad_clip is None else float(cfg.train.grad_clip),
                     z_loss_coef=float(OmegaConf.select(cfg, "train.z_loss_coef", default=0.0)),
+                    energy_loss_coef=float(OmegaConf.select(cfg, "train.energy_loss_coef", default=0.0)),
                     generator=generators["router"], progress=progress, stop=stop, on_step=step_logger,
                 )
                 bar.close()

@@ -36,7 +36,9 @@ from dmoe_torch.config import (
 from dmoe_torch.data import DATASETS, DEBIAN_FASHION_MNIST_DIR
 from dmoe_torch.eval_config import validate_eval_config
 from dmoe_torch.rundir import lock_run_dir
-from dmoe_torch.selection.registry import POLICIES
+from dmoe_torch.selection.policies import policy_names
+
+POLICIES = policy_names()  # every policy of the table: the help texts name them all
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")

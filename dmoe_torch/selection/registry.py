@@ -29,6 +29,7 @@ from .enumerate import des_enumerate, enumerable, jesa_enumerate, optimal_enumer
 from .frame import FrameSelection, plan_from_owner, validate_frame_inputs
 from .frame_baselines import frame_tokenwise, frame_topk_capacity, frame_topk_overrun
 from .frame_jesa import frame_jesa
+from .heuristics import greedy_select, lagrangian_select
 from .jesa import jesa_validated
 from .policies import POLICY_TABLE, RouteArgs, get_policy, register_policy
 
@@ -178,6 +179,7 @@ def _frame_optimal(s, e, c, a: RouteArgs) -> FrameSelection:
 # --------------------------------------------------------------------------------------
 _TARGET = ("gamma", "k_min", "k_max")
 _FIXED_K = ("k", "failure_energy")
+_HEURISTIC_DEVICES = "any (k_max <= 3; larger sets assigned on the CPU)"
 _EXACT_DEVICES = "any (torch enumeration when K <= 16, k_max <= 3); else CPU (numba / HiGHS)"
 _BUILTINS = (
     dict(name="none", summary="no expert at all: the residual passes through (the floor of a curve)",
@@ -206,6 +208,12 @@ _BUILTINS = (
     dict(name="optimal", summary="exact P2 (image frames: exact P3 by MILP): the reference",
          token_solver=_optimal, frame_solver=_frame_optimal,
          params=_TARGET, subcarriers="joint", channel_aware=True, certifies=True, devices=_EXACT_DEVICES),
+    dict(name="greedy", summary="experts by relevance per joule s/c* until gamma, then a min-cost assignment",
+         token_solver=lambda s, c, a: greedy_select(s, c, a.gamma, a.k_min, a.k_max),
+         params=_TARGET, subcarriers="joint", channel_aware=True, devices=_HEURISTIC_DEVICES),
+    dict(name="lagrangian", summary="experts whose s - lam c* is positive (Lagrangian dual rule), then a min-cost assignment",
+         token_solver=lambda s, c, a: lagrangian_select(s, c, a.lam, a.k_min, a.k_max),
+         params=("lam", "k_min", "k_max"), subcarriers="joint", channel_aware=True, devices=_HEURISTIC_DEVICES),
     dict(name="topk_capacity", summary="top-k with Switch-style dropping at each device's capacity",
          frame_solver=lambda s, e, c, a: frame_topk_capacity(s, e, c, a.k),
          params=("k",), subcarriers="static", channel_aware=False, devices="CPU"),
