@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import time
 from pathlib import Path
 
@@ -94,14 +95,43 @@ def rows_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a != b).reshape(a.shape[0], -1).any(1)
 
 
-def exactness(groups: int, rows: int, milp_rows: int, seed: int) -> dict:
+ROUTER_CASES = ((8, 16, 2), (8, 16, 3), (16, 16, 3))
+
+
+def gap_summary(gaps: np.ndarray) -> dict:
+    """JESA's relative gaps to the P2 optimum (0 within RTOL) -> share above, mean, largest."""
+    positive = gaps[gaps > 0]
+    return {
+        "rows_both_feasible": int(gaps.size),
+        "share_above_optimum": float(positive.size / max(gaps.size, 1)),
+        "mean_relative_gap": float(gaps.mean()) if gaps.size else math.nan,
+        "mean_relative_gap_where_above": float(positive.mean()) if positive.size else 0.0,
+        "max_relative_gap": float(gaps.max()) if gaps.size else math.nan,
+    }
+
+
+def relative_gaps(jesa_result, optimum) -> np.ndarray:
+    """(JESA - optimum) / optimum on the rows where both are feasible, 0 within RTOL."""
+    both = (~jesa_result.violation & ~optimum.violation).numpy()
+    j, o = jesa_result.energy.numpy()[both], optimum.energy.numpy()[both]
+    gap = (j - o) / np.maximum(o, 1e-300)
+    return np.where(np.abs(gap) <= RTOL, 0.0, gap)
+
+
+def router_gap(K: int, N: int, k_max: int, rows: int, seed: int) -> dict:
+    """JESA's gap on the speed part's router-like instances (gamma = 0.25, 3% outages)."""
+    s, e = (torch.from_numpy(a) for a in speed_instances(K, N, rows, seed))
+    return gap_summary(relative_gaps(jesa_enumerate(s, e, 0.25, 1, k_max), optimal_enumerate(s, e, 0.25, 1, k_max)))
+
+
+def exactness(groups: int, rows: int, milp_rows: int, router_rows: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     counts: dict[str, int] = {}
 
     def add(name: str, value) -> None:
         counts[name] = counts.get(name, 0) + int(np.sum(value))
 
-    gaps, jesa_above, both_feasible = [], 0, 0
+    gaps = []
     started = time.perf_counter()
     for g in range(groups):
         cfg, s, e = draw_group(rng, rows)
@@ -139,17 +169,15 @@ def exactness(groups: int, rows: int, milp_rows: int, seed: int) -> dict:
         add("jesa_infeasible_rows", ref.violation)
         # exact P2, and JESA's gap to it
         o = optimal_enumerate(st, et, gamma, k_min, k_max)
-        o_energy, o_feasible = o.energy.numpy(), ~o.violation.numpy()
+        o_feasible = ~o.violation.numpy()
         add("optimal_infeasible_rows", ~o_feasible)
         j_feasible = ~j.violation.numpy()
         add("jesa_feasible_where_p2_infeasible", j_feasible & ~o_feasible)
         both = j_feasible & o_feasible
-        gap = (j.energy.numpy()[both] - o_energy[both]) / np.maximum(o_energy[both], 1e-300)
-        add("jesa_below_optimum", gap < -RTOL)
-        add("jesa_certified_above_optimum", j.certified.numpy()[both] & (gap > RTOL))
-        gaps.append(np.where(np.abs(gap) <= RTOL, 0.0, gap))
-        jesa_above += int((gap > RTOL).sum())
-        both_feasible += int(both.sum())
+        gap = relative_gaps(j, o)
+        add("jesa_below_optimum", gap < 0)
+        add("jesa_certified_above_optimum", j.certified.numpy()[both] & (gap > 0))
+        gaps.append(gap)
         if K <= 6 and N <= 6:
             ref_p2 = brute_force_p2(st, et, gamma, k_min, k_max)
             add("brute_force_rows", rows)
@@ -161,14 +189,9 @@ def exactness(groups: int, rows: int, milp_rows: int, seed: int) -> dict:
         compare_p2(add, "milp", o_take, ref_p2, tie_free)
         if (g + 1) % 50 == 0:
             print(f"  {g + 1}/{groups} groups, {time.perf_counter() - started:.0f} s", flush=True)
-    gaps = np.concatenate(gaps)
-    positive = gaps[gaps > 0]
-    counts["jesa_gap"] = {
-        "rows_both_feasible": both_feasible,
-        "share_above_optimum": jesa_above / max(both_feasible, 1),
-        "mean_relative_gap": float(gaps.mean()) if gaps.size else math.nan,
-        "mean_relative_gap_where_above": float(positive.mean()) if positive.size else 0.0,
-        "max_relative_gap": float(gaps.max()) if gaps.size else math.nan,
+    counts["jesa_gap"] = gap_summary(np.concatenate(gaps))
+    counts["jesa_gap_router_like"] = {
+        f"K={K} N={N} k_max={k_max}": router_gap(K, N, k_max, router_rows, seed) for K, N, k_max in ROUTER_CASES
     }
     counts["seconds"] = round(time.perf_counter() - started, 1)
     return counts
@@ -296,11 +319,22 @@ def speed(rows: int, repeats: int, device: torch.device, seed: int) -> dict:
     for K, N, k_max in SPEED_CASES:
         table.append(time_case(K, N, k_max, rows, repeats, device, seed, gamma))
         print_speed_row(table[-1])
-    result = {"device": str(device), "gamma": gamma, "table": table}
+    result = {"device": str(device), "cpu": cpu_model(), "gamma": gamma, "table": table}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
         result["device_checks"] = device_checks(device, seed)
     return result
+
+
+def cpu_model() -> str:
+    """The CPU's model name (numba and the CPU figures run there), or the platform's word."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def print_speed_row(row: dict) -> None:
@@ -376,9 +410,9 @@ def main() -> None:
     output = args.output or (None if args.quick else RESULTS)
     results = json.loads(output.read_text()) if output is not None and output.exists() else {}
     if args.part in ("all", "exactness"):
-        groups, rows, milp_rows = (12, 50, 5) if args.quick else (420, 250, 8)
+        groups, rows, milp_rows, router_rows = (12, 50, 5, 512) if args.quick else (420, 250, 8, 12_544)
         print(f"part 1: exactness on {groups * rows} instances")
-        counts = exactness(groups, rows, milp_rows, args.seed)
+        counts = exactness(groups, rows, milp_rows, router_rows, args.seed)
         for name, value in counts.items():
             print(f"  {name:40s} {value}")
         results["exactness"] = {"groups": groups, "rows_per_group": rows, "seed": args.seed, **counts}

@@ -27,6 +27,7 @@ from dmoe_torch.selection import enumerate as enum
 from dmoe_torch.selection.des import des_numpy
 from dmoe_torch.selection.enumerate import (
     MAX_CANDIDATE_SETS,
+    MAX_CANDIDATE_SETS_CPU,
     MAX_SET_SIZE,
     candidate_set_count,
     candidate_sets,
@@ -130,11 +131,19 @@ def test_candidate_sets_are_cached_per_device_and_reject_bad_sizes():
         candidate_sets(4, 1, 5)
 
 
-def test_enumerable_follows_the_set_count_and_size_limits():
-    assert enumerable(8, 1, 2) and enumerable(8, 1, 3)
-    assert not enumerable(8, 1, MAX_SET_SIZE + 1)
-    big = next(K for K in range(2, 200) if candidate_set_count(K, 1, 3) > MAX_CANDIDATE_SETS)
-    assert enumerable(big - 1, 1, 3) and not enumerable(big, 1, 3)
+@pytest.mark.parametrize("solver", sorted(MAX_CANDIDATE_SETS_CPU))
+@pytest.mark.parametrize("device", [None, "cpu", "meta"])
+def test_enumerable_follows_the_set_count_and_size_limits(device, solver):
+    limit = MAX_CANDIDATE_SETS if device == "meta" else MAX_CANDIDATE_SETS_CPU[solver]
+    assert not enumerable(8, 1, MAX_SET_SIZE + 1, device, solver)
+    counts = {K: candidate_set_count(K, 1, min(K, 3)) for K in range(1, 200)}
+    for K, count in counts.items():
+        assert enumerable(K, 1, min(K, 3), device, solver) == (count <= limit)
+
+
+def test_enumerable_rejects_an_unknown_solver():
+    with pytest.raises(ValueError, match="solver"):
+        enumerable(8, 1, 2, solver="milp")
 
 
 def test_p2_solvers_refuse_sets_larger_than_max_set_size():

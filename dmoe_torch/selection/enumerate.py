@@ -8,7 +8,8 @@ small sets (K <= 16, k_max <= 3): the same results as the numba solvers (``des_n
 ``jesa_numpy``) and the exact references (``exact.milp_p2`` / ``exact.brute_force_p2``),
 computed by batched tensor algebra with no data-dependent control flow and no host sync, so
 they run on CPU or CUDA alike and need no transfer of the router's scores.  ``enumerable``
-says when the router should use them (``MAX_CANDIDATE_SETS``, ``MAX_SET_SIZE``).
+says when the router should use them (``MAX_CANDIDATE_SETS`` on an accelerator,
+``MAX_CANDIDATE_SETS_CPU`` per solver on the CPU, ``MAX_SET_SIZE``).
 
 Why it is exact
 ---------------
@@ -21,7 +22,7 @@ Why it is exact
   subcarriers are taken by the others, so a free one, no dearer, can replace it.  The same
   swap keeps the number of finite links, so a maximum-cardinality, minimum-cost partial
   assignment also lives in those ranks.  So each expert keeps its R = min(k_max, N) cheapest
-  subcarriers (one stable sort, ties to the lower index) and a set of size m enumerates the
+  subcarriers (repeated minima, ties to the lower index) and a set of size m enumerates the
   m^m rank tuples (1, 4, 27), keeping those with pairwise distinct, finite links.
   A partial assignment (fallbacks, JESA's assignment) enumerates (R + 1)^m option tuples
   (each slot: a rank or no link), at most 64.
@@ -67,12 +68,17 @@ per (shape, device) and cached, so only the first call per device copies them th
 CPU (where a "sync" is free) JESA's iteration rounds and its fallback run on the still
 active rows only (``_active_rows``, the one place that reads tensor values); on other
 devices every round runs on all rows and finished rows are frozen by ``torch.where``.  The
-math is one code path either way.
+math is one code path either way; on the CPU compaction is 7-11x faster than freezing
+(K=8, N=16, 12,544 rows: 53 vs 379 ms at k_max=2, 82 vs 936 ms at k_max=3).  Being
+sync-free, the three solvers can be captured in a CUDA graph for fixed shapes (after one
+eager call); replaying one removes the per-kernel launch cost that dominates JESA's fixed
+rounds (benchmarks/bench_enumerate.py measures both).
 
 Where it is used
 ----------------
-The router (``registry.route``) calls these for enumerable sizes when the scores live on a
-device; ``benchmarks/bench_enumerate.py`` measures exactness and the crossover against numba.
+The router (``registry.route``) is to call these where ``enumerable`` says so;
+``benchmarks/bench_enumerate.py`` measures exactness (105,000 instances) and the crossover
+against numba.
 """
 from __future__ import annotations
 
@@ -87,6 +93,7 @@ from .jesa import DEFAULT_MAX_ITERATIONS, ENERGY_RTOL
 
 __all__ = [
     "MAX_CANDIDATE_SETS",
+    "MAX_CANDIDATE_SETS_CPU",
     "MAX_SET_SIZE",
     "candidate_sets",
     "candidate_set_count",
@@ -96,10 +103,17 @@ __all__ = [
     "jesa_enumerate",
 ]
 
-# Enumeration is used up to this many candidate sets (sizes k_min..k_max of K experts).
-# Measured by benchmarks/bench_enumerate.py (12,544 rows, one CPU thread): see the comment in
-# enumerable() for the figures this value comes from.
-MAX_CANDIDATE_SETS = 1_000
+# Enumeration is used up to this many candidate sets (sizes k_min..k_max of K experts), from
+# benchmarks/bench_enumerate.py (12,544 rows; results/enumerate.json).  On an accelerator (an
+# H200) every solver beat its alternative at every size measured, up to K=32, k_max=3 (5,488
+# sets): DES 0.02-0.05x the time of numba (one CPU thread, copies there and back included),
+# JESA 0.24-1.0x eagerly and 0.12-0.25x replayed from a CUDA graph.
+MAX_CANDIDATE_SETS = 5_500
+# On the CPU (one thread) the crossover depends on the solver (time of enumeration / numba):
+# DES 0.54x at K=8, k_max=2 (36 sets), 0.89x at K=8, k_max=3 (92), 1.63x at K=16, k_max=2 (136);
+# JESA 1.47x already at 36 sets (numba's iteration touches only the rows that collide);
+# optimal against HiGHS (milp_p2): 0.002x at K=8, k_max=2 up to 0.04x at K=16, k_max=3 (696).
+MAX_CANDIDATE_SETS_CPU = {"des": 92, "jesa": 0, "optimal": MAX_CANDIDATE_SETS}
 # Largest set size enumerated: a P2 set of m experts enumerates m^m rank tuples and a partial
 # assignment (R + 1)^m option tuples, 27 and 64 at m = 3.
 MAX_SET_SIZE = 3
@@ -118,15 +132,24 @@ def candidate_set_count(num_experts: int, k_min: int, k_max: int) -> int:
     return sum(math.comb(num_experts, m) for m in range(k_min, min(k_max, num_experts) + 1))
 
 
-def enumerable(num_experts: int, k_min: int, k_max: int) -> bool:
-    """True when the enumeration solvers should route K=num_experts experts with k_min..k_max.
+def enumerable(
+    num_experts: int, k_min: int, k_max: int, device: torch.device | str | None = None, solver: str = "des"
+) -> bool:
+    """True when `solver` ("des", "jesa" or "optimal": des_enumerate, jesa_enumerate,
+    optimal_enumerate) should route K=num_experts experts with k_min..k_max on `device`
+    (None: the CPU), rather than numba (des, jesa) or HiGHS (optimal).
 
     Enumeration does O(C) work per row for C = candidate_set_count(K, k_min, k_max) sets,
-    branch-and-bound (numba) far less on easy rows, so past some C numba wins; the
-    crossover is MAX_CANDIDATE_SETS.  k_max is further limited to MAX_SET_SIZE (the rank
-    tuples of the P2 enumeration grow as k_max^k_max).
+    branch-and-bound far less on easy rows, so past some C the CPU solvers win: on the CPU at
+    MAX_CANDIDATE_SETS_CPU[solver]; on an accelerator, where they would also cost a host sync
+    and two copies, beyond the measured range (MAX_CANDIDATE_SETS).  k_max is further limited
+    to MAX_SET_SIZE (the rank tuples of the P2 enumeration grow as k_max^k_max).
     """
-    return k_max <= MAX_SET_SIZE and candidate_set_count(num_experts, k_min, k_max) <= MAX_CANDIDATE_SETS
+    if solver not in MAX_CANDIDATE_SETS_CPU:
+        raise ValueError(f"solver must be one of {sorted(MAX_CANDIDATE_SETS_CPU)}, got {solver!r}")
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    limit = MAX_CANDIDATE_SETS_CPU[solver] if on_cpu else MAX_CANDIDATE_SETS
+    return k_max <= MAX_SET_SIZE and candidate_set_count(num_experts, k_min, k_max) <= limit
 
 
 def _check_sizes(num_experts: int, k_min: int, k_max: int) -> None:
