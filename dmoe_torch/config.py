@@ -131,7 +131,7 @@ TRAIN_TOP_KEYS = ("seed", "device", "progress", "resume", "resume_force", "data"
 TRAIN_DATA_KEYS = ("name", "root", "batch_size", "val_size", "limit_train", "limit_test", "num_workers", "augment")
 ROUTER_KEYS = ("policy", "k", "gamma", "k_min", "k_max", "lam", "outage_target")
 TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "z_loss_coef", "energy_loss_coef", "grad_clip",
-              "log_every",
+              "precision", "log_every",
               "stop_after_epochs")
 EVAL_TOP_KEYS = ("ckpt", "seed", "device", "progress", "data", "eval", "runtime", "channel")
 EVAL_DATA_KEYS = ("root", "batch_size", "limit_test", "num_workers")
@@ -430,6 +430,10 @@ def validate_train_config(cfg: DictConfig) -> None:
     get_float(cfg, "train.z_loss_coef", minimum=0.0)
     if OmegaConf.select(cfg, "train.energy_loss_coef", default=None) is not None:  # absent in older runs: 0
         get_float(cfg, "train.energy_loss_coef", minimum=0.0)
+    if OmegaConf.select(cfg, "train.precision", default=None) is not None:  # absent in older runs: fp32
+        from .moe import PRECISIONS
+
+        get_str(cfg, "train.precision", choices=tuple(PRECISIONS))
     get_float(cfg, "train.grad_clip", exclusive_minimum=0.0, optional=True)
     get_int(cfg, "train.warmup_steps", minimum=0)
     get_int(cfg, "train.log_every", minimum=1)

@@ -63,6 +63,9 @@ def check_positive_int(key: str, value) -> None:
 #   renormalized_st  the renormalized value plus s_k - stopgrad(s_k): same forward values,
 #                    gradient = renormalized's + raw's, so single-expert rows reach the gate
 COMBINE_RULES = ("renormalized", "raw", "renormalized_st")
+# train.precision: the autocast dtype of the forward passes (None: plain float32).  The MoE
+# layer keeps its gate, softmax and combine weights in float32 under autocast.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 # What the load-balancing loss counts as routed (model.balance_on); the first is the default.
 #   selection  the policy's selection (channel-influenced; failed links included)
 #   scores     the score-only top-k mask (k = router.k; 2 for des / jesa / optimal)
@@ -548,7 +551,15 @@ class MoELayer(nn.Module):
         groups = h.index_select(0, rows).split(counts)
         expert_out = torch.cat(self.run_experts(counts, groups))
         slot_weights = weights[rows, experts_of_slot].unsqueeze(1).to(expert_out.dtype)
-        return h.index_add(0, rows, (expert_out * slot_weights).to(h.dtype))
+        weighted = (expert_out * slot_weights).to(h.dtype)
+        if torch.are_deterministic_algorithms_enabled():
+            # index_add accumulates a row's experts with atomics on CUDA, in no fixed order; each
+            # (row, expert) pair is unique, so writing the slots into [B, K, d] and summing over
+            # K gives the same sum in a fixed order (K x the memory of h).
+            slots = h.new_zeros(h.shape[0], effective.shape[1], h.shape[1])
+            slots[rows, experts_of_slot] = weighted
+            return h + slots.sum(1)
+        return h.index_add(0, rows, weighted)
 
     def run_experts(self, counts: list[int], groups: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """Run expert k on ``groups[k]`` ([counts[k], d], the rows routed to k); return the

@@ -37,7 +37,7 @@ from .evaluation import (
     routing_generator,
     train_stream,
 )
-from .moe import MetricAverager
+from .moe import PRECISIONS, MetricAverager
 from .rundir import check_rerun_dir, lock_run_dir
 from .runtime import attach_experts, clip_grad_norm
 from .utils import atomic_write_json, atomic_write_text, derive_seed, device_label, resolve_device, seed_everything
@@ -55,11 +55,17 @@ RESUME_FREE_KEYS = (
 # Config keys added after runs may have been recorded, with the value their absence means, so
 # that rerunning an older run directory is not refused for a key it could not have had.
 ADDED_KEY_DEFAULTS = {"model.link_dropout": 0.0, "model.combine": "renormalized", "model.balance_on": "selection",
-                      "train.z_loss_coef": 0.0, "train.energy_loss_coef": 0.0, "model.channel_gate": False,
+                      "train.z_loss_coef": 0.0, "train.energy_loss_coef": 0.0, "train.precision": "fp32", "model.channel_gate": False,
                       "router.lam": None, "eval_router.lam": None}
 
 # channel.model and its keys (docs/method.md, "Channel models"): absent means the rayleigh channel.
 ADDED_KEY_DEFAULTS.update({f"channel.{name}": getattr(ChannelConfig, name) for name in ADDED_CHANNEL_KEYS})
+
+def autocast(precision: str, device: torch.device):
+    """torch.autocast for train.precision on ``device`` (a no-op context for fp32)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stops without saving."""
@@ -159,6 +165,7 @@ def train_one_epoch(
     grad_clip: float | None,
     z_loss_coef: float = 0.0,
     energy_loss_coef: float = 0.0,
+    precision: str = "fp32",
     generator: torch.Generator | None,
     progress: EpochProgress,
     stop: StopSignal | None = None,
@@ -176,8 +183,9 @@ def train_one_epoch(
     for images, labels, sample_ids in batches:
         costs, delivered = layer_links(channel, sample_ids, specs, stream, model.tokens_per_input)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        output = model(images, costs, specs, generator=generator, delivered=delivered)
-        loss = F.cross_entropy(output.logits, labels) + aux_loss_coef * output.aux_loss
+        with autocast(precision, device):
+            output = model(images, costs, specs, generator=generator, delivered=delivered)
+        loss = F.cross_entropy(output.logits.float(), labels) + aux_loss_coef * output.aux_loss
         if z_loss_coef > 0:
             if output.z_loss is None:
                 raise ConfigError(f"train.z_loss_coef={z_loss_coef}: this model reports no router z-loss; use 0")
@@ -339,6 +347,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
 
     show = bool(cfg.progress)
     stop_after = cfg.train.stop_after_epochs
+    precision = OmegaConf.select(cfg, "train.precision", default="fp32")  # absent in older runs: fp32
     if checkpoint is not None and not progress.steps:
         # At an epoch boundary nothing below draws from the global RNGs before the loop does.
         restore_rng_state(checkpoint["rng"], generators)
@@ -366,6 +375,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                     grad_clip=None if cfg.train.grad_clip is None else float(cfg.train.grad_clip),
                     z_loss_coef=float(OmegaConf.select(cfg, "train.z_loss_coef", default=0.0)),
                     energy_loss_coef=float(OmegaConf.select(cfg, "train.energy_loss_coef", default=0.0)),
+                    precision=precision,
                     generator=generators["router"], progress=progress, stop=stop, on_step=step_logger,
                 )
                 bar.close()
@@ -376,10 +386,11 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                 step_logger.flush(progress)
 
                 train_summary = progress.summary(model.tokens_per_input)
-                val_metrics = evaluate_with_bar(
-                    model, val_loader, desc="validation", show=show, seed=seed, stream=VAL_STREAM,
-                    channel=channel, specs=eval_specs, device=device,
-                ) if len(val_ds) else {}
+                with autocast(precision, device):
+                    val_metrics = evaluate_with_bar(
+                        model, val_loader, desc="validation", show=show, seed=seed, stream=VAL_STREAM,
+                        channel=channel, specs=eval_specs, device=device,
+                    ) if len(val_ds) else {}
                 record = {
                     "epoch": epoch + 1,
                     "global_step": global_step,
@@ -402,10 +413,11 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
 
             # A signal from here on lets the test evaluation finish (seconds); the checkpoint is saved.
             test_loader = make_loader(test_ds, batch_size, shuffle=False, seed=seed, num_workers=int(cfg.data.num_workers))
-            test_metrics = evaluate_with_bar(
-                model, test_loader, desc="test", show=show, seed=seed, stream=eval_stream(0),
-                channel=channel, specs=eval_specs, device=device,
-            )
+            with autocast(precision, device):
+                test_metrics = evaluate_with_bar(
+                    model, test_loader, desc="test", show=show, seed=seed, stream=eval_stream(0),
+                    channel=channel, specs=eval_specs, device=device,
+                )
             results = {
                 "epochs_completed": epochs,
                 "global_step": global_step,

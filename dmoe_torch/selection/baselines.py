@@ -41,6 +41,8 @@ def static_plan_for(mask: torch.Tensor, num_subcarriers: int) -> torch.Tensor:
 def static_costs(costs: torch.Tensor) -> torch.Tensor:
     """Costs [B, K, N] -> [B, K]: each expert's cost on its static subcarrier k mod N."""
     B, K, N = costs.shape
+    if N >= K:  # a(k) = k: the diagonal, a view (a gather of 12,544 rows costs ~8 ms on a core)
+        return costs.diagonal(dim1=1, dim2=2)
     plan = static_subcarriers(K, N, costs.device)
     return costs.gather(2, plan.view(1, K, 1).expand(B, K, 1)).squeeze(2)
 
