@@ -21,6 +21,7 @@ Prints the table and writes benchmarks/results/step.json.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -47,6 +48,10 @@ CELLS = [
         ("topk@2", "topk", dict(k=2)),
         ("des 0.25", "des", dict(gamma=0.25, k_max=2)),
         ("jesa 0.25", "jesa", dict(gamma=0.25, k_max=2)),
+        # pinned to two experts (any pair reaches gamma): the same expert work as top-2, so the
+        # ratio is the router's own cost (target <= 1.05x)
+        ("des =2", "des", dict(gamma=0.01, k_min=2, k_max=2)),
+        ("jesa =2", "jesa", dict(gamma=0.01, k_min=2, k_max=2)),
         ("none", "none", {}),
     )
 ] + [
@@ -63,7 +68,9 @@ def build(name: str, info) -> torch.nn.Module:
 def time_steps(name, frame, policy, params, args, info, x, y, channels) -> tuple[list[float], float]:
     """Seconds per timed step (channel draw included) and mean experts per token."""
     torch.manual_seed(0)
-    model = build(name, info).train()
+    device = torch.device(args.device)
+    model = build(name, info).to(device).train()
+    x, y = x.to(device), y.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     channel = channels[name, frame]
     spec = RouterSpec(policy=policy, failure_energy=channel.failure_energy_j, **params)
@@ -79,6 +86,8 @@ def time_steps(name, frame, policy, params, args, info, x, y, channels) -> tuple
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         if step >= args.warmup:
             times.append(elapsed)
@@ -95,20 +104,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--out", default="benchmarks/results/step.json")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default="convmoe,vmoe", help="comma-separated, from convmoe, vmoe")
+    parser.add_argument("--frames", default="token,image", help="comma-separated, from token, image")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     _, _, test_ds, info = build_datasets("fashion_mnist", args.data_root, val_size=0, seed=0, limit_test=args.batch)
     x, y, _ = next(iter(torch.utils.data.DataLoader(test_ds, batch_size=args.batch)))
+    models = args.models.split(",")
+    cells = [cell for cell in CELLS if cell[0] in models and cell[1] in args.frames.split(",")]
     channels = {}
-    for name in ("convmoe", "vmoe"):
+    for name in models:
         d_model = build(name, info).moe_layers[0].d_model
         for frame in ("token", "image"):
             channels[name, frame] = WirelessChannel(replace(ChannelConfig(), frame=frame), num_devices=8, d_model=d_model, seed=0)
 
-    samples = {cell[:3]: [] for cell in CELLS}
-    experts = {cell[:3]: [] for cell in CELLS}
+    samples = {cell[:3]: [] for cell in cells}
+    experts = {cell[:3]: [] for cell in cells}
     for _ in range(args.reps):  # interleaved repetitions
-        for name, frame, label, policy, params in CELLS:
+        for name, frame, label, policy, params in cells:
             times, used = time_steps(name, frame, policy, params, args, info, x, y, channels)
             samples[name, frame, label].extend(times)
             experts[name, frame, label].append(used)
@@ -120,17 +134,19 @@ def main() -> None:
     print(header)
     rows = []
     base = ms["convmoe", "token", "topk@2"]
-    for name, frame, label, policy, params in CELLS:
+    for name, frame, label, policy, params in cells:
         key = (name, frame, label)
         own = ms[name, "token", "topk@2"]
         used = statistics.fmean(experts[key])
         print(f"{name:<8} {frame:<6} {label:<16} {ms[key]:8.1f} {ms[key] / own:11.3f} {ms[key] / base:15.3f} {used:13.2f}")
         rows.append(dict(model=name, frame=frame, label=label, policy=policy, params=params, step_ms=ms[key],
                          ratio_vs_own_topk=ms[key] / own, ratio_vs_convmoe_topk=ms[key] / base, experts_per_token=used))
-    shares = {name: 1.0 - ms[name, "token", "none"] / ms[name, "token", "topk@2"] for name in ("convmoe", "vmoe")}
-    image_vs_token = ms["convmoe", "image", "jesa 0.25"] / ms["convmoe", "token", "jesa 0.25"]
+    shares = {name: 1.0 - ms[name, "token", "none"] / ms[name, "token", "topk@2"] for name in models}
+    image_vs_token = (ms["convmoe", "image", "jesa 0.25"] / ms["convmoe", "token", "jesa 0.25"]
+                      if ("convmoe", "image", "jesa 0.25") in ms else math.nan)
     print("expert share of a top-2 step (1 - none / topk): " + ", ".join(f"{n} {s:.0%}" for n, s in shares.items()))
-    print(f"vmoe / convmoe topk step: {ms['vmoe', 'token', 'topk@2'] / base:.2f}x; "
+    vmoe_ratio = ms["vmoe", "token", "topk@2"] / base if "vmoe" in models else None
+    print(f"vmoe / convmoe topk step: {vmoe_ratio or float('nan'):.2f}x; "
           f"convmoe image-frame jesa / token-frame jesa: {image_vs_token:.2f}x (target <= 1.5x)")
     result = dict(
         benchmark="training_step",
@@ -138,7 +154,7 @@ def main() -> None:
                      torch=torch.__version__, threads=args.threads,
                      omp_num_threads=os.environ.get("OMP_NUM_THREADS")),
         batch=args.batch, steps_per_cell=args.steps * args.reps, rows=rows, expert_share=shares,
-        vmoe_over_convmoe_topk=ms["vmoe", "token", "topk@2"] / base, image_over_token_jesa=image_vs_token,
+        vmoe_over_convmoe_topk=vmoe_ratio, image_over_token_jesa=image_vs_token, device=args.device,
     )
     out = atomic_write_json(args.out, result)
     print(f"wrote {out}")
