@@ -580,7 +580,7 @@ class MoELayer(nn.Module):
         s = scores.to(f64)
         entropy = -torch.special.xlogy(s, s).sum(1)
         return {
-            "count": torch.tensor(float(B), dtype=f64, device=s.device),
+            "count": torch.full((), float(B), dtype=f64, device=s.device),  # a fill, not a host copy (a sync)
             "selected_links": selected_links,
             "energy_j": selection.energy.to(f64).sum() / inputs,
             "experts_per_input": effective.sum().to(f64) / inputs,

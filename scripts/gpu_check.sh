@@ -42,7 +42,7 @@ $py train.py model=tiny_convmoe router=jesa router.gamma=0.5 router.k_max=2 trai
     data.root="$data_root" data.val_size=200 data.limit_train=2800 data.limit_test=1000 device=cuda progress=false \
     hydra.run.dir="$work/run"
 $py evaluate.py ckpt="$work/run" 'eval.policies=[topk@2,des,jesa,greedy]' 'eval.gammas=[0.25,0.5]' eval.channel_draws=1 \
-    device=cuda progress=false hydra.run.dir="$work/run/eval"
+    data.root="$data_root" device=cuda progress=false hydra.run.dir="$work/run/eval"
 train_s=$((SECONDS - start))
 
 $py - "$work" "$out" "$commit" "$router_s" "$layer_s" "$step_s" "$train_s" <<'EOF'
