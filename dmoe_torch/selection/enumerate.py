@@ -304,9 +304,12 @@ def _des_core(scores: torch.Tensor, costs: torch.Tensor, threshold: float, k_min
     best_set, feasible = _joined(best_set), _joined(feasible)
     if not fallback:
         return sets[best_set], feasible
-    fallback_experts, fallback_valid = _top_score_slots(scores, costs, k_max)
+    # the fallback order on the infeasible rows only where that needs no sync (the CPU: they
+    # are usually few), on every row elsewhere
+    rows = _active_rows(~feasible)
+    fallback_experts, fallback_valid = _top_score_slots(_take(scores, rows), _take(costs, rows), k_max)
     fallback_mask = _mask_from_slots(fallback_experts, fallback_valid, K)
-    return torch.where(feasible[:, None], sets[best_set], fallback_mask), feasible
+    return _merge(sets[best_set], rows, _take(~feasible, rows), fallback_mask), feasible
 
 
 def _ranked_links(costs3: torch.Tensor, ranks: int) -> tuple[torch.Tensor, torch.Tensor]:
