@@ -85,11 +85,14 @@ def save_checkpoint(path: str | os.PathLike, **fields: Any) -> Path:
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def load_checkpoint(path: str | os.PathLike, *, key: str = "ckpt", map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, *, key: str = "ckpt", map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
     """Load and check a checkpoint (a file, or a run directory holding checkpoint.pt); a
     missing, unreadable or foreign file raises ConfigError.
 
     ``key`` is the config key that named the file (``ckpt`` or ``resume``), for the message.
+    ``mmap``: map the tensors instead of reading them (cheap when only the config, epoch and
+    step are needed).
     """
     path = checkpoint_file(path, key=key)
     not_checkpoint = f"{key}={str(path)!r}: not a dmoe-torch checkpoint"
@@ -99,7 +102,7 @@ def load_checkpoint(path: str | os.PathLike, *, key: str = "ckpt", map_location:
         raise ConfigError(f"{not_checkpoint} (not a file written by torch.save); pass a run directory of train.py or "
                           f"its {CHECKPOINT_NAME}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         # weights_only refuses pickled Python objects: a torch file, but not one of ours.
         raise ConfigError(f"{not_checkpoint} (a torch file holding Python objects, which are never unpickled)") from None

@@ -163,18 +163,24 @@ class ValidateFirst(Callback):
         job = copy.deepcopy(config)
         with open_dict(job):
             del job["hydra"]
-        run_dir = os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir")))
+        given_dir = str(OmegaConf.select(config, "hydra.run.dir"))
+        run_dir = os.path.abspath(given_dir)
         from . import rundir
 
         # Hydra turns a callback's exception into a warning and goes on: report_errors exits
         # instead (SystemExit passes through Hydra).
         with report_errors():
+            if not given_dir.strip():  # Hydra would write the run's files into the current directory
+                raise ConfigError(f"hydra.run.dir={given_dir!r}: must name a directory; leave it out for the default "
+                                  f"outputs/{self.config_name}/<date>/<time>")
             if self.config_name == "evaluate":
                 validate_eval_config(job)
                 rundir.lock_run_dir(run_dir)
+                rundir.check_run_dir_owner(run_dir, "evaluate")
             else:
                 validate_train_config(job)
                 rundir.lock_run_dir(run_dir)
+                rundir.check_run_dir_owner(run_dir, "train")
                 from .training import ADDED_KEY_DEFAULTS, RESUME_FREE_KEYS
 
                 rundir.check_rerun_dir(run_dir, job, free_keys=RESUME_FREE_KEYS, added_defaults=ADDED_KEY_DEFAULTS)

@@ -17,17 +17,24 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from .data import DATASET_IMAGE_SIZES, DATASET_TRAIN_SIZES, DATASETS
+from .data import DATASET_IMAGE_SIZES, DATASET_TRAIN_SIZES, DATASETS, split_sizes
 from .models.vmoe import STEMS
+from .selection.common import is_int, is_real
 from .selection.policies import get_policy, policy_names
+from .utils import INT64_MAX, format_bytes, memory_bytes, resolve_device
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+MAX_WORKERS_PER_CPU = 4  # data.num_workers: at most this many loader processes per CPU core
+MAX_LR = float(np.finfo(np.float32).max) / 10  # train.lr
+MAX_TIMEOUT_S = timedelta.max.total_seconds()  # runtime.timeout_s
 
 
 class ConfigError(ValueError):
@@ -61,26 +68,23 @@ def get_value(cfg: DictConfig, key: str) -> Any:
 _ABSENT = object()
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def get_int(cfg: DictConfig, key: str, *, minimum: int | None = None, maximum: int | None = None, optional: bool = False, why: str = "") -> int | None:
+    """An integer in [minimum, maximum]; at most 2**63 - 1 in any case (tensors, numpy arrays
+    and checkpoints hold 64-bit integers)."""
     value = get_value(cfg, key)
     if value is None and optional:
         return None
     bounds = _range_text(minimum, maximum)
     allowed = f"an integer{bounds}" + (" or null" if optional else "") + (f" ({why})" if why else "")
-    if not _is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+    if not is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ConfigError(f"{key}={format_value(value)}: must be {allowed}")
-    return value
+    if value > INT64_MAX:
+        raise ConfigError(f"{key}={format_value(value)}: must be {allowed} and at most 2**63 - 1 (a 64-bit integer)")
+    return int(value)
 
 
-def get_float(cfg: DictConfig, key: str, *, minimum: float | None = None, exclusive_minimum: float | None = None, optional: bool = False) -> float | None:
+def get_float(cfg: DictConfig, key: str, *, minimum: float | None = None, exclusive_minimum: float | None = None,
+              maximum: float | None = None, optional: bool = False, why: str = "") -> float | None:
     value = get_value(cfg, key)
     if value is None and optional:
         return None
@@ -90,8 +94,11 @@ def get_float(cfg: DictConfig, key: str, *, minimum: float | None = None, exclus
         bound_text, ok = f" > {exclusive_minimum:g}", lambda v: v > exclusive_minimum
     else:
         bound_text, ok = "", lambda v: True
-    if not _is_number(value) or not math.isfinite(value) or not ok(value):
-        raise ConfigError(f"{key}={format_value(value)}: must be a finite number{bound_text}" + (" or null" if optional else ""))
+    if maximum is not None:
+        bound_text += f" and <= {maximum:g}"
+    allowed = f"a finite number{bound_text}" + (" or null" if optional else "") + (f" ({why})" if why else "")
+    if not is_real(value) or not math.isfinite(value) or not ok(value) or (maximum is not None and value > maximum):
+        raise ConfigError(f"{key}={format_value(value)}: must be {allowed}")
     return float(value)
 
 
@@ -203,16 +210,23 @@ def validate_data(cfg: DictConfig, *, training: bool) -> None:
     name = get_str(cfg, "data.name", choices=DATASETS) if training else None
     validate_data_root(cfg)
     get_int(cfg, "data.batch_size", minimum=1)
-    get_int(cfg, "data.num_workers", minimum=0)
+    # Each worker is a process: a few per core, never thousands.
+    get_int(cfg, "data.num_workers", minimum=0, maximum=MAX_WORKERS_PER_CPU * (os.cpu_count() or 1),
+            why=f"{MAX_WORKERS_PER_CPU} per CPU core of this machine")
     get_int(cfg, "data.limit_test", minimum=1, optional=True)
     if training:
         limit_train = get_int(cfg, "data.limit_train", minimum=1, optional=True)
         val_size = get_int(cfg, "data.val_size", minimum=0)
         available = DATASET_TRAIN_SIZES[name]
-        # With data.limit_train the validation set is capped at limit_train // 5 (build_datasets).
-        if limit_train is None and val_size >= available:
+        train_images, _ = split_sizes(available, val_size, limit_train)
+        if train_images < 1:  # with data.limit_train the validation set is capped at limit_train // 5
             raise ConfigError(f"data.val_size={val_size}: must be smaller than the {available} training images of "
                               f"data.name={name}")
+        if train_images == 1:
+            fix = "data.limit_train=2 or more" if limit_train is not None else f"data.val_size={available - 2} or less"
+            key = f"data.limit_train={limit_train}" if limit_train is not None else f"data.val_size={val_size}"
+            raise ConfigError(f"{key}: leaves 1 training image, and a batch of one image cannot train (BatchNorm "
+                              f"needs two; train.py drops such a batch); pass {fix}")
         get_bool(cfg, "data.augment")
 
 
@@ -230,10 +244,20 @@ def validate_data_root(cfg: DictConfig) -> str:
 
 @dataclass(frozen=True)
 class ModelShape:
+    """What the memory estimate needs of a model, besides its expert layers: the routed tokens
+    per image, lower bounds on its other weights and on the attention scores it keeps, and
+    the keys that size them."""
+
     num_experts: int
     num_moe_layers: int
     d_model: int
     hidden_mult: int
+    layers_key: str = "model.num_moe_layers"  # the key that sets num_moe_layers
+    tokens_per_input: int = 1
+    block_params: int = 0  # weights besides the experts (attention, depthwise convs, dense MLPs)
+    block_keys: tuple[str, ...] = ()
+    blocks: int = 0  # blocks that each keep attention_per_block scores per image
+    attention_per_block: int = 0
 
 
 # The keys of each model (config group `model`); `name` picks the architecture.
@@ -263,11 +287,12 @@ def validate_model(cfg: DictConfig) -> ModelShape:
     hidden_mult = get_int(cfg, "model.hidden_mult", minimum=1)
     # Absent from checkpoints written before it existed: no dropout.
     link_dropout = OmegaConf.select(cfg, "model.link_dropout", default=0.0)
-    if not _is_number(link_dropout) or not 0.0 <= link_dropout < 1.0:
+    if not is_real(link_dropout) or not 0.0 <= link_dropout < 1.0:
         raise ConfigError(f"model.link_dropout={format_value(link_dropout)}: must be a probability in [0, 1)")
     validate_moe_choices(cfg)
     if OmegaConf.select(cfg, "model.channel_gate", default=None) is not None:  # absent in older runs: false
         get_bool(cfg, "model.channel_gate")
+    shape = dict(num_experts=num_experts, d_model=d_model, hidden_mult=hidden_mult)
     if name == "cnn":
         num_moe_layers = get_int(cfg, "model.num_moe_layers", minimum=1)
     elif name == "convmoe":
@@ -279,6 +304,9 @@ def validate_model(cfg: DictConfig) -> ModelShape:
         if image_size is not None and image_size % 4:
             raise ConfigError(f"model.name=convmoe: the image size {image_size} of data.name={cfg.data.name} "
                               "must be divisible by 4 (the stem's two 2x poolings)")
+        shape.update(layers_key="model.depth", tokens_per_input=(image_size or 4) ** 2 // 16,
+                     block_params=num_moe_layers * d_model * kernel_size**2,
+                     block_keys=("model.depth", "model.d_model", "model.kernel_size"))
     else:
         depth = get_int(cfg, "model.depth", minimum=1)
         moe_every = get_int(cfg, "model.moe_every", minimum=1, maximum=depth,
@@ -297,7 +325,85 @@ def validate_model(cfg: DictConfig) -> ModelShape:
             raise ConfigError(f"model.patch_size={patch_size}: must be even with model.stem=conv2 "
                               "(its stride-2 conv halves the image)")
         num_moe_layers = depth // moe_every
-    return ModelShape(num_experts=num_experts, num_moe_layers=num_moe_layers, d_model=d_model, hidden_mult=hidden_mult)
+        tokens = ((image_size or patch_size) // patch_size) ** 2 + int(cfg.model.class_token)
+        # attention (4 d^2) in every block, a dense MLP in the blocks without experts
+        shape.update(layers_key="model.depth", tokens_per_input=tokens,
+                     block_params=depth * 4 * d_model**2 + (depth - num_moe_layers) * 2 * hidden_mult * d_model**2,
+                     block_keys=("model.depth", "model.d_model"), blocks=depth, attention_per_block=num_heads * tokens**2)
+    return ModelShape(num_moe_layers=num_moe_layers, **shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: a lower bound on what a run holds at once, checked before anything is allocated.
+
+FLOAT32_BYTES, FLOAT64_BYTES = 4, 8
+TRAINING_WEIGHT_COPIES = 4  # the weights, their gradients and AdamW's two moments
+
+
+@dataclass(frozen=True)
+class MemoryTerm:
+    """A lower bound (bytes) on one part of a run's memory and the keys that size it;
+    ``on_device``: on the model's device (else on the CPU, as the float64 link costs are)."""
+
+    what: str
+    keys: tuple[str, ...]
+    size: int
+    on_device: bool = True
+
+
+def memory_terms(shape: ModelShape, *, batch_size: int, images: int, num_subcarriers: int, frame: str, training: bool,
+                 local_experts: bool = True) -> list[MemoryTerm]:
+    """Lower bounds on the memory of a training run (``training``) or an evaluation over
+    ``images`` images in batches of ``batch_size``.  Training keeps TRAINING_WEIGHT_COPIES of
+    every weight and each layer's activations for the backward pass; an evaluation keeps the
+    link costs of all its images (one channel draw serves every setting).  ``local_experts``
+    False (runtime=distributed): the experts live on the workers."""
+    batch = min(batch_size, images)
+    T, K, d, h, L = shape.tokens_per_input, shape.num_experts, shape.d_model, shape.hidden_mult, shape.num_moe_layers
+    copies = TRAINING_WEIGHT_COPIES if training else 1
+    terms = []
+    if local_experts:
+        terms.append(MemoryTerm("expert weights", ("model.num_experts", "model.d_model", "model.hidden_mult", shape.layers_key),
+                                copies * FLOAT32_BYTES * L * K * 2 * h * d * d))
+        # at least one expert's hidden layer per token
+        terms.append(MemoryTerm("expert activations", ("data.batch_size", "model.d_model", "model.hidden_mult")
+                                + ((shape.layers_key,) if training else ()),
+                                FLOAT32_BYTES * batch * T * h * d * (L if training else 1)))
+    if shape.block_params:
+        terms.append(MemoryTerm("block weights", shape.block_keys, copies * FLOAT32_BYTES * shape.block_params))
+    if shape.attention_per_block:
+        terms.append(MemoryTerm("attention scores", ("data.batch_size", "model.patch_size", "model.num_heads"),
+                                FLOAT32_BYTES * batch * shape.attention_per_block * (shape.blocks if training else 1)))
+    # float64 costs [frames, K, N] per MoE layer (image frames: int64 capacities too)
+    per_image = K * num_subcarriers * (2 * FLOAT64_BYTES if frame == "image" else FLOAT64_BYTES * T) * L
+    link_images = batch if training else images
+    terms.append(MemoryTerm("link costs", ("data.batch_size" if training else "data.limit_test", "model.num_experts",
+                                           "channel.num_subcarriers", shape.layers_key), link_images * per_image, on_device=False))
+    return terms
+
+
+def check_memory(terms: list[MemoryTerm], device: str, configs: Iterable[DictConfig], what: str) -> None:
+    """ConfigError naming the keys of the largest term (with their values in the first of
+    ``configs`` that has them) when ``terms`` need more memory than ``device`` (the on-device
+    terms) or the CPU (the others, and all on a CPU run) has."""
+    configs = list(configs)
+    values = {key: value for config in reversed(configs) for term in terms for key in term.keys
+              if (value := OmegaConf.select(config, key, default=_ABSENT)) is not _ABSENT}
+    import torch
+
+    model_device = resolve_device(device)
+    places = [(torch.device("cpu"), [t for t in terms if not t.on_device or model_device.type == "cpu"])]
+    if model_device.type != "cpu":
+        places.append((model_device, [t for t in terms if t.on_device]))
+    for place, held in places:
+        need, have = sum(t.size for t in held), memory_bytes(place)
+        if need > have:
+            largest = max(held, key=lambda t: t.size)
+            keys = ", ".join(f"{key}={format_value(values[key])}" for key in largest.keys if key in values)
+            parts = ", ".join(f"{t.what} {format_bytes(t.size)}" for t in sorted(held, key=lambda t: -t.size))
+            memory = "RAM" if place.type == "cpu" else f"{place.type} memory"
+            raise ConfigError(f"{keys}: {what} needs at least {format_bytes(need)} of {memory} ({parts}) and this machine "
+                              f"has {format_bytes(have)}; make them smaller")
 
 
 def validate_moe_choices(cfg: DictConfig) -> tuple[str, str]:
@@ -333,7 +439,7 @@ def validate_gamma(value: Any, key: str, num_layers: int) -> float | list[float]
     allowed = f"a number in (0, 1] or a list of {num_layers} such numbers (one per MoE layer)"
 
     def ok(v: Any) -> bool:
-        return _is_number(v) and 0.0 < v <= 1.0
+        return is_real(v) and 0.0 < v <= 1.0
 
     if isinstance(value, (list, tuple)):
         if len(value) != num_layers or not all(ok(v) for v in value):
@@ -377,7 +483,7 @@ def validate_lam(value: Any, key: str, policy: str | None = None) -> float | Non
         if needed:
             raise ConfigError(f"{key}=null: policy {policy!r} needs its multiplier, a number >= 0 (relevance per joule, 1/J)")
         return None
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
+    if not is_real(value) or not math.isfinite(value) or value < 0:
         raise ConfigError(f"{key}={format_value(value)}: must be a number >= 0 (relevance per joule, 1/J) or null")
     return float(value)
 
@@ -386,7 +492,7 @@ def validate_outage_target(value: Any, key: str) -> float | None:
     """null (plan on the channel estimate) or a probability in (0, 1)."""
     if value is None:
         return None
-    if not _is_number(value) or not 0.0 < value < 1.0:
+    if not is_real(value) or not 0.0 < value < 1.0:
         raise ConfigError(f"{key}={format_value(value)}: must be null (trust the channel estimate) or a probability in (0, 1)")
     return float(value)
 
@@ -422,9 +528,14 @@ def validate_train_config(cfg: DictConfig) -> None:
     channel = channel_config(cfg)
     validate_router(cfg, "router", shape, channel.num_subcarriers, channel.frame)
     validate_router(cfg, "eval_router", shape, channel.num_subcarriers, channel.frame)
+    train_images, _ = split_sizes(DATASET_TRAIN_SIZES[cfg.data.name], cfg.data.val_size, cfg.data.limit_train)
+    terms = memory_terms(shape, batch_size=cfg.data.batch_size, images=train_images, num_subcarriers=channel.num_subcarriers,
+                         frame=channel.frame, training=True, local_experts=runtime_settings(cfg).name == "local")
+    check_memory(terms, cfg.device, [cfg], "training")
     check_keys(get_value(cfg, "train"), "train", TRAIN_KEYS)
     get_int(cfg, "train.epochs", minimum=1)
-    get_float(cfg, "train.lr", exclusive_minimum=0.0)
+    # AdamW's first step moves a weight by lr / (1 - beta1) = 10 lr, a float32 scalar.
+    get_float(cfg, "train.lr", exclusive_minimum=0.0, maximum=MAX_LR, why="AdamW's first step, 10 lr, must be a float32")
     get_float(cfg, "train.weight_decay", minimum=0.0)
     get_float(cfg, "train.aux_loss_coef", minimum=0.0)
     get_float(cfg, "train.z_loss_coef", minimum=0.0)
@@ -548,7 +659,8 @@ def runtime_settings(cfg: DictConfig) -> RuntimeSettings:
     settings = RuntimeSettings(
         name=name,
         backend=get_str(cfg, "runtime.backend", choices=BACKENDS),
-        timeout_s=get_float(cfg, "runtime.timeout_s", exclusive_minimum=0.0),
+        timeout_s=get_float(cfg, "runtime.timeout_s", exclusive_minimum=0.0, maximum=MAX_TIMEOUT_S,
+                            why="the longest datetime.timedelta"),
     )
     check_world_size(process_env()[1], configured_num_experts(cfg))
     return settings
@@ -558,7 +670,7 @@ def configured_num_experts(cfg: DictConfig) -> int | None:
     """model.num_experts when the config has it (train.py), else None (evaluate.py: the
     checkpoint's model is checked when it is attached)."""
     value = OmegaConf.select(cfg, "model.num_experts", default=None)
-    return value if _is_int(value) else None
+    return value if is_int(value) else None
 
 
 def process_env() -> tuple[int, int, int]:

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from .selection.common import is_int
 from .utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,17 @@ _SPECS = {
 
 DATASET_IMAGE_SIZES = {name: spec.image_size for name, spec in _SPECS.items()}
 DATASET_TRAIN_SIZES = {"fashion_mnist": 60_000, "mnist": 60_000, "cifar10": 50_000}  # official training sets
+DATASET_TEST_SIZES = {"fashion_mnist": 10_000, "mnist": 10_000, "cifar10": 10_000}  # official test sets
+
+
+def split_sizes(available: int, val_size: int, limit_train: int | None) -> tuple[int, int]:
+    """(training images, validation images) :func:`build_datasets` takes from an official
+    training set of ``available`` images: the first ``limit_train`` of them when set, of which
+    ``min(val_size, limit_train // 5)`` validate; else ``val_size`` of all.  The training
+    count may be <= 0 (a val_size too large: build_datasets refuses it)."""
+    pool = available if limit_train is None else min(limit_train, available)
+    held_out = val_size if limit_train is None else min(val_size, pool // 5)
+    return pool - held_out, held_out
 
 
 class DataUnavailableError(ValueError, RuntimeError):
@@ -219,10 +231,10 @@ def build_datasets(
     if name not in _SPECS:
         raise ValueError(f"data.name must be one of {', '.join(DATASETS)}; got {name!r}")
     for key, value in (("data.val_size", val_size), ("data.seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"{key} must be a non-negative int, got {value!r}")
     for key, value in (("data.limit_train", limit_train), ("data.limit_test", limit_test)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise ValueError(f"{key} must be a positive int or null, got {value!r}")
     spec = _SPECS[name]
     root = Path(root).expanduser()
@@ -232,9 +244,9 @@ def build_datasets(
         test_images, test_labels, _ = _load_split(name, root, train=False, download=download)
     log.info("%s: %d training and %d test images from %s", name, len(train_labels), len(test_labels), source)
 
-    n_train = len(train_labels) if limit_train is None else min(limit_train, len(train_labels))
-    n_val = val_size if limit_train is None else min(val_size, n_train // 5)
-    if n_val >= n_train:
+    n_fit, n_val = split_sizes(len(train_labels), val_size, limit_train)
+    n_train = n_fit + n_val  # the pool both are drawn from
+    if n_fit < 1:
         raise ValueError(f"data.val_size ({val_size}) must be smaller than the {n_train} training images")
     permutation = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
     # Sorted so that the subsets keep the files' order (cheap, contiguous-ish gathers).

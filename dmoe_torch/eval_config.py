@@ -28,11 +28,14 @@ from .config import (
     allowed_keys,
     channel_config,
     check_keys,
+    check_memory,
     format_value,
     get_bool,
     get_int,
     get_str,
     get_value,
+    memory_terms,
+    runtime_settings,
     validate_data,
     validate_device,
     validate_gamma,
@@ -41,6 +44,7 @@ from .config import (
     validate_outage_target,
     validate_runtime,
 )
+from .data import DATASET_TEST_SIZES
 from .selection.policies import POLICY_TABLE, get_policy, policy_names
 
 
@@ -170,6 +174,11 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
                           f"channel.frame=image; use {', '.join(policy_names('image'))}")
     if frame_skipped and notes is not None:
         notes.append(f"skipped {', '.join(frame_skipped)}: no image-frame form under channel.frame=image")
+    test_images = DATASET_TEST_SIZES[train_cfg.data.name]
+    terms = memory_terms(shape, batch_size=cfg.data.batch_size, images=min(cfg.data.limit_test or test_images, test_images),
+                         num_subcarriers=num_subcarriers, frame=frame, training=False,
+                         local_experts=runtime_settings(cfg).name == "local")
+    check_memory(terms, cfg.device, [cfg, train_cfg], "evaluation")
     labels = [(s.label, format_value(s.gamma), format_value(s.outage_target), format_value(s.lam)) for s in settings]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:

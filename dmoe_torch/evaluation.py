@@ -27,6 +27,7 @@ from .checkpoint import load_checkpoint, load_model_state
 from .config import ConfigError, channel_config, data_root, validate_checkpoint_config
 from .eval_config import EvalPolicy, eval_policies
 from .moe import FrameLinks
+from .rundir import check_run_dir_owner
 from .runtime import attach_experts
 from .selection.frame import frame_links
 from .utils import derive_seed, resolve_device, seed_everything
@@ -79,6 +80,7 @@ def layer_links(channel, sample_ids: torch.Tensor, specs: list, stream: int, tok
     """
     cache = {} if cache is None else cache
     if channel.cfg.frame == "image":  # one frame per (image, layer), keyed by the sample id
+        announce_frame_solver_compile()
         ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
         for layer in range(len(specs)):
             if (layer, "image") not in cache:
@@ -102,6 +104,36 @@ def layer_links(channel, sample_ids: torch.Tensor, specs: list, stream: int, tok
     return costs, delivered
 
 
+FRAME_COMPILE_NOTE = "compiling the image-frame solver (numba, once per machine; ~30 s)"
+_frame_compile_checked = False
+
+
+def frame_kernels_cached() -> bool:
+    """Whether numba's on-disk cache holds every image-frame kernel (selection/frame_kernels.py)
+    for the current source; False when it cannot tell (numba's cache index is internal)."""
+    from numba.core.registry import CPUDispatcher
+
+    from .selection import frame_kernels
+
+    kernels = [obj for obj in vars(frame_kernels).values() if isinstance(obj, CPUDispatcher)]
+    try:  # an empty index: never compiled here, or compiled from another version of the file
+        return all(kernel.signatures or kernel._cache._cache_file._load_index() for kernel in kernels)
+    except Exception:  # noqa: BLE001 -- another numba version: assume cold
+        return False
+
+
+def announce_frame_solver_compile() -> None:
+    """Log :data:`FRAME_COMPILE_NOTE` once per process, before the first image-frame routing,
+    when numba will compile the frame kernels (its cache is cold): epoch 1 then takes ~30 s
+    longer without a word otherwise."""
+    global _frame_compile_checked
+    if _frame_compile_checked:
+        return
+    _frame_compile_checked = True
+    if not frame_kernels_cached():
+        log.info(FRAME_COMPILE_NOTE)
+
+
 # ---------------------------------------------------------------------------------------------
 # Routing metrics
 
@@ -111,7 +143,8 @@ def combine_layers(per_layer: list[dict[str, Any]], tokens_per_input: int = 1) -
     are tokens).
 
     energy_uj: microjoules per image, summed over tokens and MoE layers; outage_rate: all
-    failed links over all selected links; experts_per_token (per token and MoE layer), the
+    links the channel failed over all selected links; link_dropout_rate: all links training-time
+    link dropout dropped over all selected links; experts_per_token (per token and MoE layer), the
     other rates, nodes, gate_entropy and utilisation [K]: averaged over layers.  Routing
     health: single_expert_rate (share of frames with exactly one effective expert),
     load_max_over_mean and load_cv (of each layer's load over all the batches, see
@@ -123,9 +156,11 @@ def combine_layers(per_layer: list[dict[str, Any]], tokens_per_input: int = 1) -
     links = sum(m["selected_links"] for m in per_layer)
     combined = {
         "energy_uj": 1e6 * tokens_per_input * sum(m["energy_j"] for m in per_layer),
-        "outage_rate": sum(m["outage_rate"] * m["selected_links"] for m in per_layer) / links if links else 0.0,
         "experts_per_token": sum(m["experts_per_input"] for m in per_layer) / L,
     }
+    for name in ("outage_rate", "link_dropout_rate"):  # shares of the selected links
+        if all(name in m for m in per_layer):
+            combined[name] = sum(m[name] * m["selected_links"] for m in per_layer) / links if links else 0.0
     for name in ("violation_rate", "drop_rate", "certified_rate", "nodes", "gate_entropy"):
         combined[name] = sum(m[name] for m in per_layer) / L
     K = len(per_layer[0]["utilisation"])
@@ -344,6 +379,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
     from .data import make_loader
 
     output_dir = Path(output_dir)
+    check_run_dir_owner(output_dir, "evaluate")  # also where ValidateFirst does not run (multirun, compose API)
     checkpoint, train_cfg = load_trained(cfg)
     # channel.* of evaluate.py: the checkpoint's channel with these fields replaced (weights unchanged)
     train_cfg, channel_changes = with_channel_overrides(train_cfg, cfg)

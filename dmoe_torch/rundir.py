@@ -3,10 +3,16 @@
 * :func:`lock_run_dir` takes an exclusive ``fcntl.flock`` on ``<run dir>/.lock`` for the rest of
   the process (the kernel drops it when the process exits, however it ends).  A second process
   on the same directory stops with one line naming the holder's pid.
+  It also removes the temporary files a process killed while writing left there.
 * :func:`check_rerun` compares the config of a rerun (or of ``resume=PATH``) with the config the
   run was started with, and refuses keys that would change what the run computes (the keys in
   ``free_keys``, such as ``device`` or ``data.num_workers``, and a longer ``train.epochs`` may
   change).  ``resume_force=true`` continues anyway, with a warning listing the differences.
+  A run directory without a checkpoint (a run that failed before its first one) has nothing
+  to continue: a rerun starts afresh, whatever its config.  A ``train.epochs`` below the
+  epochs the checkpoint already holds is refused.
+* :func:`check_run_dir_owner` refuses a run directory that holds the other entry point's
+  records (Hydra would overwrite its ``.hydra/`` files there).
 """
 from __future__ import annotations
 
@@ -18,10 +24,14 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
+from .checkpoint import load_checkpoint
+from .config import CHECKPOINT_NAME, ConfigError
+from .utils import stale_temp_files
 
 LOCK_NAME = ".lock"
 CONFIG_NAME = "config.yaml"  # the resolved config train.py writes into its run directory
+# The records each entry point writes into its run directory (results.csv: report.write_results).
+RUN_RECORDS = {"train": (CHECKPOINT_NAME, CONFIG_NAME), "evaluate": ("results.csv",)}
 
 _held: dict[str, int] = {}  # real path of a locked run directory -> file descriptor of its lock
 _created: set[str] = set()  # run directories this process created
@@ -34,11 +44,17 @@ class RunDirBusyError(ConfigError):
 def lock_run_dir(run_dir: str | os.PathLike) -> None:
     """Create ``run_dir`` if needed and hold its exclusive lock until this process exits.
 
-    Idempotent within a process.  Raises RunDirBusyError when another process holds it.
+    Idempotent within a process.  Raises RunDirBusyError when another process holds it, and
+    ConfigError when it cannot be created (e.g. a path under a regular file).  Once locked, the
+    temporary files of writes that a killed process left half-done are removed.
     """
     run_dir = Path(run_dir)
     existed = run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # NotADirectoryError, FileExistsError (a file), PermissionError, ...
+        raise ConfigError(f"hydra.run.dir={str(run_dir)!r}: cannot create the run directory ({exc.strerror}: "
+                          f"{exc.filename}); pass another hydra.run.dir") from None
     key = os.path.realpath(run_dir)
     if not existed:
         _created.add(key)
@@ -58,6 +74,20 @@ def lock_run_dir(run_dir: str | os.PathLike) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held[key] = fd
+    for path in stale_temp_files(run_dir):  # nobody else writes here now
+        path.unlink(missing_ok=True)
+
+
+def check_run_dir_owner(run_dir: str | os.PathLike, entry_point: str) -> None:
+    """ConfigError when ``run_dir`` holds the records of an entry point other than
+    ``entry_point`` (train or evaluate): running there would overwrite its ``.hydra/`` files."""
+    for other, records in RUN_RECORDS.items():
+        found = [name for name in records if (Path(run_dir) / name).exists()]
+        if other != entry_point and found:
+            raise ConfigError(
+                f"hydra.run.dir={str(run_dir)!r}: a run directory of {other}.py (it holds {found[0]}); {entry_point}.py "
+                f"would overwrite its records there; pass another hydra.run.dir, e.g. hydra.run.dir={str(run_dir)}/{entry_point}"
+            )
 
 
 def remove_unused_run_dirs() -> None:
@@ -105,28 +135,45 @@ def check_rerun(previous: dict, config: dict, *, source: str, free_keys: Iterabl
 
 
 def check_rerun_dir(run_dir: str | os.PathLike, cfg: DictConfig, *, free_keys: Iterable[str], added_defaults: dict,
-                    checkpoint_config: dict | None = None, checkpoint_path: str | os.PathLike | None = None) -> list[str]:
+                    checkpoint: dict | None = None, checkpoint_path: str | os.PathLike | None = None) -> list[str]:
     """:func:`check_rerun` of ``cfg`` against the config.yaml that the last train.py in ``run_dir``
-    recorded, and against ``checkpoint_config`` (the config saved in ``checkpoint_path``) when
+    recorded, and against the config of ``checkpoint`` (loaded from ``checkpoint_path``) when
     that checkpoint comes from elsewhere (``resume=PATH``) or ``run_dir`` has no config.yaml.
-    ``free_keys`` and ``added_defaults`` (see :func:`check_rerun`) come from the caller:
-    training.RESUME_FREE_KEYS and training.ADDED_KEY_DEFAULTS (this module is below training).
-    Returns the differences a ``resume_force=true`` lets through."""
+    ``checkpoint`` None: the run directory's own checkpoint.pt, when there is one.  Without
+    any checkpoint the recorded config is not compared (the run stopped before saving one, so
+    there is nothing to continue); a ``cfg.train.epochs`` smaller than the epochs the
+    checkpoint holds is refused.  ``free_keys`` and ``added_defaults`` (see :func:`check_rerun`)
+    come from the caller: training.RESUME_FREE_KEYS and training.ADDED_KEY_DEFAULTS (this
+    module is below training).  Returns the differences a ``resume_force=true`` lets through."""
     config = OmegaConf.to_container(cfg, resolve=True)
     check = dict(free_keys=free_keys, added_defaults=added_defaults, force=bool(cfg.get("resume_force", False)))
     here = f"hydra.run.dir={str(run_dir)!r}"
     recorded = Path(run_dir) / CONFIG_NAME
+    own_checkpoint = Path(run_dir) / CHECKPOINT_NAME
+    if checkpoint is None and own_checkpoint.is_file():
+        checkpoint, checkpoint_path = load_checkpoint(own_checkpoint, key="resume", mmap=True), own_checkpoint
     diffs = []
-    if recorded.is_file():
+    if recorded.is_file() and own_checkpoint.is_file():
         previous: Any = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
         diffs += check_rerun(previous, config, source=here, **check)
-    if checkpoint_config is not None:
+    if checkpoint is not None:
         path = Path(checkpoint_path)
         own = (path if path.is_dir() else path.parent).resolve() == Path(run_dir).resolve()
+        if own:
+            source, new_run = here, "pass another hydra.run.dir"
+        else:
+            source, new_run = f"resume={str(checkpoint_path)!r}", "leave resume unset"
         if not own or not recorded.is_file():
-            if own:
-                diffs += check_rerun(checkpoint_config, config, source=here, **check)
-            else:
-                diffs += check_rerun(checkpoint_config, config, source=f"resume={str(checkpoint_path)!r}",
-                                     new_run="leave resume unset", **check)
+            diffs += check_rerun(checkpoint["config"], config, source=source, new_run=new_run, **check)
+        check_epochs_left(checkpoint, int(cfg.train.epochs), source=source, new_run=new_run)
     return list(dict.fromkeys(diffs))
+
+
+def check_epochs_left(checkpoint: dict, epochs: int, *, source: str, new_run: str) -> None:
+    """ConfigError when ``checkpoint`` already holds more than ``epochs`` epochs (finished, or
+    begun): continuing it under ``train.epochs=epochs`` would record fewer epochs than it ran."""
+    begun = int(checkpoint["epoch"]) + (1 if int(checkpoint["step_in_epoch"]) else 0)
+    if begun > epochs:
+        held = (f"is in epoch {begun}" if int(checkpoint["step_in_epoch"]) else f"has trained {begun} epochs")
+        raise ConfigError(f"train.epochs={epochs}: {source} {held} already; pass train.epochs={begun} or more to continue "
+                          f"it, or {new_run} to start a new run")

@@ -8,6 +8,7 @@ and metrics as an uninterrupted one (on CPU).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -37,8 +38,8 @@ from .evaluation import (
     routing_generator,
     train_stream,
 )
-from .moe import PRECISIONS, MetricAverager
-from .rundir import check_rerun_dir, lock_run_dir
+from .moe import PRECISIONS, MetricAverager, MoELayer
+from .rundir import check_rerun_dir, check_run_dir_owner, lock_run_dir
 from .runtime import attach_experts, clip_grad_norm
 from .utils import atomic_write_json, atomic_write_text, derive_seed, device_label, resolve_device, seed_everything
 
@@ -68,7 +69,48 @@ def autocast(precision: str, device: torch.device):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; training stops without saving."""
+    """The training loss, or the router's gate scores, became NaN or infinite; training stops
+    without saving."""
+
+
+# What a diverged run does and what to try, after saying where it diverged.
+DIVERGED_ADVICE = "stopped without saving, the last good checkpoint is kept (try a smaller train.lr or train.grad_clip)"
+
+
+class DivergenceWatch:
+    """Tells a diverged model from a bug when routing fails: with it, a ValueError raised by a
+    forward pass whose gate logits (any MoE layer's) are NaN or infinite -- the router refuses
+    such scores -- becomes a NonFiniteLossError saying where (``where``, set before each pass).
+
+    Forward hooks keep a reference to each gate's last output (no copy, no device sync); they
+    are looked at only when a ValueError passes.  Use as a context manager.
+    """
+
+    def __init__(self, model: torch.nn.Module, where: str = "") -> None:
+        self.where = where
+        self._logits: dict[int, torch.Tensor] = {}
+        gates = [module.gate for module in model.modules() if isinstance(module, MoELayer)]
+        self._hooks = [gate.register_forward_hook(self._keeper(index)) for index, gate in enumerate(gates)]
+
+    def _keeper(self, index: int):
+        def keep(module, inputs, output) -> None:
+            self._logits[index] = output
+
+        return keep
+
+    def gates_finite(self) -> bool:
+        return all(bool(torch.isfinite(logits.detach()).all()) for logits in self._logits.values())
+
+    def __enter__(self) -> "DivergenceWatch":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        routing_error = exc_type is not None and issubclass(exc_type, ValueError) and not issubclass(exc_type, ConfigError)
+        if routing_error and not self.gates_finite():
+            raise NonFiniteLossError(f"training diverged {self.where}: the router's gate scores are NaN or infinite; "
+                                     f"{DIVERGED_ADVICE}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,48 +219,50 @@ def train_one_epoch(
     router z-loss (the last only when z_loss_coef > 0).  ``on_step(progress,
     loss)`` runs after every optimizer step.  Returns True if the epoch ran to its end, False
     if ``stop`` was requested (checked after each step).  Raises NonFiniteLossError before
-    the optimizer step of a batch whose loss is NaN or infinite.
+    the optimizer step of a batch whose loss is NaN or infinite, and when the router meets
+    NaN or infinite gate scores (weights that diverged in the previous step).
     """
     model.train()
-    for images, labels, sample_ids in batches:
-        costs, delivered = layer_links(channel, sample_ids, specs, stream, model.tokens_per_input)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(precision, device):
-            output = model(images, costs, specs, generator=generator, delivered=delivered)
-        loss = F.cross_entropy(output.logits.float(), labels) + aux_loss_coef * output.aux_loss
-        if z_loss_coef > 0:
-            if output.z_loss is None:
-                raise ConfigError(f"train.z_loss_coef={z_loss_coef}: this model reports no router z-loss; use 0")
-            loss = loss + z_loss_coef * output.z_loss
-        if energy_loss_coef > 0:
-            if output.energy_loss is None:
-                raise ConfigError(f"train.energy_loss_coef={energy_loss_coef}: prices the channel-aware gate's expected "
-                                  "link cost; set model.channel_gate=true (or use 0)")
-            loss = loss + energy_loss_coef * output.energy_loss
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"training loss is {loss_value} at step {progress.steps + 1} of this epoch; stopped without "
-                "saving, the last good checkpoint is kept (try a smaller train.lr or train.grad_clip)"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            clip_grad_norm(model, grad_clip)  # torch's clip_grad_norm_, remote experts included
-        optimizer.step()
-        scheduler.step()
+    with DivergenceWatch(model) as watch:
+        for images, labels, sample_ids in batches:
+            watch.where = f"at step {progress.steps + 1} of this epoch"
+            costs, delivered = layer_links(channel, sample_ids, specs, stream, model.tokens_per_input)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast(precision, device):
+                output = model(images, costs, specs, generator=generator, delivered=delivered)
+            loss = F.cross_entropy(output.logits.float(), labels) + aux_loss_coef * output.aux_loss
+            if z_loss_coef > 0:
+                if output.z_loss is None:
+                    raise ConfigError(f"train.z_loss_coef={z_loss_coef}: this model reports no router z-loss; use 0")
+                loss = loss + z_loss_coef * output.z_loss
+            if energy_loss_coef > 0:
+                if output.energy_loss is None:
+                    raise ConfigError(f"train.energy_loss_coef={energy_loss_coef}: prices the channel-aware gate's expected "
+                                      "link cost; set model.channel_gate=true (or use 0)")
+                loss = loss + energy_loss_coef * output.energy_loss
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"training loss is {loss_value} at step {progress.steps + 1} of this epoch; "
+                                         f"{DIVERGED_ADVICE}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                clip_grad_norm(model, grad_clip)  # torch's clip_grad_norm_, remote experts included
+            optimizer.step()
+            scheduler.step()
 
-        batch = len(labels)
-        progress.steps += 1
-        progress.inputs += batch
-        progress.correct += int((output.logits.detach().argmax(1) == labels).sum())
-        progress.loss_sum += loss_value * batch
-        progress.batch_metrics.append([{k: v.detach().cpu() for k, v in m.items()} for m in output.layer_metrics])
-        if on_step is not None:
-            on_step(progress, loss_value)
-        if stop is not None and stop.requested:
-            return False
+            batch = len(labels)
+            progress.steps += 1
+            progress.inputs += batch
+            progress.correct += int((output.logits.detach().argmax(1) == labels).sum())
+            progress.loss_sum += loss_value * batch
+            progress.batch_metrics.append([{k: v.detach().cpu() for k, v in m.items()} for m in output.layer_metrics])
+            if on_step is not None:
+                on_step(progress, loss_value)
+            if stop is not None and stop.requested:
+                return False
     return True
+
 
 # ---------------------------------------------------------------------------------------------
 # Training run
@@ -272,13 +316,18 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
     validate_train_config(cfg)
     output_dir = Path(output_dir)
     lock_run_dir(output_dir)  # creates it; a second process on it stops here
+    check_run_dir_owner(output_dir, "train")
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     ckpt_path = output_dir / CHECKPOINT_NAME
     resume_from = resume_path(cfg) or (str(ckpt_path) if ckpt_path.is_file() else None)
     checkpoint = load_checkpoint(resume_from, key="resume") if resume_from else None
     # A rerun (or resume=PATH) must not change what the run computes, unless resume_force=true.
     diffs = check_rerun_dir(output_dir, cfg, free_keys=RESUME_FREE_KEYS, added_defaults=ADDED_KEY_DEFAULTS,
-                            checkpoint_config=checkpoint and checkpoint["config"], checkpoint_path=resume_from)
+                            checkpoint=checkpoint, checkpoint_path=resume_from)
+    metrics_path = output_dir / "metrics.json"
+    # A rerun of a finished run redoes only the test; its TensorBoard points are there already.
+    logged_test = (json.loads(metrics_path.read_text()).get("test") if checkpoint is not None and metrics_path.is_file()
+                   and int(checkpoint["epoch"]) >= int(cfg.train.epochs) else None)
 
     seed = int(cfg.seed)
     seed_everything(seed)
@@ -291,8 +340,9 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
     # BatchNorm cannot train on a batch of one image: drop the last batch only in that case.
     drop_last = len(train_ds) % batch_size == 1
     steps_per_epoch = len(train_ds) // batch_size + (0 if drop_last or len(train_ds) % batch_size == 0 else 1)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"data.batch_size={batch_size}: the training set has only {len(train_ds)} image(s)")
+    if steps_per_epoch < 1:  # validate_data refuses configs that leave one image; a smaller data file could
+        raise ConfigError(f"data.root={cfg.data.root!r}: the training set has only {len(train_ds)} image(s); a batch of "
+                          "one image cannot train (BatchNorm needs two)")
     epochs = int(cfg.train.epochs)
 
     model = build_model(cfg, info).to(device)
@@ -329,8 +379,14 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
     atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(config_dict))
     from torch.utils.tensorboard import SummaryWriter
 
-    # purge_step drops events a killed run logged after its last checkpoint.
-    writer = SummaryWriter(log_dir=str(output_dir), purge_step=global_step if checkpoint is not None else None)
+    # TensorBoard drops the events of earlier writers from purge_step on: those a killed run logged
+    # after its checkpoint (which holds every point up to its global_step, the epoch-end ones
+    # included), or all of them when the run starts afresh (a run that failed before saving).
+    if checkpoint is not None:
+        purge_step = global_step + 1
+    else:
+        purge_step = 0 if any(output_dir.glob("events.out.tfevents.*")) else None
+    writer = SummaryWriter(log_dir=str(output_dir), purge_step=purge_step)
     val_loader = make_loader(val_ds, batch_size, shuffle=False, seed=seed, num_workers=int(cfg.data.num_workers))
     val_metrics: dict[str, Any] = history[-1]["val"] if history else {}
 
@@ -386,7 +442,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                 step_logger.flush(progress)
 
                 train_summary = progress.summary(model.tokens_per_input)
-                with autocast(precision, device):
+                with autocast(precision, device), DivergenceWatch(model, f"in the validation after epoch {epoch + 1}"):
                     val_metrics = evaluate_with_bar(
                         model, val_loader, desc="validation", show=show, seed=seed, stream=VAL_STREAM,
                         channel=channel, specs=eval_specs, device=device,
@@ -401,7 +457,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                 }
                 history.append(record)
                 report.log_epoch(writer, record, global_step)
-                log.info(report.epoch_line(record, epochs))
+                log.info(epoch_line(record, epochs))
                 progress, epoch_time_before = EpochProgress(), 0.0
                 save(epoch + 1, 0, None)
                 if stop.requested:
@@ -413,7 +469,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
 
             # A signal from here on lets the test evaluation finish (seconds); the checkpoint is saved.
             test_loader = make_loader(test_ds, batch_size, shuffle=False, seed=seed, num_workers=int(cfg.data.num_workers))
-            with autocast(precision, device):
+            with autocast(precision, device), DivergenceWatch(model, "in the test after the last epoch"):
                 test_metrics = evaluate_with_bar(
                     model, test_loader, desc="test", show=show, seed=seed, stream=eval_stream(0),
                     channel=channel, specs=eval_specs, device=device,
@@ -427,13 +483,25 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                 "eval_router": OmegaConf.to_container(cfg.eval_router, resolve=True),
                 "history": history,
             }
-            atomic_write_json(output_dir / "metrics.json", results)
-            report.log_scalars(writer, "test", test_metrics, global_step)
+            atomic_write_json(metrics_path, results)
+            if json.loads(json.dumps(test_metrics)) != logged_test:  # else the same points are in TensorBoard already
+                report.log_scalars(writer, "test", test_metrics, global_step)
             log.info("test accuracy %.4f, energy %.2f uJ/input (%s); outputs in %s",
                      test_metrics["accuracy"], test_metrics["energy_uj"], cfg.eval_router.policy, output_dir)
             return 0
     finally:
         writer.close()
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """report.epoch_line with the training-time link dropout shown apart from the channel's
+    outages (a share of the selected links; 0 for metric records that predate it)."""
+    line = report.epoch_line(record, epochs)
+    router = record["train"].get("router")
+    if not router:
+        return line
+    head, _, elapsed = line.rpartition(" | ")
+    return f"{head} | train link dropout {router.get('link_dropout_rate', 0.0):.2%} | {elapsed}"
 
 
 def _interrupted(stop: StopSignal, ckpt_path: Path, epoch: int, step: int) -> int:

@@ -1,4 +1,4 @@
-"""Small shared helpers: seeding, derived seeds, device choice and atomic file writes."""
+"""Small shared helpers: seeding, derived seeds, device choice, memory and atomic file writes."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+INT64_MAX = 2**63 - 1  # the largest integer a tensor, a numpy array or a checkpoint holds
 
 
 def seed_everything(seed: int) -> None:
@@ -52,6 +54,32 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes: the GPU's for CUDA, else the machine's RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device.index or 0).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def format_bytes(size: float) -> str:
+    """``"1.5 GB"``, ``"12 MB"``, ``"3.2 TB"`` (powers of 1000)."""
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size / 1e3:.3g} kB"
+
+
+# atomic_write's temporary files are ``.<name>.<random>.tmp`` beside the target.
+_TEMP_SUFFIX = ".tmp"
+
+
+def stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """The temporary files of :func:`atomic_write` in ``directory``: what a process killed while
+    writing leaves behind (call it only where no other process writes)."""
+    return sorted(Path(directory).glob(f".*{_TEMP_SUFFIX}"))
+
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], Any]) -> Path:
     """Write a file via ``write(fileobj)`` into a temporary file beside it, then rename it.
 
@@ -60,7 +88,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], A
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
     try:
         os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual mode
         with os.fdopen(fd, "wb") as handle:

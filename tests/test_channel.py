@@ -168,9 +168,50 @@ def test_failure_energy():
         ("shadowing_std_db", -1.0, "channel.shadowing_std_db"),
         ("noise_figure_db", float("nan"), "channel.noise_figure_db"),
         ("num_subcarriers", 2.5, "channel.num_subcarriers"),
+        ("num_subcarriers", 1e30, "channel.num_subcarriers"),  # an integer value beyond int64
+        ("csi_delay_frames", 2**63, "channel.csi_delay_frames"),
+        ("frame_s", True, "channel.frame_s"),
+        ("fading", "rician", "channel.fading"),
     ],
 )
-def test_bad_config_names_the_field(field, value, match):
-    cfg = ChannelConfig(**{field: value})
-    with pytest.raises(ValueError, match=match):
-        cfg.validate()
+def test_bad_config_is_refused_on_construction_naming_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match) as info:
+        ChannelConfig(**{field: value})  # not only when a WirelessChannel is built
+    assert "\n" not in str(info.value)
+
+
+def test_a_field_changed_in_place_is_checked_when_the_channel_is_built():
+    cfg = ChannelConfig()
+    cfg.num_subcarriers = 0
+    with pytest.raises(ValueError, match="channel.num_subcarriers=0"):
+        WirelessChannel(cfg, 2, 8, 0)
+
+
+def test_numpy_scalars_are_numbers_like_python_ones():
+    numpy_cfg = ChannelConfig(num_subcarriers=np.int64(8), d_max_m=np.float32(250.0), csi_delay_frames=np.int32(0),
+                              csi_error_std=np.float64(0.0))
+    python_cfg = ChannelConfig(num_subcarriers=8, d_max_m=250.0)
+    numpy_channel = WirelessChannel(numpy_cfg, np.int64(4), np.int32(16), seed=np.uint8(3))
+    python_channel = WirelessChannel(python_cfg, 4, 16, seed=3)
+    ids = np.arange(5, dtype=np.int32)
+    assert torch.equal(numpy_channel.costs(ids, 0, 0), python_channel.costs(ids.tolist(), 0, 0))
+    assert numpy_channel.link_state(ids, 0, 0, outage_target=np.float32(0.1)).planned_costs.shape == (5, 4, 8)
+    for bad in (True, 2.0, 0):
+        with pytest.raises(ValueError, match="num_devices"):
+            WirelessChannel(python_cfg, bad, 16, seed=0)
+
+
+@pytest.mark.parametrize("frame_ids", [[0.2, 0.7, 1.9], np.array([1.0, 2.0]), torch.tensor([0.5]), [True, False]],
+                         ids=["float list", "float array", "float tensor", "bool list"])
+def test_frame_ids_must_be_integers(frame_ids):
+    channel = WirelessChannel(ChannelConfig(num_subcarriers=4), 2, 8, seed=0)
+    # Truncating [0.2, 0.7, 1.9] would silently give the costs of frames [0, 0, 1].
+    with pytest.raises(ValueError, match="frame_ids: must be integers"):
+        channel.costs(frame_ids, 0, 0)
+
+
+@pytest.mark.parametrize("frame_ids", [[-1], [2**64], np.array([2**63], dtype=np.uint64)])
+def test_frame_ids_must_fit_int64_and_be_non_negative(frame_ids):
+    channel = WirelessChannel(ChannelConfig(num_subcarriers=4), 2, 8, seed=0)
+    with pytest.raises(ValueError, match=r"frame_ids: must be integers in \[0, 2\*\*63 - 1\]"):
+        channel.costs(frame_ids, 0, 0)

@@ -288,9 +288,24 @@ def test_val_size_must_leave_training_images():
     size = DATASET_TRAIN_SIZES["fashion_mnist"]
     with pytest.raises(ConfigError, match=rf"^data.val_size={size}: must be smaller than the {size} training images"):
         validate_train_config(compose_cfg("train", [f"data.val_size={size}"]))
-    validate_train_config(compose_cfg("train", [f"data.val_size={size - 1}"]))
+    validate_train_config(compose_cfg("train", [f"data.val_size={size - 2}"]))
     # With data.limit_train the validation set is capped at limit_train // 5 (see build_datasets).
     validate_train_config(compose_cfg("train", [f"data.val_size={size}", "data.limit_train=500"]))
+
+
+@pytest.mark.parametrize("overrides,key,fix", [
+    (["data.limit_train=1"], "data.limit_train=1", "data.limit_train=2 or more"),
+    ([f"data.val_size={DATASET_TRAIN_SIZES['fashion_mnist'] - 1}"], f"data.val_size={DATASET_TRAIN_SIZES['fashion_mnist'] - 1}",
+     f"data.val_size={DATASET_TRAIN_SIZES['fashion_mnist'] - 2} or less"),
+])
+def test_a_training_set_of_one_image_is_refused_for_batchnorm_not_the_batch_size(overrides, key, fix):
+    # One image is one batch of one, which train.py must drop (BatchNorm): not a batch-size problem.
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(compose_cfg("train", [*overrides, "data.batch_size=50"]))
+    message = str(info.value)
+    assert message.startswith(f"{key}: leaves 1 training image") and "BatchNorm" in message and message.endswith(fix)
+    assert "batch_size" not in message
+    validate_train_config(compose_cfg("train", ["data.limit_train=2", "data.batch_size=50"]))  # two images train
 
 
 def test_data_root_must_exist_unless_it_is_the_default(tmp_path, monkeypatch):

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..selection.common import is_int, is_real
+from ..utils import INT64_MAX
 from . import scenario
 from .csi import conservative_power, csi_correlation, estimate_power
 from .fading import csi_noise, iid_power_gains, jakes_power_gains
@@ -109,8 +111,13 @@ class ChannelConfig:
     carrier_frequency_hz: float = 3.5e9
     frame: str = "token"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self, prefix: str = "channel") -> "ChannelConfig":
-        """Raise ValueError naming the first bad field (as ``prefix.field``)."""
+        """Raise ValueError naming the first bad field (as ``prefix.field``); returns self.
+
+        Runs on construction; call it again after changing a field in place."""
         positive = (
             "num_subcarriers",
             "subcarrier_bandwidth_hz",
@@ -138,13 +145,14 @@ class ChannelConfig:
         for name, value in asdict(self).items():
             if name in _TEXT_KEYS:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_real(value) or not math.isfinite(value):
                 raise ValueError(f"{prefix}.{name}={value!r} must be a finite number")
             if name in positive and value <= 0:
                 raise ValueError(f"{prefix}.{name}={value!r} must be > 0")
         for name in ("num_subcarriers", "bits_per_element"):
-            if int(getattr(self, name)) != getattr(self, name):
-                raise ValueError(f"{prefix}.{name}={getattr(self, name)!r} must be a positive integer")
+            value = getattr(self, name)
+            if int(value) != value or value > INT64_MAX:
+                raise ValueError(f"{prefix}.{name}={value!r} must be a positive integer (at most 2**63 - 1)")
         if self.shadowing_std_db < 0:
             raise ValueError(f"{prefix}.shadowing_std_db={self.shadowing_std_db!r} must be >= 0")
         if self.d_min_m >= self.d_max_m:
@@ -157,8 +165,9 @@ class ChannelConfig:
             raise ValueError(f"{prefix}.doppler_hz={self.doppler_hz!r}: must be > 0 with {prefix}.fading='jakes'")
         if not 0.0 <= self.csi_error_std < 1.0:
             raise ValueError(f"{prefix}.csi_error_std={self.csi_error_std!r}: must be in [0, 1)")
-        if self.csi_delay_frames < 0 or int(self.csi_delay_frames) != self.csi_delay_frames:
-            raise ValueError(f"{prefix}.csi_delay_frames={self.csi_delay_frames!r}: must be an integer >= 0")
+        delay = self.csi_delay_frames
+        if delay < 0 or int(delay) != delay or delay > INT64_MAX:  # frame ids - delay are int64
+            raise ValueError(f"{prefix}.csi_delay_frames={delay!r}: must be an integer in [0, 2**63 - 1]")
         if self.model != "rayleigh" and self.tdl_profile in LOS_PROFILES and not self.perfect_csi:
             # csi.py's conditional law h | h_hat is that of a zero-mean Gaussian channel.
             raise ValueError(
@@ -244,13 +253,12 @@ class WirelessChannel:
     """
 
     def __init__(self, cfg: ChannelConfig, num_devices: int, d_model: int, seed: int):
-        cfg.validate()
-        if num_devices < 1:
-            raise ValueError(f"num_devices must be >= 1, got {num_devices}")
-        if d_model < 1:
-            raise ValueError(f"d_model must be >= 1, got {d_model}")
+        cfg.validate()  # again: a field may have been changed in place since construction
+        for key, value, minimum in (("num_devices", num_devices, 1), ("d_model", d_model, 1), ("seed", seed, 0)):
+            if not is_int(value) or not minimum <= value <= INT64_MAX:
+                raise ValueError(f"{key}={value!r}: must be an integer in [{minimum}, 2**63 - 1]")
         self.cfg = cfg
-        self.num_devices = num_devices
+        self.num_devices = int(num_devices)
         self.num_subcarriers = int(cfg.num_subcarriers)
         self.seed = int(seed)
         self.payload_bits = int(d_model * cfg.bits_per_element)
@@ -391,16 +399,24 @@ def check_outage_target(outage_target) -> float | None:
     """None, or a float in (0, 1); ValueError naming outage_target otherwise."""
     if outage_target is None:
         return None
-    if isinstance(outage_target, bool) or not isinstance(outage_target, (int, float)) or not 0.0 < outage_target < 1.0:
+    if not is_real(outage_target) or not 0.0 < outage_target < 1.0:
         raise ValueError(f"outage_target={outage_target!r}: must be null or a probability in (0, 1)")
     return float(outage_target)
 
 
 def _as_numpy_ids(frame_ids) -> np.ndarray:
-    """Frame ids as int64 numpy [R]; ValueError if any is negative."""
+    """Frame ids as int64 numpy [R]; ValueError unless they are integers in [0, 2**63 - 1]."""
     if isinstance(frame_ids, torch.Tensor):
         frame_ids = frame_ids.detach().cpu().numpy()
-    ids = np.asarray(frame_ids, dtype=np.int64).reshape(-1)
-    if (ids < 0).any():
-        raise ValueError("frame_ids must be >= 0")
-    return ids
+    try:
+        ids = np.asarray(frame_ids)
+    except (OverflowError, ValueError) as exc:  # ragged lists, Python ints beyond int64
+        raise ValueError(f"frame_ids: must be integers in [0, 2**63 - 1] ({exc})") from None
+    if ids.dtype == object:  # Python ints beyond int64
+        raise ValueError("frame_ids: must be integers in [0, 2**63 - 1]")
+    if not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+        # float ids would be truncated to other frames' ids (0.7 -> frame 0)
+        raise ValueError(f"frame_ids: must be integers (an integer tensor, array or list), got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or (ids.dtype == np.uint64 and ids.max() > INT64_MAX)):
+        raise ValueError("frame_ids: must be integers in [0, 2**63 - 1]")
+    return ids.astype(np.int64, copy=False).reshape(-1)
