@@ -150,8 +150,9 @@ def serve_if_worker(config_name: str, argv: list[str] | None = None, config_dir:
 class ValidateFirst(Callback):
     """Hydra callback (``hydra.callbacks`` of train.yaml and evaluate.yaml) run before Hydra
     creates the run directory: validate the config, so that a bad value leaves no files behind,
-    then take the run directory's lock (:mod:`dmoe_torch.rundir`) and, for train.py, refuse a
-    rerun that would change the run, before Hydra writes its files there.  (Checks that need
+    then take the run directory's lock (:mod:`dmoe_torch.rundir`), refuse an empty
+    ``hydra.run.dir`` (the current directory) and a directory of the other entry point, and,
+    for train.py, refuse a rerun that would change the run, before Hydra writes its files there.  (Checks that need
     the data or the checkpoint come later; a run that fails before any output has its new run
     directory removed, see report_errors.)  Multirun jobs and the compose API skip it; the
     entry points validate again."""

@@ -236,6 +236,8 @@ def build_datasets(
     for key, value in (("data.limit_train", limit_train), ("data.limit_test", limit_test)):
         if value is not None and (not is_int(value) or value < 1):
             raise ValueError(f"{key} must be a positive int or null, got {value!r}")
+    val_size, seed = int(val_size), int(seed)  # numpy integers too
+    limit_train, limit_test = (None if v is None else int(v) for v in (limit_train, limit_test))
     spec = _SPECS[name]
     root = Path(root).expanduser()
 

@@ -58,23 +58,22 @@ def lock_run_dir(run_dir: str | os.PathLike) -> None:
     key = os.path.realpath(run_dir)
     if not existed:
         _created.add(key)
-    if key in _held:
-        return
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip()
-        os.close(fd)
-        who = f"process {holder}" if holder.isdigit() else "another process"
-        raise RunDirBusyError(
-            f"hydra.run.dir={str(run_dir)!r}: {who} is running in this directory; wait for it to end, "
-            "or pass another hydra.run.dir"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _held[key] = fd
-    for path in stale_temp_files(run_dir):  # nobody else writes here now
+    if key not in _held:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise RunDirBusyError(
+                f"hydra.run.dir={str(run_dir)!r}: {who} is running in this directory; wait for it to end, "
+                "or pass another hydra.run.dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[key] = fd
+    for path in stale_temp_files(run_dir):  # nobody else writes here now (between this process's writes)
         path.unlink(missing_ok=True)
 
 

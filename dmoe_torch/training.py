@@ -171,26 +171,41 @@ class EpochProgress:
     correct: int = 0
     loss_sum: float = 0.0
     batch_metrics: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)  # [step][layer]
+    # (steps, inputs, correct, loss_sum) at this epoch's last train/* TensorBoard point: a
+    # resumed epoch's next point then spans the same steps as an uninterrupted one's.
+    logged: list = field(default_factory=lambda: [0, 0, 0, 0.0])
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "inputs": self.inputs, "correct": self.correct,
-                "loss_sum": self.loss_sum, "batch_metrics": self.batch_metrics}
+                "loss_sum": self.loss_sum, "batch_metrics": self.batch_metrics, "logged": list(self.logged)}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "EpochProgress":
-        return cls(**state)
+        progress = cls(**state)
+        if "logged" not in state:  # a checkpoint from before it was saved: next point from here
+            progress.logged = [progress.steps, progress.inputs, progress.correct, progress.loss_sum]
+        return progress
 
     def summary(self, tokens_per_input: int = 1) -> dict[str, Any]:
-        """Epoch means: loss, accuracy and the combined router metrics (see combine_layers)."""
-        averagers = [MetricAverager() for _ in self.batch_metrics[0]] if self.batch_metrics else []
-        for step_metrics in self.batch_metrics:
-            for averager, metrics in zip(averagers, step_metrics):
-                averager.update(metrics)
+        """Epoch means: loss, accuracy and the combined router metrics (see router_summary)."""
         n = max(self.inputs, 1)
         result = {"loss": self.loss_sum / n, "accuracy": self.correct / n, "steps": self.steps}
-        if averagers:
-            result["router"] = combine_layers([a.compute() for a in averagers], tokens_per_input)
+        if self.batch_metrics:
+            result["router"] = router_summary(self.batch_metrics, tokens_per_input)
         return result
+
+
+def router_summary(batch_metrics: list[list[dict[str, torch.Tensor]]], tokens_per_input: int = 1) -> dict[str, Any]:
+    """The router metrics over the steps of ``batch_metrics`` ([step][layer] metric dicts of the
+    MoE layers): each layer's means over the steps (MetricAverager), combined over the layers
+    (combine_layers); {} without steps."""
+    if not batch_metrics:
+        return {}
+    averagers = [MetricAverager() for _ in batch_metrics[0]]
+    for step_metrics in batch_metrics:
+        for averager, metrics in zip(averagers, step_metrics, strict=True):
+            averager.update(metrics)
+    return combine_layers([a.compute() for a in averagers], tokens_per_input)
 
 
 def train_one_epoch(
@@ -282,30 +297,33 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 
 
 class _StepLogger:
-    """Progress bar postfix and TensorBoard train/* points (means since the previous point)
-    every ``log_every`` steps and at the end of each epoch."""
+    """Progress bar postfix and TensorBoard train/* points (means since the previous point,
+    ``progress.logged``) every ``log_every`` steps and at the end of each epoch."""
 
-    def __init__(self, writer, bar, scheduler, log_every: int, global_step: int, progress: EpochProgress) -> None:
+    def __init__(self, writer, bar, scheduler, log_every: int, global_step: int) -> None:
         self.writer, self.bar, self.scheduler, self.log_every = writer, bar, scheduler, log_every
         self.global_step = global_step
-        self._last = (progress.inputs, progress.correct, progress.loss_sum)
 
     def __call__(self, progress: EpochProgress, loss: float) -> None:
         self.global_step += 1
         self.bar.update(1)
         if self.global_step % self.log_every == 0:
+            router = router_summary(progress.batch_metrics[progress.logged[0]:])  # since the last point
             self.flush(progress)
-            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{progress.correct / max(progress.inputs, 1):.3f}")
+            # the channel's outages and training-time link dropout apart (0 before the metric existed)
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{progress.correct / max(progress.inputs, 1):.3f}",
+                                 outage=f"{router.get('outage_rate', 0.0):.1%}",
+                                 dropout=f"{router.get('link_dropout_rate', 0.0):.1%}")
 
     def flush(self, progress: EpochProgress) -> None:
-        last_inputs, last_correct, last_loss = self._last
+        _, last_inputs, last_correct, last_loss = progress.logged
         span = progress.inputs - last_inputs
         if span <= 0:
             return
         self.writer.add_scalar("train/loss", (progress.loss_sum - last_loss) / span, self.global_step)
         self.writer.add_scalar("train/accuracy", (progress.correct - last_correct) / span, self.global_step)
         self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.global_step)
-        self._last = (progress.inputs, progress.correct, progress.loss_sum)
+        progress.logged = [progress.steps, progress.inputs, progress.correct, progress.loss_sum]
 
 
 def fit(cfg: DictConfig, output_dir: str | Path) -> int:
@@ -424,7 +442,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                     restore_rng_state(checkpoint["rng"], generators)
                 bar = tqdm(total=steps_per_epoch, initial=progress.steps, desc=f"epoch {epoch + 1}/{epochs}",
                            disable=not show, leave=False, dynamic_ncols=True)
-                step_logger = _StepLogger(writer, bar, scheduler, int(cfg.train.log_every), global_step, progress)
+                step_logger = _StepLogger(writer, bar, scheduler, int(cfg.train.log_every), global_step)
                 finished = train_one_epoch(
                     model, batches, optimizer, scheduler, channel=channel, specs=specs,
                     stream=train_stream(epoch), device=device, aux_loss_coef=float(cfg.train.aux_loss_coef),

@@ -254,11 +254,16 @@ def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+TINY_OVERRIDES = ("data.limit_train=250", "data.limit_test=50", "data.batch_size=50", "model=tiny", "train.epochs=2",
+                  "train.warmup_steps=1", "progress=false", "device=auto")
+
+
+def tiny_args(data_root: Path, *overrides: str) -> list[str]:
+    return [f"data.root={data_root}", *TINY_OVERRIDES, *overrides]
+
+
 def tiny_cfg(data_root: Path, *overrides: str):
-    return compose_cfg("train", [
-        f"data.root={data_root}", "data.limit_train=250", "data.limit_test=50", "data.batch_size=50",
-        "model=tiny", "train.epochs=2", "train.warmup_steps=1", "progress=false", "device=auto", *overrides,
-    ])
+    return compose_cfg("train", tiny_args(data_root, *overrides))
 
 
 def test_a_rerun_that_would_change_the_run_is_refused(data_root, tmp_path):
@@ -358,3 +363,115 @@ def test_a_key_added_later_is_no_difference_at_its_default():
     new["model"]["combine"] = "renormalized_st"
     assert config_differences({**old, "train": {}}, new, added_defaults=ADDED_KEY_DEFAULTS) == [
         "model.combine: 'renormalized' -> 'renormalized_st'"]
+
+
+# --------------------------------------------------------------------------------------------
+# Records that agree after a resume or a rerun; run directories that are not the run's own
+
+
+def scalar_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard's view of a run directory (after its purges): tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_root, tmp_path_factory) -> Path:
+    """A finished 2-epoch tiny run (tests must leave it as it is)."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    assert training.fit(tiny_cfg(data_root), run_dir) == 0
+    return run_dir
+
+
+def record_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+def test_a_rerun_with_fewer_epochs_than_the_checkpoint_holds_is_refused(finished_run, data_root, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    before = record_bytes(finished_run)
+    # Accepted, config.yaml and metrics.json would say 1 epoch against 2 in the history and the checkpoint.
+    expected = (f"train.epochs=1: hydra.run.dir='{finished_run}' has trained 2 epochs already; pass train.epochs=2 or "
+                "more to continue it, or pass another hydra.run.dir to start a new run")
+    with pytest.raises(ConfigError) as info:
+        training.fit(tiny_cfg(data_root, "train.epochs=1"), finished_run)
+    assert str(info.value) == expected
+    # train.py refuses before Hydra writes its .hydra/ files there.
+    assert run_in_process("train.py", *tiny_args(data_root, "train.epochs=1"), f"hydra.run.dir={finished_run}") == 2
+    assert capsys.readouterr().err.strip() == f"Error: {expected}"
+    assert record_bytes(finished_run) == before and not (finished_run / ".hydra").exists()
+
+
+def test_a_rerun_of_a_finished_run_logs_its_test_points_once(finished_run, data_root, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = scalar_points(run_dir)
+    assert training.fit(tiny_cfg(data_root), run_dir) == 0  # redoes only the test
+    assert scalar_points(run_dir) == before and len(before["test/accuracy"]) == 1
+
+
+def test_a_run_killed_while_writing_its_first_checkpoint_reruns_with_each_point_once(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    assert training.fit(tiny_cfg(data_root, "train.stop_after_epochs=1"), run_dir) == 0
+    # What a SIGKILL inside that checkpoint's write leaves: epoch 1's points, a 0-byte temp file, no checkpoint.
+    (run_dir / "checkpoint.pt").unlink()
+    (run_dir / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"")
+    assert training.fit(tiny_cfg(data_root), run_dir) == 0  # starts afresh
+    assert not list(run_dir.glob(".*.tmp"))
+    points = scalar_points(run_dir)
+    steps = [step for step, _ in points["val/accuracy"]]
+    assert len(steps) == 2 and steps[0] < steps[1]  # epoch 1 once, then epoch 2
+    assert all(len({step for step, _ in values}) == len(values) for values in points.values())
+
+
+def test_a_run_that_diverged_before_its_first_checkpoint_can_be_rerun_in_place(data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    run_dir = tmp_path / "run"
+    assert run_in_process("train.py", *tiny_args(data_root, "train.lr=1e30", "train.epochs=1"), f"hydra.run.dir={run_dir}") == 1
+    assert capsys.readouterr().err.strip().startswith("Error: training ")  # loss is nan / diverged, one line
+    assert (run_dir / "config.yaml").is_file() and not (run_dir / "checkpoint.pt").exists()
+    # Nothing to continue, so nothing to protect: the rerun with a sane lr is not refused.
+    assert run_in_process("train.py", *tiny_args(data_root, "train.epochs=1"), f"hydra.run.dir={run_dir}") == 0
+    assert "lr: 0.002" in (run_dir / "config.yaml").read_text() and (run_dir / "metrics.json").is_file()
+
+
+def test_evaluate_refuses_a_training_run_directory(finished_run, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    before = record_bytes(finished_run)
+    assert run_in_process("evaluate.py", f"ckpt={finished_run}", f"hydra.run.dir={finished_run}") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"Error: hydra.run.dir='{finished_run}': a run directory of train.py (it holds checkpoint.pt); evaluate.py "
+        f"would overwrite its records there; pass another hydra.run.dir, e.g. hydra.run.dir={finished_run}/evaluate")
+    assert record_bytes(finished_run) == before and not (finished_run / ".hydra").exists()
+
+
+def test_train_refuses_an_evaluation_run_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    (tmp_path / "results.csv").write_text("policy\n")
+    assert run_in_process("train.py", "model=tiny", f"hydra.run.dir={tmp_path}") == 2
+    assert "a run directory of evaluate.py (it holds results.csv)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "results.csv"]
+
+
+@pytest.mark.parametrize("script,args", [("train.py", ["model=tiny"]), ("evaluate.py", ["ckpt=x"])])
+def test_an_empty_run_directory_is_refused_instead_of_writing_into_the_current_one(script, args, tmp_path, capsys,
+                                                                                   monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert run_in_process(script, *args, "hydra.run.dir=''") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: hydra.run.dir='': must name a directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_directory_under_a_regular_file_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    (tmp_path / "notes.txt").write_text("a file\n")
+    assert run_in_process("train.py", "model=tiny", f"hydra.run.dir={tmp_path / 'notes.txt' / 'run'}") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "cannot create the run directory (Not a directory" in lines[0]

@@ -564,3 +564,105 @@ def test_checkpoint_config_without_combine_keys_means_what_older_runs_did():
     validate_checkpoint_config(cfg)
     layers = build_model(cfg, FASHION).moe_layers
     assert all((m.combine, m.balance_on) == ("renormalized", "selection") for m in layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Huge values: one line naming the key, never a traceback after the run started
+
+
+def integer_keys(cfg, prefix: str = "") -> list[str]:
+    """Dotted keys of every integer value in ``cfg`` (bools aside)."""
+    keys = []
+    for name, value in OmegaConf.to_container(cfg, resolve=True).items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            keys += integer_keys(OmegaConf.create(value), f"{key}.")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            keys.append(key)
+    return keys
+
+
+# Integer keys whose default is null
+NULL_INTEGER_KEYS = ("data.limit_train", "data.limit_test", "train.stop_after_epochs", "router.k_max", "eval_router.k_max")
+MODEL_GROUPS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+# Every integer key of train.yaml with the default model, then the model keys of the other architectures.
+HUGE_CASES = [("convmoe", key) for key in sorted({*integer_keys(compose_cfg("train")), *NULL_INTEGER_KEYS})] + [
+    (model, key) for model in ("cnn", "vmoe") for key in integer_keys(compose_cfg("train", [f"model={model}"]).model, "model.")]
+
+
+@pytest.mark.parametrize("model,key", HUGE_CASES, ids=[f"{m}-{k}" for m, k in HUGE_CASES])
+def test_every_integer_key_beyond_int64_is_refused_naming_it(model, key):
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(compose_cfg("train", [f"model={model}", f"{key}={2**64}"]))
+    message = str(info.value)
+    assert message.startswith(f"{key}={2**64}") and "must be" in message  # an integer range, int64 at most
+
+
+@pytest.mark.parametrize("key", ["eval.channel_draws", "eval.k_min", "eval.k_max", "data.batch_size", "data.limit_test",
+                                 "data.num_workers", "seed"])
+def test_every_evaluate_integer_key_beyond_int64_is_refused_naming_it(key):
+    with pytest.raises(ConfigError, match=rf"^{key}={2**64}: must be an integer"):
+        validate_eval_config(compose_cfg("evaluate", ["ckpt=x", f"{key}={2**64}"]))
+
+
+def test_data_loader_workers_are_capped_per_core():
+    cores = os.cpu_count() or 1
+    validate_train_config(compose_cfg("train", [f"data.num_workers={4 * cores}"]))
+    with pytest.raises(ConfigError, match=rf"^data.num_workers=1000000: must be an integer in \[0, {4 * cores}\]"):
+        validate_train_config(compose_cfg("train", ["data.num_workers=1000000"]))  # spawned a million processes
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("train.lr", "1e38", r"^train.lr=1e\+38: must be a finite number > 0 and <= 3.40282e\+37"),
+    ("channel.csi_delay_frames", str(10**20), r"^channel.csi_delay_frames=100000000000000000000: must be an integer"),
+])
+def test_floats_that_overflow_later_are_refused(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_train_config(compose_cfg("train", [f"{key}={value}"]))
+
+
+# (overrides, the keys the message names first): each would allocate terabytes or more
+MEMORY_CASES = [
+    (["model=convmoe", "model.d_model=100000"], "model.num_experts=8, model.d_model=100000, model.hidden_mult=2, model.depth=2"),
+    (["model=tiny", "model.num_moe_layers=100000000000"], "model.num_experts=4, model.d_model=32, model.hidden_mult=2, "
+                                                        "model.num_moe_layers=100000000000"),
+    (["model=tiny_convmoe", "model.kernel_size=100001"], "model.depth=2, model.d_model=16, model.kernel_size=100001"),
+    (["model=tiny", "model.num_experts=10000000", "router=jesa"], "model.num_experts=10000000, model.d_model=32"),
+    (["router=jesa", "channel.num_subcarriers=100000000000"], "data.batch_size=256, model.num_experts=8, "
+                                                             "channel.num_subcarriers=100000000000, model.depth=2"),
+    (["model=tiny_vmoe", "model.patch_size=1", "data.batch_size=100000"], "data.batch_size=100000, model.patch_size=1"),
+]
+
+
+@pytest.mark.parametrize("overrides,named", MEMORY_CASES, ids=[" ".join(o) for o, _ in MEMORY_CASES])
+def test_configs_that_cannot_fit_in_memory_are_refused_before_allocating(overrides, named):
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(compose_cfg("train", [*overrides, "device=cpu"]))
+    message = str(info.value)
+    assert message.startswith(named) and ": training needs at least " in message and "of RAM" in message
+
+
+@pytest.mark.parametrize("model", MODEL_GROUPS)
+def test_the_memory_estimate_is_a_lower_bound_of_the_weights(model):
+    from dmoe_torch.config import TRAINING_WEIGHT_COPIES, memory_terms
+
+    cfg = compose_cfg("train", [f"model={model}"])
+    terms = {t.what: t.size for t in memory_terms(validate_model(cfg), batch_size=1, images=1, num_subcarriers=16,
+                                                  frame="token", training=True)}
+    built = build_model(cfg, FASHION)
+    expert_params = sum(p.numel() for layer in built.moe_layers for p in layer.experts.parameters())
+    all_params = sum(p.numel() for p in built.parameters())
+    weight_bytes = 4 * TRAINING_WEIGHT_COPIES  # float32, with gradients and AdamW's two moments
+    assert 0.9 * expert_params * weight_bytes <= terms["expert weights"] <= expert_params * weight_bytes
+    assert terms["expert weights"] + terms.get("block weights", 0) <= all_params * weight_bytes
+
+
+def test_an_evaluation_that_cannot_fit_in_memory_is_refused():
+    train = compose_cfg("train", ["router=jesa"])
+    cfg = compose_cfg("evaluate", ["ckpt=x", "eval.policies=[jesa]", "device=cpu", "channel.num_subcarriers=1000000000"])
+    train = OmegaConf.merge(train, {"channel": {"num_subcarriers": 1000000000}})
+    # one channel draw's link costs for the 10000 test images are kept for every setting
+    with pytest.raises(ConfigError, match=r"^data.limit_test=None, model.num_experts=8, channel.num_subcarriers=1000000000, "
+                                          r"model.depth=2: evaluation needs at least .* of RAM \(link costs"):
+        eval_policies(cfg, train)
+    eval_policies(compose_cfg("evaluate", ["ckpt=x", "eval.policies=[jesa]", "device=cpu"]), compose_cfg("train"))

@@ -234,3 +234,25 @@ def test_a_failed_attempt_removes_what_it_created(tmp_path, monkeypatch):
     with pytest.raises(DataUnavailableError):
         build_datasets("mnist", root, download=True)
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["MNIST", "keep.txt"]
+
+
+@needs_debian
+@pytest.mark.parametrize("val_size,limit_train", [(100, 600), (5000, 7), (5000, 2), (3, 1000), (0, None)])
+def test_split_sizes_are_the_sizes_build_datasets_makes(fashion_root, val_size, limit_train):
+    """config.py checks a split with split_sizes before any data is read: the same rule."""
+    train, val, _, _ = build_datasets("fashion_mnist", fashion_root, val_size=val_size, limit_train=limit_train,
+                                      limit_test=1, download=False)
+    available = data.DATASET_TRAIN_SIZES["fashion_mnist"]
+    assert data.split_sizes(available, val_size, limit_train) == (len(train), len(val))
+
+
+def test_numpy_integers_are_accepted_as_sizes(fashion_root):
+    import numpy as np
+
+    if not all(p.is_file() for p in DEBIAN_FILES):
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    train, val, test, _ = build_datasets("fashion_mnist", fashion_root, val_size=np.int64(10), limit_train=np.int32(60),
+                                         limit_test=np.int64(5), seed=np.int64(0), download=False)
+    assert (len(train), len(val), len(test)) == (50, 10, 5)
+    with pytest.raises(ValueError, match="data.limit_train must be a positive int"):
+        build_datasets("fashion_mnist", fashion_root, limit_train=np.float64(60.0), download=False)

@@ -178,6 +178,38 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert not (run_dir / "metrics.json").exists()
 
 
+class DivergedRouting(DMoEClassifier):
+    """Routing that refuses its scores, as the image-frame and MILP solvers refuse NaN ones."""
+
+    def forward(self, *args, **kwargs):
+        super().forward(*args, **kwargs)
+        raise ValueError("scores contain NaN or inf; they must be finite probabilities")
+
+
+@pytest.mark.parametrize("gate_weight,error,match", [
+    (float("inf"), NonFiniteLossError, r"^training diverged at step 1 of this epoch: the router's gate scores are NaN or "
+                                       r"infinite; stopped without saving, .* \(try a smaller train.lr or train.grad_clip\)$"),
+    (0.1, ValueError, r"^scores contain NaN or inf"),  # finite gates: a routing bug is not blamed on divergence
+])
+def test_a_routing_error_on_diverged_gate_scores_is_the_divergence_line(gate_weight, error, match):
+    torch.manual_seed(0)
+    model = DivergedRouting(1, 10, 28, d_model=D, num_experts=K, num_moe_layers=L)
+    with torch.no_grad():
+        model.moe_layers[1].gate.weight.fill_(gate_weight)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(10, 0))
+    channel = WirelessChannel(ChannelConfig(), K, D, seed=0)
+    with pytest.raises(error, match=match) as info:
+        train_one_epoch(model, synthetic_batches(), optimizer, scheduler, channel=channel, specs=spec_for("topk", 0.0),
+                        stream=0, device=torch.device("cpu"), aux_loss_coef=0.01, grad_clip=None, generator=None,
+                        progress=EpochProgress())
+    assert type(info.value) is error
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+    assert not any(layer.gate._forward_hooks for layer in model.moe_layers)  # the watch removed its hooks
+
+
 def test_runtime_errors_are_reported_in_one_line(capsys, monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     with pytest.raises(SystemExit) as info:
@@ -259,3 +291,58 @@ def test_learning_rate_schedule_warms_up_then_decays_to_zero():
     assert values[100] == pytest.approx(0.0, abs=1e-12)
     # Warm-up never takes more than a tenth of a short run.
     assert lr_lambda(total_steps=10, warmup_steps=100)(1) == pytest.approx(1.0)
+
+
+def test_locking_a_run_directory_removes_the_temp_files_of_killed_writes(tmp_path):
+    from dmoe_torch.rundir import lock_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"")  # a SIGKILL inside atomic_write
+    (run_dir / ".metrics.json.x7.tmp").write_text("{")
+    (run_dir / "notes.tmp").write_text("the user's")  # not atomic_write's
+    lock_run_dir(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "notes.tmp"]
+
+
+def test_the_image_frame_compile_is_announced_once_and_only_when_the_cache_is_cold(monkeypatch, caplog):
+    import logging
+
+    from dmoe_torch import evaluation
+
+    channel = WirelessChannel(ChannelConfig(frame="image"), K, D, seed=0)
+
+    def stub_links(channel, ids, layer, stream):  # no numba here
+        return np.zeros((len(ids), K, 16)), np.ones((len(ids), K, 16), dtype=np.int64)
+
+    monkeypatch.setattr(evaluation, "frame_links", stub_links)
+    for cached, expected in ((False, 1), (True, 0)):
+        monkeypatch.setattr(evaluation, "_frame_compile_checked", False)  # a fresh process
+        monkeypatch.setattr(evaluation, "frame_kernels_cached", lambda cached=cached: cached)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dmoe_torch.evaluation"):
+            for batch in range(3):
+                evaluation.layer_links(channel, torch.arange(batch * 4, batch * 4 + 4), spec_for("topk", 0.0), stream=0)
+        notes = [r for r in caplog.records if r.getMessage() == evaluation.FRAME_COMPILE_NOTE]
+        assert len(notes) == expected
+
+
+def test_outages_and_link_dropout_are_shown_apart():
+    from dmoe_torch.evaluation import combine_layers
+    from dmoe_torch.training import epoch_line, router_summary
+
+    layer = {"energy_j": 1e-5, "experts_per_input": 1.5, "violation_rate": 0.0, "drop_rate": 0.0, "certified_rate": 1.0,
+             "nodes": 0.0, "gate_entropy": 1.0, "utilisation": [0.5, 0.5]}
+    per_layer = [{**layer, "selected_links": 100.0, "outage_rate": 0.02, "link_dropout_rate": 0.30},
+                 {**layer, "selected_links": 300.0, "outage_rate": 0.06, "link_dropout_rate": 0.10}]
+    router = combine_layers(per_layer)
+    assert router["outage_rate"] == pytest.approx(0.05) and router["link_dropout_rate"] == pytest.approx(0.15)
+    # the progress bar's figures: per-step layer metrics as the MoE layers report them
+    steps = [[{"count": torch.tensor(8.0), **{k: torch.tensor(v) for k, v in m.items()}} for m in per_layer]] * 3
+    summary = router_summary(steps)
+    assert summary["outage_rate"] == pytest.approx(0.05) and summary["link_dropout_rate"] == pytest.approx(0.15)
+    record = {"epoch": 1, "train": {"loss": 1.0, "accuracy": 0.5, "router": router}, "val": {}, "epoch_time_s": 2.0}
+    line = epoch_line(record, 2)
+    assert "outage 5.00%" in line and "train link dropout 15.00%" in line and line.endswith("| 2.0 s")
+    del router["link_dropout_rate"]  # a record from before the metric: no dropout
+    assert "train link dropout 0.00%" in epoch_line(record, 2)

@@ -186,6 +186,16 @@ def assert_same_run(run_a: Path, run_b: Path) -> None:
         assert epoch_a["train"] == epoch_b["train"] and epoch_a["val"] == epoch_b["val"]
 
 
+def scalar_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar of a run directory as TensorBoard shows it (after its purges):
+    tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
 def test_resume_after_one_epoch_matches_uninterrupted_run(trained, data_root, tmp_path):
     # The 2-epoch schedule, stopped after epoch 1 (as a time-limited job would be)...
     stopped = check_ok(train(tmp_path, data_root, "train.stop_after_epochs=1"))
@@ -197,6 +207,11 @@ def test_resume_after_one_epoch_matches_uninterrupted_run(trained, data_root, tm
     resumed = check_ok(train(tmp_path, data_root))
     assert "Resuming" in resumed.stdout
     assert_same_run(trained, tmp_path)
+    # The resumed run keeps the first epoch's TensorBoard points (it purged from the step after
+    # its checkpoint's, where they are logged) and shows each point once, as the uninterrupted one.
+    points = scalar_points(tmp_path)
+    assert len(points["val/accuracy"]) == 2
+    assert points == scalar_points(trained)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(trained, data_root, tmp_path):
@@ -226,6 +241,8 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(trained, data_ro
     resumed = check_ok(train(tmp_path, data_root))
     assert "Resuming" in resumed.stdout
     assert_same_run(trained, tmp_path)
+    # Resumed mid-epoch: the epoch's train/* points span the same steps as the uninterrupted run's.
+    assert scalar_points(tmp_path) == scalar_points(trained)
 
 
 @pytest.mark.parametrize("model", ["tiny_convmoe", "tiny_vmoe"])
