@@ -154,12 +154,15 @@ def test_interface_overrides_reach_the_built_objects():
 def test_evaluate_config_composes_and_validates():
     cfg = compose_cfg("evaluate", ["ckpt=some/checkpoint.pt"])
     validate_eval_config(cfg)
-    assert list(cfg.eval.policies) == ["none", "random_topk@1", "topk@1", "topk@2", "channel_topk@2", "dense", "des", "jesa"]
+    assert list(cfg.eval.policies) == ["none", "random_topk@1", "topk@1", "topk@2", "channel_topk@1", "channel_topk@2", "dense",
+                                       "des", "jesa", "greedy", "lagrangian"]
     assert cfg.eval.channel_draws == 2 and len(cfg.eval.gammas) == 6 and cfg.eval.k_max == 2
-    # Default grid against the default model: 6 fixed policies + 6 gammas x (des, jesa).
+    # Default grid against the default model: 7 fixed policies + 6 gammas x (des, jesa, greedy) + the lams of lagrangian.
     settings = eval_policies(cfg, compose_cfg("train"))
-    assert len(settings) == 6 + 2 * 6
-    assert {s.label for s in settings} == {"none", "random_topk@1", "topk@1", "topk@2", "channel_topk@2", "dense", "des", "jesa"}
+    assert len(settings) == 7 + 3 * 6 + len(cfg.eval.lams)
+    assert {s.label for s in settings} == {"none", "random_topk@1", "topk@1", "topk@2", "channel_topk@1", "channel_topk@2", "dense",
+                                           "des", "jesa", "greedy", "lagrangian"}
+    assert sorted(s.lam for s in settings if s.policy == "lagrangian") == sorted(cfg.eval.lams)
     assert sorted({s.gamma for s in settings if s.policy == "des"}) == [0.05, 0.25, 0.35, 0.5, 0.75, 0.95]
 
 
@@ -391,8 +394,9 @@ def test_static_plan_policies_are_skipped_with_a_note_when_subcarriers_are_fewer
     cfg = compose_cfg("evaluate", ["ckpt=x"])  # the default policies: none, random_topk@1, topk@1, ..., des, jesa
     notes: list[str] = []
     settings = eval_policies(cfg, train, notes)
-    # none needs no subcarrier; jesa chooses its own
-    assert {s.policy for s in settings} == {"none", "jesa"} and len(settings) == 1 + len(cfg.eval.gammas)
+    # none needs no subcarrier; jesa, greedy and lagrangian choose their own
+    assert {s.policy for s in settings} == {"none", "jesa", "greedy", "lagrangian"}
+    assert len(settings) == 1 + 2 * len(cfg.eval.gammas) + len(cfg.eval.lams)
     assert len(notes) == 1
     for label in ("random_topk@1", "topk@1", "topk@2", "channel_topk@2", "dense", "des"):
         assert label in notes[0]
