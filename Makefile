@@ -24,6 +24,8 @@ bench: setup
 	$(PY) benchmarks/bench_des.py
 	$(PY) benchmarks/bench_jesa.py
 	$(PY) benchmarks/bench_router.py
+	$(PY) benchmarks/bench_enumerate.py
+	$(PY) benchmarks/bench_layer.py
 	$(PY) benchmarks/bench_step.py
 	$(PY) benchmarks/bench_channel.py
 	$(PY) benchmarks/bench_frame.py
