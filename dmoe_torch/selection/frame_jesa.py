@@ -5,8 +5,10 @@ loads (two greedy constructions, then moves and swaps of subcarriers), a capacit
 that moves tokens off full devices (single moves, then chains of moves; cuts a link only
 when none keeps the token's target), then token moves and re-partitions while the energy
 drops; optional price rounds (Proposition 3) tighten the bound and restart the heuristic
-from the priced and the best-response selections.  The per-frame work is the numba code of
-frame_kernels.py.
+from the priced and the best-response selections; finally the reassignment pass: tokens'
+best responses with idle subcarriers, and optionally sweeps of subcarrier moves and swaps
+with the tokens re-optimised after each (the energy only drops).  The per-frame work is the
+numba code of frame_kernels.py.
 """
 from __future__ import annotations
 
@@ -15,9 +17,14 @@ import numpy as np
 from .common import RELEVANCE_TOL
 from .des import des_numpy
 from .frame import FrameSelection, plan_from_owner, validate_frame_inputs
-from .frame_kernels import ENERGY_RTOL, _link_order, _marginal_costs, _solve_frames
+from .frame_kernels import ENERGY_RTOL, _link_order, _marginal_costs, _reassign_frames, _solve_frames
 
 __all__ = ["frame_jesa"]
+
+# The reassignment pass's chains of two partition changes and its rebuilds (O((N K)^2) tries
+# and 2 K rebuilds per sweep) run on frames with N K at most this: about 0.5 ms per frame at
+# N K = 16, 5 ms at 32, 300 ms at 128 (K = 8, N = 16), one thread.
+DEEP_MAX_LINKS = 32
 
 
 def capacity_free_selection(s, e, c, gamma, k_min, k_max):
@@ -96,8 +103,23 @@ def _best_response(s, e, c, order, owner, mask, gamma, k_min, k_max):
     return np.where(bad.reshape(F, T)[:, :, None], mask, new)
 
 
+def _reassign(s, e, c, order, plan, gamma, k_min, k_max, rounds, construct_rounds, construct_attempts):
+    """The reassignment pass (:func:`_reassign_frames`) on every frame's plan, in place;
+    a frame takes the new plan only where :func:`_take_better` prefers it, so the pass
+    never adds a violation token nor raises the energy."""
+    x = np.ascontiguousarray(plan.mask).copy()
+    owner = np.ascontiguousarray(plan.owner).copy()
+    deep = e.shape[1] * e.shape[2] <= DEEP_MAX_LINKS
+    _reassign_frames(s, e, c, order, x, owner, gamma - RELEVANCE_TOL, k_min, k_max, int(rounds), deep, int(construct_rounds),
+                     int(construct_attempts))
+    new = plan_from_owner(s, e, c, owner, x, gamma, k_min)
+    new.cut |= plan.cut & ~new.mask  # links the plan wanted and could not send stay counted
+    _take_better(plan, new, np.arange(s.shape[0]))
+
+
 def frame_jesa(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int | None = None, *,
-               rounds: int = 4, attempts: int = 3, price_rounds: int = 0, rescue_rounds: int = 0) -> FrameSelection:
+               rounds: int = 4, attempts: int = 3, price_rounds: int = 0, rescue_rounds: int = 0,
+               reassign_rounds: int = 0) -> FrameSelection:
     """Fast P3 solver.  scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens.
 
     Steps (docs/method.md section 11): DES per token under c* (capacity-free: lower bound
@@ -111,7 +133,17 @@ def frame_jesa(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int
     plan with fewer violation tokens, then less energy, is kept.  `rescue_rounds` > 0 runs
     such rounds only on the frames left without a feasible plan whose every token can reach
     its target (where capacity binds; cheap where it does not, since no frame qualifies).
+    Then the reassignment pass on every frame (:func:`_reassign_frames`), unless
+    `reassign_rounds` is -1: every token's best response on the plan's link prices, an
+    idle subcarrier included (the device joined takes it), with token moves, while a token
+    switches; with `reassign_rounds` = n > 0, up to n sweeps of partition changes (a
+    subcarrier to another device, idle or taken from its owner, or two owners swapped),
+    each followed by the tokens' re-optimisation and kept when it lowers the energy, and on
+    frames with N K <= DEEP_MAX_LINKS chains of two changes and rebuilds that close or open
+    a device.  The pass keeps a frame's plan where it finds nothing better.
     Never exceeds a capacity; a frame is certified when its energy equals the bound."""
+    if isinstance(reassign_rounds, bool) or not isinstance(reassign_rounds, (int, np.integer)) or reassign_rounds < -1:
+        raise ValueError(f"reassign_rounds must be an int >= -1 (-1: no reassignment pass), got {reassign_rounds!r}")
     s, e, c, gamma, k_min, k_max = validate_frame_inputs(scores, costs, capacity, gamma, k_min, k_max)
     x0, tok_lb, tok_bad, c_star = capacity_free_selection(s, e, c, gamma, k_min, k_max)
     order = _link_order(e)
@@ -132,6 +164,8 @@ def frame_jesa(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int
                 _take_better(plan, _heuristic(*sub, order[rows], x_mu, gamma, k_min, rounds, attempts), rows)
                 x_br = _best_response(*sub, order[rows], plan.owner[rows], plan.mask[rows], gamma, k_min, k_max)
                 _take_better(plan, _heuristic(*sub, order[rows], x_br, gamma, k_min, rounds, attempts), rows)
+    if reassign_rounds >= 0:
+        _reassign(s, e, c, order, plan, gamma, k_min, k_max, reassign_rounds, rounds, attempts)
     plan.lower_bound = bound
     plan.certified = plan.feasible & np.isfinite(bound) & (plan.energy <= bound * (1 + ENERGY_RTOL) + 1e-300)
     return plan
