@@ -9,6 +9,16 @@ rounds the share where it found a feasible plan, where it equals the optimum, wh
 certified, its mean / worst relative gap to the optimum and the bound's mean gap below it.
 Plus tiny random frames (T, K, N <= 4, as in the tests) against the same MILP.
 
+Random-frame gap.  Several thousand small random frames (T 2-6, K 2-4, N 2-4, in groups of
+50 sharing a setting: Dirichlet, tied (quarters) or equal scores; uniform or tied integer
+link costs; 0-40% links in outage; capacities 1-5; gamma 0.15-0.9; k_min 1-2, k_max k_min-K),
+each solved by the MILP, and by frame_jesa as the MoE layer runs it (rescue rounds) with the
+reassignment pass off (the solver before it), as the layer runs it (reassign_rounds 0: the
+tokens' best responses with idle subcarriers) and in full (reassign_rounds 4): side by side
+the share of feasible frames solved, the share solved optimally, the mean and worst relative
+gap to the MILP and the frames above 10%.  The full pass also runs on the channel frames and
+in the speed section (what it costs where N K = 128 and its deep moves are off).
+
 Baselines side by side (same frames): energy per frame, violating tokens, cut links per
 frame, overrun frames, for frame_jesa, top-2 with channel-set capacity (Switch-style
 dropping), top-2 ignoring capacity (overruns fail at P_ap T_max), des and jesa token by
@@ -41,10 +51,16 @@ from dmoe_torch.selection.frame import frame_links  # noqa: E402
 from dmoe_torch.selection.frame_baselines import frame_tokenwise, frame_topk_capacity, frame_topk_overrun  # noqa: E402
 from dmoe_torch.selection.frame_jesa import frame_jesa  # noqa: E402
 from dmoe_torch.selection.jesa import jesa_numpy  # noqa: E402
+from dmoe_torch.selection.registry import RESCUE_ROUNDS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "frame.json"
 EQUAL_RTOL = 1e-9
 K, N, T, D_MODEL = 8, 16, 49, 128
+# The full reassignment pass measured here (frame_jesa's default runs only its first step).
+REASSIGN_ROUNDS = 4
+# Random-frame variants side by side: label -> frame_jesa's reassign_rounds.
+PASS_VARIANTS = {"before the pass": -1, "layer default": 0, "full pass": REASSIGN_ROUNDS}
+RANDOM_GROUP = 50
 
 
 def gate_scores(F: int, T: int, K: int, seed: int) -> np.ndarray:
@@ -100,6 +116,9 @@ def channel_cell(F, latency_s, gamma, seed, price_rounds, time_limit):
     fast = frame_jesa(s, e, c, gamma, 1, K, price_rounds=price_rounds)
     t_fast = (time.perf_counter() - start) / F
     start = time.perf_counter()
+    fast_r = frame_jesa(s, e, c, gamma, 1, K, reassign_rounds=REASSIGN_ROUNDS)
+    t_fast_r = (time.perf_counter() - start) / F
+    start = time.perf_counter()
     exact = milp_p3(s, e, c, gamma, 1, K, time_limit=time_limit)
     t_milp = (time.perf_counter() - start) / F
     proven = exact.certified | ~exact.feasible & np.isnan(exact.lower_bound)
@@ -118,7 +137,9 @@ def channel_cell(F, latency_s, gamma, seed, price_rounds, time_limit):
         "mean_slots": float(c.max(1).sum(1).mean()),
         "fast": gap_stats(fast0, exact, proven),
         "fast_priced": gap_stats(fast, exact, proven),
-        "ms_per_frame": {"fast": t_fast0 * 1e3, "fast_priced": t_fast * 1e3, "milp": t_milp * 1e3},
+        "fast_reassign": gap_stats(fast_r, exact, proven),
+        "ms_per_frame": {"fast": t_fast0 * 1e3, "fast_priced": t_fast * 1e3, "fast_reassign": t_fast_r * 1e3,
+                         "milp": t_milp * 1e3},
         "baselines": baselines,
     }
 
@@ -144,6 +165,59 @@ def tiny_cells(seeds, price_rounds):
     return rows
 
 
+def random_groups(frames: int, seed: int):
+    """Seeded small random frames in groups of RANDOM_GROUP sharing one setting: a list of
+    (scores [G, T, K], costs [G, K, N] J, capacity [G, K, N], gamma, k_min, k_max)."""
+    rng = np.random.default_rng(seed)
+    groups = []
+    for _ in range(frames // RANDOM_GROUP):
+        Tr, Kr, Nr = (int(v) for v in rng.integers(2, (7, 5, 5)))
+        kind = rng.integers(3)  # Dirichlet, tied (quarters), equal scores
+        s = rng.dirichlet(np.ones(Kr), size=(RANDOM_GROUP, Tr))
+        if kind == 1:
+            s = np.round(s * 4) + 1e-9
+            s /= s.sum(2, keepdims=True)
+        elif kind == 2:
+            s = np.full_like(s, 1.0 / Kr)
+        tied_costs = rng.random() < 0.5
+        e = (rng.integers(1, 6, (RANDOM_GROUP, Kr, Nr)) if tied_costs else rng.uniform(1, 5, (RANDOM_GROUP, Kr, Nr))) * 1e-5
+        down = rng.random((RANDOM_GROUP, Kr, Nr)) < rng.choice([0.0, 0.2, 0.4])
+        e = np.where(down, np.inf, e)
+        c = np.where(down, 0, rng.integers(1, int(rng.choice([1, 2, 3, 5])) + 1, (RANDOM_GROUP, Kr, Nr)))
+        gamma = float(rng.choice([0.15, 0.3, 0.5, 0.7, 0.9]))
+        k_min = int(rng.choice([1, 1, 2]))
+        k_max = int(rng.integers(k_min, Kr + 1))
+        groups.append((s, e, c, gamma, k_min, k_max))
+    return groups
+
+
+def random_gap(frames: int, seed: int):
+    """The random-frame gap section: per PASS_VARIANTS label, the share of P3-feasible
+    frames solved and solved optimally, mean / worst gap over those solved, frames above
+    10%, ms per frame; plus the MILP's share of feasible frames."""
+    groups = random_groups(frames, seed)
+    exact = [milp_p3(*group) for group in groups]
+    feasible = np.concatenate([plan.feasible for plan in exact])
+    rows = {}
+    for label, reassign in PASS_VARIANTS.items():
+        frame_jesa(*groups[0], rescue_rounds=RESCUE_ROUNDS, reassign_rounds=reassign)  # compile
+        gaps, found, elapsed = [], [], 0.0
+        for group, plan in zip(groups, exact):
+            start = time.perf_counter()
+            fast = frame_jesa(*group, rescue_rounds=RESCUE_ROUNDS, reassign_rounds=reassign)
+            elapsed += time.perf_counter() - start
+            both = fast.feasible & plan.feasible
+            gaps.append(fast.energy[both] / plan.energy[both] - 1)
+            found.append(both)
+        gaps = np.concatenate(gaps)
+        rows[label] = {"reassign_rounds": reassign, "found": float(np.concatenate(found).sum() / feasible.sum()),
+                       "optimal": float((gaps <= EQUAL_RTOL).sum() / feasible.sum()), "mean_gap": float(gaps.mean()),
+                       "worst_gap": float(gaps.max()), "above_10pct": int((gaps > 0.1).sum()),
+                       "ms_per_frame": elapsed / feasible.size * 1e3}
+    return {"frames": int(feasible.size), "feasible_frames": int(feasible.sum()), "seed": seed,
+            "rescue_rounds": RESCUE_ROUNDS, "variants": rows}
+
+
 def speed(F, latency_s, gamma, repeats):
     _, e, c = channel_frames(F, latency_s, 7)
     s = gate_scores(F, T, K, 8)
@@ -162,9 +236,11 @@ def speed(F, latency_s, gamma, repeats):
         return min(times)
 
     t_frame = best_of(lambda: frame_jesa(s, e, c, gamma, 1, K))
+    t_frame_r = best_of(lambda: frame_jesa(s, e, c, gamma, 1, K, reassign_rounds=REASSIGN_ROUNDS))
     t_token = best_of(lambda: jesa_numpy(s_tok, e_tok, gamma, 1, K))
     return {"frames": F, "tokens": F * T, "gamma": gamma, "T_max_ms": latency_s * 1e3,
-            "frame_jesa_ms": t_frame * 1e3, "token_jesa_ms": t_token * 1e3, "ratio": t_frame / t_token}
+            "frame_jesa_ms": t_frame * 1e3, "frame_jesa_full_pass_ms": t_frame_r * 1e3, "token_jesa_ms": t_token * 1e3,
+            "ratio": t_frame / t_token}
 
 
 def pipeline(F, latency_s, gamma, repeats):
@@ -206,6 +282,7 @@ def fmt(x, spec=".3f"):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--random-frames", type=int, default=None, help="random frames for the gap section (default 4000)")
     args = parser.parse_args()
     F = 4 if args.quick else 16
     price_rounds = 8
@@ -214,22 +291,36 @@ def main():
     gammas = (0.3, 0.8) if args.quick else (0.3, 0.5, 0.8)
 
     out = {"setting": {"K": K, "N": N, "T": T, "d_model": D_MODEL, "k_min": 1, "k_max": K,
-                       "price_rounds": price_rounds, "milp_time_limit_s": time_limit}}
-    print(f"P3 on channel frames: K={K}, N={N}, T={T}, {F} frames per cell, MILP limit {time_limit:g} s")
+                       "price_rounds": price_rounds, "reassign_rounds": REASSIGN_ROUNDS, "milp_time_limit_s": time_limit}}
+    random_frames = args.random_frames or (500 if args.quick else 4000)
+    rnd = random_gap(random_frames, seed=0)
+    out["random"] = rnd
+    print(f"P3 on {rnd['frames']} small random frames ({rnd['feasible_frames']} P3-feasible), frame_jesa with "
+          f"{RESCUE_ROUNDS} rescue rounds as the MoE layer runs it, against the MILP:")
+    print(f"  {'':<16} {'reassign':>8} {'found':>6} {'optimal':>7} {'mean gap':>9} {'worst gap':>9} {'>10%':>5} {'ms/frame':>8}")
+    for label, r in rnd["variants"].items():
+        print(f"  {label:<16} {r['reassign_rounds']:>8} {r['found']:6.3f} {r['optimal']:7.3f} {r['mean_gap']:9.2e} "
+              f"{r['worst_gap']:9.2e} {r['above_10pct']:5d} {r['ms_per_frame']:8.2f}")
+    print()
+
+    print(f"P3 on channel frames: K={K}, N={N}, T={T}, {F} frames per cell, MILP limit {time_limit:g} s "
+          f"(+p: {price_rounds} price rounds, +r: the full reassignment pass, {REASSIGN_ROUNDS} sweeps)")
     header = ("T_max", "gamma", "feas", "slots", "found", "found+p", "opt", "opt+p", "cert+p",
-              "mean gap", "worst gap", "mean gap+p", "worst gap+p", "bound gap+p", "ms fast", "ms +p", "ms MILP")
+              "mean gap", "worst gap", "mean gap+p", "worst gap+p", "bound gap+p", "mean gap+r", "worst gap+r",
+              "ms fast", "ms +p", "ms +r", "ms MILP")
     print(" | ".join(header))
     cells = []
     for latency_s in latencies:
         for gamma in gammas:
             row = channel_cell(F, latency_s, gamma, 0, price_rounds, time_limit)
             cells.append(row)
-            a, b, ms = row["fast"], row["fast_priced"], row["ms_per_frame"]
+            a, b, r, ms = row["fast"], row["fast_priced"], row["fast_reassign"], row["ms_per_frame"]
             print(" | ".join([f"{latency_s * 1e3:g} ms", f"{gamma:.1f}", f"{row['feasible']:.2f}", f"{row['mean_slots']:.0f}",
                               fmt(a["found"], ".2f"), fmt(b["found"], ".2f"), fmt(a["optimal"], ".2f"), fmt(b["optimal"], ".2f"),
                               fmt(b["certified"], ".2f"), fmt(a["mean_gap"], ".2e"), fmt(a["worst_gap"], ".2e"),
                               fmt(b["mean_gap"], ".2e"), fmt(b["worst_gap"], ".2e"), fmt(b["bound_gap"], ".2e"),
-                              f"{ms['fast']:.1f}", f"{ms['fast_priced']:.1f}", f"{ms['milp']:.0f}"]))
+                              fmt(r["mean_gap"], ".2e"), fmt(r["worst_gap"], ".2e"),
+                              f"{ms['fast']:.1f}", f"{ms['fast_priced']:.1f}", f"{ms['fast_reassign']:.1f}", f"{ms['milp']:.0f}"]))
     out["channel"] = cells
 
     print("\nBaselines side by side (same frames): energy mJ/frame, violating tokens, cut / failed links per frame, overrun frames")
@@ -251,7 +342,8 @@ def main():
 
     sp = speed(64 if args.quick else 256, 1e-3, 0.5, 2 if args.quick else 3)
     out["speed"] = sp
-    print(f"\nSpeed, one thread: {sp['frames']} frames x {T} tokens: frame_jesa {sp['frame_jesa_ms']:.1f} ms, "
+    print(f"\nSpeed, one thread: {sp['frames']} frames x {T} tokens: frame_jesa {sp['frame_jesa_ms']:.1f} ms "
+          f"(with the full reassignment pass {sp['frame_jesa_full_pass_ms']:.1f} ms), "
           f"token-frame JESA on the {sp['tokens']} tokens {sp['token_jesa_ms']:.1f} ms (ratio {sp['ratio']:.2f})")
     pipe = pipeline(64 if args.quick else 256, 1e-3, 0.5, 2 if args.quick else 3)
     out["pipeline"] = pipe

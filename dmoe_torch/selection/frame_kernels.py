@@ -1045,8 +1045,10 @@ def _reassign(e, c, order, owner, x, s, thr, k_min, k_max, rounds, deep, constru
     responses, idle subcarriers included); then up to `rounds` sweeps while one keeps a
     change: single partition changes (:func:`_move_sweep`); where a sweep keeps none and
     `deep` is set, chains of two changes (:func:`_double_moves`), then restarts that close
-    or open a device (:func:`_rebuilds`).  Every kept change has fewer violation tokens,
-    or as many and strictly less energy."""
+    or open a device (:func:`_rebuilds`).  Without `deep`, a frame whose plan still has
+    violation tokens gets no sweep (its repairs cost far more than the few tokens they
+    save).  Every kept change has fewer violation tokens, or as many and strictly less
+    energy."""
     T = x.shape[0]
     _count_loads(x, loads)
     _slot_tables(e, c, order, owner, T, slot_cost, caps)
@@ -1056,6 +1058,8 @@ def _reassign(e, c, order, owner, x, s, thr, k_min, k_max, rounds, deep, constru
     held, complete = rw[3], rw[4]
     energy = _frame_energy(e, c, order, owner, loads)
     violations = _violations(x, s, thr, k_min)
+    if violations > 0 and not deep:  # on large frames without a feasible plan the sweeps rarely help, at a high cost
+        return
     _completions(x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws, held, complete)
     for _ in range(rounds):
         kept, energy, violations = _move_sweep(e, c, order, owner, x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws,
