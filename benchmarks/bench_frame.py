@@ -17,7 +17,9 @@ reassignment pass off (the solver before it), as the layer runs it (reassign_rou
 tokens' best responses with idle subcarriers) and in full (reassign_rounds 4): side by side
 the share of feasible frames solved, the share solved optimally, the mean and worst relative
 gap to the MILP and the frames above 10%.  The full pass also runs on the channel frames and
-in the speed section (what it costs where N K = 128 and its deep moves are off).
+in the speed section (what it costs where N K = 128 and its deep moves are off).  With
+--ckpt, the same three variants on a trained model's own frames (its gate scores at every
+MoE layer, as benchmarks/bench_frame_trained.py draws them) against the MILP.
 
 Baselines side by side (same frames): energy per frame, violating tokens, cut links per
 frame, overrun frames, for frame_jesa, top-2 with channel-set capacity (Switch-style
@@ -30,6 +32,7 @@ solvers alone and with the channel draw (what one MoE layer's routing costs per 
 
     python benchmarks/bench_frame.py            # defaults, a few minutes
     python benchmarks/bench_frame.py --quick    # a smoke run
+    python benchmarks/bench_frame.py --ckpt outputs/default/checkpoint.pt   # + the trained model's frames
 
 Writes benchmarks/results/frame.json.
 """
@@ -218,6 +221,42 @@ def random_gap(frames: int, seed: int):
             "rescue_rounds": RESCUE_ROUNDS, "variants": rows}
 
 
+def trained_gap(ckpt: str, frames: int, gammas, latencies, k_max: int, time_limit: float, data_root: str):
+    """The PASS_VARIANTS on a checkpoint's own image frames (bench_frame_trained.trained_frames:
+    the first `frames` test images, every MoE layer) against the MILP: per (T_max, gamma,
+    layer) the share of frames P3-feasible and each variant's gap_stats and ms per frame."""
+    from bench_frame_trained import trained_frames
+    from omegaconf import OmegaConf
+
+    from dmoe_torch.build import build_model
+    from dmoe_torch.checkpoint import load_checkpoint
+    from dmoe_torch.data import build_datasets
+
+    checkpoint = load_checkpoint(ckpt)
+    cfg = OmegaConf.create(checkpoint["config"])
+    _, _, test_ds, info = build_datasets(cfg.data.name, data_root, val_size=0, seed=0, limit_test=frames)
+    model = build_model(cfg, info)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    images, _, ids = next(iter(torch.utils.data.DataLoader(test_ds, batch_size=frames)))
+    rows = []
+    for latency_s in latencies:
+        for gamma in gammas:
+            for layer, (s, e, c) in enumerate(trained_frames(model, cfg, images, ids, latency_s, gamma, k_max)):
+                exact = milp_p3(s, e, c, gamma, 1, k_max, time_limit=time_limit)
+                proven = exact.certified | ~exact.feasible & np.isnan(exact.lower_bound)
+                row = {"T_max_ms": latency_s * 1e3, "gamma": gamma, "layer": layer + 1, "frames": len(s),
+                       "feasible": float(exact.feasible.mean()), "milp_proven": float(proven.mean()), "variants": {}}
+                for label, reassign in PASS_VARIANTS.items():
+                    start = time.perf_counter()
+                    plan = frame_jesa(s, e, c, gamma, 1, k_max, rescue_rounds=RESCUE_ROUNDS, reassign_rounds=reassign)
+                    row["variants"][label] = {**gap_stats(plan, exact, proven),
+                                              "ms_per_frame": (time.perf_counter() - start) / len(s) * 1e3}
+                rows.append(row)
+    return {"ckpt": ckpt, "frames": frames, "k_max": k_max, "rescue_rounds": RESCUE_ROUNDS,
+            "milp_time_limit_s": time_limit, "rows": rows}
+
+
 def speed(F, latency_s, gamma, repeats):
     _, e, c = channel_frames(F, latency_s, 7)
     s = gate_scores(F, T, K, 8)
@@ -283,6 +322,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--random-frames", type=int, default=None, help="random frames for the gap section (default 4000)")
+    parser.add_argument("--ckpt", default=None, help="a checkpoint: also the gap on its own frames")
+    parser.add_argument("--ckpt-frames", type=int, default=16)
+    parser.add_argument("--ckpt-gammas", type=float, nargs="+", default=[0.15, 0.25])
+    parser.add_argument("--ckpt-latency", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
+    parser.add_argument("--data-root", default="data")
     args = parser.parse_args()
     F = 4 if args.quick else 16
     price_rounds = 8
@@ -302,6 +346,19 @@ def main():
         print(f"  {label:<16} {r['reassign_rounds']:>8} {r['found']:6.3f} {r['optimal']:7.3f} {r['mean_gap']:9.2e} "
               f"{r['worst_gap']:9.2e} {r['above_10pct']:5d} {r['ms_per_frame']:8.2f}")
     print()
+    if args.ckpt is None:
+        print("No --ckpt: the trained model's frames are skipped.\n")
+    else:
+        trained = trained_gap(args.ckpt, args.ckpt_frames, args.ckpt_gammas, args.ckpt_latency, 2, time_limit, args.data_root)
+        out["trained"] = trained
+        print(f"P3 on the frames of {args.ckpt} ({args.ckpt_frames} test images, k_max 2, {RESCUE_ROUNDS} rescue rounds), "
+              f"against the MILP: found / optimal / mean gap / worst gap / ms per frame, per variant")
+        print("T_max | gamma | layer | feasible | " + " | ".join(PASS_VARIANTS))
+        for row in trained["rows"]:
+            cells = [f"{fmt(v['found'], '.2f')} {fmt(v['optimal'], '.2f')} {fmt(v['mean_gap'], '.1e')} "
+                     f"{fmt(v['worst_gap'], '.1e')} {v['ms_per_frame']:.1f}" for v in row["variants"].values()]
+            print(" | ".join([f"{row['T_max_ms']:g} ms", f"{row['gamma']:g}", str(row["layer"]), f"{row['feasible']:.2f}", *cells]))
+        print()
 
     print(f"P3 on channel frames: K={K}, N={N}, T={T}, {F} frames per cell, MILP limit {time_limit:g} s "
           f"(+p: {price_rounds} price rounds, +r: the full reassignment pass, {REASSIGN_ROUNDS} sweeps)")
