@@ -205,7 +205,7 @@ def random_gap(frames: int, seed: int):
     for label, reassign in PASS_VARIANTS.items():
         frame_jesa(*groups[0], rescue_rounds=RESCUE_ROUNDS, reassign_rounds=reassign)  # compile
         gaps, found, elapsed = [], [], 0.0
-        for group, plan in zip(groups, exact):
+        for group, plan in zip(groups, exact, strict=True):
             start = time.perf_counter()
             fast = frame_jesa(*group, rescue_rounds=RESCUE_ROUNDS, reassign_rounds=reassign)
             elapsed += time.perf_counter() - start
@@ -357,7 +357,8 @@ def main():
         for row in trained["rows"]:
             cells = [f"{fmt(v['found'], '.2f')} {fmt(v['optimal'], '.2f')} {fmt(v['mean_gap'], '.1e')} "
                      f"{fmt(v['worst_gap'], '.1e')} {v['ms_per_frame']:.1f}" for v in row["variants"].values()]
-            print(" | ".join([f"{row['T_max_ms']:g} ms", f"{row['gamma']:g}", str(row["layer"]), f"{row['feasible']:.2f}", *cells]))
+            head = [f"{row['T_max_ms']:g} ms", f"{row['gamma']:g}", str(row["layer"]), f"{row['feasible']:.2f}"]
+            print(" | ".join(head + cells))
         print()
 
     print(f"P3 on channel frames: K={K}, N={N}, T={T}, {F} frames per cell, MILP limit {time_limit:g} s "
@@ -377,7 +378,8 @@ def main():
                               fmt(b["certified"], ".2f"), fmt(a["mean_gap"], ".2e"), fmt(a["worst_gap"], ".2e"),
                               fmt(b["mean_gap"], ".2e"), fmt(b["worst_gap"], ".2e"), fmt(b["bound_gap"], ".2e"),
                               fmt(r["mean_gap"], ".2e"), fmt(r["worst_gap"], ".2e"),
-                              f"{ms['fast']:.1f}", f"{ms['fast_priced']:.1f}", f"{ms['fast_reassign']:.1f}", f"{ms['milp']:.0f}"]))
+                              f"{ms['fast']:.1f}", f"{ms['fast_priced']:.1f}", f"{ms['fast_reassign']:.1f}",
+                              f"{ms['milp']:.0f}"]))
     out["channel"] = cells
 
     print("\nBaselines side by side (same frames): energy mJ/frame, violating tokens, cut / failed links per frame, overrun frames")

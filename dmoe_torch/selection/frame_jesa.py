@@ -22,8 +22,9 @@ from .frame_kernels import ENERGY_RTOL, _link_order, _marginal_costs, _reassign_
 __all__ = ["frame_jesa"]
 
 # The reassignment pass's chains of two partition changes and its rebuilds (O((N K)^2) tries
-# and 2 K rebuilds per sweep) run on frames with N K at most this: about 0.5 ms per frame at
-# N K = 16, 5 ms at 32, 300 ms at 128 (K = 8, N = 16), one thread.
+# and K rebuilds per sweep) run on frames with N K at most this.  Measured on random frames,
+# one thread: about 0.5 ms per frame at N K = 16 (T = 8), 5 ms at 32 (T = 16), 300 ms at the
+# model's 128 (T = 49, K = 8, N = 16).
 DEEP_MAX_LINKS = 32
 
 

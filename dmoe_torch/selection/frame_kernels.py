@@ -1,11 +1,14 @@
 """The numba kernels of the image frame (P3, docs/method.md section 11; the model is in frame.py).
 
-Three kernels loop over a batch of frames: :func:`_place` sends the wanted links on a
+Four kernels loop over a batch of frames: :func:`_place` sends the wanted links on a
 partition (the core of :func:`frame.plan_from_owner`), :func:`_solve_frames` is the
 heuristic of :func:`frame_jesa.frame_jesa` (partition search, capacity repair, token moves
-and re-partitions) and :func:`_marginal_costs` gives its best-response link prices.  The
-helpers work on one frame: e [K, N] J, c [K, N] tokens, order [K, N] (each device's
-subcarriers by increasing cost, :func:`_link_order`), owner [N].  They all call
+and re-partitions: :func:`_construct` on each frame), :func:`_reassign_frames` its
+reassignment pass (token best responses with idle subcarriers, subcarrier moves and swaps
+with the tokens re-optimised, and on small frames chains of two moves and rebuilds) and
+:func:`_marginal_costs` gives its best-response link prices.  The helpers work on one frame:
+e [K, N] J, c [K, N] tokens, order [K, N] (each device's subcarriers by increasing cost,
+:func:`_link_order`), owner [N].  They all call
 :func:`_device_slots` or one another, hence one module: the numba code here calls no jitted
 function of another module (see jesa.py: numba's on-disk cache would not notice a changed
 callee).
@@ -986,7 +989,7 @@ def _rebuilds(e, c, order, owner, x, s, thr, k_min, k_max, rounds, attempts, usa
     slot at its c* as if it got another subcarrier, contains k and is cheaper); the frame
     is then rebuilt from that selection (:func:`_construct`, then token re-optimisation)
     and kept when it has fewer violation tokens, or as many and strictly less energy.
-    2 K rebuilds.  Returns (kept any, energy, violations)."""
+    K rebuilds.  Returns (kept any, energy, violations)."""
     work_i, work_f, new_set = ws[0], ws[1], ws[2]
     trial_x, trial_owner, trial_cut, c_star = rw[9], rw[10], rw[11], rw[12]
     t_slot_cost, t_caps, t_loads = cw[0], cw[1], cw[2]
