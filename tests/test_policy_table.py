@@ -239,3 +239,18 @@ def test_help_texts_name_every_policy():
         text = (REPO / "conf" / "hydra" / "help" / f"{name}.yaml").read_text()
         for policy in (n for n, p in POLICY_TABLE.items() if p.builtin and (name == "train" or p.token_solver)):
             assert re.search(rf"\b{policy}\b", text), (name, policy)
+
+
+def test_route_frames_passes_the_reassignment_sweeps_to_jesa():
+    """The issue's frame: 3 tokens, K = N = 2; without the pass subcarrier 0 stays idle (15e-5 J),
+    with it the optimum (11e-5 J) is found; more sweeps never cost more energy."""
+    from dmoe_torch.selection import route_frames
+
+    scores = np.full((1, 3, 2), 0.5)
+    costs = np.array([[[1.0, np.inf], [np.inf, 5.0]]]) * 1e-5
+    capacity = np.array([[[1, 0], [0, 3]]])
+    energy = {r: float(route_frames("jesa", scores, costs, capacity, gamma=0.15, k_min=1, reassign_rounds=r).energy[0])
+              for r in (-1, 0, 4)}
+    assert math.isclose(energy[-1], 15e-5) and math.isclose(energy[0], 11e-5) and math.isclose(energy[4], 11e-5)
+    with pytest.raises(ValueError):
+        route_frames("jesa", scores, costs, capacity, gamma=0.15, reassign_rounds=-2)

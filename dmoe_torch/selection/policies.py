@@ -47,7 +47,7 @@ class RouteArgs:
     lam              Lagrange multiplier [1/J] of the lagrangian policy (None: not set)
     failure_energy   J spent per failed attempt of a channel-unaware policy (P_ap T_max)
     generator        CPU torch.Generator of random policies (None: torch's global one)
-    price_rounds, rescue_rounds   options of the image-frame jesa solver (``frame_jesa``)
+    price_rounds, rescue_rounds, reassign_rounds   options of the image-frame jesa solver (``frame_jesa``)
     """
 
     gamma: float = 1.0
@@ -59,6 +59,7 @@ class RouteArgs:
     generator: torch.Generator | None = None
     price_rounds: int = 0
     rescue_rounds: int = 0
+    reassign_rounds: int = 0
 
 
 TokenSolver = Callable[[torch.Tensor, torch.Tensor, RouteArgs], Selection]
