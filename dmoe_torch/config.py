@@ -29,6 +29,7 @@ from .data import DATASET_IMAGE_SIZES, DATASET_TRAIN_SIZES, DATASETS, split_size
 from .models.vmoe import STEMS
 from .selection.common import is_int, is_real
 from .selection.policies import get_policy, policy_names
+from .selection.registry import check_lam
 from .utils import INT64_MAX, format_bytes, memory_bytes, resolve_device
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -483,9 +484,10 @@ def validate_lam(value: Any, key: str, policy: str | None = None) -> float | Non
         if needed:
             raise ConfigError(f"{key}=null: policy {policy!r} needs its multiplier, a number >= 0 (relevance per joule, 1/J)")
         return None
-    if not is_real(value) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{key}={format_value(value)}: must be a number >= 0 (relevance per joule, 1/J) or null")
-    return float(value)
+    try:
+        return check_lam(value, key)  # the rule lives with the router
+    except ValueError:
+        raise ConfigError(f"{key}={format_value(value)}: must be a number >= 0 (relevance per joule, 1/J) or null") from None
 
 
 def validate_outage_target(value: Any, key: str) -> float | None:

@@ -29,17 +29,18 @@ import math
 import torch
 
 from .common import RELEVANCE_TOL, Selection
-from .enumerate import MAX_SET_SIZE, _assign_mask, _ranked_links
+from .enumerate import MAX_SET_SIZE, _assign_mask, _ranked_links, _selection
 from .jesa import min_cost_assignment
 
 __all__ = ["lagrangian_select", "greedy_select"]
 
 
-def _ranks(keys: torch.Tensor, descending: bool) -> torch.Tensor:
-    """Position [B, K] int64 of each expert when the row is sorted by keys (stable: ties by index)."""
+def _ranks(keys: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position [B, K] int64 of each expert, the experts in that order [B, K]) when each row
+    is sorted by keys (stable: ties by index)."""
     order = torch.sort(keys, dim=1, descending=descending, stable=True).indices
     positions = torch.arange(keys.shape[1], device=keys.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
+    return torch.empty_like(order).scatter_(1, order, positions), order
 
 
 def _links(costs3: torch.Tensor, take: torch.Tensor, k_max: int) -> torch.Tensor:
@@ -61,19 +62,11 @@ def _assigned(scores: torch.Tensor, costs3: torch.Tensor, take: torch.Tensor, k_
     mask = take & (subcarrier >= 0)
     link = costs3.gather(2, subcarrier.clamp(min=0).unsqueeze(2)).squeeze(2)
     energy = torch.where(mask, link, torch.zeros_like(link)).sum(1)
-    dropped = ~mask.any(1)
-    count = mask.sum(1)
-    violation = torch.zeros_like(dropped)
+    violation = mask.sum(1) < k_min  # dropped rows (no expert) included
     if gamma is not None:
-        violation = torch.where(mask, scores, 0.0).sum(1) < gamma - RELEVANCE_TOL
-    B = scores.shape[0]
-    return Selection(
-        mask=mask, subcarrier=torch.where(mask, subcarrier, -1), energy=energy,
-        violation=violation | dropped | (count < k_min), dropped=dropped,
-        nodes=torch.zeros(B, dtype=torch.int64, device=scores.device),
-        lower_bound=torch.full((B,), math.nan, dtype=torch.float64, device=scores.device),
-        certified=torch.zeros(B, dtype=torch.bool, device=scores.device), failed=torch.zeros_like(mask),
-    )
+        violation |= torch.where(mask, scores, 0.0).sum(1) < gamma - RELEVANCE_TOL
+    return _selection(mask, torch.where(mask, subcarrier, -1), energy, violation,
+                      torch.full_like(energy, math.nan), torch.zeros_like(violation))
 
 
 def lagrangian_select(scores: torch.Tensor, costs3: torch.Tensor, lam: float, k_min: int, k_max: int) -> Selection:
@@ -83,7 +76,7 @@ def lagrangian_select(scores: torch.Tensor, costs3: torch.Tensor, lam: float, k_
     best = costs3.amin(2)
     reachable = torch.isfinite(best)
     value = torch.where(reachable, scores - lam * torch.where(reachable, best, 0.0), -math.inf)
-    rank = _ranks(value, descending=True)
+    rank, _ = _ranks(value, descending=True)
     take = reachable & (rank < k_max) & ((rank < k_min) | (value > 0))
     return _assigned(scores, costs3, take, k_min, k_max, None)
 
@@ -96,8 +89,7 @@ def greedy_select(scores: torch.Tensor, costs3: torch.Tensor, gamma: float, k_mi
     reachable = torch.isfinite(best)
     ratio = torch.where(best > 0, scores / best.clamp_min(torch.finfo(best.dtype).tiny), math.inf)
     ratio = torch.where(reachable, ratio, -1.0)  # unreachable experts come last (ratios are >= 0)
-    rank = _ranks(ratio, descending=True)
-    in_order = torch.sort(ratio, dim=1, descending=True, stable=True).indices
+    rank, in_order = _ranks(ratio, descending=True)
     relevance = torch.where(reachable, scores, 0.0).gather(1, in_order).cumsum(1)  # [B, K] after i + 1 experts
     reached = relevance >= gamma - RELEVANCE_TOL
     # experts needed to reach gamma: the first position where it is reached, + 1 (K if never)
@@ -107,6 +99,6 @@ def greedy_select(scores: torch.Tensor, costs3: torch.Tensor, gamma: float, k_mi
     # cheapest feasible completion up to k_min
     missing = (k_min - take.sum(1)).clamp(min=0)
     spare_cost = torch.where(reachable & ~take, best, math.inf)
-    cheap_rank = _ranks(spare_cost, descending=False)
+    cheap_rank, _ = _ranks(spare_cost, descending=False)
     take = take | (reachable & ~take & (cheap_rank < missing[:, None]))
     return _assigned(scores, costs3, take, k_min, k_max, gamma)
