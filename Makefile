@@ -15,8 +15,9 @@ run: setup
 	$(PY) train.py hydra.run.dir=$(RUN_DIR) $(if $(MODEL),model=$(MODEL))
 	$(PY) evaluate.py ckpt=$(RUN_DIR)/checkpoint.pt hydra.run.dir=$(RUN_DIR)/eval
 
-# Lint first (pyproject.toml [tool.ruff]: pyflakes and import order), then the tests.
+# Format and lint first (pyproject.toml [tool.ruff]), then the tests.
 test: setup
+	.venv/bin/ruff format --check .
 	.venv/bin/ruff check .
 	$(PY) -m pytest
 

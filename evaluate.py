@@ -3,6 +3,7 @@
 Writes results.csv, results.md and results.png (accuracy vs. energy) to the Hydra output
 directory and logs the table to the console and evaluate.log (python evaluate.py --help).
 """
+
 from __future__ import annotations
 
 import hydra
@@ -10,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dmoe_torch.cli import report_errors, run_entry_point, serve_if_worker
-from dmoe_torch.eval_config import validate_eval_config
+from dmoe_torch.config.eval import validate_eval_config
 from dmoe_torch.runtime import ExchangeError, launch
 
 
@@ -21,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     # One stderr line per error: a bad config or checkpoint exits 2, missing data 1.
     with report_errors(DataUnavailableError, ExchangeError):
         validate_eval_config(cfg)
-        from dmoe_torch.evaluation import run_evaluation
+        from dmoe_torch.engine.evaluation import run_evaluation
 
         launch(cfg, run_evaluation, HydraConfig.get().runtime.output_dir)
 

@@ -1,4 +1,5 @@
 """Train a distributed-MoE classifier:  python train.py [key=value ...]   (python train.py --help)."""
+
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,7 @@ from dmoe_torch.runtime import ExchangeError, launch
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from dmoe_torch.data import DataUnavailableError
-    from dmoe_torch.training import NonFiniteLossError, fit
+    from dmoe_torch.engine.training import NonFiniteLossError, fit
 
     # One stderr line per error: a bad config exits 2, missing data or a diverging loss 1.
     with report_errors(DataUnavailableError, NonFiniteLossError, ExchangeError):

@@ -14,6 +14,7 @@ model alike:
 
 Prints a table with ratios vs rayleigh and writes benchmarks/results/channel.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ import time
 import torch
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
-from dmoe_torch.evaluation import layer_costs
+from dmoe_torch.channel.links import layer_costs
 from dmoe_torch.models.vmoe import VMoEClassifier
 from dmoe_torch.moe import RouterSpec
 from dmoe_torch.utils import atomic_write_json
@@ -89,8 +90,10 @@ def main() -> None:
             for kind, values in time_model(overrides, args).items():
                 samples[label][kind].extend(values)
     base = {kind: statistics.median(samples[MODELS[0][0]][kind]) for kind in ("draw", "train", "eval")}
-    print(f"vmoe (d_model 64, 4 MoE layers, topk@2), batch {args.batch} x 49 tokens = {args.batch * 49} frames per MoE layer, "
-          f"K=8, N=16, {args.threads} thread(s), cpu")
+    print(
+        f"vmoe (d_model 64, 4 MoE layers, topk@2), batch {args.batch} x 49 tokens = {args.batch * 49} frames per MoE layer, "
+        f"K=8, N=16, {args.threads} thread(s), cpu"
+    )
     print(f"{'model':<12} {'draw ms':>9} {'x':>6} {'train ms':>9} {'x':>6} {'eval ms':>9} {'x':>6}")
     rows = []
     for label, overrides in MODELS:
@@ -105,10 +108,20 @@ def main() -> None:
         rows.append(row)
     result = dict(
         benchmark="channel_models",
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                     torch=torch.__version__, threads=args.threads, note="shared machine: other jobs ran alongside"),
-        batch=args.batch, frames_per_layer=args.batch * 49, moe_layers=4, steps=args.steps * args.repeats,
-        targets=dict(train_ratio=1.3, eval_ratio=2.0), rows=rows,
+        machine=dict(
+            platform=platform.platform(),
+            processor=platform.processor(),
+            cpus=os.cpu_count(),
+            torch=torch.__version__,
+            threads=args.threads,
+            note="shared machine: other jobs ran alongside",
+        ),
+        batch=args.batch,
+        frames_per_layer=args.batch * 49,
+        moe_layers=4,
+        steps=args.steps * args.repeats,
+        targets=dict(train_ratio=1.3, eval_ratio=2.0),
+        rows=rows,
     )
     out = atomic_write_json(args.out, result)
     print(f"wrote {out}")

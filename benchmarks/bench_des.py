@@ -14,6 +14,7 @@ Prints one table (every method side by side with its speed-up over MILP, mean/ma
 next to the number of subsets brute force enumerates, and mismatches against MILP) and writes
 benchmarks/results/des.json.
 """
+
 from __future__ import annotations
 
 import os
@@ -100,13 +101,33 @@ def bench_small(args, rows: list) -> None:
         checks = [
             ("des (numba)", B / t_des, B, mean_nodes, max_nodes, energy[:n_milp], violation[:n_milp]),
             ("des (torch API)", B / t_api, B, mean_nodes, max_nodes, None, None),
-            ("des_reference (python)", n_ref / t_ref, n_ref, float(ref.nodes.double()[~ref.violation].mean()) if (~ref.violation).any() else 0.0, int(ref.nodes.max()), ref.energy.numpy()[:n_milp], ref.violation.numpy()[:n_milp]),
-            ("brute force (numpy)", B / t_brute, B, float(subset_count(K, 1, k_max)), subset_count(K, 1, k_max), brute.energy.numpy()[:n_milp], brute.violation.numpy()[:n_milp]),
+            (
+                "des_reference (python)",
+                n_ref / t_ref,
+                n_ref,
+                float(ref.nodes.double()[~ref.violation].mean()) if (~ref.violation).any() else 0.0,
+                int(ref.nodes.max()),
+                ref.energy.numpy()[:n_milp],
+                ref.violation.numpy()[:n_milp],
+            ),
+            (
+                "brute force (numpy)",
+                B / t_brute,
+                B,
+                float(subset_count(K, 1, k_max)),
+                subset_count(K, 1, k_max),
+                brute.energy.numpy()[:n_milp],
+                brute.violation.numpy()[:n_milp],
+            ),
             ("milp (HiGHS)", milp_rate, n_milp, None, None, milp_res.energy.numpy(), milp_res.violation.numpy()),
         ]
         for method, rate, count, nodes_mean, nodes_max, e, v in checks:
             n_check = min(len(e), n_milp) if e is not None else 0
-            bad = mismatches(e[:n_check], v[:n_check], milp_res.energy.numpy()[:n_check], milp_res.violation.numpy()[:n_check]) if n_check else None
+            bad = (
+                mismatches(e[:n_check], v[:n_check], milp_res.energy.numpy()[:n_check], milp_res.violation.numpy()[:n_check])
+                if n_check
+                else None
+            )
             rows.append(
                 dict(
                     common,
@@ -203,7 +224,10 @@ def fmt(value, spec: str) -> str:
 
 
 def print_table(rows: list) -> None:
-    header = f"{'setting':<28} {'method':<28} {'feas':>5} {'inst/s':>10} {'ms med':>9} {'ms worst':>9} {'x milp':>8} {'nodes mean':>10} {'nodes max':>9} {'brute subsets':>13} {'mismatch':>9}"
+    header = (
+        f"{'setting':<28} {'method':<28} {'feas':>5} {'inst/s':>10} {'ms med':>9} {'ms worst':>9} {'x milp':>8} "
+        f"{'nodes mean':>10} {'nodes max':>9} {'brute subsets':>13} {'mismatch':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -242,7 +266,10 @@ def main() -> None:
     bench_large(args, rows)
     print_table(rows)
     brute_checks = [(r["setting"], r["mismatches_vs_brute_force"]) for r in rows if "mismatches_vs_brute_force" in r]
-    print("\nDES vs brute force on every instance of the small batches: " + ", ".join(f"{s}: {m} mismatches" for s, m in brute_checks))
+    print(
+        "\nDES vs brute force on every instance of the small batches: "
+        + ", ".join(f"{s}: {m} mismatches" for s, m in brute_checks)
+    )
     total = time.perf_counter() - start
     print(f"\n{total:.1f} s total; one thread (numba, torch, BLAS); speed-up = MILP time / method time")
 

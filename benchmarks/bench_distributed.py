@@ -12,6 +12,7 @@ model (rows x d_model x bits_per_element per hop; one hop down, one up).
 
 Prints the table with ratios vs local and writes benchmarks/results/distributed.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel  # noqa: E402
-from dmoe_torch.evaluation import layer_costs  # noqa: E402
+from dmoe_torch.channel.links import layer_costs  # noqa: E402
 from dmoe_torch.models import DMoEClassifier  # noqa: E402
 from dmoe_torch.models.vmoe import VMoEClassifier  # noqa: E402
 from dmoe_torch.moe import RouterSpec  # noqa: E402
-from dmoe_torch.utils import atomic_write_json
+from dmoe_torch.utils import atomic_write_json  # noqa: E402
 
 
 def build(args) -> torch.nn.Module:
@@ -76,13 +77,20 @@ def timed_steps(args) -> dict:
         if step >= args.warmup:
             step_s.append(elapsed)
             links.append(sum(int((s.mask & ~s.failed).sum()) for s in out.selections))
-    result = {"step_ms": statistics.median(step_s) * 1e3, "rows_per_step": args.batch * T,
-              "links_per_step": statistics.mean(links), "payload_bits": channel.payload_bits, "layers": L}
+    result = {
+        "step_ms": statistics.median(step_s) * 1e3,
+        "rows_per_step": args.batch * T,
+        "links_per_step": statistics.mean(links),
+        "payload_bits": channel.payload_bits,
+        "layers": L,
+    }
     result["rows_per_s"] = result["rows_per_step"] / (result["step_ms"] / 1e3)
     if stats is not None:
         per_step = lambda key: sum(c[key] for c in stats.layers.values()) / args.steps / L  # noqa: E731
-        result["bytes_per_layer_step"] = {key: per_step(key) for key in
-                                          ("forward_sent", "forward_received", "backward_sent", "backward_received", "header_bytes")}
+        result["bytes_per_layer_step"] = {
+            key: per_step(key)
+            for key in ("forward_sent", "forward_received", "backward_sent", "backward_received", "header_bytes")
+        }
         result["rows_exchanged_per_layer_step"] = per_step("rows")
     return result
 
@@ -93,8 +101,9 @@ def _job(cfg, out_dir):
 
 
 def _rank(rank: int, world_size: int, port: int, bench: dict, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(bench["threads"])
     from dmoe_torch.runtime import launch
 
@@ -124,26 +133,47 @@ def compare(args) -> list[dict]:
     for workers in args.workers:
         runs[f"{workers} worker{'s' if workers > 1 else ''}"] = distributed_run(args, workers)
     base = runs["local"]
-    print(f"\ntraining step, {args.model} model (K=8, {base['layers']} MoE layers, top-2), batch {args.batch} = "
-          f"{base['rows_per_step']} routed rows per MoE layer, {args.threads} thread(s) per process, gloo on localhost")
-    print(f"{'runtime':<10} {'step ms':>8} {'vs local':>9} {'rows/s':>9} {'vs local':>9} {'fwd MB out':>11} "
-          f"{'fwd MB back':>12} {'bwd MB out':>11} {'model MB/hop':>13} {'out/model':>10}")
+    print(
+        f"\ntraining step, {args.model} model (K=8, {base['layers']} MoE layers, top-2), batch {args.batch} = "
+        f"{base['rows_per_step']} routed rows per MoE layer, {args.threads} thread(s) per process, gloo on localhost"
+    )
+    print(
+        f"{'runtime':<10} {'step ms':>8} {'vs local':>9} {'rows/s':>9} {'vs local':>9} {'fwd MB out':>11} "
+        f"{'fwd MB back':>12} {'bwd MB out':>11} {'model MB/hop':>13} {'out/model':>10}"
+    )
     rows = []
     for name, run in runs.items():
         exchanged = run.get("bytes_per_layer_step")
-        row = dict(model=args.model, runtime=name, step_ms=run["step_ms"], step_vs_local=run["step_ms"] / base["step_ms"],
-                   rows_per_s=run["rows_per_s"], rows_per_s_vs_local=run["rows_per_s"] / base["rows_per_s"],
-                   links_per_step=run["links_per_step"])
+        row = dict(
+            model=args.model,
+            runtime=name,
+            step_ms=run["step_ms"],
+            step_vs_local=run["step_ms"] / base["step_ms"],
+            rows_per_s=run["rows_per_s"],
+            rows_per_s_vs_local=run["rows_per_s"] / base["rows_per_s"],
+            links_per_step=run["links_per_step"],
+        )
         cells = ["-"] * 5
         if exchanged:
             model_bytes = run["rows_exchanged_per_layer_step"] * run["payload_bits"] / 8
-            row.update(bytes_per_layer_step=exchanged, rows_exchanged_per_layer_step=run["rows_exchanged_per_layer_step"],
-                       payload_model_bytes_per_hop=model_bytes, forward_sent_over_model=exchanged["forward_sent"] / model_bytes)
-            cells = [f"{exchanged['forward_sent'] / 1e6:.3f}", f"{exchanged['forward_received'] / 1e6:.3f}",
-                     f"{exchanged['backward_sent'] / 1e6:.3f}", f"{model_bytes / 1e6:.3f}", f"{row['forward_sent_over_model']:.2f}"]
+            row.update(
+                bytes_per_layer_step=exchanged,
+                rows_exchanged_per_layer_step=run["rows_exchanged_per_layer_step"],
+                payload_model_bytes_per_hop=model_bytes,
+                forward_sent_over_model=exchanged["forward_sent"] / model_bytes,
+            )
+            cells = [
+                f"{exchanged['forward_sent'] / 1e6:.3f}",
+                f"{exchanged['forward_received'] / 1e6:.3f}",
+                f"{exchanged['backward_sent'] / 1e6:.3f}",
+                f"{model_bytes / 1e6:.3f}",
+                f"{row['forward_sent_over_model']:.2f}",
+            ]
         rows.append(row)
-        print(f"{name:<10} {row['step_ms']:8.1f} {row['step_vs_local']:9.2f} {row['rows_per_s']:9.0f} "
-              f"{row['rows_per_s_vs_local']:9.2f} {cells[0]:>11} {cells[1]:>12} {cells[2]:>11} {cells[3]:>13} {cells[4]:>10}")
+        print(
+            f"{name:<10} {row['step_ms']:8.1f} {row['step_vs_local']:9.2f} {row['rows_per_s']:9.0f} "
+            f"{row['rows_per_s_vs_local']:9.2f} {cells[0]:>11} {cells[1]:>12} {cells[2]:>11} {cells[3]:>13} {cells[4]:>10}"
+        )
     return rows
 
 
@@ -161,13 +191,19 @@ def main() -> None:
     rows = []
     for model in args.models:
         rows += compare(argparse.Namespace(**{**vars(args), "model": model}))
-    print("MB per MoE layer and step (fwd: rows out, expert outputs back; bwd: output gradients out); payload model = "
-          "rows routed to experts x d_model x 16 bit per hop; the runtime sends float32")
+    print(
+        "MB per MoE layer and step (fwd: rows out, expert outputs back; bwd: output gradients out); payload model = "
+        "rows routed to experts x d_model x 16 bit per hop; the runtime sends float32"
+    )
     result = dict(
         benchmark="distributed_runtime",
-        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
-                     threads_per_process=args.threads),
-        batch=args.batch, steps=args.steps, workers=args.workers, rows=rows,
+        machine=dict(
+            platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__, threads_per_process=args.threads
+        ),
+        batch=args.batch,
+        steps=args.steps,
+        workers=args.workers,
+        rows=rows,
     )
     out = atomic_write_json(args.out, result)
     print(f"wrote {out}")

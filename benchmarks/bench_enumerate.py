@@ -27,6 +27,7 @@ under torch.cuda.set_sync_debug_mode("error") and against their CPU results.
 
 Writes benchmarks/results/enumerate.json (updating only the sections it ran).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -282,7 +283,11 @@ def time_case(K: int, N: int, k_max: int, rows: int, repeats: int, device: torch
         return jesa_enumerate(st, et, gamma, 1, k_max)
 
     row = {
-        "K": K, "N": N, "k_max": k_max, "candidate_sets": candidate_set_count(K, 1, k_max), "rows": rows,
+        "K": K,
+        "N": N,
+        "k_max": k_max,
+        "candidate_sets": candidate_set_count(K, 1, k_max),
+        "rows": rows,
         "des_numba_s": best_time(lambda: des_nb(st, ct), repeats, device),
         "des_enumerate_s": best_time(lambda: des_enumerate(st, ct, gamma, 1, k_max), repeats, device),
         "jesa_numba_s": best_time(lambda: jesa_nb(st, et), repeats, device),
@@ -353,9 +358,11 @@ def print_speed_row(row: dict) -> None:
         flush=True,
     )
     if graphs:
-        print("    CUDA graph replay: " + "  ".join(
-            f"{k.split('_')[0]} " + (f"{v * 1e3:.2f} ms" if isinstance(v, float) else v) for k, v in graphs.items()
-        ), flush=True)
+        print(
+            "    CUDA graph replay: "
+            + "  ".join(f"{k.split('_')[0]} " + (f"{v * 1e3:.2f} ms" if isinstance(v, float) else v) for k, v in graphs.items()),
+            flush=True,
+        )
 
 
 def device_checks(device: torch.device, seed: int) -> dict:

@@ -36,6 +36,7 @@ solvers alone and with the channel draw (what one MoE layer's routing costs per 
 
 Writes benchmarks/results/frame.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,8 @@ import torch
 torch.set_num_threads(1)
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel  # noqa: E402
+from dmoe_torch.channel.links import frame_links  # noqa: E402
 from dmoe_torch.selection.exact import milp_p3  # noqa: E402
-from dmoe_torch.selection.frame import frame_links  # noqa: E402
 from dmoe_torch.selection.frame_baselines import frame_tokenwise, frame_topk_capacity, frame_topk_overrun  # noqa: E402
 from dmoe_torch.selection.frame_jesa import frame_jesa  # noqa: E402
 from dmoe_torch.selection.jesa import jesa_numpy  # noqa: E402
@@ -134,15 +135,21 @@ def channel_cell(F, latency_s, gamma, seed, price_rounds, time_limit):
         baseline_row("jesa_tokenwise", frame_tokenwise(s, e, c, "jesa", gamma, 1, K)),
     ]
     return {
-        "T_max_ms": latency_s * 1e3, "gamma": gamma, "frames": F,
+        "T_max_ms": latency_s * 1e3,
+        "gamma": gamma,
+        "frames": F,
         "feasible": float(exact.feasible.mean()),
         "milp_proven": float(exact.certified.sum() / max(exact.feasible.sum(), 1)),
         "mean_slots": float(c.max(1).sum(1).mean()),
         "fast": gap_stats(fast0, exact, proven),
         "fast_priced": gap_stats(fast, exact, proven),
         "fast_reassign": gap_stats(fast_r, exact, proven),
-        "ms_per_frame": {"fast": t_fast0 * 1e3, "fast_priced": t_fast * 1e3, "fast_reassign": t_fast_r * 1e3,
-                         "milp": t_milp * 1e3},
+        "ms_per_frame": {
+            "fast": t_fast0 * 1e3,
+            "fast_priced": t_fast * 1e3,
+            "fast_reassign": t_fast_r * 1e3,
+            "milp": t_milp * 1e3,
+        },
         "baselines": baselines,
     }
 
@@ -161,10 +168,18 @@ def tiny_cells(seeds, price_rounds):
         for gamma in (0.5, 0.9):
             exact = milp_p3(s, e, c, gamma, 1, 2)
             proven = np.ones(F, dtype=bool)
-            rows.append({"T": Tt, "K": Kt, "N": Nt, "gamma": gamma, "frames": F,
-                         "feasible": float(exact.feasible.mean()),
-                         "fast": gap_stats(frame_jesa(s, e, c, gamma, 1, 2), exact, proven),
-                         "fast_priced": gap_stats(frame_jesa(s, e, c, gamma, 1, 2, price_rounds=price_rounds), exact, proven)})
+            rows.append(
+                {
+                    "T": Tt,
+                    "K": Kt,
+                    "N": Nt,
+                    "gamma": gamma,
+                    "frames": F,
+                    "feasible": float(exact.feasible.mean()),
+                    "fast": gap_stats(frame_jesa(s, e, c, gamma, 1, 2), exact, proven),
+                    "fast_priced": gap_stats(frame_jesa(s, e, c, gamma, 1, 2, price_rounds=price_rounds), exact, proven),
+                }
+            )
     return rows
 
 
@@ -213,12 +228,22 @@ def random_gap(frames: int, seed: int):
             gaps.append(fast.energy[both] / plan.energy[both] - 1)
             found.append(both)
         gaps = np.concatenate(gaps)
-        rows[label] = {"reassign_rounds": reassign, "found": float(np.concatenate(found).sum() / feasible.sum()),
-                       "optimal": float((gaps <= EQUAL_RTOL).sum() / feasible.sum()), "mean_gap": float(gaps.mean()),
-                       "worst_gap": float(gaps.max()), "above_10pct": int((gaps > 0.1).sum()),
-                       "ms_per_frame": elapsed / feasible.size * 1e3}
-    return {"frames": int(feasible.size), "feasible_frames": int(feasible.sum()), "seed": seed,
-            "rescue_rounds": RESCUE_ROUNDS, "variants": rows}
+        rows[label] = {
+            "reassign_rounds": reassign,
+            "found": float(np.concatenate(found).sum() / feasible.sum()),
+            "optimal": float((gaps <= EQUAL_RTOL).sum() / feasible.sum()),
+            "mean_gap": float(gaps.mean()),
+            "worst_gap": float(gaps.max()),
+            "above_10pct": int((gaps > 0.1).sum()),
+            "ms_per_frame": elapsed / feasible.size * 1e3,
+        }
+    return {
+        "frames": int(feasible.size),
+        "feasible_frames": int(feasible.sum()),
+        "seed": seed,
+        "rescue_rounds": RESCUE_ROUNDS,
+        "variants": rows,
+    }
 
 
 def trained_gap(ckpt: str, frames: int, gammas, latencies, k_max: int, time_limit: float, data_root: str):
@@ -228,9 +253,9 @@ def trained_gap(ckpt: str, frames: int, gammas, latencies, k_max: int, time_limi
     from bench_frame_trained import trained_frames
     from omegaconf import OmegaConf
 
-    from dmoe_torch.build import build_model
-    from dmoe_torch.checkpoint import load_checkpoint
     from dmoe_torch.data import build_datasets
+    from dmoe_torch.engine.build import build_model
+    from dmoe_torch.engine.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(ckpt)
     cfg = OmegaConf.create(checkpoint["config"])
@@ -245,16 +270,31 @@ def trained_gap(ckpt: str, frames: int, gammas, latencies, k_max: int, time_limi
             for layer, (s, e, c) in enumerate(trained_frames(model, cfg, images, ids, latency_s, gamma, k_max)):
                 exact = milp_p3(s, e, c, gamma, 1, k_max, time_limit=time_limit)
                 proven = exact.certified | ~exact.feasible & np.isnan(exact.lower_bound)
-                row = {"T_max_ms": latency_s * 1e3, "gamma": gamma, "layer": layer + 1, "frames": len(s),
-                       "feasible": float(exact.feasible.mean()), "milp_proven": float(proven.mean()), "variants": {}}
+                row = {
+                    "T_max_ms": latency_s * 1e3,
+                    "gamma": gamma,
+                    "layer": layer + 1,
+                    "frames": len(s),
+                    "feasible": float(exact.feasible.mean()),
+                    "milp_proven": float(proven.mean()),
+                    "variants": {},
+                }
                 for label, reassign in PASS_VARIANTS.items():
                     start = time.perf_counter()
                     plan = frame_jesa(s, e, c, gamma, 1, k_max, rescue_rounds=RESCUE_ROUNDS, reassign_rounds=reassign)
-                    row["variants"][label] = {**gap_stats(plan, exact, proven),
-                                              "ms_per_frame": (time.perf_counter() - start) / len(s) * 1e3}
+                    row["variants"][label] = {
+                        **gap_stats(plan, exact, proven),
+                        "ms_per_frame": (time.perf_counter() - start) / len(s) * 1e3,
+                    }
                 rows.append(row)
-    return {"ckpt": ckpt, "frames": frames, "k_max": k_max, "rescue_rounds": RESCUE_ROUNDS,
-            "milp_time_limit_s": time_limit, "rows": rows}
+    return {
+        "ckpt": ckpt,
+        "frames": frames,
+        "k_max": k_max,
+        "rescue_rounds": RESCUE_ROUNDS,
+        "milp_time_limit_s": time_limit,
+        "rows": rows,
+    }
 
 
 def speed(F, latency_s, gamma, repeats):
@@ -277,9 +317,16 @@ def speed(F, latency_s, gamma, repeats):
     t_frame = best_of(lambda: frame_jesa(s, e, c, gamma, 1, K))
     t_frame_r = best_of(lambda: frame_jesa(s, e, c, gamma, 1, K, reassign_rounds=REASSIGN_ROUNDS))
     t_token = best_of(lambda: jesa_numpy(s_tok, e_tok, gamma, 1, K))
-    return {"frames": F, "tokens": F * T, "gamma": gamma, "T_max_ms": latency_s * 1e3,
-            "frame_jesa_ms": t_frame * 1e3, "frame_jesa_full_pass_ms": t_frame_r * 1e3, "token_jesa_ms": t_token * 1e3,
-            "ratio": t_frame / t_token}
+    return {
+        "frames": F,
+        "tokens": F * T,
+        "gamma": gamma,
+        "T_max_ms": latency_s * 1e3,
+        "frame_jesa_ms": t_frame * 1e3,
+        "frame_jesa_full_pass_ms": t_frame_r * 1e3,
+        "token_jesa_ms": t_token * 1e3,
+        "ratio": t_frame / t_token,
+    }
 
 
 def pipeline(F, latency_s, gamma, repeats):
@@ -334,38 +381,79 @@ def main():
     latencies = (1e-3, 2e-3) if args.quick else (1e-3, 2e-3, 4e-3)
     gammas = (0.3, 0.8) if args.quick else (0.3, 0.5, 0.8)
 
-    out = {"setting": {"K": K, "N": N, "T": T, "d_model": D_MODEL, "k_min": 1, "k_max": K,
-                       "price_rounds": price_rounds, "reassign_rounds": REASSIGN_ROUNDS, "milp_time_limit_s": time_limit}}
+    out = {
+        "setting": {
+            "K": K,
+            "N": N,
+            "T": T,
+            "d_model": D_MODEL,
+            "k_min": 1,
+            "k_max": K,
+            "price_rounds": price_rounds,
+            "reassign_rounds": REASSIGN_ROUNDS,
+            "milp_time_limit_s": time_limit,
+        }
+    }
     random_frames = args.random_frames or (500 if args.quick else 4000)
     rnd = random_gap(random_frames, seed=0)
     out["random"] = rnd
-    print(f"P3 on {rnd['frames']} small random frames ({rnd['feasible_frames']} P3-feasible), frame_jesa with "
-          f"{RESCUE_ROUNDS} rescue rounds as the MoE layer runs it, against the MILP:")
+    print(
+        f"P3 on {rnd['frames']} small random frames ({rnd['feasible_frames']} P3-feasible), frame_jesa with "
+        f"{RESCUE_ROUNDS} rescue rounds as the MoE layer runs it, against the MILP:"
+    )
     print(f"  {'':<16} {'reassign':>8} {'found':>6} {'optimal':>7} {'mean gap':>9} {'worst gap':>9} {'>10%':>5} {'ms/frame':>8}")
     for label, r in rnd["variants"].items():
-        print(f"  {label:<16} {r['reassign_rounds']:>8} {r['found']:6.3f} {r['optimal']:7.3f} {r['mean_gap']:9.2e} "
-              f"{r['worst_gap']:9.2e} {r['above_10pct']:5d} {r['ms_per_frame']:8.2f}")
+        print(
+            f"  {label:<16} {r['reassign_rounds']:>8} {r['found']:6.3f} {r['optimal']:7.3f} {r['mean_gap']:9.2e} "
+            f"{r['worst_gap']:9.2e} {r['above_10pct']:5d} {r['ms_per_frame']:8.2f}"
+        )
     print()
     if args.ckpt is None:
         print("No --ckpt: the trained model's frames are skipped.\n")
     else:
         trained = trained_gap(args.ckpt, args.ckpt_frames, args.ckpt_gammas, args.ckpt_latency, 2, time_limit, args.data_root)
         out["trained"] = trained
-        print(f"P3 on the frames of {args.ckpt} ({args.ckpt_frames} test images, k_max 2, {RESCUE_ROUNDS} rescue rounds), "
-              f"against the MILP: found / optimal / mean gap / worst gap / ms per frame, per variant")
+        print(
+            f"P3 on the frames of {args.ckpt} ({args.ckpt_frames} test images, k_max 2, {RESCUE_ROUNDS} rescue rounds), "
+            f"against the MILP: found / optimal / mean gap / worst gap / ms per frame, per variant"
+        )
         print("T_max | gamma | layer | feasible | " + " | ".join(PASS_VARIANTS))
         for row in trained["rows"]:
-            cells = [f"{fmt(v['found'], '.2f')} {fmt(v['optimal'], '.2f')} {fmt(v['mean_gap'], '.1e')} "
-                     f"{fmt(v['worst_gap'], '.1e')} {v['ms_per_frame']:.1f}" for v in row["variants"].values()]
+            cells = [
+                f"{fmt(v['found'], '.2f')} {fmt(v['optimal'], '.2f')} {fmt(v['mean_gap'], '.1e')} "
+                f"{fmt(v['worst_gap'], '.1e')} {v['ms_per_frame']:.1f}"
+                for v in row["variants"].values()
+            ]
             head = [f"{row['T_max_ms']:g} ms", f"{row['gamma']:g}", str(row["layer"]), f"{row['feasible']:.2f}"]
             print(" | ".join(head + cells))
         print()
 
-    print(f"P3 on channel frames: K={K}, N={N}, T={T}, {F} frames per cell, MILP limit {time_limit:g} s "
-          f"(+p: {price_rounds} price rounds, +r: the full reassignment pass, {REASSIGN_ROUNDS} sweeps)")
-    header = ("T_max", "gamma", "feas", "slots", "found", "found+p", "opt", "opt+p", "cert+p",
-              "mean gap", "worst gap", "mean gap+p", "worst gap+p", "bound gap+p", "mean gap+r", "worst gap+r",
-              "ms fast", "ms +p", "ms +r", "ms MILP")
+    print(
+        f"P3 on channel frames: K={K}, N={N}, T={T}, {F} frames per cell, MILP limit {time_limit:g} s "
+        f"(+p: {price_rounds} price rounds, +r: the full reassignment pass, {REASSIGN_ROUNDS} sweeps)"
+    )
+    header = (
+        "T_max",
+        "gamma",
+        "feas",
+        "slots",
+        "found",
+        "found+p",
+        "opt",
+        "opt+p",
+        "cert+p",
+        "mean gap",
+        "worst gap",
+        "mean gap+p",
+        "worst gap+p",
+        "bound gap+p",
+        "mean gap+r",
+        "worst gap+r",
+        "ms fast",
+        "ms +p",
+        "ms +r",
+        "ms MILP",
+    )
     print(" | ".join(header))
     cells = []
     for latency_s in latencies:
@@ -373,41 +461,74 @@ def main():
             row = channel_cell(F, latency_s, gamma, 0, price_rounds, time_limit)
             cells.append(row)
             a, b, r, ms = row["fast"], row["fast_priced"], row["fast_reassign"], row["ms_per_frame"]
-            print(" | ".join([f"{latency_s * 1e3:g} ms", f"{gamma:.1f}", f"{row['feasible']:.2f}", f"{row['mean_slots']:.0f}",
-                              fmt(a["found"], ".2f"), fmt(b["found"], ".2f"), fmt(a["optimal"], ".2f"), fmt(b["optimal"], ".2f"),
-                              fmt(b["certified"], ".2f"), fmt(a["mean_gap"], ".2e"), fmt(a["worst_gap"], ".2e"),
-                              fmt(b["mean_gap"], ".2e"), fmt(b["worst_gap"], ".2e"), fmt(b["bound_gap"], ".2e"),
-                              fmt(r["mean_gap"], ".2e"), fmt(r["worst_gap"], ".2e"),
-                              f"{ms['fast']:.1f}", f"{ms['fast_priced']:.1f}", f"{ms['fast_reassign']:.1f}",
-                              f"{ms['milp']:.0f}"]))
+            print(
+                " | ".join(
+                    [
+                        f"{latency_s * 1e3:g} ms",
+                        f"{gamma:.1f}",
+                        f"{row['feasible']:.2f}",
+                        f"{row['mean_slots']:.0f}",
+                        fmt(a["found"], ".2f"),
+                        fmt(b["found"], ".2f"),
+                        fmt(a["optimal"], ".2f"),
+                        fmt(b["optimal"], ".2f"),
+                        fmt(b["certified"], ".2f"),
+                        fmt(a["mean_gap"], ".2e"),
+                        fmt(a["worst_gap"], ".2e"),
+                        fmt(b["mean_gap"], ".2e"),
+                        fmt(b["worst_gap"], ".2e"),
+                        fmt(b["bound_gap"], ".2e"),
+                        fmt(r["mean_gap"], ".2e"),
+                        fmt(r["worst_gap"], ".2e"),
+                        f"{ms['fast']:.1f}",
+                        f"{ms['fast_priced']:.1f}",
+                        f"{ms['fast_reassign']:.1f}",
+                        f"{ms['milp']:.0f}",
+                    ]
+                )
+            )
     out["channel"] = cells
 
-    print("\nBaselines side by side (same frames): energy mJ/frame, violating tokens, cut / failed links per frame, overrun frames")
+    print(
+        "\nBaselines side by side (same frames): energy mJ/frame, violating tokens, cut / failed links per frame, overrun frames"
+    )
     for row in cells:
         print(f"T_max {row['T_max_ms']:g} ms, gamma {row['gamma']:.1f}")
         for b in row["baselines"]:
-            print(f"  {b['policy']:<15} {b['energy_mJ']:7.3f} mJ  viol {b['violating_tokens']:.3f}  "
-                  f"cut {b['cut_links']:6.2f}  failed {b['failed_links']:6.2f}  overrun {b['overrun_frames']:.2f}  "
-                  f"experts/token {b['experts_per_token']:.2f}")
+            print(
+                f"  {b['policy']:<15} {b['energy_mJ']:7.3f} mJ  viol {b['violating_tokens']:.3f}  "
+                f"cut {b['cut_links']:6.2f}  failed {b['failed_links']:6.2f}  overrun {b['overrun_frames']:.2f}  "
+                f"experts/token {b['experts_per_token']:.2f}"
+            )
 
     tiny = tiny_cells(20 if args.quick else 100, price_rounds)
     out["tiny"] = tiny
-    print("\nTiny random frames (k_max = 2) against the MILP: found / optimal / certified / mean gap / worst gap (plain | priced)")
+    print(
+        "\nTiny random frames (k_max = 2) against the MILP: found / optimal / certified / mean gap / worst gap (plain | priced)"
+    )
     for r in tiny:
         a, b = r["fast"], r["fast_priced"]
-        print(f"  T={r['T']} K={r['K']} N={r['N']} gamma={r['gamma']}: feasible {r['feasible']:.2f} | "
-              f"{fmt(a['found'], '.2f')} {fmt(a['optimal'], '.2f')} {fmt(a['certified'], '.2f')} {fmt(a['mean_gap'], '.1e')} {fmt(a['worst_gap'], '.1e')} | "
-              f"{fmt(b['found'], '.2f')} {fmt(b['optimal'], '.2f')} {fmt(b['certified'], '.2f')} {fmt(b['mean_gap'], '.1e')} {fmt(b['worst_gap'], '.1e')}")
+        print(
+            f"  T={r['T']} K={r['K']} N={r['N']} gamma={r['gamma']}: feasible {r['feasible']:.2f} | "
+            f"{fmt(a['found'], '.2f')} {fmt(a['optimal'], '.2f')} {fmt(a['certified'], '.2f')} "
+            f"{fmt(a['mean_gap'], '.1e')} {fmt(a['worst_gap'], '.1e')} | "
+            f"{fmt(b['found'], '.2f')} {fmt(b['optimal'], '.2f')} {fmt(b['certified'], '.2f')} "
+            f"{fmt(b['mean_gap'], '.1e')} {fmt(b['worst_gap'], '.1e')}"
+        )
 
     sp = speed(64 if args.quick else 256, 1e-3, 0.5, 2 if args.quick else 3)
     out["speed"] = sp
-    print(f"\nSpeed, one thread: {sp['frames']} frames x {T} tokens: frame_jesa {sp['frame_jesa_ms']:.1f} ms "
-          f"(with the full reassignment pass {sp['frame_jesa_full_pass_ms']:.1f} ms), "
-          f"token-frame JESA on the {sp['tokens']} tokens {sp['token_jesa_ms']:.1f} ms (ratio {sp['ratio']:.2f})")
+    print(
+        f"\nSpeed, one thread: {sp['frames']} frames x {T} tokens: frame_jesa {sp['frame_jesa_ms']:.1f} ms "
+        f"(with the full reassignment pass {sp['frame_jesa_full_pass_ms']:.1f} ms), "
+        f"token-frame JESA on the {sp['tokens']} tokens {sp['token_jesa_ms']:.1f} ms (ratio {sp['ratio']:.2f})"
+    )
     pipe = pipeline(64 if args.quick else 256, 1e-3, 0.5, 2 if args.quick else 3)
     out["pipeline"] = pipe
-    print(f"Routing one MoE layer, channel draw included: token frames {pipe['token_frames_ms']:.1f} ms, "
-          f"image frames {pipe['image_frames_ms']:.1f} ms (ratio {pipe['ratio']:.2f})")
+    print(
+        f"Routing one MoE layer, channel draw included: token frames {pipe['token_frames_ms']:.1f} ms, "
+        f"image frames {pipe['image_frames_ms']:.1f} ms (ratio {pipe['ratio']:.2f})"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1))
     print(f"wrote {RESULTS}")

@@ -16,6 +16,7 @@ certified, and its mean / worst relative gap.
 
 Writes benchmarks/results/frame_trained.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_frame import fmt, gap_stats  # noqa: E402  (the same gap statistics as the synthetic frames)
 
-from dmoe_torch.build import build_model  # noqa: E402
 from dmoe_torch.channel import WirelessChannel  # noqa: E402
-from dmoe_torch.checkpoint import load_checkpoint  # noqa: E402
+from dmoe_torch.channel.links import eval_stream, layer_links  # noqa: E402
 from dmoe_torch.config import channel_config  # noqa: E402
 from dmoe_torch.data import build_datasets  # noqa: E402
-from dmoe_torch.evaluation import eval_stream, layer_links  # noqa: E402
+from dmoe_torch.engine.build import build_model  # noqa: E402
+from dmoe_torch.engine.checkpoint import load_checkpoint  # noqa: E402
 from dmoe_torch.moe import RouterSpec  # noqa: E402
 from dmoe_torch.selection.exact import milp_p3  # noqa: E402
 from dmoe_torch.selection.frame_jesa import frame_jesa  # noqa: E402
@@ -52,17 +53,20 @@ def trained_frames(model, cfg, images, ids, latency_s: float, gamma: float, k_ma
     channel = WirelessChannel(channel_cfg, int(cfg.model.num_experts), int(cfg.model.d_model), int(cfg.seed))
     specs = [RouterSpec("jesa", gamma=gamma, k_max=k_max)] * model.num_moe_layers
     scores = []
-    hooks = [layer.gate.register_forward_hook(
-        lambda module, inputs, logits: scores.append(torch.softmax(logits.float(), 1).detach()))
-        for layer in model.moe_layers]
+    hooks = [
+        layer.gate.register_forward_hook(lambda module, inputs, logits: scores.append(torch.softmax(logits.float(), 1).detach()))
+        for layer in model.moe_layers
+    ]
     links, _ = layer_links(channel, ids, specs, eval_stream(0), model.tokens_per_input)
     with torch.no_grad():
         model(images, links, specs)
     for hook in hooks:
         hook.remove()
     F = len(ids)
-    return [(s.view(F, -1, s.shape[1]).numpy().astype(np.float64), link.costs.numpy(), link.capacity.numpy())
-            for s, link in zip(scores, links)]
+    return [
+        (s.view(F, -1, s.shape[1]).numpy().astype(np.float64), link.costs.numpy(), link.capacity.numpy())
+        for s, link in zip(scores, links, strict=True)
+    ]
 
 
 def main() -> None:
@@ -88,10 +92,14 @@ def main() -> None:
     model.eval()
     images, _, ids = next(iter(torch.utils.data.DataLoader(test_ds, batch_size=args.frames)))
 
-    print(f"P3 on the frames of {args.ckpt}: {args.frames} test images, k_min 1, k_max {args.k_max}, "
-          f"MILP limit {args.time_limit:g} s per frame, {args.price_rounds} price rounds (+p)")
-    print("T_max | gamma | layer | feasible | MILP proven | found | found +r | optimal +r | mean gap +r | worst gap +r | "
-          "found +p | optimal +p | certified +p | mean gap +p | worst gap +p | ms/frame fast +p / MILP")
+    print(
+        f"P3 on the frames of {args.ckpt}: {args.frames} test images, k_min 1, k_max {args.k_max}, "
+        f"MILP limit {args.time_limit:g} s per frame, {args.price_rounds} price rounds (+p)"
+    )
+    print(
+        "T_max | gamma | layer | feasible | MILP proven | found | found +r | optimal +r | mean gap +r | worst gap +r | "
+        "found +p | optimal +p | certified +p | mean gap +p | worst gap +p | ms/frame fast +p / MILP"
+    )
     rows = []
     for latency_s in args.latency:
         for gamma in args.gammas:
@@ -107,19 +115,52 @@ def main() -> None:
                 proven = exact.certified | ~exact.feasible & np.isnan(exact.lower_bound)
                 a, b = gap_stats(fast, exact, proven), gap_stats(priced, exact, proven)
                 r = gap_stats(layer_plan, exact, proven)
-                row = {"T_max_ms": latency_s * 1e3, "gamma": gamma, "layer": layer + 1, "frames": len(s),
-                       "feasible": float(exact.feasible.mean()), "milp_proven": float(proven.mean()),
-                       "fast": a, "fast_rescued": r, "fast_priced": b,
-                       "ms_per_frame": {"fast_priced": t_fast * 1e3, "milp": t_milp * 1e3}}
+                row = {
+                    "T_max_ms": latency_s * 1e3,
+                    "gamma": gamma,
+                    "layer": layer + 1,
+                    "frames": len(s),
+                    "feasible": float(exact.feasible.mean()),
+                    "milp_proven": float(proven.mean()),
+                    "fast": a,
+                    "fast_rescued": r,
+                    "fast_priced": b,
+                    "ms_per_frame": {"fast_priced": t_fast * 1e3, "milp": t_milp * 1e3},
+                }
                 rows.append(row)
-                print(" | ".join([f"{latency_s * 1e3:g} ms", f"{gamma:g}", str(layer + 1), f"{row['feasible']:.2f}",
-                                  f"{row['milp_proven']:.2f}", fmt(a["found"], ".2f"), fmt(r["found"], ".2f"),
-                                  fmt(r["optimal"], ".2f"), fmt(r["mean_gap"], ".2e"), fmt(r["worst_gap"], ".2e"),
-                                  fmt(b["found"], ".2f"),
-                                  fmt(b["optimal"], ".2f"), fmt(b["certified"], ".2f"), fmt(b["mean_gap"], ".2e"),
-                                  fmt(b["worst_gap"], ".2e"), f"{t_fast * 1e3:.0f} / {t_milp * 1e3:.0f}"]))
-    out = atomic_write_json(args.out, {"ckpt": args.ckpt, "frames": args.frames, "k_max": args.k_max,
-                                       "price_rounds": args.price_rounds, "milp_time_limit_s": args.time_limit, "rows": rows})
+                print(
+                    " | ".join(
+                        [
+                            f"{latency_s * 1e3:g} ms",
+                            f"{gamma:g}",
+                            str(layer + 1),
+                            f"{row['feasible']:.2f}",
+                            f"{row['milp_proven']:.2f}",
+                            fmt(a["found"], ".2f"),
+                            fmt(r["found"], ".2f"),
+                            fmt(r["optimal"], ".2f"),
+                            fmt(r["mean_gap"], ".2e"),
+                            fmt(r["worst_gap"], ".2e"),
+                            fmt(b["found"], ".2f"),
+                            fmt(b["optimal"], ".2f"),
+                            fmt(b["certified"], ".2f"),
+                            fmt(b["mean_gap"], ".2e"),
+                            fmt(b["worst_gap"], ".2e"),
+                            f"{t_fast * 1e3:.0f} / {t_milp * 1e3:.0f}",
+                        ]
+                    )
+                )
+    out = atomic_write_json(
+        args.out,
+        {
+            "ckpt": args.ckpt,
+            "frames": args.frames,
+            "k_max": args.k_max,
+            "price_rounds": args.price_rounds,
+            "milp_time_limit_s": args.time_limit,
+            "rows": rows,
+        },
+    )
     print(f"wrote {out}")
 
 

@@ -18,6 +18,7 @@ router's call pattern (torch API, batches of 256, K=8, N=16).
 
 Writes benchmarks/results/jesa.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,7 +79,12 @@ def quality(K: int, ratios, gammas, B: int, seed: int) -> list[dict]:
             first_ok = np.isfinite(first_energy)
             first_gap = (first_energy[first_ok] - opt[feasible][first_ok]) / opt[feasible][first_ok]
             row = dict(
-                K=K, N=N, N_over_K=ratio, gamma=gamma, instances=B, feasible=int(feasible.sum()),
+                K=K,
+                N=N,
+                N_over_K=ratio,
+                gamma=gamma,
+                instances=B,
+                feasible=int(feasible.sum()),
                 certified_share=float(r.certified[feasible].mean()),
                 optimal_share=float((gap <= EQUAL_RTOL).mean()),
                 mean_gap=float(gap.mean()),
@@ -124,8 +130,13 @@ def throughput(gammas, B: int, milp_instances: int, seed: int) -> list[dict]:
         r = jesa_numpy(s, e, gamma, 1, K)
         rows.append(
             dict(
-                K=K, N=N, gamma=gamma, instances=B,
-                jesa_per_s=jesa_rate, des_only_per_s=des_rate, milp_per_s=milp_rate,
+                K=K,
+                N=N,
+                gamma=gamma,
+                instances=B,
+                jesa_per_s=jesa_rate,
+                des_only_per_s=des_rate,
+                milp_per_s=milp_rate,
                 jesa_over_milp=jesa_rate / milp_rate,
                 certified_share=float(r.certified[~r.violation].mean()),
                 mean_iterations=float(r.iterations.mean()),
@@ -145,14 +156,16 @@ def router_call(seed: int, calls: int = 200) -> dict:
     start = time.perf_counter()
     for i in range(calls):
         lo = (i % 4) * B
-        jesa(scores[lo:lo + B], costs[lo:lo + B], 0.8)
+        jesa(scores[lo : lo + B], costs[lo : lo + B], 0.8)
     per_call = (time.perf_counter() - start) / calls
     return dict(K=K, N=N, batch=B, gamma=0.8, microseconds_per_call=per_call * 1e6)
 
 
 def _print_quality(rows):
-    head = (f"{'N/K':>4} {'N':>3} {'gamma':>5} {'feas':>5} {'cert':>6} {'=opt':>6} {'mean gap':>9} "
-            f"{'worst gap':>9} {'iters':>5} | {'first =opt':>10} {'first gap':>9} | {'static/opt':>10}")
+    head = (
+        f"{'N/K':>4} {'N':>3} {'gamma':>5} {'feas':>5} {'cert':>6} {'=opt':>6} {'mean gap':>9} "
+        f"{'worst gap':>9} {'iters':>5} | {'first =opt':>10} {'first gap':>9} | {'static/opt':>10}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -200,8 +213,10 @@ def main() -> None:
     throughput_rows = throughput(args.gammas, args.throughput_instances, args.milp_instances, args.seed)
     _print_throughput(throughput_rows)
     router = router_call(args.seed)
-    print(f"\nRouter call (torch API, validation included): B={router['batch']}, K={router['K']}, "
-          f"N={router['N']}: {router['microseconds_per_call']:.0f} us per call")
+    print(
+        f"\nRouter call (torch API, validation included): B={router['batch']}, K={router['K']}, "
+        f"N={router['N']}: {router['microseconds_per_call']:.0f} us per call"
+    )
     elapsed = time.perf_counter() - start
     print(f"\ntotal {elapsed:.1f} s")
 

@@ -19,6 +19,7 @@ step on one thread; a des / jesa =2 step <= 1.05x the top-2 step.
 Prints the table (ms and share of the top-2 layer step side by side) and writes
 benchmarks/results/layer.json (benchmarks/results/layer_<device>.json off the CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,7 +100,7 @@ def main() -> None:
         out = layer(h, costs, spec, generator=torch.Generator().manual_seed(0))
         (out.out.square().mean() + 0.01 * out.aux_loss).backward()
 
-    for label, policy, params, solver in routes:  # warm-up: numba compiles, caches fill
+    for _label, policy, params, solver in routes:  # warm-up: numba compiles, caches fill
         route_once(policy, params, solver)
     for _, policy, params in STEPS:
         step_once(policy, params)
@@ -112,8 +113,9 @@ def main() -> None:
     ms = {label: statistics.median(values) * 1e3 for label, values in samples.items()}
     base = ms["step topk@2"]
 
-    print(f"one MoE layer: {ROWS} rows, d {D}, K {K}, N {N}, {args.threads} thread(s), {device}; "
-          f"median of {args.reps} repetitions")
+    print(
+        f"one MoE layer: {ROWS} rows, d {D}, K {K}, N {N}, {args.threads} thread(s), {device}; median of {args.reps} repetitions"
+    )
     print(f"{'what':<18} {'ms':>9} {'/ top-2 layer step':>19}")
     rows = []
     for label in samples:
@@ -121,13 +123,26 @@ def main() -> None:
         rows.append(dict(label=label, ms=ms[label], ratio_vs_topk_layer_step=ms[label] / base))
     result = dict(
         benchmark="moe_layer_router",
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                     torch=torch.__version__, threads=args.threads, device=str(device),
-                     gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                     omp_num_threads=os.environ.get("OMP_NUM_THREADS")),
-        rows_per_layer=ROWS, d_model=D, num_experts=K, num_subcarriers=N, reps=args.reps, results=rows,
+        machine=dict(
+            platform=platform.platform(),
+            processor=platform.processor(),
+            cpus=os.cpu_count(),
+            torch=torch.__version__,
+            threads=args.threads,
+            device=str(device),
+            gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        ),
+        rows_per_layer=ROWS,
+        d_model=D,
+        num_experts=K,
+        num_subcarriers=N,
+        reps=args.reps,
+        results=rows,
     )
-    out = args.out or ("benchmarks/results/layer.json" if device.type == "cpu" else f"benchmarks/results/layer_{device.type}.json")
+    out = args.out or (
+        "benchmarks/results/layer.json" if device.type == "cpu" else f"benchmarks/results/layer_{device.type}.json"
+    )
     print(f"wrote {atomic_write_json(out, result)}")
 
 

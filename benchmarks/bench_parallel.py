@@ -12,6 +12,7 @@ idle: the load average is printed and saved with the figures.
 
 Prints one table and writes benchmarks/results/parallel.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,7 @@ def best_times(solve, threads: list[int], repeats: int) -> tuple[dict[int, float
 
 
 def identical(a: tuple, b: tuple) -> bool:
-    return all(np.ascontiguousarray(x).tobytes() == np.ascontiguousarray(y).tobytes() for x, y in zip(a, b))
+    return all(np.ascontiguousarray(x).tobytes() == np.ascontiguousarray(y).tobytes() for x, y in zip(a, b, strict=True))
 
 
 def main() -> None:
@@ -109,18 +110,35 @@ def main() -> None:
         line = f"{row['method']:6} {row['gamma']:5.2f} " + " ".join(f"{row[f'rows_per_s_{t}']:15,.0f}" for t in args.threads)
         line += " " + " ".join(f"{row[f'speedup_{t}']:6.2f} {str(row[f'identical_{t}']):>5}" for t in args.threads[1:])
         print(line)
-    print(f"load average (1, 5, 15 min) before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
-          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; {os.cpu_count()} CPUs; "
-          f"numba threading layer {numba.threading_layer()}")
+    print(
+        f"load average (1, 5, 15 min) before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+        f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; {os.cpu_count()} CPUs; "
+        f"numba threading layer {numba.threading_layer()}"
+    )
     atomic_write_json(
         RESULTS,
         dict(
             benchmark="parallel",
-            settings=dict(rows=args.rows, experts=K, subcarriers=N, d_model=64, logit_scale=3.0, k_min=1, k_max=K,
-                          gammas=args.gammas, threads=args.threads, repeats=args.repeats, seed=args.seed),
-            machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine(),
-                         numba_threading_layer=numba.threading_layer(),
-                         load_average_before=list(load_before), load_average_after=list(load_after)),
+            settings=dict(
+                rows=args.rows,
+                experts=K,
+                subcarriers=N,
+                d_model=64,
+                logit_scale=3.0,
+                k_min=1,
+                k_max=K,
+                gammas=args.gammas,
+                threads=args.threads,
+                repeats=args.repeats,
+                seed=args.seed,
+            ),
+            machine=dict(
+                cpus=os.cpu_count(),
+                processor=platform.processor() or platform.machine(),
+                numba_threading_layer=numba.threading_layer(),
+                load_average_before=list(load_before),
+                load_average_after=list(load_after),
+            ),
             results=rows,
         ),
     )

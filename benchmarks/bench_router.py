@@ -11,6 +11,7 @@ near-uniform scores need many experts to reach gamma, a trained one's do not.
 
 Prints a table with ratios vs topk and writes benchmarks/results/router.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ import time
 import torch
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
-from dmoe_torch.evaluation import layer_costs
+from dmoe_torch.channel.links import layer_costs
 from dmoe_torch.models import DMoEClassifier
 from dmoe_torch.models.vmoe import VMoEClassifier
 from dmoe_torch.moe import RouterSpec
@@ -53,9 +54,9 @@ def build(args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     if args.ckpt:
         from omegaconf import OmegaConf
 
-        from dmoe_torch.build import build_model
-        from dmoe_torch.checkpoint import load_checkpoint
         from dmoe_torch.data import build_datasets
+        from dmoe_torch.engine.build import build_model
+        from dmoe_torch.engine.checkpoint import load_checkpoint
 
         checkpoint = load_checkpoint(args.ckpt)
         cfg = OmegaConf.create(checkpoint["config"])
@@ -71,7 +72,9 @@ def build(args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
 
 
-def time_training_steps(policy: str, params: dict, args, channel: WirelessChannel) -> tuple[list[float], list[float], list[float]]:
+def time_training_steps(
+    policy: str, params: dict, args, channel: WirelessChannel
+) -> tuple[list[float], list[float], list[float]]:
     """Per timed step: step seconds (channel draw included), routing seconds (all MoE
     layers), experts per token (mean over layers)."""
     device = torch.device(args.device)
@@ -85,7 +88,8 @@ def time_training_steps(policy: str, params: dict, args, channel: WirelessChanne
     gate_scores: list[torch.Tensor] = []
     for layer in model.moe_layers:
         layer.gate.register_forward_hook(
-            lambda module, inputs, logits: gate_scores.append(torch.softmax(logits.detach().float(), 1).cpu()))
+            lambda module, inputs, logits: gate_scores.append(torch.softmax(logits.detach().float(), 1).cpu())
+        )
     step_times, route_times, experts = [], [], []
     for step in range(args.warmup + args.steps):
         ids = torch.arange(step * args.batch, (step + 1) * args.batch)
@@ -105,7 +109,7 @@ def time_training_steps(policy: str, params: dict, args, channel: WirelessChanne
         # The routing calls alone, on this step's gate scores (outside the timed step).
         with torch.no_grad():
             start = time.perf_counter()
-            for scores, layer_cost in zip(gate_scores, costs):
+            for scores, layer_cost in zip(gate_scores, costs, strict=True):
                 route(policy, scores, layer_cost, failure_energy=channel.failure_energy_j, **params)
             routing = time.perf_counter() - start
         gate_scores.clear()
@@ -138,12 +142,14 @@ def main() -> None:
     samples = {label: ([], [], []) for label, _, _ in POLICIES}
     for _ in range(2):
         for label, policy, params in POLICIES:
-            for store, values in zip(samples[label], time_training_steps(policy, params, args, channel)):
+            for store, values in zip(samples[label], time_training_steps(policy, params, args, channel), strict=True):
                 store.extend(values)
     base = statistics.median(samples["topk"][0])
     rows_per_layer = args.batch * probe.tokens_per_input
-    print(f"training step of {what}: batch {args.batch} images = {rows_per_layer} routed rows per MoE layer, "
-          f"{probe.num_moe_layers} MoE layers, K=8, {args.threads} threads, {args.device}")
+    print(
+        f"training step of {what}: batch {args.batch} images = {rows_per_layer} routed rows per MoE layer, "
+        f"{probe.num_moe_layers} MoE layers, K=8, {args.threads} threads, {args.device}"
+    )
     print(f"{'policy':<11} {'step ms':>9} {'vs topk':>8} {'route ms/step':>14} {'experts/token':>14}")
     for label, policy, params in POLICIES:
         step_ms = statistics.median(samples[label][0]) * 1e3
@@ -151,14 +157,33 @@ def main() -> None:
         experts = statistics.mean(samples[label][2])
         ratio = step_ms / (base * 1e3)
         print(f"{label:<11} {step_ms:9.1f} {ratio:8.3f} {route_ms:14.2f} {experts:14.2f}")
-        rows.append(dict(label=label, policy=policy, params=params, step_ms=step_ms, ratio_vs_topk=ratio,
-                         route_ms_per_step=route_ms, experts_per_token=experts))
+        rows.append(
+            dict(
+                label=label,
+                policy=policy,
+                params=params,
+                step_ms=step_ms,
+                ratio_vs_topk=ratio,
+                route_ms_per_step=route_ms,
+                experts_per_token=experts,
+            )
+        )
     result = dict(
         benchmark="router_overhead",
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                     torch=torch.__version__, device=args.device, threads=args.threads),
-        model=what, batch=args.batch, rows_per_layer=rows_per_layer, moe_layers=probe.num_moe_layers,
-        steps=args.steps * 2, rows=rows,
+        machine=dict(
+            platform=platform.platform(),
+            processor=platform.processor(),
+            cpus=os.cpu_count(),
+            torch=torch.__version__,
+            device=args.device,
+            threads=args.threads,
+        ),
+        model=what,
+        batch=args.batch,
+        rows_per_layer=rows_per_layer,
+        moe_layers=probe.num_moe_layers,
+        steps=args.steps * 2,
+        rows=rows,
     )
     out = atomic_write_json(args.out, result)
     print(f"wrote {out}")

@@ -18,6 +18,7 @@ against convmoe topk.
 
 Prints the table and writes benchmarks/results/step.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dmoe_torch.build import build_model
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
+from dmoe_torch.channel.links import layer_links
 from dmoe_torch.data import build_datasets
-from dmoe_torch.evaluation import layer_links
+from dmoe_torch.engine.build import build_model
 from dmoe_torch.moe import RouterSpec
 from dmoe_torch.utils import atomic_write_json
 
@@ -128,9 +129,14 @@ def main() -> None:
             experts[name, frame, label].append(used)
     ms = {key: statistics.median(values) * 1e3 for key, values in samples.items()}
 
-    print(f"training step, batch {args.batch} Fashion-MNIST images, K=8, N=16, {args.threads} threads, "
-          f"median of {args.steps * args.reps} steps per cell")
-    header = f"{'model':<8} {'frame':<6} {'policy':<16} {'step ms':>8} {'vs own topk':>11} {'vs convmoe topk':>15} {'experts/token':>13}"
+    print(
+        f"training step, batch {args.batch} Fashion-MNIST images, K=8, N=16, {args.threads} threads, "
+        f"median of {args.steps * args.reps} steps per cell"
+    )
+    header = (
+        f"{'model':<8} {'frame':<6} {'policy':<16} {'step ms':>8} {'vs own topk':>11} "
+        f"{'vs convmoe topk':>15} {'experts/token':>13}"
+    )
     print(header)
     rows = []
     base = ms["convmoe", "token", "topk@2"]
@@ -139,22 +145,48 @@ def main() -> None:
         own = ms[name, "token", "topk@2"]
         used = statistics.fmean(experts[key])
         print(f"{name:<8} {frame:<6} {label:<16} {ms[key]:8.1f} {ms[key] / own:11.3f} {ms[key] / base:15.3f} {used:13.2f}")
-        rows.append(dict(model=name, frame=frame, label=label, policy=policy, params=params, step_ms=ms[key],
-                         ratio_vs_own_topk=ms[key] / own, ratio_vs_convmoe_topk=ms[key] / base, experts_per_token=used))
+        rows.append(
+            dict(
+                model=name,
+                frame=frame,
+                label=label,
+                policy=policy,
+                params=params,
+                step_ms=ms[key],
+                ratio_vs_own_topk=ms[key] / own,
+                ratio_vs_convmoe_topk=ms[key] / base,
+                experts_per_token=used,
+            )
+        )
     shares = {name: 1.0 - ms[name, "token", "none"] / ms[name, "token", "topk@2"] for name in models}
-    image_vs_token = (ms["convmoe", "image", "jesa 0.25"] / ms["convmoe", "token", "jesa 0.25"]
-                      if ("convmoe", "image", "jesa 0.25") in ms else math.nan)
+    image_vs_token = (
+        ms["convmoe", "image", "jesa 0.25"] / ms["convmoe", "token", "jesa 0.25"]
+        if ("convmoe", "image", "jesa 0.25") in ms
+        else math.nan
+    )
     print("expert share of a top-2 step (1 - none / topk): " + ", ".join(f"{n} {s:.0%}" for n, s in shares.items()))
     vmoe_ratio = ms["vmoe", "token", "topk@2"] / base if "vmoe" in models else None
-    print(f"vmoe / convmoe topk step: {vmoe_ratio or float('nan'):.2f}x; "
-          f"convmoe image-frame jesa / token-frame jesa: {image_vs_token:.2f}x (target <= 1.5x)")
+    print(
+        f"vmoe / convmoe topk step: {vmoe_ratio or float('nan'):.2f}x; "
+        f"convmoe image-frame jesa / token-frame jesa: {image_vs_token:.2f}x (target <= 1.5x)"
+    )
     result = dict(
         benchmark="training_step",
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                     torch=torch.__version__, threads=args.threads,
-                     omp_num_threads=os.environ.get("OMP_NUM_THREADS")),
-        batch=args.batch, steps_per_cell=args.steps * args.reps, rows=rows, expert_share=shares,
-        vmoe_over_convmoe_topk=vmoe_ratio, image_over_token_jesa=image_vs_token, device=args.device,
+        machine=dict(
+            platform=platform.platform(),
+            processor=platform.processor(),
+            cpus=os.cpu_count(),
+            torch=torch.__version__,
+            threads=args.threads,
+            omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        ),
+        batch=args.batch,
+        steps_per_cell=args.steps * args.reps,
+        rows=rows,
+        expert_share=shares,
+        vmoe_over_convmoe_topk=vmoe_ratio,
+        image_over_token_jesa=image_vs_token,
+        device=args.device,
     )
     out = atomic_write_json(args.out, result)
     print(f"wrote {out}")

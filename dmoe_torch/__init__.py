@@ -11,6 +11,7 @@ examples/)::
 Each name is imported from its module on first use, so ``import dmoe_torch`` stays cheap
 (no torch, scipy or model code until a name is asked for).
 """
+
 import importlib
 import os
 from typing import Any
@@ -29,13 +30,35 @@ __version__ = "0.1.0"
 # The module that defines each public name.
 _HOMES = {
     # Routing policies: a Selection from scores [B, K] and costs [B, K] or [B, K, N] (joules).
-    "dmoe_torch.selection": ("POLICIES", "Selection", "route", "des", "jesa", "topk", "channel_topk", "random_topk",
-                             "dense", "register_policy", "policy_names", "POLICY_TABLE", "Policy", "RouteArgs"),
+    "dmoe_torch.selection": (
+        "POLICIES",
+        "Selection",
+        "route",
+        "des",
+        "jesa",
+        "topk",
+        "channel_topk",
+        "random_topk",
+        "dense",
+        "register_policy",
+        "policy_names",
+        "POLICY_TABLE",
+        "Policy",
+        "RouteArgs",
+    ),
     "dmoe_torch.selection.delivery": ("apply_delivery",),
     "dmoe_torch.selection.exact": ("brute_force_p1", "milp_p1", "brute_force_p2", "milp_p2"),
     # The wireless channel: geometry, fading, per-link energies in joules.
-    "dmoe_torch.channel": ("ChannelConfig", "WirelessChannel", "LinkState", "path_loss_db", "outage_probability",
-                           "db_to_linear", "linear_to_db", "dbm_to_watt"),
+    "dmoe_torch.channel": (
+        "ChannelConfig",
+        "WirelessChannel",
+        "LinkState",
+        "path_loss_db",
+        "outage_probability",
+        "db_to_linear",
+        "linear_to_db",
+        "dbm_to_watt",
+    ),
     # The MoE layer and the models built from it.
     "dmoe_torch.moe": ("MoELayer", "MoEOutput", "RouterSpec", "Expert", "MetricAverager", "perfect_costs"),
     "dmoe_torch.models.cnn": ("DMoEClassifier", "ModelOutput"),
@@ -45,11 +68,43 @@ _HOMES = {
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
-    "ChannelConfig", "ConvMoEClassifier", "DMoEClassifier", "Expert", "LinkState", "MetricAverager", "MoELayer",
-    "MoEOutput", "ModelOutput", "POLICIES", "RouterSpec", "Selection", "VMoEClassifier", "WirelessChannel",
-    "__version__", "apply_delivery", "brute_force_p1", "brute_force_p2", "channel_topk", "db_to_linear",
-    "dbm_to_watt", "dense", "des", "jesa", "linear_to_db", "milp_p1", "milp_p2", "outage_probability", "path_loss_db",
-    "perfect_costs", "random_topk", "route", "topk", "register_policy", "policy_names", "POLICY_TABLE", "Policy",
+    "ChannelConfig",
+    "ConvMoEClassifier",
+    "DMoEClassifier",
+    "Expert",
+    "LinkState",
+    "MetricAverager",
+    "MoELayer",
+    "MoEOutput",
+    "ModelOutput",
+    "POLICIES",
+    "RouterSpec",
+    "Selection",
+    "VMoEClassifier",
+    "WirelessChannel",
+    "__version__",
+    "apply_delivery",
+    "brute_force_p1",
+    "brute_force_p2",
+    "channel_topk",
+    "db_to_linear",
+    "dbm_to_watt",
+    "dense",
+    "des",
+    "jesa",
+    "linear_to_db",
+    "milp_p1",
+    "milp_p2",
+    "outage_probability",
+    "path_loss_db",
+    "perfect_costs",
+    "random_topk",
+    "route",
+    "topk",
+    "register_policy",
+    "policy_names",
+    "POLICY_TABLE",
+    "Policy",
     "RouteArgs",
 ]
 

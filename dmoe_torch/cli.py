@@ -2,6 +2,7 @@
 a runtime failure one line and status 1, also for Hydra's own override errors;
 :class:`ValidateFirst`, which validates before Hydra creates the run directory; and
 :func:`serve_if_worker`, which turns torchrun ranks >= 1 into expert workers."""
+
 from __future__ import annotations
 
 import copy
@@ -9,10 +10,10 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
@@ -27,7 +28,7 @@ from .config import (
     unknown_key_message,
     validate_train_config,
 )
-from .eval_config import validate_eval_config
+from .config.eval import validate_eval_config
 
 EXIT_CONFIG_ERROR = 2
 EXIT_RUNTIME_ERROR = 1
@@ -51,7 +52,7 @@ def report_errors(*error_types: type[BaseException]) -> Iterator[None]:
     try:
         yield
     except (ConfigError, *error_types) as exc:
-        from .rundir import remove_unused_run_dirs
+        from .engine.rundir import remove_unused_run_dirs
 
         remove_unused_run_dirs()  # a run that failed before any output leaves no directory behind
         if _full_error():
@@ -95,8 +96,14 @@ def hydra_error_line(exc: BaseException, config_name: str) -> str:
         # `key=value` for a key the config does not have (Hydra's hint, `+key=value`, fails too).
         key = unknown.group(1)
         allowed = allowed_keys(config_name, key.rpartition(".")[0])
-        return unknown_key_message(key, allowed) if allowed else f"{key}: unknown key (python {config_name}.py --cfg job shows the keys)"
-    no_group = re.search(r"Could not override '([^']+)'\. No match in the defaults list.* use \+(\S+)", " ".join(str(exc).split()))
+        return (
+            unknown_key_message(key, allowed)
+            if allowed
+            else f"{key}: unknown key (python {config_name}.py --cfg job shows the keys)"
+        )
+    no_group = re.search(
+        r"Could not override '([^']+)'\. No match in the defaults list.* use \+(\S+)", " ".join(str(exc).split())
+    )
     if no_group:  # `group=option` for a group this entry point does not have (evaluate.py model=tiny)
         return f"{no_group.group(2)}: {config_name}.py has no config group {no_group.group(1)!r}; see {config_name}.py --help"
     if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
@@ -115,7 +122,8 @@ def serve_if_worker(config_name: str, argv: list[str] | None = None, config_dir:
 
     A worker composes the entry point's config (``config_dir``, default: ``conf`` beside the
     ``__main__`` script) from the same overrides (``argv``, default ``sys.argv[1:]``) and reads only ``runtime``
-    (and ``model.num_experts``): it writes no run directory and needs no data, so worker hosts only need the code.  It serves until
+    (and ``model.num_experts``): it writes no run directory and needs no data, so worker hosts only need the code.
+    It serves until
     the coordinator ends, then exits the process (0; 1 if the coordinator was lost; 2 on a
     bad runtime config, with one line on stderr).
     """
@@ -150,7 +158,7 @@ def serve_if_worker(config_name: str, argv: list[str] | None = None, config_dir:
 class ValidateFirst(Callback):
     """Hydra callback (``hydra.callbacks`` of train.yaml and evaluate.yaml) run before Hydra
     creates the run directory: validate the config, so that a bad value leaves no files behind,
-    then take the run directory's lock (:mod:`dmoe_torch.rundir`), refuse an empty
+    then take the run directory's lock (:mod:`dmoe_torch.engine.rundir`), refuse an empty
     ``hydra.run.dir`` (the current directory) and a directory of the other entry point, and,
     for train.py, refuse a rerun that would change the run, before Hydra writes its files there.  (Checks that need
     the data or the checkpoint come later; a run that fails before any output has its new run
@@ -166,14 +174,16 @@ class ValidateFirst(Callback):
             del job["hydra"]
         given_dir = str(OmegaConf.select(config, "hydra.run.dir"))
         run_dir = os.path.abspath(given_dir)
-        from . import rundir
+        from .engine import rundir
 
         # Hydra turns a callback's exception into a warning and goes on: report_errors exits
         # instead (SystemExit passes through Hydra).
         with report_errors():
             if not given_dir.strip():  # Hydra would write the run's files into the current directory
-                raise ConfigError(f"hydra.run.dir={given_dir!r}: must name a directory; leave it out for the default "
-                                  f"outputs/{self.config_name}/<date>/<time>")
+                raise ConfigError(
+                    f"hydra.run.dir={given_dir!r}: must name a directory; leave it out for the default "
+                    f"outputs/{self.config_name}/<date>/<time>"
+                )
             if self.config_name == "evaluate":
                 validate_eval_config(job)
                 rundir.lock_run_dir(run_dir)
@@ -182,6 +192,6 @@ class ValidateFirst(Callback):
                 validate_train_config(job)
                 rundir.lock_run_dir(run_dir)
                 rundir.check_run_dir_owner(run_dir, "train")
-                from .training import ADDED_KEY_DEFAULTS, RESUME_FREE_KEYS
+                from .engine.training import ADDED_KEY_DEFAULTS, RESUME_FREE_KEYS
 
                 rundir.check_rerun_dir(run_dir, job, free_keys=RESUME_FREE_KEYS, added_defaults=ADDED_KEY_DEFAULTS)

@@ -25,6 +25,7 @@ When none works, :class:`DataUnavailableError` says where it looked and how to g
 whatever the failed attempts created under ``root`` (empty or partial torchvision folders, ``root``
 itself) is removed again.  The source used is logged (``dmoe_torch.data`` at INFO).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -70,18 +71,32 @@ class _Spec:
 
 _SPECS = {
     "fashion_mnist": _Spec(
-        "FashionMNIST", "FashionMNIST/raw", 1, 28, (0.2860,), (0.3530,),
-        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        "FashionMNIST",
+        "FashionMNIST/raw",
+        1,
+        28,
+        (0.2860,),
+        (0.3530,),
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
         flip_ok=True,
     ),
     "mnist": _Spec(
-        "MNIST", "MNIST/raw", 1, 28, (0.1307,), (0.3081,),
+        "MNIST",
+        "MNIST/raw",
+        1,
+        28,
+        (0.1307,),
+        (0.3081,),
         tuple(str(d) for d in range(10)),
         flip_ok=False,
     ),
     "cifar10": _Spec(
-        "CIFAR10", "cifar-10-batches-py", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        "CIFAR10",
+        "cifar-10-batches-py",
+        3,
+        32,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         flip_ok=True,
     ),
@@ -159,9 +174,7 @@ class ImageTensorDataset(Dataset):
         self.sample_ids = sample_ids.to(torch.int64)
         channels = images.shape[1]
         self._scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, channels, 1, 1)
-        self._shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(
-            1, channels, 1, 1
-        )
+        self._shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(1, channels, 1, 1)
         self.augment = augment
         self.flip_ok = flip_ok
         self.generator = torch.Generator().manual_seed(seed)
@@ -190,8 +203,8 @@ def _random_crop_flip(x: torch.Tensor, *, padding: int, flip: bool, generator: t
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
-    rows = (dy[:, None] + torch.arange(H)[None, :])  # [B, H]
-    cols = (dx[:, None] + torch.arange(W)[None, :])  # [B, W]
+    rows = dy[:, None] + torch.arange(H)[None, :]  # [B, H]
+    cols = dx[:, None] + torch.arange(W)[None, :]  # [B, W]
     if flip:
         flipped = torch.rand(B, generator=generator) < 0.5
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
@@ -259,13 +272,24 @@ def build_datasets(
 
     def subset(images, labels, index, *, augment_subset=False):
         return ImageTensorDataset(
-            images.index_select(0, index), labels.index_select(0, index), index,
-            spec.mean, spec.std, augment=augment_subset, flip_ok=spec.flip_ok, seed=seed,
+            images.index_select(0, index),
+            labels.index_select(0, index),
+            index,
+            spec.mean,
+            spec.std,
+            augment=augment_subset,
+            flip_ok=spec.flip_ok,
+            seed=seed,
         )
 
     info = DataInfo(
-        name=name, in_channels=spec.in_channels, num_classes=len(spec.class_names),
-        image_size=spec.image_size, class_names=spec.class_names, mean=spec.mean, std=spec.std,
+        name=name,
+        in_channels=spec.in_channels,
+        num_classes=len(spec.class_names),
+        image_size=spec.image_size,
+        class_names=spec.class_names,
+        mean=spec.mean,
+        std=spec.std,
     )
     return (
         subset(train_images, train_labels, train_index, augment_subset=augment),
@@ -299,13 +323,20 @@ def make_loader(
         # batch_size=None: the loader hands each list of indices to ds[...] and yields the
         # already-batched tuple unchanged.
         return DataLoader(
-            ds, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),
-            num_workers=num_workers, generator=generator,
+            ds,
+            batch_size=None,
+            sampler=BatchSampler(sampler, batch_size, drop_last),
+            num_workers=num_workers,
+            generator=generator,
             worker_init_fn=_seed_worker_augmentation if num_workers else None,
         )
     return DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-        num_workers=num_workers, generator=generator,
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=generator,
     )
 
 
@@ -364,11 +395,7 @@ def _load_split(name: str, root: Path, *, train: bool, download: bool) -> tuple[
         dataset = _try_torchvision(spec, root, train=train, download=True)
         source = f"{root / spec.folder} (downloaded by torchvision)"
     if dataset is None:
-        hint = (
-            "install the Debian package (`sudo apt-get install dataset-fashion-mnist`), or "
-            if name == "fashion_mnist"
-            else ""
-        )
+        hint = "install the Debian package (`sudo apt-get install dataset-fashion-mnist`), or " if name == "fashion_mnist" else ""
         raise DataUnavailableError(
             f"dataset {name!r} not found; looked in: {'; '.join(tried)}. To get it, {hint}"
             f"run once with internet access so torchvision can download it into data.root={str(root)!r}, "
@@ -407,7 +434,7 @@ def _install_debian_fashion_mnist(root: Path) -> bool:
         return False
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    for stem, source in zip(_IDX_FILES, sources):
+    for stem, source in zip(_IDX_FILES, sources, strict=True):
         target = raw / stem
         if target.is_file():
             continue

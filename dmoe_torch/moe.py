@@ -15,6 +15,7 @@ Per input (one frame) and layer (docs/method.md, section 1):
    A row with no effective expert (dropped, or every selected link failed) passes ``h``
    through unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ from torch import nn
 from .selection import Selection, route
 from .selection.common import check_bounds, check_gamma, is_int, is_real
 from .selection.delivery import apply_delivery
-from .selection.frame import token_selection
+from .selection.frame import FrameLinks, token_selection
 from .selection.policies import get_policy
 from .selection.registry import check_lam, route_frames
 
@@ -136,27 +137,9 @@ class RouterSpec:
 
     def route_kwargs(self) -> dict:
         """The keyword arguments of ``route`` / ``route_frames`` this spec sets."""
-        return dict(gamma=self.gamma, k=self.k, k_min=self.k_min, k_max=self.k_max, lam=self.lam,
-                    failure_energy=self.failure_energy)
-
-
-@dataclass
-class FrameLinks:
-    """The links of image frames (channel.frame=image; docs/method.md section 11): one frame per
-    (image, MoE layer), whose T tokens share its channel draw and its N subcarriers.
-
-    costs     [F, K, N] float64 CPU  J per token on link (k, n), downlink + uplink (+inf = outage)
-    capacity  [F, K, N] int64 CPU    whole tokens link (k, n) carries within T_max on both hops
-    The MoE layer's rows are the F * T tokens, row f * T + t for token t of frame f.
-    """
-
-    costs: torch.Tensor
-    capacity: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.costs.dim() != 3 or self.capacity.shape != self.costs.shape:
-            raise ValueError(f"FrameLinks: costs and capacity must both be [F, K, N], got "
-                             f"{tuple(self.costs.shape)} and {tuple(self.capacity.shape)}")
+        return dict(
+            gamma=self.gamma, k=self.k, k_min=self.k_min, k_max=self.k_max, lam=self.lam, failure_energy=self.failure_energy
+        )
 
 
 class Expert(nn.Module):
@@ -202,16 +185,16 @@ class MoEOutput:
 #   count           inputs in the batch
 #   selected_links  selected (expert, input) links in the batch (failed ones included)
 METRIC_WEIGHTS = {
-    "energy_j": "count",            # mean energy per input spent by this layer, J
-    "experts_per_input": "count",   # mean number of effective experts (selected, not failed)
+    "energy_j": "count",  # mean energy per input spent by this layer, J
+    "experts_per_input": "count",  # mean number of effective experts (selected, not failed)
     "outage_rate": "selected_links",  # selected links the channel failed / selected links
     "link_dropout_rate": "selected_links",  # selected links dropped by training-time link dropout / selected links
-    "violation_rate": "count",      # share of inputs whose relevance target was not reachable
-    "drop_rate": "count",           # share of inputs with no effective expert (passed through)
-    "certified_rate": "count",      # share of inputs whose selection is proven optimal
-    "nodes": "count",               # mean branch-and-bound nodes per input
-    "gate_entropy": "count",        # mean entropy of the gate's softmax, nats
-    "utilisation": "count",         # [K] share of inputs each expert effectively served
+    "violation_rate": "count",  # share of inputs whose relevance target was not reachable
+    "drop_rate": "count",  # share of inputs with no effective expert (passed through)
+    "certified_rate": "count",  # share of inputs whose selection is proven optimal
+    "nodes": "count",  # mean branch-and-bound nodes per input
+    "gate_entropy": "count",  # mean entropy of the gate's softmax, nats
+    "utilisation": "count",  # [K] share of inputs each expert effectively served
     "single_expert_rate": "count",  # share of inputs with exactly one effective expert
     "frame_overrun_rate": "count",  # share of inputs whose frame missed T_max (Selection.frame_overrun)
 }
@@ -423,11 +406,18 @@ class MoELayer(nn.Module):
     The gate is ``nn.Linear(d_model, K)`` producing logits; the softmax is taken in forward.
     """
 
-    def __init__(self, d_model: int, num_experts: int, hidden_mult: int = 2, link_dropout: float = 0.0,
-                 combine: str = "renormalized", balance_on: str = "selection", channel_gate: bool = False) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        hidden_mult: int = 2,
+        link_dropout: float = 0.0,
+        combine: str = "renormalized",
+        balance_on: str = "selection",
+        channel_gate: bool = False,
+    ) -> None:
         super().__init__()
-        for key, value in (("model.d_model", d_model), ("model.num_experts", num_experts),
-                           ("model.hidden_mult", hidden_mult)):
+        for key, value in (("model.d_model", d_model), ("model.num_experts", num_experts), ("model.hidden_mult", hidden_mult)):
             check_positive_int(key, value)
         check_link_dropout(link_dropout)
         check_choice("model.combine", combine, COMBINE_RULES)
@@ -469,8 +459,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"h must be a tensor [B, {self.d_model}], got {tuple(getattr(h, 'shape', ())) or type(h).__name__}")
         weight_dtype = self.gate.weight.dtype
         if h.dtype != weight_dtype and not torch.is_autocast_enabled(h.device.type):
-            raise ValueError(f"h has dtype {h.dtype} but the layer's parameters are {weight_dtype}: convert one to "
-                             f"the other (layer.to({h.dtype}) or h.to({weight_dtype})), or run under torch.autocast")
+            raise ValueError(
+                f"h has dtype {h.dtype} but the layer's parameters are {weight_dtype}: convert one to "
+                f"the other (layer.to({h.dtype}) or h.to({weight_dtype})), or run under torch.autocast"
+            )
         B, K = h.shape[0], self.num_experts
         if not isinstance(costs, (torch.Tensor, FrameLinks)):
             raise ValueError(f"costs must be a tensor [B, K, N] or FrameLinks, got {type(costs).__name__}")
@@ -478,7 +470,9 @@ class MoELayer(nn.Module):
         if frames is not None:
             F = frames.costs.shape[0]
             if frames.costs.shape[1] != K or F == 0 or B % F:
-                raise ValueError(f"FrameLinks must be [F, K={K}, N] with F dividing the {B} rows, got {tuple(frames.costs.shape)}")
+                raise ValueError(
+                    f"FrameLinks must be [F, K={K}, N] with F dividing the {B} rows, got {tuple(frames.costs.shape)}"
+                )
             if delivered is not None:
                 raise ValueError("image frames (FrameLinks) plan on the true channel: delivered must be None")
         elif costs.dim() != 3 or costs.shape[0] != B or costs.shape[1] != K:
@@ -500,8 +494,14 @@ class MoELayer(nn.Module):
         aux_loss = load_balancing_loss(scores, balance_mask(self.balance_on, selection, scores, spec))
         metrics = self._metrics(scores.detach(), selection, effective, channel_failed)
         energy_loss = expected_link_cost(scores, best_link) if best_link is not None else None
-        return MoEOutput(out=out, aux_loss=aux_loss, metrics=metrics, selection=selection,
-                         z_loss=router_z_loss(logits), energy_loss=energy_loss)
+        return MoEOutput(
+            out=out,
+            aux_loss=aux_loss,
+            metrics=metrics,
+            selection=selection,
+            z_loss=router_z_loss(logits),
+            energy_loss=energy_loss,
+        )
 
     def gate_scores(self, h: torch.Tensor, best_link: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate's logits and softmax scores [B, K], float32 at least: under autocast the
@@ -515,19 +515,18 @@ class MoELayer(nn.Module):
                 logits = nn.functional.linear(h.to(dtype), self.gate.weight.to(dtype), self.gate.bias.to(dtype))
             if self.link_gate is not None:
                 features = link_features(best_link).to(dtype)
-                logits = logits + nn.functional.linear(features, self.link_gate.weight.to(dtype),
-                                                       self.link_gate.bias.to(dtype))
+                logits = logits + nn.functional.linear(features, self.link_gate.weight.to(dtype), self.link_gate.bias.to(dtype))
         return logits, torch.softmax(logits, dim=-1)
 
-    def select(self, scores: torch.Tensor, costs, spec: RouterSpec, generator: torch.Generator | None,
-               delivered: torch.Tensor | None) -> Selection:
+    def select(
+        self, scores: torch.Tensor, costs, spec: RouterSpec, generator: torch.Generator | None, delivered: torch.Tensor | None
+    ) -> Selection:
         """The policy's Selection for scores [B, K] (on the model's device), routed on that device
         for token frames; image frames (``FrameLinks``) are solved on the CPU by numba (P3)."""
         B, K = scores.shape
         if isinstance(costs, FrameLinks):
             F = costs.costs.shape[0]
-            plan = route_frames(spec.policy, scores.cpu().view(F, B // F, K), costs.costs, costs.capacity,
-                                **spec.route_kwargs())
+            plan = route_frames(spec.policy, scores.cpu().view(F, B // F, K), costs.costs, costs.capacity, **spec.route_kwargs())
             return token_selection(plan).to(scores.device)
         # check_values=False: the scores are this layer's own softmax and the costs come from the
         # channel; checking their values would wait for an accelerator.
@@ -568,8 +567,9 @@ class MoELayer(nn.Module):
         return [self.experts[k](group) for k, group in enumerate(groups) if counts[k]]
 
     @staticmethod
-    def _metrics(scores: torch.Tensor, selection: Selection, effective: torch.Tensor,
-                 channel_failed: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _metrics(
+        scores: torch.Tensor, selection: Selection, effective: torch.Tensor, channel_failed: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Per-batch means (see METRIC_WEIGHTS) as detached float64 tensors on the layer's device
         (read on the host only when logged).  channel_failed [B, K]: the links the channel
         failed, before training-time link dropout (counted apart, as link_dropout_rate)."""

@@ -14,6 +14,7 @@ Two settings evaluated on the same images and the same channel draws are compare
 the difference of two unpaired intervals), and the exact two-sided sign test on the images
 where the two differ gives a p-value; with one draw that is the exact McNemar test.
 """
+
 from __future__ import annotations
 
 import math

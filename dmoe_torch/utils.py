@@ -1,4 +1,5 @@
 """Small shared helpers: seeding, derived seeds, device choice, memory and atomic file writes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +8,9 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +79,6 @@ def stale_temp_files(directory: str | os.PathLike) -> list[Path]:
     """The temporary files of :func:`atomic_write` in ``directory``: what a process killed while
     writing leaves behind (call it only where no other process writes)."""
     return sorted(Path(directory).glob(f".*{_TEMP_SUFFIX}"))
-
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], Any]) -> Path:

@@ -13,7 +13,10 @@ For a geometry of your own, combine your path loss with the channel's fading and
 ``costs_from_gains`` turn linear gains [..., K, N] into energies.  ``ChannelConfig(model=
 "tdl" | "umi" | "uma")`` selects the 3GPP TR 38.901 models (needs sionna-no-rt's tables).
 """
+
 from __future__ import annotations
+
+from itertools import pairwise
 
 import torch
 
@@ -27,8 +30,10 @@ def main() -> None:
     channel = WirelessChannel(cfg, num_devices=4, d_model=64, seed=0)
     frames = torch.arange(FRAMES)
     costs = channel.costs(frames, layer=0, stream=0)  # [R, K, N] J
-    print(f"the channel's own placement: distances {[round(d) for d in channel.distances_m.tolist()]} m, "
-          f"costs {tuple(costs.shape)}, median {costs[costs.isfinite()].median().item() * 1e6:.2f} µJ per link")
+    print(
+        f"the channel's own placement: distances {[round(d) for d in channel.distances_m.tolist()]} m, "
+        f"costs {tuple(costs.shape)}, median {costs[costs.isfinite()].median().item() * 1e6:.2f} µJ per link"
+    )
 
     # Your own geometry: devices at these distances (m), the default path loss
     # 128.1 + 37.6 log10(d / km) dB, and the channel's unit-mean fading |h|^2.
@@ -45,9 +50,11 @@ def main() -> None:
         median = link.flatten().median().item()  # +inf once most links are in outage
         medians.append(median)
         gaps.append(abs(outage - theory))
-        print(f"  device {k} at {d:4.0f} m: path loss {path_loss_db(torch.tensor(d)).item():6.1f} dB, "
-              f"median link energy {median * 1e6:8.3f} µJ, outage {outage:.3f} (closed form {theory:.3f})")
-    print(f"energy grows with distance: {all(a < b for a, b in zip(medians, medians[1:]))}")
+        print(
+            f"  device {k} at {d:4.0f} m: path loss {path_loss_db(torch.tensor(d)).item():6.1f} dB, "
+            f"median link energy {median * 1e6:8.3f} µJ, outage {outage:.3f} (closed form {theory:.3f})"
+        )
+    print(f"energy grows with distance: {all(a < b for a, b in pairwise(medians))}")
     print(f"largest outage gap to the closed form: {max(gaps):.4f}")
 
 

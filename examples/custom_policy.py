@@ -10,6 +10,7 @@ its best such expert and at most ``k_max`` of them.  It is a pure, batched funct
 tensors, so it runs on the scores' device like the built-in ones.  A tiny classifier is then
 trained with it on a made-up task (is the mean of feature 0 positive?).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,27 @@ def price_rule(scores: torch.Tensor, costs: torch.Tensor, args) -> Selection:
     energy = torch.where(take, link, torch.zeros_like(link)).sum(1)
     dropped = ~take.any(1)
     false = torch.zeros_like(dropped)
-    return Selection(mask=take, subcarrier=static_plan_for(take, costs.shape[2]), energy=energy, violation=dropped,
-                     dropped=dropped, nodes=torch.zeros_like(energy, dtype=torch.int64),
-                     lower_bound=torch.full_like(energy, torch.nan), certified=false, failed=torch.zeros_like(take))
+    return Selection(
+        mask=take,
+        subcarrier=static_plan_for(take, costs.shape[2]),
+        energy=energy,
+        violation=dropped,
+        dropped=dropped,
+        nodes=torch.zeros_like(energy, dtype=torch.int64),
+        lower_bound=torch.full_like(energy, torch.nan),
+        certified=false,
+        failed=torch.zeros_like(take),
+    )
 
 
-register_policy("price_rule", summary="every expert whose score beats lam times its energy (example)",
-                token_solver=price_rule, params=("lam", "k_min", "k_max"), subcarriers="static", channel_aware=True)
+register_policy(
+    "price_rule",
+    summary="every expert whose score beats lam times its energy (example)",
+    token_solver=price_rule,
+    params=("lam", "k_min", "k_max"),
+    subcarriers="static",
+    channel_aware=True,
+)
 
 
 class TinyClassifier(nn.Module):
@@ -69,8 +84,10 @@ def main() -> None:
     costs = channel.costs(torch.arange(B), layer=0, stream=0)
     mine = route("price_rule", scores, costs, lam=args.lam, k_max=2)
     top2 = route("topk", scores, costs, k=2)
-    print(f"price_rule: {mine.mask.sum(1).double().mean():.2f} experts/input, energy {mine.energy.mean() * 1e6:.2f} µJ; "
-          f"topk@2: energy {top2.energy.mean() * 1e6:.2f} µJ")
+    print(
+        f"price_rule: {mine.mask.sum(1).double().mean():.2f} experts/input, energy {mine.energy.mean() * 1e6:.2f} µJ; "
+        f"topk@2: energy {top2.energy.mean() * 1e6:.2f} µJ"
+    )
 
     data = torch.randn(1024, 6)
     labels = (data[:, 0] > 0).long()
@@ -88,8 +105,10 @@ def main() -> None:
         optimizer.step()
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    print(f"trained with price_rule: experts/input {routed.metrics['experts_per_input'].item():.2f}, "
-          f"energy {routed.metrics['energy_j'].item() * 1e6:.2f} µJ/input")
+    print(
+        f"trained with price_rule: experts/input {routed.metrics['experts_per_input'].item():.2f}, "
+        f"energy {routed.metrics['energy_j'].item() * 1e6:.2f} µJ/input"
+    )
     print(f"mean loss of the first 5 steps {first:.3f}, of the last 5 steps {last:.3f}")
 
 

@@ -10,6 +10,7 @@ and returns the load-balancing loss, the Selection and per-batch metrics (``ener
 token, ``experts_per_input``, ``outage_rate``, ...).  The task is made up: is the mean of
 feature 0 over a sequence's tokens positive?
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,10 @@ def main() -> None:
         losses.append(loss.item())
         if step % 10 == 0 or step == args.steps - 1:
             m = routed.metrics
-            print(f"step {step:3d}: loss {loss.item():.3f}, energy {m['energy_j'].item() * 1e6:.2f} µJ/token, "
-                  f"experts/token {m['experts_per_input'].item():.2f}, outage {m['outage_rate'].item():.3f}")
+            print(
+                f"step {step:3d}: loss {loss.item():.3f}, energy {m['energy_j'].item() * 1e6:.2f} µJ/token, "
+                f"experts/token {m['experts_per_input'].item():.2f}, outage {m['outage_rate'].item():.3f}"
+            )
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     print(f"mean loss of the first 5 steps {first:.3f}, of the last 5 steps {last:.3f}")
 

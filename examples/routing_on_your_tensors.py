@@ -18,6 +18,7 @@ Inputs of every policy: ``scores`` [B, K], the gate's probabilities (rows sum to
 des solves P1: the cheapest expert set whose scores reach gamma, each expert on its fixed
 subcarrier k mod N; jesa solves P2: the experts *and* distinct subcarriers together.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,12 +40,16 @@ def make_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def describe(name: str, sel: Selection, scores: torch.Tensor) -> None:
     """One line per input: chosen experts (expert@subcarrier), their score mass, energy."""
-    print(f"{name}: energy {sel.energy.sum().item() * 1e6:.3f} µJ for the batch, "
-          f"certified {int(sel.certified.sum())}/{B}, violations {int(sel.violation.sum())}")
+    print(
+        f"{name}: energy {sel.energy.sum().item() * 1e6:.3f} µJ for the batch, "
+        f"certified {int(sel.certified.sum())}/{B}, violations {int(sel.violation.sum())}"
+    )
     for b in range(B):
         chosen = [f"{k}@{int(sel.subcarrier[b, k])}" for k in range(K) if sel.mask[b, k]]
         mass = scores[b][sel.mask[b]].sum().item()
-        print(f"  input {b}: experts {' '.join(chosen) or '-'}  score mass {mass:.2f}  energy {sel.energy[b].item() * 1e6:.3f} µJ")
+        print(
+            f"  input {b}: experts {' '.join(chosen) or '-'}  score mass {mass:.2f}  energy {sel.energy[b].item() * 1e6:.3f} µJ"
+        )
 
 
 def feasible(sel: Selection, scores: torch.Tensor, costs: torch.Tensor, gamma: float | None) -> bool:

@@ -10,6 +10,7 @@ scale T_max by 1 MHz / 120 kHz, so a hop needs the same spectral efficiency as a
 
 Prints a markdown table and writes benchmarks/results/channel_study.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,19 @@ from dmoe_torch.selection import route  # noqa: E402
 SPACING_120K = dict(subcarrier_bandwidth_hz=120e3, latency_budget_s=1e-3 * 1e6 / 120e3)
 CHANNELS = [("rayleigh (i.i.d.)", dict(model="rayleigh"))]
 CHANNELS += [(f"tdl A {round(ds * 1e9)} ns, 1 MHz", dict(model="tdl", delay_spread_s=ds)) for ds in (30e-9, 100e-9, 300e-9, 1e-6)]
-CHANNELS += [(f"tdl A {round(ds * 1e9)} ns, 120 kHz", dict(model="tdl", delay_spread_s=ds, **SPACING_120K)) for ds in (30e-9, 300e-9, 1e-6)]
-CHANNELS += [("umi A 100 ns, 1 MHz", dict(model="umi", delay_spread_s=100e-9)), ("uma A 300 ns, 1 MHz", dict(model="uma", delay_spread_s=300e-9))]
-POLICIES = [("topk@2", "topk", dict(k=2)), ("des", "des", dict(k_max=2)), ("jesa", "jesa", dict(k_max=2)),
-            ("optimal", "optimal", dict(k_max=2))]
+CHANNELS += [
+    (f"tdl A {round(ds * 1e9)} ns, 120 kHz", dict(model="tdl", delay_spread_s=ds, **SPACING_120K)) for ds in (30e-9, 300e-9, 1e-6)
+]
+CHANNELS += [
+    ("umi A 100 ns, 1 MHz", dict(model="umi", delay_spread_s=100e-9)),
+    ("uma A 300 ns, 1 MHz", dict(model="uma", delay_spread_s=300e-9)),
+]
+POLICIES = [
+    ("topk@2", "topk", dict(k=2)),
+    ("des", "des", dict(k_max=2)),
+    ("jesa", "jesa", dict(k_max=2)),
+    ("optimal", "optimal", dict(k_max=2)),
+]
 
 
 def study(args) -> list[dict]:
@@ -62,17 +72,32 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/channel_study.json")
     args = parser.parse_args()
     rows = study(args)
-    print(f"energy per frame and MoE layer (uJ), gamma {args.gamma}, k_max 2, {args.frames} frames "
-          f"(optimal: the first {args.optimal_frames}), synthetic gate scores")
+    print(
+        f"energy per frame and MoE layer (uJ), gamma {args.gamma}, k_max 2, {args.frames} frames "
+        f"(optimal: the first {args.optimal_frames}), synthetic gate scores"
+    )
     print("| channel | outage/link | topk@2 | des | jesa | optimal | jesa vs des | jesa gap to optimal |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['channel']} | {r['outage_per_link']:.2%} | {r['topk@2_uj']:.1f} | {r['des_uj']:.1f} | {r['jesa_uj']:.1f} | "
-              f"{r['optimal_uj']:.1f} | {-r['jesa_saving_vs_des']:+.1%} | {r['jesa_gap_to_optimal']:+.2%} |")
+        print(
+            f"| {r['channel']} | {r['outage_per_link']:.2%} | {r['topk@2_uj']:.1f} | {r['des_uj']:.1f} | {r['jesa_uj']:.1f} | "
+            f"{r['optimal_uj']:.1f} | {-r['jesa_saving_vs_des']:+.1%} | {r['jesa_gap_to_optimal']:+.2%} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(study="channel_models", frames=args.frames, optimal_frames=args.optimal_frames,
-                                   gamma=args.gamma, k_max=2, rows=rows), indent=2))
+    out.write_text(
+        json.dumps(
+            dict(
+                study="channel_models",
+                frames=args.frames,
+                optimal_frames=args.optimal_frames,
+                gamma=args.gamma,
+                k_max=2,
+                rows=rows,
+            ),
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -12,6 +12,7 @@ Run by scripts/gpu_check.sh on a CUDA machine (nothing else depends on a GPU):
 
     python scripts/gpu_check.py --out gpu_router.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,7 @@ def main() -> None:
     scores_cpu = torch.softmax(torch.randn(ROWS, K) * 3, dim=1)
     costs, scores = costs_cpu.to(device), scores_cpu.to(device)
     policies = [n for n, p in POLICY_TABLE.items() if p.builtin and p.token_solver is not None and n != "random_topk"]
-    report: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(device), "sync_free": {},
-                    "equal_to_cpu": {}}
+    report: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(device), "sync_free": {}, "equal_to_cpu": {}}
 
     for name in policies:
         route(name, scores, costs, check_values=False, **PARAMS)  # warm-up
@@ -58,8 +58,11 @@ def main() -> None:
             on_cpu = route(name, scores_cpu, costs_cpu, **PARAMS)
             same_mask = bool(torch.equal(on_gpu.mask.cpu(), on_cpu.mask))
             close = bool(torch.allclose(on_gpu.energy.cpu(), on_cpu.energy, rtol=1e-9, atol=0.0))
-            report["equal_to_cpu"][name] = {"mask": same_mask, "energy": close,
-                                            "rows_differing": int((on_gpu.mask.cpu() != on_cpu.mask).any(1).sum())}
+            report["equal_to_cpu"][name] = {
+                "mask": same_mask,
+                "energy": close,
+                "rows_differing": int((on_gpu.mask.cpu() != on_cpu.mask).any(1).sum()),
+            }
 
     layer = MoELayer(D, K, link_dropout=0.3).to(device).train()
     h = torch.randn(ROWS, D, device=device, requires_grad=True)

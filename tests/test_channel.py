@@ -188,8 +188,9 @@ def test_a_field_changed_in_place_is_checked_when_the_channel_is_built():
 
 
 def test_numpy_scalars_are_numbers_like_python_ones():
-    numpy_cfg = ChannelConfig(num_subcarriers=np.int64(8), d_max_m=np.float32(250.0), csi_delay_frames=np.int32(0),
-                              csi_error_std=np.float64(0.0))
+    numpy_cfg = ChannelConfig(
+        num_subcarriers=np.int64(8), d_max_m=np.float32(250.0), csi_delay_frames=np.int32(0), csi_error_std=np.float64(0.0)
+    )
     python_cfg = ChannelConfig(num_subcarriers=8, d_max_m=250.0)
     numpy_channel = WirelessChannel(numpy_cfg, np.int64(4), np.int32(16), seed=np.uint8(3))
     python_channel = WirelessChannel(python_cfg, 4, 16, seed=3)
@@ -201,8 +202,11 @@ def test_numpy_scalars_are_numbers_like_python_ones():
             WirelessChannel(python_cfg, bad, 16, seed=0)
 
 
-@pytest.mark.parametrize("frame_ids", [[0.2, 0.7, 1.9], np.array([1.0, 2.0]), torch.tensor([0.5]), [True, False]],
-                         ids=["float list", "float array", "float tensor", "bool list"])
+@pytest.mark.parametrize(
+    "frame_ids",
+    [[0.2, 0.7, 1.9], np.array([1.0, 2.0]), torch.tensor([0.5]), [True, False]],
+    ids=["float list", "float array", "float tensor", "bool list"],
+)
 def test_frame_ids_must_be_integers(frame_ids):
     channel = WirelessChannel(ChannelConfig(num_subcarriers=4), 2, 8, seed=0)
     # Truncating [0.2, 0.7, 1.9] would silently give the costs of frames [0, 0, 1].

@@ -5,6 +5,7 @@ frames of one link are not independent samples; where a tolerance is "k standard
 the standard error is measured across links (independent by construction), which accounts
 for that.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ def jakes_cfg(**kw) -> ChannelConfig:
 def test_jakes_autocorrelation_matches_bessel():
     """E[h h*(tau)] = J0(2 pi f_D tau) and corr(|h|^2, |h(tau)|^2) = J0^2, within 0.03."""
     frames = np.arange(3000)
-    h = np.concatenate([jakes_fading(4, 0, layer, frames, 16, 32, DOPPLER_HZ, FRAME_S).reshape(3000, -1) for layer in range(2)], axis=1)
+    h = np.concatenate(
+        [jakes_fading(4, 0, layer, frames, 16, 32, DOPPLER_HZ, FRAME_S).reshape(3000, -1) for layer in range(2)], axis=1
+    )
     g = np.abs(h) ** 2
     gc = g - g.mean()
     lags = (1, 2, 3, 5, 8, 10, 12, 20, 30)
@@ -99,7 +102,9 @@ def direct_jakes(seed, stream, layer, frames, K, N):
     return ((real + 1j * imag) / math.sqrt(M)).reshape(len(frames), K, N)
 
 
-@pytest.mark.parametrize("cfg", [jakes_cfg(), jakes_cfg(csi_error_std=0.2, csi_delay_frames=3), ChannelConfig(csi_error_std=0.3, csi_delay_frames=1)])
+@pytest.mark.parametrize(
+    "cfg", [jakes_cfg(), jakes_cfg(csi_error_std=0.2, csi_delay_frames=3), ChannelConfig(csi_error_std=0.3, csi_delay_frames=1)]
+)
 def test_link_state_is_independent_of_batch_split_and_order(cfg):
     ch = WirelessChannel(cfg, num_devices=4, d_model=64, seed=3)
     ids = torch.tensor([5, 900, 3, 41, 0, 1, 2, 77777])
@@ -189,7 +194,7 @@ def test_conservative_plan_realises_the_outage_target(cfg):
     targets = (0.05, 0.01)
     lost = {q: [] for q in targets}
     for layer in range(4):
-        for q, state in zip(targets, ch.link_states(ids, layer, 0, targets)):
+        for q, state in zip(targets, ch.link_states(ids, layer, 0, targets), strict=True):
             assert torch.isfinite(state.planned_costs).all()
             lost[q].append((~state.delivered).double().mean(0).reshape(-1))  # per-link outage rate
     for q in targets:

@@ -6,6 +6,7 @@ stateful (seeded once per call here, never compared draw for draw); ``normalize=
 ``cir_to_ofdm_channel`` rescales every realisation to unit energy (we keep it False, path
 loss is ours anyway).  Import cost: ~5 s once per session (this module only).
 """
+
 import numpy as np
 import pytest
 import torch
@@ -34,8 +35,13 @@ def sionna_power(profile: str, delay_spread: float, spacing: float, num_subcarri
 
 
 def our_power(profile: str, delay_spread: float, spacing: float, num_subcarriers: int) -> np.ndarray:
-    cfg = ChannelConfig(model="tdl", tdl_profile=profile, delay_spread_s=delay_spread, subcarrier_bandwidth_hz=spacing,
-                        num_subcarriers=num_subcarriers)
+    cfg = ChannelConfig(
+        model="tdl",
+        tdl_profile=profile,
+        delay_spread_s=delay_spread,
+        subcarrier_bandwidth_hz=spacing,
+        num_subcarriers=num_subcarriers,
+    )
     return WirelessChannel(cfg, 8, 64, seed=0).power_gains(np.arange(SAMPLES // 8), 0, 0).reshape(-1, num_subcarriers)
 
 
@@ -48,7 +54,9 @@ def test_flat_tdl_power_follows_sionnas_exp1_law():
     assert ks_2samp(theirs, sionna_power("D", 1e-12, 1e6, 1, seed=2)[:, 0]).pvalue < 1e-6
 
 
-@pytest.mark.parametrize("profile,delay_spread,spacing", [("A", 300e-9, 1e6), ("C", 100e-9, 1e6), ("A", 1e-6, 120e3), ("D", 300e-9, 1e6)])
+@pytest.mark.parametrize(
+    "profile,delay_spread,spacing", [("A", 300e-9, 1e6), ("C", 100e-9, 1e6), ("A", 1e-6, 120e3), ("D", 300e-9, 1e6)]
+)
 def test_tdl_frequency_correlation_matches_sionna(profile, delay_spread, spacing):
     """Adjacent- and 4-apart-subcarrier correlation of |H|^2, and E|H|^2, ours vs Sionna."""
     ours, theirs = our_power(profile, delay_spread, spacing, 16), sionna_power(profile, delay_spread, spacing, 16, seed=3)
@@ -63,8 +71,16 @@ def test_tdl_frequency_correlation_matches_sionna(profile, delay_spread, spacing
 def test_path_loss_equals_sionnas_tr38901_formula(name, cls):
     """TR 38.901 Table 7.4.1-1 UMi-Street Canyon / UMa, LoS and NLoS, 3.5 GHz, h_UT 1.5 m:
     ours equals Sionna's basic path loss on 10 m .. 5 km (both sides of the breakpoint)."""
-    array = PanelArray(num_rows_per_panel=1, num_cols_per_panel=1, polarization="single", polarization_type="V",
-                       antenna_pattern="omni", carrier_frequency=3.5e9, device="cpu", precision="double")
+    array = PanelArray(
+        num_rows_per_panel=1,
+        num_cols_per_panel=1,
+        polarization="single",
+        polarization_type="V",
+        antenna_pattern="omni",
+        carrier_frequency=3.5e9,
+        device="cpu",
+        precision="double",
+    )
     sc = cls(3.5e9, "low", array, array, "downlink", device="cpu", precision="double")
     d = np.geomspace(10.0, 5000.0, 25)
     ut = torch.zeros(1, len(d), 3, dtype=torch.float64)
@@ -73,8 +89,9 @@ def test_path_loss_equals_sionnas_tr38901_formula(name, cls):
     bs[0, 0, 2] = scenario.BS_HEIGHT_M[name]
     still = torch.zeros(1, len(d), 3, dtype=torch.float64)
     for los in (True, False):
-        sc.set_topology(ut, bs, still, torch.zeros(1, 1, 3, dtype=torch.float64), still,
-                        torch.zeros(1, len(d), dtype=torch.bool), los=los)
+        sc.set_topology(
+            ut, bs, still, torch.zeros(1, 1, 3, dtype=torch.float64), still, torch.zeros(1, len(d), dtype=torch.bool), los=los
+        )
         ours = scenario.path_loss_db(name, d, np.full(len(d), los), 3.5e9)
         np.testing.assert_allclose(ours, sc.basic_pathloss.numpy().reshape(-1), atol=1e-9)
     np.testing.assert_allclose(scenario.los_probability(name, d), sc.los_probability.numpy().reshape(-1), atol=1e-12)

@@ -4,6 +4,7 @@ errors, run directories (lock, reruns, no leftovers), and what the records say.
 Error paths run train.py / evaluate.py in process (runpy), training runs call ``fit`` on a few
 hundred real Fashion-MNIST images; one evaluate.py and two --help runs are subprocesses.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from dmoe_torch import training
 from dmoe_torch.config import (
     EVAL_DATA_KEYS,
     EVAL_KEYS,
@@ -33,9 +33,10 @@ from dmoe_torch.config import (
     ConfigError,
     validate_train_config,
 )
+from dmoe_torch.config.eval import validate_eval_config
 from dmoe_torch.data import DATASETS, DEBIAN_FASHION_MNIST_DIR
-from dmoe_torch.eval_config import validate_eval_config
-from dmoe_torch.rundir import lock_run_dir
+from dmoe_torch.engine import training
+from dmoe_torch.engine.rundir import lock_run_dir
 from dmoe_torch.selection.policies import policy_names
 
 POLICIES = policy_names()  # every policy of the table: the help texts name them all
@@ -51,8 +52,9 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_subprocess(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=cli_env(**env))
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=cli_env(**env)
+    )
 
 
 def run_in_process(script: str, *args: str) -> int:
@@ -90,8 +92,12 @@ MAKE_IF_MODEL = re.compile(r"\$\(if \$\(MODEL\),model=\$\(MODEL\)\)")
 
 def documented_commands() -> list[tuple[str, str, list[str]]]:
     """(where, script, arguments) of every train.py / evaluate.py command line in the docs."""
-    sources = [REPO / "README.md", REPO / "Makefile", *sorted((REPO / "docs").glob("*.md")),
-               *sorted((REPO / "conf").rglob("*.yaml"))]
+    sources = [
+        REPO / "README.md",
+        REPO / "Makefile",
+        *sorted((REPO / "docs").glob("*.md")),
+        *sorted((REPO / "conf").rglob("*.yaml")),
+    ]
     commands = []
     for path in sources:
         for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -106,8 +112,7 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
                 words = rest.split()
                 if any(w.startswith("--help") for w in words):
                     continue
-                args = [w.rstrip("`),") for w in words if "=" in w and not w.startswith("[")] + \
-                    [w for w in words if w == "-m"]
+                args = [w.rstrip("`),") for w in words if "=" in w and not w.startswith("[")] + [w for w in words if w == "-m"]
                 args = ["ckpt=x" if a == "ckpt=..." else a for a in args]
                 if launcher.startswith("torchrun"):
                     args.append("<torchrun>")
@@ -117,8 +122,9 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
 
 def override_sets(args: list[str]) -> list[list[str]]:
     """The configs a command composes: one per value of each sweep (``-m a=1,2``), hydra.* dropped."""
-    parsed = OverridesParser.create().parse_overrides([a for a in args if a not in ("-m", "<torchrun>")
-                                                        and not a.startswith("hydra.")])
+    parsed = OverridesParser.create().parse_overrides(
+        [a for a in args if a not in ("-m", "<torchrun>") and not a.startswith("hydra.")]
+    )
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed if o.is_sweep_override()]
     return [fixed] + [[*fixed, value] for value in chain.from_iterable(sweeps)] if sweeps else [fixed]
@@ -139,8 +145,13 @@ def test_the_documentation_shows_the_commands_a_user_tries_first():
 @pytest.mark.parametrize("where,script,args", DOCUMENTED, ids=[f"{w} {' '.join(a)}" for w, _, a in DOCUMENTED])
 def test_every_documented_command_composes_and_validates(where, script, args, monkeypatch):
     if "<torchrun>" in args:  # rank 0 of torchrun with one expert worker
-        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"),
-                            ("MASTER_PORT", "29500")):
+        for name, value in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "localhost"),
+            ("MASTER_PORT", "29500"),
+        ):
             monkeypatch.setenv(name, value)
     for overrides in override_sets(args):
         cfg = compose_cfg(script, overrides)
@@ -158,8 +169,11 @@ def test_train_help_lists_keys_values_groups_and_examples():
     assert "Powered by Hydra" not in text and "Examples:" in text
     for word in (*POLICIES, *DATASETS, *ROUTERS, "same_as_train", "resume_force", "hydra.run.dir"):
         assert re.search(rf"\b{word}\b", text), word
-    for key in (*(f"train.{k}" for k in TRAIN_KEYS), *(f"data.{k}" for k in TRAIN_DATA_KEYS),
-                *(f"router.{k}" for k in ROUTER_KEYS)):
+    for key in (
+        *(f"train.{k}" for k in TRAIN_KEYS),
+        *(f"data.{k}" for k in TRAIN_DATA_KEYS),
+        *(f"router.{k}" for k in ROUTER_KEYS),
+    ):
         assert key in text, key
     assert f"router: {', '.join(ROUTERS)}" in text  # the groups, as Hydra lists them
 
@@ -206,7 +220,7 @@ def test_errors_are_one_line_exit_2_and_leave_no_run_directory(script, args, pat
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), err
-    assert re.search(pattern, lines[0][len("Error: "):]), lines[0]
+    assert re.search(pattern, lines[0][len("Error: ") :]), lines[0]
     assert "HYDRA_FULL_ERROR" not in os.environ  # restored
     assert not run_dir.exists()
 
@@ -254,8 +268,16 @@ def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-TINY_OVERRIDES = ("data.limit_train=250", "data.limit_test=50", "data.batch_size=50", "model=tiny", "train.epochs=2",
-                  "train.warmup_steps=1", "progress=false", "device=auto")
+TINY_OVERRIDES = (
+    "data.limit_train=250",
+    "data.limit_test=50",
+    "data.batch_size=50",
+    "model=tiny",
+    "train.epochs=2",
+    "train.warmup_steps=1",
+    "progress=false",
+    "device=auto",
+)
 
 
 def tiny_args(data_root: Path, *overrides: str) -> list[str]:
@@ -275,8 +297,9 @@ def test_a_rerun_that_would_change_the_run_is_refused(data_root, tmp_path):
             training.fit(tiny_cfg(data_root, *change), run_dir)
         message = str(info.value)
         assert message.startswith(f"hydra.run.dir={str(run_dir)!r} was run with a different config (")
-        assert message.endswith("pass another hydra.run.dir to start a new run, or resume_force=true to continue "
-                                "it with the new config")
+        assert message.endswith(
+            "pass another hydra.run.dir to start a new run, or resume_force=true to continue it with the new config"
+        )
         assert {name: (run_dir / name).read_bytes() for name in records} == records  # nothing touched
     # Keys that cannot alter the results pass (and redo only the test of the finished run).
     assert training.fit(tiny_cfg(data_root, "progress=true", "device=cpu", "train.log_every=3"), run_dir) == 0
@@ -294,9 +317,12 @@ def test_a_rerun_that_would_change_the_run_is_refused(data_root, tmp_path):
 def test_resume_from_another_run_with_a_different_config_is_refused(data_root, tmp_path):
     first = tmp_path / "first"
     assert training.fit(tiny_cfg(data_root, "train.stop_after_epochs=1"), first) == 0
-    with pytest.raises(ConfigError, match=r"^resume='.*first' was run with a different config \(eval_router.policy: "
-                                          r"'topk' -> 'jesa'; router.policy: 'topk' -> 'jesa'\); leave resume unset to "
-                                          r"start a new run, or resume_force=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^resume='.*first' was run with a different config \(eval_router.policy: "
+        r"'topk' -> 'jesa'; router.policy: 'topk' -> 'jesa'\); leave resume unset to "
+        r"start a new run, or resume_force=true",
+    ):
         training.fit(tiny_cfg(data_root, f"resume={first}", "router=jesa"), tmp_path / "second")
     assert training.fit(tiny_cfg(data_root, f"resume={first}"), tmp_path / "third") == 0
 
@@ -314,6 +340,7 @@ def test_records_hold_the_device_used_and_the_whole_time_of_a_resumed_epoch(data
             time.sleep(0.3)  # the part before the interruption takes at least 0.6 s
             if progress.steps == 2:
                 os.kill(os.getpid(), signal.SIGINT)
+
         return real_train_one_epoch(*args, on_step=step, **kwargs)
 
     monkeypatch.setattr(training, "train_one_epoch", interrupted_after_two_slow_steps)
@@ -335,8 +362,16 @@ def test_evaluate_accepts_a_run_directory_and_logs_the_table(data_root, tmp_path
     assert training.fit(tiny_cfg(data_root, "train.epochs=1"), run_dir) == 0
     eval_dir = tmp_path / "eval"
     result = run_subprocess(
-        "evaluate.py", f"ckpt={run_dir}", "eval.policies=[topk@1,jesa]", "eval.gammas=[0.5]", "eval.channel_draws=1",
-        f"data.root={data_root}", "data.limit_test=50", "progress=false", "device=cpu", f"hydra.run.dir={eval_dir}",
+        "evaluate.py",
+        f"ckpt={run_dir}",
+        "eval.policies=[topk@1,jesa]",
+        "eval.gammas=[0.5]",
+        "eval.channel_draws=1",
+        f"data.root={data_root}",
+        "data.limit_test=50",
+        "progress=false",
+        "device=cpu",
+        f"hydra.run.dir={eval_dir}",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     log_text = (eval_dir / "evaluate.log").read_text()
@@ -346,23 +381,32 @@ def test_evaluate_accepts_a_run_directory_and_logs_the_table(data_root, tmp_path
 
 
 def test_a_key_added_later_is_no_difference_at_its_default():
-    from dmoe_torch.rundir import config_differences
-    from dmoe_torch.training import ADDED_KEY_DEFAULTS
+    from dmoe_torch.engine.rundir import config_differences
+    from dmoe_torch.engine.training import ADDED_KEY_DEFAULTS
 
     old = {"model": {"name": "cnn", "d_model": 128}}  # recorded before model.link_dropout existed
-    assert config_differences(old, {"model": {"name": "cnn", "d_model": 128, "link_dropout": 0.0}},
-                              added_defaults=ADDED_KEY_DEFAULTS) == []
-    assert config_differences(old, {"model": {"name": "cnn", "d_model": 128, "link_dropout": 0.3}},
-                              added_defaults=ADDED_KEY_DEFAULTS) == ["model.link_dropout: 0.0 -> 0.3"]
-    assert config_differences(old, {"model": {"name": "cnn", "d_model": 128, "stem": "conv"}},
-                              added_defaults=ADDED_KEY_DEFAULTS) == ["model.stem: '<absent>' -> 'conv'"]
+    assert (
+        config_differences(
+            old, {"model": {"name": "cnn", "d_model": 128, "link_dropout": 0.0}}, added_defaults=ADDED_KEY_DEFAULTS
+        )
+        == []
+    )
+    assert config_differences(
+        old, {"model": {"name": "cnn", "d_model": 128, "link_dropout": 0.3}}, added_defaults=ADDED_KEY_DEFAULTS
+    ) == ["model.link_dropout: 0.0 -> 0.3"]
+    assert config_differences(
+        old, {"model": {"name": "cnn", "d_model": 128, "stem": "conv"}}, added_defaults=ADDED_KEY_DEFAULTS
+    ) == ["model.stem: '<absent>' -> 'conv'"]
     # Issue 21's keys: absent means renormalized combine, selection balancing, no z-loss.
-    new = {"model": {"name": "cnn", "d_model": 128, "combine": "renormalized", "balance_on": "selection"},
-           "train": {"z_loss_coef": 0.0}}
+    new = {
+        "model": {"name": "cnn", "d_model": 128, "combine": "renormalized", "balance_on": "selection"},
+        "train": {"z_loss_coef": 0.0},
+    }
     assert config_differences({**old, "train": {}}, new, added_defaults=ADDED_KEY_DEFAULTS) == []
     new["model"]["combine"] = "renormalized_st"
     assert config_differences({**old, "train": {}}, new, added_defaults=ADDED_KEY_DEFAULTS) == [
-        "model.combine: 'renormalized' -> 'renormalized_st'"]
+        "model.combine: 'renormalized' -> 'renormalized_st'"
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,8 +438,10 @@ def test_a_rerun_with_fewer_epochs_than_the_checkpoint_holds_is_refused(finished
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     before = record_bytes(finished_run)
     # Accepted, config.yaml and metrics.json would say 1 epoch against 2 in the history and the checkpoint.
-    expected = (f"train.epochs=1: hydra.run.dir='{finished_run}' has trained 2 epochs already; pass train.epochs=2 or "
-                "more to continue it, or pass another hydra.run.dir to start a new run")
+    expected = (
+        f"train.epochs=1: hydra.run.dir='{finished_run}' has trained 2 epochs already; pass train.epochs=2 or "
+        "more to continue it, or pass another hydra.run.dir to start a new run"
+    )
     with pytest.raises(ConfigError) as info:
         training.fit(tiny_cfg(data_root, "train.epochs=1"), finished_run)
     assert str(info.value) == expected
@@ -446,7 +492,8 @@ def test_evaluate_refuses_a_training_run_directory(finished_run, capsys, monkeyp
     assert run_in_process("evaluate.py", f"ckpt={finished_run}", f"hydra.run.dir={finished_run}") == 2
     assert capsys.readouterr().err.strip() == (
         f"Error: hydra.run.dir='{finished_run}': a run directory of train.py (it holds checkpoint.pt); evaluate.py "
-        f"would overwrite its records there; pass another hydra.run.dir, e.g. hydra.run.dir={finished_run}/evaluate")
+        f"would overwrite its records there; pass another hydra.run.dir, e.g. hydra.run.dir={finished_run}/evaluate"
+    )
     assert record_bytes(finished_run) == before and not (finished_run / ".hydra").exists()
 
 
@@ -459,8 +506,7 @@ def test_train_refuses_an_evaluation_run_directory(tmp_path, capsys, monkeypatch
 
 
 @pytest.mark.parametrize("script,args", [("train.py", ["model=tiny"]), ("evaluate.py", ["ckpt=x"])])
-def test_an_empty_run_directory_is_refused_instead_of_writing_into_the_current_one(script, args, tmp_path, capsys,
-                                                                                   monkeypatch):
+def test_an_empty_run_directory_is_refused_instead_of_writing_into_the_current_one(script, args, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.chdir(tmp_path)
     assert run_in_process(script, *args, "hydra.run.dir=''") == 2

@@ -1,4 +1,5 @@
 """Config composition (Hydra compose API) and validation: every bad value names its key."""
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dmoe_torch.build import build_channel, build_model, router_specs
 from dmoe_torch.channel import ChannelConfig
-from dmoe_torch.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from dmoe_torch.config import (
     EVAL_DATA_KEYS,
     EVAL_KEYS,
@@ -28,8 +27,10 @@ from dmoe_torch.config import (
     validate_model,
     validate_train_config,
 )
+from dmoe_torch.config.eval import eval_policies, parse_policy, validate_eval_config
 from dmoe_torch.data import DATASET_TRAIN_SIZES, DataInfo
-from dmoe_torch.eval_config import eval_policies, parse_policy, validate_eval_config
+from dmoe_torch.engine.build import build_channel, build_model, router_specs
+from dmoe_torch.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from dmoe_torch.moe import RouterSpec
 from dmoe_torch.selection.policies import POLICY_TABLE
 
@@ -133,11 +134,24 @@ def test_interface_overrides_reach_the_built_objects():
     cfg = compose_cfg(
         "train",
         [
-            "data.name=mnist", "data.batch_size=32", "data.limit_train=400", "data.limit_test=50",
-            "data.num_workers=1", "model=cnn", "model.num_experts=4", "model.num_moe_layers=3", "model.d_model=16",
-            "channel.num_subcarriers=6", "channel.ap_power_w=0.5", "router.policy=des",
-            "router.gamma=[0.9,0.7,0.5]", "router.k_min=2", "router.k_max=3", "train.epochs=3",
-            "train.lr=0.01", "seed=7",
+            "data.name=mnist",
+            "data.batch_size=32",
+            "data.limit_train=400",
+            "data.limit_test=50",
+            "data.num_workers=1",
+            "model=cnn",
+            "model.num_experts=4",
+            "model.num_moe_layers=3",
+            "model.d_model=16",
+            "channel.num_subcarriers=6",
+            "channel.ap_power_w=0.5",
+            "router.policy=des",
+            "router.gamma=[0.9,0.7,0.5]",
+            "router.k_min=2",
+            "router.k_max=3",
+            "train.epochs=3",
+            "train.lr=0.01",
+            "seed=7",
         ],
     )
     validate_train_config(cfg)
@@ -154,14 +168,36 @@ def test_interface_overrides_reach_the_built_objects():
 def test_evaluate_config_composes_and_validates():
     cfg = compose_cfg("evaluate", ["ckpt=some/checkpoint.pt"])
     validate_eval_config(cfg)
-    assert list(cfg.eval.policies) == ["none", "random_topk@1", "topk@1", "topk@2", "channel_topk@1", "channel_topk@2", "dense",
-                                       "des", "jesa", "greedy", "lagrangian"]
+    assert list(cfg.eval.policies) == [
+        "none",
+        "random_topk@1",
+        "topk@1",
+        "topk@2",
+        "channel_topk@1",
+        "channel_topk@2",
+        "dense",
+        "des",
+        "jesa",
+        "greedy",
+        "lagrangian",
+    ]
     assert cfg.eval.channel_draws == 2 and len(cfg.eval.gammas) == 6 and cfg.eval.k_max == 2
     # Default grid against the default model: 7 fixed policies + 6 gammas x (des, jesa, greedy) + the lams of lagrangian.
     settings = eval_policies(cfg, compose_cfg("train"))
     assert len(settings) == 7 + 3 * 6 + len(cfg.eval.lams)
-    assert {s.label for s in settings} == {"none", "random_topk@1", "topk@1", "topk@2", "channel_topk@1", "channel_topk@2", "dense",
-                                           "des", "jesa", "greedy", "lagrangian"}
+    assert {s.label for s in settings} == {
+        "none",
+        "random_topk@1",
+        "topk@1",
+        "topk@2",
+        "channel_topk@1",
+        "channel_topk@2",
+        "dense",
+        "des",
+        "jesa",
+        "greedy",
+        "lagrangian",
+    }
     assert sorted(s.lam for s in settings if s.policy == "lagrangian") == sorted(cfg.eval.lams)
     assert sorted({s.gamma for s in settings if s.policy == "des"}) == [0.05, 0.25, 0.35, 0.5, 0.75, 0.95]
 
@@ -252,10 +288,15 @@ def test_every_train_section_rejects_unknown_keys(override, key, allowed):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("override,key", [
-    ("+eval.polices=[des]", "eval.polices"), ("+data.name=mnist", "data.name"), ("+model.d_model=8", "model"),
-    ("+router.policy=des", "router"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("+eval.polices=[des]", "eval.polices"),
+        ("+data.name=mnist", "data.name"),
+        ("+model.d_model=8", "model"),
+        ("+router.policy=des", "router"),
+    ],
+)
 def test_every_evaluate_section_rejects_unknown_keys(override, key):
     with pytest.raises(ConfigError, match=rf"^{key}: unknown key.*; allowed: "):
         validate_eval_config(compose_cfg("evaluate", ["ckpt=x", override]))
@@ -296,11 +337,17 @@ def test_val_size_must_leave_training_images():
     validate_train_config(compose_cfg("train", [f"data.val_size={size}", "data.limit_train=500"]))
 
 
-@pytest.mark.parametrize("overrides,key,fix", [
-    (["data.limit_train=1"], "data.limit_train=1", "data.limit_train=2 or more"),
-    ([f"data.val_size={DATASET_TRAIN_SIZES['fashion_mnist'] - 1}"], f"data.val_size={DATASET_TRAIN_SIZES['fashion_mnist'] - 1}",
-     f"data.val_size={DATASET_TRAIN_SIZES['fashion_mnist'] - 2} or less"),
-])
+@pytest.mark.parametrize(
+    "overrides,key,fix",
+    [
+        (["data.limit_train=1"], "data.limit_train=1", "data.limit_train=2 or more"),
+        (
+            [f"data.val_size={DATASET_TRAIN_SIZES['fashion_mnist'] - 1}"],
+            f"data.val_size={DATASET_TRAIN_SIZES['fashion_mnist'] - 1}",
+            f"data.val_size={DATASET_TRAIN_SIZES['fashion_mnist'] - 2} or less",
+        ),
+    ],
+)
 def test_a_training_set_of_one_image_is_refused_for_batchnorm_not_the_batch_size(overrides, key, fix):
     # One image is one batch of one, which train.py must drop (BatchNorm): not a batch-size problem.
     with pytest.raises(ConfigError) as info:
@@ -319,8 +366,7 @@ def test_data_root_must_exist_unless_it_is_the_default(tmp_path, monkeypatch):
     typo = tmp_path / "x" / "dtaa"
     for name, extra in (("train", []), ("evaluate", ["ckpt=x"])):
         with pytest.raises(ConfigError, match=r"^data.root=.*dtaa.*: no such directory"):
-            (validate_train_config if name == "train" else validate_eval_config)(
-                compose_cfg(name, [f"data.root={typo}", *extra]))
+            (validate_train_config if name == "train" else validate_eval_config)(compose_cfg(name, [f"data.root={typo}", *extra]))
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="not a directory"):
         validate_train_config(compose_cfg("train", [f"data.root={tmp_path / 'file'}"]))
@@ -384,7 +430,10 @@ def test_policy_syntax():
     assert parse_policy("jesa", "p", num_experts=8, default_k=2) == ("jesa", None)
     settings = _eval_settings(["eval.policies=[random_topk@1,dense,optimal]", "eval.gammas=[0.5,[0.9,0.4]]"])
     assert [(s.label, s.gamma) for s in settings] == [
-        ("random_topk@1", None), ("dense", None), ("optimal", 0.5), ("optimal", [0.9, 0.4])
+        ("random_topk@1", None),
+        ("dense", None),
+        ("optimal", 0.5),
+        ("optimal", [0.9, 0.4]),
     ]
 
 
@@ -407,7 +456,9 @@ def test_static_plan_policies_are_skipped_with_a_note_when_subcarriers_are_fewer
         eval_policies(only_static, train)
     # The same evaluation of a checkpoint with enough subcarriers skips nothing.
     notes = []
-    assert {s.policy for s in eval_policies(cfg, compose_cfg("train", ["model=tiny"]), notes)} >= set(STATIC_POLICIES) - {"random_topk"}
+    assert {s.policy for s in eval_policies(cfg, compose_cfg("train", ["model=tiny"]), notes)} >= set(STATIC_POLICIES) - {
+        "random_topk"
+    }
     assert notes == []
 
 
@@ -429,9 +480,16 @@ def _save_tiny_checkpoint(path, cfg):
     model = build_model(cfg, FASHION)
     optimizer = torch.optim.AdamW(model.parameters())
     save_checkpoint(
-        path, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler={}, epoch=1,
-        step_in_epoch=0, global_step=1, config=OmegaConf.to_container(cfg, resolve=True),
-        metrics={"history": []}, rng={},
+        path,
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler={},
+        epoch=1,
+        step_in_epoch=0,
+        global_step=1,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        metrics={"history": []},
+        rng={},
     )
     return model
 
@@ -465,10 +523,16 @@ def test_unreadable_checkpoint_is_a_config_error(tmp_path, content):
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(32)
 
 
-@pytest.mark.parametrize("name,content", [
-    ("six.txt", b"hello\n"), ("config.yaml", b"seed: 0\nmodel:\n  d_model: 32\n"), ("metrics.json", b'{"test": {}}'),
-    ("results.png", PNG), ("model.pt", "pickled"),
-])
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("six.txt", b"hello\n"),
+        ("config.yaml", b"seed: 0\nmodel:\n  d_model: 32\n"),
+        ("metrics.json", b'{"test": {}}'),
+        ("results.png", PNG),
+        ("model.pt", "pickled"),
+    ],
+)
 def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, name, content):
     path = tmp_path / name
     if content == "pickled":  # a torch file holding a module: never unpickled
@@ -518,7 +582,10 @@ def test_model_shape_mismatch_is_a_config_error(tmp_path):
 def _run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})},
     )
 
@@ -591,7 +658,8 @@ NULL_INTEGER_KEYS = ("data.limit_train", "data.limit_test", "train.stop_after_ep
 MODEL_GROUPS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 # Every integer key of train.yaml with the default model, then the model keys of the other architectures.
 HUGE_CASES = [("convmoe", key) for key in sorted({*integer_keys(compose_cfg("train")), *NULL_INTEGER_KEYS})] + [
-    (model, key) for model in ("cnn", "vmoe") for key in integer_keys(compose_cfg("train", [f"model={model}"]).model, "model.")]
+    (model, key) for model in ("cnn", "vmoe") for key in integer_keys(compose_cfg("train", [f"model={model}"]).model, "model.")
+]
 
 
 @pytest.mark.parametrize("model,key", HUGE_CASES, ids=[f"{m}-{k}" for m, k in HUGE_CASES])
@@ -602,8 +670,9 @@ def test_every_integer_key_beyond_int64_is_refused_naming_it(model, key):
     assert message.startswith(f"{key}={2**64}") and "must be" in message  # an integer range, int64 at most
 
 
-@pytest.mark.parametrize("key", ["eval.channel_draws", "eval.k_min", "eval.k_max", "data.batch_size", "data.limit_test",
-                                 "data.num_workers", "seed"])
+@pytest.mark.parametrize(
+    "key", ["eval.channel_draws", "eval.k_min", "eval.k_max", "data.batch_size", "data.limit_test", "data.num_workers", "seed"]
+)
 def test_every_evaluate_integer_key_beyond_int64_is_refused_naming_it(key):
     with pytest.raises(ConfigError, match=rf"^{key}={2**64}: must be an integer"):
         validate_eval_config(compose_cfg("evaluate", ["ckpt=x", f"{key}={2**64}"]))
@@ -616,10 +685,13 @@ def test_data_loader_workers_are_capped_per_core():
         validate_train_config(compose_cfg("train", ["data.num_workers=1000000"]))  # spawned a million processes
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("train.lr", "1e38", r"^train.lr=1e\+38: must be a finite number > 0 and <= 3.40282e\+37"),
-    ("channel.csi_delay_frames", str(10**20), r"^channel.csi_delay_frames=100000000000000000000: must be an integer"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("train.lr", "1e38", r"^train.lr=1e\+38: must be a finite number > 0 and <= 3.40282e\+37"),
+        ("channel.csi_delay_frames", str(10**20), r"^channel.csi_delay_frames=100000000000000000000: must be an integer"),
+    ],
+)
 def test_floats_that_overflow_later_are_refused(key, value, match):
     with pytest.raises(ConfigError, match=match):
         validate_train_config(compose_cfg("train", [f"{key}={value}"]))
@@ -628,12 +700,16 @@ def test_floats_that_overflow_later_are_refused(key, value, match):
 # (overrides, the keys the message names first): each would allocate terabytes or more
 MEMORY_CASES = [
     (["model=convmoe", "model.d_model=100000"], "model.num_experts=8, model.d_model=100000, model.hidden_mult=2, model.depth=2"),
-    (["model=tiny", "model.num_moe_layers=100000000000"], "model.num_experts=4, model.d_model=32, model.hidden_mult=2, "
-                                                        "model.num_moe_layers=100000000000"),
+    (
+        ["model=tiny", "model.num_moe_layers=100000000000"],
+        "model.num_experts=4, model.d_model=32, model.hidden_mult=2, model.num_moe_layers=100000000000",
+    ),
     (["model=tiny_convmoe", "model.kernel_size=100001"], "model.depth=2, model.d_model=16, model.kernel_size=100001"),
     (["model=tiny", "model.num_experts=10000000", "router=jesa"], "model.num_experts=10000000, model.d_model=32"),
-    (["router=jesa", "channel.num_subcarriers=100000000000"], "data.batch_size=256, model.num_experts=8, "
-                                                             "channel.num_subcarriers=100000000000, model.depth=2"),
+    (
+        ["router=jesa", "channel.num_subcarriers=100000000000"],
+        "data.batch_size=256, model.num_experts=8, channel.num_subcarriers=100000000000, model.depth=2",
+    ),
     (["model=tiny_vmoe", "model.patch_size=1", "data.batch_size=100000"], "data.batch_size=100000, model.patch_size=1"),
 ]
 
@@ -651,8 +727,10 @@ def test_the_memory_estimate_is_a_lower_bound_of_the_weights(model):
     from dmoe_torch.config import TRAINING_WEIGHT_COPIES, memory_terms
 
     cfg = compose_cfg("train", [f"model={model}"])
-    terms = {t.what: t.size for t in memory_terms(validate_model(cfg), batch_size=1, images=1, num_subcarriers=16,
-                                                  frame="token", training=True)}
+    terms = {
+        t.what: t.size
+        for t in memory_terms(validate_model(cfg), batch_size=1, images=1, num_subcarriers=16, frame="token", training=True)
+    }
     built = build_model(cfg, FASHION)
     expert_params = sum(p.numel() for layer in built.moe_layers for p in layer.experts.parameters())
     all_params = sum(p.numel() for p in built.parameters())
@@ -666,7 +744,10 @@ def test_an_evaluation_that_cannot_fit_in_memory_is_refused():
     cfg = compose_cfg("evaluate", ["ckpt=x", "eval.policies=[jesa]", "device=cpu", "channel.num_subcarriers=1000000000"])
     train = OmegaConf.merge(train, {"channel": {"num_subcarriers": 1000000000}})
     # one channel draw's link costs for the 10000 test images are kept for every setting
-    with pytest.raises(ConfigError, match=r"^data.limit_test=None, model.num_experts=8, channel.num_subcarriers=1000000000, "
-                                          r"model.depth=2: evaluation needs at least .* of RAM \(link costs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.limit_test=None, model.num_experts=8, channel.num_subcarriers=1000000000, "
+        r"model.depth=2: evaluation needs at least .* of RAM \(link costs",
+    ):
         eval_policies(cfg, train)
     eval_policies(compose_cfg("evaluate", ["ckpt=x", "eval.policies=[jesa]", "device=cpu"]), compose_cfg("train"))

@@ -1,6 +1,7 @@
 """The default token model (model=convmoe): every position of the stem's feature map is a
 routed token, tokens go back to their own positions, `none` bypasses the experts, evaluation
 does not depend on the batch size, bad configs, and the entry points end to end."""
+
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
 from dmoe_torch.config import ConfigError, validate_model
-from dmoe_torch.evaluation import evaluate
+from dmoe_torch.engine.evaluation import evaluate
 from dmoe_torch.models.convmoe import ConvMoEClassifier
 from dmoe_torch.moe import RouterSpec, perfect_costs
 
@@ -76,7 +77,7 @@ def test_none_bypasses_every_moe_layer():
 
 def _loader(x, y, batch_size):
     ids = torch.arange(len(x))
-    return [(x[i:i + batch_size], y[i:i + batch_size], ids[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return [(x[i : i + batch_size], y[i : i + batch_size], ids[i : i + batch_size]) for i in range(0, len(x), batch_size)]
 
 
 @pytest.mark.parametrize("policy", ["topk", "jesa"])
@@ -86,8 +87,7 @@ def test_evaluation_is_identical_for_batch_sizes_25_and_50(policy):
     x, y = images(50, seed=4), torch.randint(0, 10, (50,), generator=torch.Generator().manual_seed(5))
     specs = [RouterSpec(policy, gamma=0.8, k=2, failure_energy=channel.failure_energy_j)] * 2
     results = [
-        evaluate(model, _loader(x, y, bs), channel=channel, specs=specs, stream=1, device=torch.device("cpu"))
-        for bs in (25, 50)
+        evaluate(model, _loader(x, y, bs), channel=channel, specs=specs, stream=1, device=torch.device("cpu")) for bs in (25, 50)
     ]
     # The convolutions may round differently with another batch size (oneDNN picks kernels by
     # shape): the loss agrees to float32 precision, everything the router decided exactly.
@@ -99,11 +99,14 @@ def test_evaluation_is_identical_for_batch_sizes_25_and_50(policy):
 CONVMOE = dict(name="convmoe", d_model=64, num_experts=8, depth=2, hidden_mult=2, kernel_size=3, link_dropout=0.3)
 
 
-@pytest.mark.parametrize("override, message", [
-    (dict(kernel_size=4), "model.kernel_size=4: must be odd"),
-    (dict(depth=0), "model.depth=0: must be"),
-    (dict(patch_size=4), "model.patch_size: unknown key"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(kernel_size=4), "model.kernel_size=4: must be odd"),
+        (dict(depth=0), "model.depth=0: must be"),
+        (dict(patch_size=4), "model.patch_size: unknown key"),
+    ],
+)
 def test_bad_model_config_names_the_key(override, message):
     cfg = OmegaConf.create({"data": {"name": "fashion_mnist"}, "model": {**CONVMOE, **override}})
     with pytest.raises(ConfigError) as info:

@@ -1,4 +1,5 @@
 """Datasets: real Fashion-MNIST from the Debian package, seeded splits, loaders, errors."""
+
 from __future__ import annotations
 
 import gzip
@@ -116,11 +117,7 @@ def test_random_crop_flip_takes_windows_of_the_padded_image():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     flips = 0
     for b in range(B):
-        windows = [
-            padded[b, :, dy : dy + H, dx : dx + W]
-            for dy in range(5)
-            for dx in range(5)
-        ]
+        windows = [padded[b, :, dy : dy + H, dx : dx + W] for dy in range(5) for dx in range(5)]
         straight = any(torch.equal(out[b], w) for w in windows)
         mirrored = any(torch.equal(out[b], w.flip(-1)) for w in windows)
         assert straight or mirrored
@@ -166,7 +163,7 @@ def test_augmented_training_set_is_reproducible_with_workers(fashion_root):
         return [(images, ids) for images, _, ids in loader][:3], train
 
     (batches, train), (again, _) = first_batches(2), first_batches(2)
-    for (images, ids), (images_again, ids_again) in zip(batches, again):
+    for (images, ids), (images_again, ids_again) in zip(batches, again, strict=True):
         assert torch.equal(ids, ids_again) and torch.equal(images, images_again)
     # The same images without augmentation: look the batch's sample ids up by position.
     positions = (train.sample_ids[None, :] == batches[0][1][:, None]).nonzero()[:, 1]
@@ -240,8 +237,9 @@ def test_a_failed_attempt_removes_what_it_created(tmp_path, monkeypatch):
 @pytest.mark.parametrize("val_size,limit_train", [(100, 600), (5000, 7), (5000, 2), (3, 1000), (0, None)])
 def test_split_sizes_are_the_sizes_build_datasets_makes(fashion_root, val_size, limit_train):
     """config.py checks a split with split_sizes before any data is read: the same rule."""
-    train, val, _, _ = build_datasets("fashion_mnist", fashion_root, val_size=val_size, limit_train=limit_train,
-                                      limit_test=1, download=False)
+    train, val, _, _ = build_datasets(
+        "fashion_mnist", fashion_root, val_size=val_size, limit_train=limit_train, limit_test=1, download=False
+    )
     available = data.DATASET_TRAIN_SIZES["fashion_mnist"]
     assert data.split_sizes(available, val_size, limit_train) == (len(train), len(val))
 
@@ -251,8 +249,15 @@ def test_numpy_integers_are_accepted_as_sizes(fashion_root):
 
     if not all(p.is_file() for p in DEBIAN_FILES):
         pytest.skip("Debian package dataset-fashion-mnist not installed")
-    train, val, test, _ = build_datasets("fashion_mnist", fashion_root, val_size=np.int64(10), limit_train=np.int32(60),
-                                         limit_test=np.int64(5), seed=np.int64(0), download=False)
+    train, val, test, _ = build_datasets(
+        "fashion_mnist",
+        fashion_root,
+        val_size=np.int64(10),
+        limit_train=np.int32(60),
+        limit_test=np.int64(5),
+        seed=np.int64(0),
+        download=False,
+    )
     assert (len(train), len(val), len(test)) == (50, 10, 5)
     with pytest.raises(ValueError, match="data.limit_train must be a positive int"):
         build_datasets("fashion_mnist", fashion_root, limit_train=np.float64(60.0), download=False)

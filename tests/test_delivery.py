@@ -1,4 +1,5 @@
 """apply_delivery: selected links the true channel cannot carry fail and cost P_ap * T_max."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """DES (exact P1 solver) against brute force, the pure-Python reference and HiGHS."""
+
 from __future__ import annotations
 
 import math
@@ -240,7 +241,7 @@ def test_rows_that_exhaust_the_node_budget_are_finished_exactly():
     assert (capped[5][stopped] >= full[5][stopped] * (1 - 1e-9)).all()  # no weaker than the root
 
 
-@njit  # no cache: numba's cache would not notice edits to des.py, which this inlines
+@njit  # no cache: numba's cache would not notice edits to des_kernel.py, which this inlines
 def _solve_rows_in_numba(scores, costs, gamma, k_min, k_max):
     B, K = scores.shape
     mask = np.zeros((B, K), dtype=np.bool_)

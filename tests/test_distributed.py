@@ -7,6 +7,7 @@ from either runtime continues on the other.  A worker that dies or hangs stops t
 with one line naming it, the last checkpoint intact, and a rerun resumes.  Bad runtime
 configs and world sizes fail before any work.  Every process is bounded in time.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,15 @@ from dmoe_torch.runtime.transport import Session, hosted_experts, worker_of_expe
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT = 240  # seconds any spawned group may take before the test fails (and kills it)
-TINY = ("model=tiny", "data.limit_train=320", "data.limit_test=100", "data.batch_size=64", "train.warmup_steps=2",
-        "device=cpu", "progress=false")
+TINY = (
+    "model=tiny",
+    "data.limit_train=320",
+    "data.limit_test=100",
+    "data.batch_size=64",
+    "train.warmup_steps=2",
+    "device=cpu",
+    "progress=false",
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +67,15 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
 def torchrun_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     """The variables torchrun sets, for a process started by hand; one compute thread."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **ONE_THREAD}
+    return {
+        **env,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        **ONE_THREAD,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,16 +90,27 @@ def test_expert_k_lives_on_worker_one_plus_k_mod_w():
             assert all(worker_of_expert(k, W) == w == 1 + k % W for k in experts)
 
 
-@pytest.mark.parametrize("env, section, message", [
-    ({}, {"name": "distributed", "backend": "auto", "timeout_s": 5}, "needs torchrun"),
-    ({"WORLD_SIZE": "1"}, {"name": "distributed", "backend": "auto", "timeout_s": 5}, "WORLD_SIZE=1 leaves no expert worker"),
-    ({"WORLD_SIZE": "6"}, {"name": "distributed", "backend": "auto", "timeout_s": 5}, "5 expert workers for model.num_experts=4"),
-    ({"WORLD_SIZE": "3"}, {"name": "local"}, "runtime=local with WORLD_SIZE=3"),
-    ({"WORLD_SIZE": "3"}, {"name": "distributed", "backend": "auto", "timeout_s": 5, "timeout": 5}, "runtime.timeout: unknown key"),
-    ({"WORLD_SIZE": "3"}, {"name": "distributed", "backend": "mpi", "timeout_s": 5}, "runtime.backend='mpi'"),
-    ({"WORLD_SIZE": "3"}, {"name": "distributed", "backend": "gloo", "timeout_s": 0}, "runtime.timeout_s=0"),
-    ({"WORLD_SIZE": "3"}, {"name": "remote"}, "runtime.name='remote'"),
-])
+@pytest.mark.parametrize(
+    "env, section, message",
+    [
+        ({}, {"name": "distributed", "backend": "auto", "timeout_s": 5}, "needs torchrun"),
+        ({"WORLD_SIZE": "1"}, {"name": "distributed", "backend": "auto", "timeout_s": 5}, "WORLD_SIZE=1 leaves no expert worker"),
+        (
+            {"WORLD_SIZE": "6"},
+            {"name": "distributed", "backend": "auto", "timeout_s": 5},
+            "5 expert workers for model.num_experts=4",
+        ),
+        ({"WORLD_SIZE": "3"}, {"name": "local"}, "runtime=local with WORLD_SIZE=3"),
+        (
+            {"WORLD_SIZE": "3"},
+            {"name": "distributed", "backend": "auto", "timeout_s": 5, "timeout": 5},
+            "runtime.timeout: unknown key",
+        ),
+        ({"WORLD_SIZE": "3"}, {"name": "distributed", "backend": "mpi", "timeout_s": 5}, "runtime.backend='mpi'"),
+        ({"WORLD_SIZE": "3"}, {"name": "distributed", "backend": "gloo", "timeout_s": 0}, "runtime.timeout_s=0"),
+        ({"WORLD_SIZE": "3"}, {"name": "remote"}, "runtime.name='remote'"),
+    ],
+)
 def test_bad_runtime_config_or_world_size_is_one_clear_error(monkeypatch, env, section, message):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -123,7 +149,11 @@ def test_distributed_without_torchrun_exits_2_with_one_line_and_writes_nothing(t
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "HYDRA_FULL_ERROR")}
     result = subprocess.run(
         [sys.executable, "train.py", *TINY, f"data.root={data_root}", "runtime=distributed", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=PROCESS_TIMEOUT, env={**env, "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+        env={**env, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -137,19 +167,33 @@ def test_distributed_without_torchrun_exits_2_with_one_line_and_writes_nothing(t
 
 def _run(cfg, model, optimizer, scheduler, batches, channel, specs, *, clip_norms: list, masks: list) -> list[float]:
     """Train on ``batches`` with the real training step; return the losses."""
-    from dmoe_torch import training
-    from dmoe_torch.evaluation import train_stream
-    from dmoe_torch.training import EpochProgress, train_one_epoch
+    from dmoe_torch.channel.links import train_stream
+    from dmoe_torch.engine import training
+    from dmoe_torch.engine.training import EpochProgress, train_one_epoch
 
     losses: list[float] = []
     clip = training.clip_grad_norm
     training.clip_grad_norm = lambda m, c: clip_norms.append(float(clip(m, c)))
-    hooks = [layer.register_forward_hook(lambda mod, args, out: masks.append((out.selection.mask, out.selection.failed)))
-             for layer in model.moe_layers]
+    hooks = [
+        layer.register_forward_hook(lambda mod, args, out: masks.append((out.selection.mask, out.selection.failed)))
+        for layer in model.moe_layers
+    ]
     try:
-        train_one_epoch(model, batches, optimizer, scheduler, channel=channel, specs=specs, stream=train_stream(0),
-                        device=torch.device("cpu"), aux_loss_coef=0.01, grad_clip=float(cfg.train.grad_clip),
-                        generator=None, progress=EpochProgress(), on_step=lambda progress, loss: losses.append(loss))
+        train_one_epoch(
+            model,
+            batches,
+            optimizer,
+            scheduler,
+            channel=channel,
+            specs=specs,
+            stream=train_stream(0),
+            device=torch.device("cpu"),
+            aux_loss_coef=0.01,
+            grad_clip=float(cfg.train.grad_clip),
+            generator=None,
+            progress=EpochProgress(),
+            on_step=lambda progress, loss: losses.append(loss),
+        )
     finally:
         training.clip_grad_norm = clip
         for hook in hooks:
@@ -160,10 +204,11 @@ def _run(cfg, model, optimizer, scheduler, batches, channel, specs, *, clip_norm
 def _equality_job(cfg, out_dir):
     """Rank 0: the same steps and evaluations local, then distributed, then resumed across runtimes."""
     from dmoe_torch import runtime
-    from dmoe_torch.build import build_channel, build_model, router_specs
+    from dmoe_torch.channel.links import eval_stream
     from dmoe_torch.data import make_loader
-    from dmoe_torch.evaluation import dataset_and_info, eval_stream, evaluate, routing_generator
-    from dmoe_torch.training import lr_lambda
+    from dmoe_torch.engine.build import build_channel, build_model, router_specs
+    from dmoe_torch.engine.evaluation import dataset_and_info, evaluate, routing_generator
+    from dmoe_torch.engine.training import lr_lambda
 
     torch.manual_seed(0)
     train_ds, _, test_ds, info = dataset_and_info(cfg, limit_train=cfg.data.limit_train)
@@ -185,8 +230,17 @@ def _equality_job(cfg, out_dir):
         # it the float rounding of later steps in this process.)
         for policy, k in (("topk", 1), ("dense", 2), ("channel_topk", 2)):
             eval_specs = [dataclasses.replace(s, policy=policy, k=k) for s in specs]
-            results.append(evaluate(model, test_loader, channel=channel, specs=eval_specs, stream=eval_stream(0),
-                                    device=torch.device("cpu"), generator=routing_generator(0, eval_stream(0))))
+            results.append(
+                evaluate(
+                    model,
+                    test_loader,
+                    channel=channel,
+                    specs=eval_specs,
+                    stream=eval_stream(0),
+                    device=torch.device("cpu"),
+                    generator=routing_generator(0, eval_stream(0)),
+                )
+            )
         return results
 
     results = {}
@@ -196,11 +250,20 @@ def _equality_job(cfg, out_dir):
             runtime.attach_experts(model, optimizer, payload_bits=channel.payload_bits)
         record = {"clip_norms": [], "masks": []}
         losses = _run(cfg, model, optimizer, scheduler, batches[:2], channel, specs, **record)
-        halfway = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
-                   "scheduler": scheduler.state_dict()}
+        halfway = {
+            "model": copy.deepcopy(model.state_dict()),
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "scheduler": scheduler.state_dict(),
+        }
         losses += _run(cfg, model, optimizer, scheduler, batches[2:], channel, specs, **record)
-        results[name] = {"losses": losses, **record, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "halfway": halfway, "eval": evaluations(model)}
+        results[name] = {
+            "losses": losses,
+            **record,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "halfway": halfway,
+            "eval": evaluations(model),
+        }
         if name == "distributed":
             results[name]["exchange"] = copy.deepcopy(runtime._active.stats.layers)
     # Resume across runtimes: a local checkpoint state continues distributed, and vice versa.
@@ -221,8 +284,13 @@ def _equality_job(cfg, out_dir):
 
 
 def _rank_main(rank: int, world_size: int, port: int, overrides: list[str], out_dir: str) -> None:
-    os.environ.update({k: v for k, v in torchrun_env(rank, world_size, port).items() if k in
-                       ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
+    os.environ.update(
+        {
+            k: v
+            for k, v in torchrun_env(rank, world_size, port).items()
+            if k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        }
+    )
     torch.set_num_threads(1)
     from hydra import compose, initialize_config_dir
 
@@ -238,8 +306,9 @@ def spawn_group(world_size: int, overrides: list[str], out_dir: Path) -> list[in
     """Start ranks 0..world_size-1 of :func:`_rank_main`; their exit codes (killed at the timeout)."""
     context = mp.get_context("spawn")
     port = free_port()
-    processes = [context.Process(target=_rank_main, args=(rank, world_size, port, overrides, str(out_dir)))
-                 for rank in range(world_size)]
+    processes = [
+        context.Process(target=_rank_main, args=(rank, world_size, port, overrides, str(out_dir))) for rank in range(world_size)
+    ]
     saved = {name: os.environ.get(name) for name in ONE_THREAD}
     os.environ.update(ONE_THREAD)  # spawned processes start with this environment
     try:
@@ -263,8 +332,16 @@ def spawn_group(world_size: int, overrides: list[str], out_dir: Path) -> list[in
 @pytest.fixture(scope="module")
 def equality_results(tmp_path_factory, data_root) -> dict:
     out_dir = tmp_path_factory.mktemp("equality")
-    overrides = [*TINY, f"data.root={data_root}", "runtime=distributed", "runtime.backend=gloo", "runtime.timeout_s=60",
-                 "train.grad_clip=0.05", "router=topk", "router.k=2"]
+    overrides = [
+        *TINY,
+        f"data.root={data_root}",
+        "runtime=distributed",
+        "runtime.backend=gloo",
+        "runtime.timeout_s=60",
+        "train.grad_clip=0.05",
+        "router=topk",
+        "router.k=2",
+    ]
     assert spawn_group(3, overrides, out_dir) == [0, 0, 0]
     return torch.load(out_dir / "results.pt", weights_only=False)
 
@@ -289,15 +366,16 @@ def test_distributed_training_equals_local(equality_results):
     assert dist["losses"] == pytest.approx(local["losses"], abs=1e-5)
     # Routing decisions (every layer, every step) and the gradient norms being clipped.
     assert len(local["masks"]) == len(dist["masks"]) == 4 * 2
-    for (mask_a, failed_a), (mask_b, failed_b) in zip(local["masks"], dist["masks"]):
+    for (mask_a, failed_a), (mask_b, failed_b) in zip(local["masks"], dist["masks"], strict=True):
         assert torch.equal(mask_a, mask_b) and torch.equal(failed_a, failed_b)
     assert dist["clip_norms"] == pytest.approx(local["clip_norms"], rel=1e-6)
     assert min(local["clip_norms"]) > 0.05  # grad_clip=0.05 was active at every step
     # The gathered expert weights and AdamW state form the local checkpoint's state.
     _assert_same_state(local["model"], dist["model"])
     _assert_same_optimizer(local["optimizer"], dist["optimizer"])
-    assert not torch.equal(local["model"]["moe_layers.0.experts.1.fc1.weight"],
-                           local["halfway"]["model"]["moe_layers.0.experts.1.fc1.weight"])  # the experts trained
+    assert not torch.equal(
+        local["model"]["moe_layers.0.experts.1.fc1.weight"], local["halfway"]["model"]["moe_layers.0.experts.1.fc1.weight"]
+    )  # the experts trained
 
 
 def test_distributed_evaluation_equals_local(equality_results):
@@ -356,9 +434,20 @@ def one_epoch_checkpoint(tmp_path_factory, data_root) -> Path:
     """A local run stopped after epoch 1 of 2 (its checkpoint is what a rerun continues)."""
     run_dir = tmp_path_factory.mktemp("first_epoch")
     result = subprocess.run(
-        [sys.executable, "train.py", *TINY, f"data.root={data_root}", "train.epochs=2", "train.stop_after_epochs=1",
-         f"hydra.run.dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=PROCESS_TIMEOUT, env=torchrun_env(0, 1, 0) | {"WORLD_SIZE": "1"},
+        [
+            sys.executable,
+            "train.py",
+            *TINY,
+            f"data.root={data_root}",
+            "train.epochs=2",
+            "train.stop_after_epochs=1",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+        env=torchrun_env(0, 1, 0) | {"WORLD_SIZE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
@@ -375,8 +464,15 @@ def test_dead_or_hung_worker_stops_the_coordinator_with_one_line(tmp_path, data_
     for name in ("checkpoint.pt", "config.yaml"):
         (run_dir / name).write_bytes((one_epoch_checkpoint / name).read_bytes())
     before = _digest(run_dir / "checkpoint.pt")
-    args = [*TINY, f"data.root={data_root}", "train.epochs=2", "train.stop_after_epochs=1", f"hydra.run.dir={run_dir}",
-            "runtime=distributed", f"runtime.timeout_s={60 if failure == 'dies' else 5}"]
+    args = [
+        *TINY,
+        f"data.root={data_root}",
+        "train.epochs=2",
+        "train.stop_after_epochs=1",
+        f"hydra.run.dir={run_dir}",
+        "runtime=distributed",
+        f"runtime.timeout_s={60 if failure == 'dies' else 5}",
+    ]
     port = free_port()
     starts = [
         [sys.executable, "train.py", *args],
@@ -384,8 +480,12 @@ def test_dead_or_hung_worker_stops_the_coordinator_with_one_line(tmp_path, data_
         [sys.executable, "-c", FAULTY_WORKER, str(REPO / "conf"), *args],
     ]
     env = {"FAIL_AFTER_FORWARDS": "3", "FAILURE": failure}
-    processes = [subprocess.Popen(start, cwd=REPO, env=torchrun_env(rank, 3, port) | env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank, start in enumerate(starts)]
+    processes = [
+        subprocess.Popen(
+            start, cwd=REPO, env=torchrun_env(rank, 3, port) | env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for rank, start in enumerate(starts)
+    ]
     try:
         _, stderr = processes[0].communicate(timeout=PROCESS_TIMEOUT)
     finally:
@@ -401,30 +501,63 @@ def test_dead_or_hung_worker_stops_the_coordinator_with_one_line(tmp_path, data_
     assert not (run_dir / "metrics.json").exists()
 
     if failure == "dies":  # a rerun (here on the local runtime) resumes from that checkpoint and finishes
-        result = subprocess.run([sys.executable, "train.py", *args[:-2]], cwd=REPO, capture_output=True, text=True,
-                                timeout=PROCESS_TIMEOUT, env=torchrun_env(0, 1, 0))
+        result = subprocess.run(
+            [sys.executable, "train.py", *args[:-2]],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+            env=torchrun_env(0, 1, 0),
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Resuming from" in result.stdout + result.stderr
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["epochs_completed"] == 2 and len(metrics["history"]) == 2
 
 
-@pytest.mark.parametrize("frame, policies, rows", [
-    ("token", "[topk@1,topk@2,dense,channel_topk@2]", 4),
-    ("image", "[topk@2,topk_capacity@2,jesa]", 3),  # channel.frame=image: the P3 policies
-])
+@pytest.mark.parametrize(
+    "frame, policies, rows",
+    [
+        ("token", "[topk@1,topk@2,dense,channel_topk@2]", 4),
+        ("image", "[topk@2,topk_capacity@2,jesa]", 3),  # channel.frame=image: the P3 policies
+    ],
+)
 def test_evaluate_py_distributed_writes_the_local_table(tmp_path, data_root, one_epoch_checkpoint, frame, policies, rows):
     """evaluate.py with its experts on 2 workers (processes started as torchrun would) writes
     the same results.csv as in process, from a checkpoint written by a local run."""
-    args = [f"ckpt={one_epoch_checkpoint}", f"eval.policies={policies}", "eval.gammas=[0.5]", "eval.channel_draws=2",
-            "data.limit_test=100", f"data.root={data_root}", "device=cpu", "progress=false", f"channel.frame={frame}"]
-    local = subprocess.run([sys.executable, "evaluate.py", *args, f"hydra.run.dir={tmp_path / 'local'}"], cwd=REPO,
-                           capture_output=True, text=True, timeout=PROCESS_TIMEOUT, env=torchrun_env(0, 1, 0))
+    args = [
+        f"ckpt={one_epoch_checkpoint}",
+        f"eval.policies={policies}",
+        "eval.gammas=[0.5]",
+        "eval.channel_draws=2",
+        "data.limit_test=100",
+        f"data.root={data_root}",
+        "device=cpu",
+        "progress=false",
+        f"channel.frame={frame}",
+    ]
+    local = subprocess.run(
+        [sys.executable, "evaluate.py", *args, f"hydra.run.dir={tmp_path / 'local'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+        env=torchrun_env(0, 1, 0),
+    )
     assert local.returncode == 0, local.stderr[-3000:]
     port = free_port()
     distributed = [*args, f"hydra.run.dir={tmp_path / 'distributed'}", "runtime=distributed"]
-    processes = [subprocess.Popen([sys.executable, "evaluate.py", *distributed], cwd=REPO, env=torchrun_env(rank, 3, port),
-                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(3)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "evaluate.py", *distributed],
+            cwd=REPO,
+            env=torchrun_env(rank, 3, port),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for rank in range(3)
+    ]
     try:
         outputs = [process.communicate(timeout=PROCESS_TIMEOUT) for process in processes]
     finally:

@@ -9,6 +9,7 @@ dropped (the optimum is unique even when its argmin is not); JESA may legitimate
 another path there, so it is checked for validity against the exact optimum instead.
 The 100,000-instance run is benchmarks/bench_enumerate.py (and the DMOE_SLOW=1 test below).
 """
+
 from __future__ import annotations
 
 import ast

@@ -1,4 +1,5 @@
 """Exact references: MILP (HiGHS) against brute force, for P1 and for P2."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Every script in examples/ runs and prints what it claims (tiny sizes, CPU)."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ CHECKED = {"routing_on_your_tensors.py", "channel_energies.py", "moe_in_your_mod
 
 def run_example(name: str, *args: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, env=env,
-                            cwd=EXAMPLES.parent, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, env=env, cwd=EXAMPLES.parent, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -53,8 +55,14 @@ def test_moe_in_your_model_learns(policy):
 def test_custom_policy_routes_and_trains():
     """A policy registered from user code routes through route() and MoELayer and trains."""
     out = run_example("custom_policy.py", "--steps", "40")
-    experts, mine, top2 = map(float, re.search(r"price_rule: ([\d.]+) experts/input, energy ([\d.]+) µJ; "
-                                                 r"topk@2: energy ([\d.]+) µJ", out).groups())
+    experts, mine, top2 = map(
+        float,
+        re.search(
+            r"price_rule: ([\d.]+) experts/input, energy ([\d.]+) µJ; "
+            r"topk@2: energy ([\d.]+) µJ",
+            out,
+        ).groups(),
+    )
     assert 1.0 <= experts <= 2.0 and 0 < mine < top2
     first, last = map(float, re.search(r"first 5 steps ([\d.]+), of the last 5 steps ([\d.]+)", out).groups())
     assert last < 0.8 * first

@@ -2,6 +2,7 @@
 evaluation-time channel override, the figure drawn from its points, a rerun that computes
 nothing, a failing point named in one line while the others are kept, and bad CKPT / OUT.
 A tiny token model trained for one epoch on 200 images; every point on 40 test images."""
+
 from __future__ import annotations
 
 import csv
@@ -16,11 +17,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dmoe_torch import figures
 from dmoe_torch.channel import ChannelConfig
 from dmoe_torch.config import ConfigError
+from dmoe_torch.config.eval import validate_eval_config
 from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
-from dmoe_torch.eval_config import validate_eval_config
+from dmoe_torch.engine import sweeps as figures
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,9 +38,23 @@ def checkpoint(tmp_path_factory, data_root) -> Path:
     run_dir = tmp_path_factory.mktemp("train")
     env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "+experiment=quick", "model=tiny_vmoe", "data.limit_train=200",
-         "data.limit_test=40", "device=cpu", "progress=false", f"data.root={data_root}", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "+experiment=quick",
+            "model=tiny_vmoe",
+            "data.limit_train=200",
+            "data.limit_test=40",
+            "device=cpu",
+            "progress=false",
+            f"data.root={data_root}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir / "checkpoint.pt"
@@ -64,8 +79,22 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_two_point_multirun_then_figure_then_rerun_computes_nothing(checkpoint, data_root, tmp_path, capsys):
     spec = settings(tmp_path, "cell:\n  d_max_m: [150, 300]\n  policies: [topk@2, jesa]\n  gammas: [0.9]\n")
     out = tmp_path / "figs"
-    args = ("--ckpt", str(checkpoint), "--out", str(out), "--config", spec, "--only", "4", "--jobs", "2",
-            "--docs", str(tmp_path / "docs"), "device=cpu", f"data.root={data_root}")
+    args = (
+        "--ckpt",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--config",
+        spec,
+        "--only",
+        "4",
+        "--jobs",
+        "2",
+        "--docs",
+        str(tmp_path / "docs"),
+        "device=cpu",
+        f"data.root={data_root}",
+    )
     assert run(*args) == 0
     printed = capsys.readouterr().out
     assert "sweep cell: 2 points over channel.d_max_m, 2 to compute" in printed
@@ -98,8 +127,9 @@ def test_failing_point_is_named_and_the_others_are_kept(checkpoint, data_root, t
     # N = 0 * K subcarriers is invalid; N = K is fine.
     spec = settings(tmp_path, "subcarriers:\n  multiples: [0, 1]\n  policies: [topk@2]\n  gammas: [0.9]\n")
     out = tmp_path / "figs"
-    status = run("--ckpt", str(checkpoint), "--out", str(out), "--config", spec, "--only", "2", "device=cpu",
-                 f"data.root={data_root}")
+    status = run(
+        "--ckpt", str(checkpoint), "--out", str(out), "--config", spec, "--only", "2", "device=cpu", f"data.root={data_root}"
+    )
     captured = capsys.readouterr()
     assert status == 1, captured.out[-3000:] + captured.err[-3000:]
     errors = [line for line in captured.err.splitlines() if line.startswith("Error:")]
@@ -160,7 +190,7 @@ def test_unknown_channel_override_names_the_key_and_the_fields():
 def test_figure8_sweeps_and_draw():
     """fig8: T_max under image frames, token frames as the reference (no topk_capacity there);
     the drawn rows carry frame and T_max, and results without frame_overrun_rate still draw."""
-    from dmoe_torch import figure_plots
+    from dmoe_torch.output import figures as figure_plots
 
     facts = {"path": "run/checkpoint.pt", "K": 8, "L": 2, "T": 49, "d_min_m": 50.0, "bandwidth_hz": 1e6, "latency_s": 1e-3}
     sweeps = figures.build_sweeps(OmegaConf.load(REPO / "conf" / "figures" / "default.yaml"), facts)
@@ -173,21 +203,41 @@ def test_figure8_sweeps_and_draw():
     assert "eval.policies=[topk@2,des,jesa]" in token.fixed  # topk_capacity exists only for image frames
     assert "data.limit_test=1000" in image.fixed and "eval.gammas=[0.25,0.5]" in token.fixed
     quick = figures.build_sweeps(OmegaConf.load(REPO / "conf" / "figures" / "quick.yaml"), facts)
-    assert quick["frame_latency_image"].values == ("0.0005", "0.002") and "data.limit_test=100" in quick["frame_latency_token"].fixed
+    assert (
+        quick["frame_latency_image"].values == ("0.0005", "0.002") and "data.limit_test=100" in quick["frame_latency_token"].fixed
+    )
 
     def row(policy, t_max, energy, overrun=None):
-        r = {"policy": policy, "gamma": "" if policy.startswith("topk") else "0.5", "energy_uj_mean": energy,
-             "energy_uj_ci95": 1.0, "accuracy_mean": 0.9, "accuracy_ci95": 0.01, "violation_rate": 0.1, "inputs": 100,
-             "draws": 1, "seed": 0, "channel.latency_budget_s": t_max}
+        r = {
+            "policy": policy,
+            "gamma": "" if policy.startswith("topk") else "0.5",
+            "energy_uj_mean": energy,
+            "energy_uj_ci95": 1.0,
+            "accuracy_mean": 0.9,
+            "accuracy_ci95": 0.01,
+            "violation_rate": 0.1,
+            "inputs": 100,
+            "draws": 1,
+            "seed": 0,
+            "channel.latency_budget_s": t_max,
+        }
         return r if overrun is None else {**r, "frame_overrun_rate": overrun}
 
-    data = {"frame_latency_image": [("0.0005", [row("topk@2", 5e-4, 900.0, 0.6), row("topk_capacity@2", 5e-4, 50.0, 0.0)]),
-                                    ("0.002", [row("topk@2", 2e-3, 60.0, 0.0), row("topk_capacity@2", 2e-3, 55.0, 0.0)])],
-            "frame_latency_token": [("0.0005", [row("topk@2", 5e-4, 40.0)])]}  # results without frame_overrun_rate
+    data = {
+        "frame_latency_image": [
+            ("0.0005", [row("topk@2", 5e-4, 900.0, 0.6), row("topk_capacity@2", 5e-4, 50.0, 0.0)]),
+            ("0.002", [row("topk@2", 2e-3, 60.0, 0.0), row("topk_capacity@2", 2e-3, 55.0, 0.0)]),
+        ],
+        "frame_latency_token": [("0.0005", [row("topk@2", 5e-4, 40.0)])],
+    }  # results without frame_overrun_rate
     figure, rows = figure_plots.draw_frame_latency(data, facts, sweeps)
     assert [(r["frame"], r["latency_budget_ms"], r["policy"]) for r in rows] == [
-        ("image", 0.5, "topk@2"), ("image", 0.5, "topk_capacity@2"), ("image", 2.0, "topk@2"),
-        ("image", 2.0, "topk_capacity@2"), ("token", 0.5, "topk@2")]
+        ("image", 0.5, "topk@2"),
+        ("image", 0.5, "topk_capacity@2"),
+        ("image", 2.0, "topk@2"),
+        ("image", 2.0, "topk_capacity@2"),
+        ("token", 0.5, "topk@2"),
+    ]
     assert rows[0]["frame_overrun_rate"] == 0.6 and math.isnan(rows[-1]["frame_overrun_rate"])
     assert figure_plots.FIGURES[8].sweeps == ("frame_latency_image", "frame_latency_token")
     figure_plots.pyplot().close(figure)

@@ -3,6 +3,7 @@
 Instances are seeded and tiny (T, K, N <= 4) so brute force can enumerate them; they include
 ties, zero scores, unreachable devices, links in outage and infeasible targets.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +33,7 @@ def random_frames(seed, F, T, K, N, *, ties=False, zeros=False, unreachable=Fals
     e = (rng.integers(1, 4, size=(F, K, N)) if ties else rng.uniform(1, 3, size=(F, K, N))) * 1e-5
     down = rng.random((F, K, N)) < outage
     if unreachable:
-        down |= (rng.random((F, K, 1)) < 0.25)
+        down |= rng.random((F, K, 1)) < 0.25
     e = np.where(down, np.inf, e)
     c = np.where(down, 0, rng.integers(1, max_cap + 1, size=(F, K, N)))
     return s, e, c
@@ -277,7 +278,7 @@ def test_route_frames_rejects_token_only_policies():
 
 def test_frame_links_match_the_channel():
     from dmoe_torch.channel import ChannelConfig, WirelessChannel
-    from dmoe_torch.selection.frame import frame_links
+    from dmoe_torch.channel.links import frame_links
 
     channel = WirelessChannel(ChannelConfig(num_subcarriers=8), num_devices=4, d_model=128, seed=3)
     e, c = frame_links(channel, np.arange(20), layer=1, stream=0)
@@ -297,7 +298,7 @@ def test_rescue_rounds_only_add_plans_where_none_was_found():
     which runs on every frame after the rounds).  Channel frames of 49 tokens where
     capacity binds (2 ms, gamma 0.8, d_model 128): the heuristic alone solves few of them."""
     from dmoe_torch.channel import ChannelConfig, WirelessChannel
-    from dmoe_torch.selection.frame import frame_links
+    from dmoe_torch.channel.links import frame_links
 
     K, N, T, F = 8, 16, 49, 16
     channel = WirelessChannel(ChannelConfig(num_subcarriers=N, latency_budget_s=2e-3), K, 128, seed=0)
@@ -339,8 +340,14 @@ def gap_frames():
     groups = []
     seed = 100
     for T, K, N in ((3, 3, 3), (4, 4, 4), (5, 3, 4), (6, 4, 3), (4, 2, 4)):
-        for kwargs in ({}, {"ties": True}, {"equal": True}, {"zeros": True, "max_cap": 2}, {"ties": True, "max_cap": 5},
-                       {"equal": True, "max_cap": 1}):
+        for kwargs in (
+            {},
+            {"ties": True},
+            {"equal": True},
+            {"zeros": True, "max_cap": 2},
+            {"ties": True, "max_cap": 5},
+            {"equal": True, "max_cap": 1},
+        ):
             for gamma, k_min, k_max in ((0.15, 1, 2), (0.5, 1, K), (0.3, 2, 2)):
                 groups.append((*random_frames(seed, 4, T, K, N, **kwargs), gamma, k_min, k_max))
                 seed += 1
@@ -380,10 +387,12 @@ def test_reassignment_kernel_never_adds_violations_nor_energy(rounds):
     """The kernel alone, from the plans without the pass, on frames with and without the
     deep moves: its plans fit every capacity (nothing cut when placed), no frame gets more
     violation tokens, and a frame with as many has no more energy."""
-    cases = [(random_frames(31, 40, 4, 3, 4, ties=True), 0.3, 1, 3, True),
-             (random_frames(32, 40, 5, 4, 4, ties=True, max_cap=2), 0.5, 1, 4, True),
-             (random_frames(33, 40, 4, 2, 4, equal=True), 0.5, 1, 2, True),
-             (random_frames(34, 20, 12, 4, 8, zeros=True), 0.4, 1, 2, False)]
+    cases = [
+        (random_frames(31, 40, 4, 3, 4, ties=True), 0.3, 1, 3, True),
+        (random_frames(32, 40, 5, 4, 4, ties=True, max_cap=2), 0.5, 1, 4, True),
+        (random_frames(33, 40, 4, 2, 4, equal=True), 0.5, 1, 2, True),
+        (random_frames(34, 20, 12, 4, 8, zeros=True), 0.4, 1, 2, False),
+    ]
     improved = 0
     for (s, e, c), gamma, k_min, k_max, deep in cases:
         start = frame_jesa(s, e, c, gamma, k_min, k_max, rescue_rounds=8, reassign_rounds=-1)

@@ -1,6 +1,7 @@
 """Per-family accuracy-vs-energy frontiers: interpolation on hand-made curves, the paired
 bootstrap on synthetic per-image data, and evaluate.py's frontier files on a tiny real run
 merged by scripts/frontier.py."""
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 from test_train_eval import REPO, check_ok, data_root, run_cli  # noqa: F401  (fixture)
 
-from dmoe_torch import frontier
-from dmoe_torch.report import read_results_csv
+from dmoe_torch.output import frontier
+from dmoe_torch.output.report import read_results_csv
 
 # --------------------------------------------------------------------------------------------
 # Interpolation on hand-made curves
@@ -23,13 +24,16 @@ RISING = [(10.0, 0.80), (20.0, 0.90), (40.0, 0.95)]  # (energy µJ, accuracy), m
 DIP = [(30.0, 0.90), (10.0, 0.80), (20.0, 0.70)]  # unsorted; (20, 0.70) is below the cheaper (10, 0.80)
 
 
-@pytest.mark.parametrize("target, energy", [
-    (0.85, 15.0),   # halfway between (10, .80) and (20, .90)
-    (0.925, 30.0),  # halfway between (20, .90) and (40, .95)
-    (0.95, 40.0),   # exactly the dearest point
-    (0.80, 10.0),   # exactly the cheapest point
-    (0.70, 10.0),   # already above at the cheapest point: its energy, never extrapolated below
-])
+@pytest.mark.parametrize(
+    "target, energy",
+    [
+        (0.85, 15.0),  # halfway between (10, .80) and (20, .90)
+        (0.925, 30.0),  # halfway between (20, .90) and (40, .95)
+        (0.95, 40.0),  # exactly the dearest point
+        (0.80, 10.0),  # exactly the cheapest point
+        (0.70, 10.0),  # already above at the cheapest point: its energy, never extrapolated below
+    ],
+)
 def test_iso_energy_interpolates_between_neighbours(target, energy):
     assert frontier.iso_accuracy_energy(RISING, target) == pytest.approx(energy)
 
@@ -84,8 +88,13 @@ def row(policy: str, gamma: str, accuracy: float, energy: float, target: str = "
 
 
 def test_family_curves_group_by_policy_name_and_outage_target():
-    rows = [row("topk@2", "", 0.9, 20.0), row("jesa", "0.9", 0.9, 15.0), row("topk@1", "", 0.8, 10.0),
-            row("jesa", "0.25", 0.85, 5.0), row("jesa", "0.25", 0.84, 6.0, target="0.05")]
+    rows = [
+        row("topk@2", "", 0.9, 20.0),
+        row("jesa", "0.9", 0.9, 15.0),
+        row("topk@1", "", 0.8, 10.0),
+        row("jesa", "0.25", 0.85, 5.0),
+        row("jesa", "0.25", 0.84, 6.0, target="0.05"),
+    ]
     curves = frontier.family_curves(rows)
     assert list(curves) == ["topk", "jesa", "jesa target 5%"]
     assert [r["policy"] for r in curves["topk"]] == ["topk@1", "topk@2"]  # by energy
@@ -98,8 +107,14 @@ def test_family_curves_group_by_policy_name_and_outage_target():
 # (policy, gamma, accuracy, mean energy µJ): an image is right under every setting whose
 # accuracy exceeds its difficulty u ~ U(0, 1), so better settings are right on a superset of
 # images, as trained models roughly are.
-SETTINGS = [("topk@1", "", 0.85, 25.0), ("topk@2", "", 0.92, 50.0), ("jesa", "0.1", 0.80, 10.0),
-            ("jesa", "0.25", 0.86, 20.0), ("jesa", "0.5", 0.90, 30.0), ("jesa", "0.9", 0.93, 40.0)]
+SETTINGS = [
+    ("topk@1", "", 0.85, 25.0),
+    ("topk@2", "", 0.92, 50.0),
+    ("jesa", "0.1", 0.80, 10.0),
+    ("jesa", "0.25", 0.86, 20.0),
+    ("jesa", "0.5", 0.90, 30.0),
+    ("jesa", "0.9", 0.93, 40.0),
+]
 
 
 def synthetic(images: int, seed: int = 0, draws: int = 2) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -129,8 +144,14 @@ def test_summary_point_estimates_match_the_rows_and_intervals_contain_them():
     assert jesa["iso_energy_uj"] == pytest.approx(frontier.iso_accuracy_energy(curve, jesa["target_accuracy"]))
     assert jesa["iso_energy_vs_reference"] == pytest.approx(jesa["iso_energy_uj"] / energy[1])
     for family in summary.values():
-        for name in ("iso_energy_uj", "iso_energy_vs_reference", "anchor_accuracy", "anchor_accuracy_diff",
-                     "target_accuracy", "anchor_energy_uj"):
+        for name in (
+            "iso_energy_uj",
+            "iso_energy_vs_reference",
+            "anchor_accuracy",
+            "anchor_accuracy_diff",
+            "target_accuracy",
+            "anchor_energy_uj",
+        ):
             if math.isfinite(family[name]):
                 assert family[f"{name}_lo"] <= family[name] <= family[f"{name}_hi"], (family["family"], name)
     assert math.isnan(summary["topk"]["anchor_accuracy"])  # jesa 0.25's energy is below topk's cheapest
@@ -151,8 +172,10 @@ def test_bootstrap_resamples_the_same_images_for_every_setting():
     # its iso energy exactly twice jesa's in every resample, so the interval too.
     rows, images = synthetic(1000)
     copy = [{**r, "policy": "double_" + r["policy"]} for r in rows[2:]]
-    doubled = {"correct": np.concatenate([images["correct"], images["correct"][2:]]),
-               "energy_uj": np.concatenate([images["energy_uj"], 2 * images["energy_uj"][2:]])}
+    doubled = {
+        "correct": np.concatenate([images["correct"], images["correct"][2:]]),
+        "energy_uj": np.concatenate([images["energy_uj"], 2 * images["energy_uj"][2:]]),
+    }
     summary = by_family(frontier.frontier_summary(rows + copy, doubled, resamples=300))
     for name in ("iso_energy_uj", "iso_energy_uj_lo", "iso_energy_uj_hi"):
         assert summary["double_jesa"][name] == pytest.approx(2 * summary["jesa"][name], rel=1e-12)
@@ -169,8 +192,10 @@ def test_never_reached_and_missing_reference_or_anchor():
     assert next(csv.DictReader(io.StringIO(text)))["iso_energy_uj_hi"] == "inf"
     absent = by_family(frontier.frontier_summary(rows, images, reference="dense", anchor=("des", 0.5), resamples=50))
     for r in absent.values():  # nothing to reach, nothing to compare at: n/a, not "never reached"
-        assert all(math.isnan(r[name]) for name in ("iso_energy_uj", "iso_energy_uj_hi", "iso_reached_share",
-                                                    "anchor_accuracy", "anchor_accuracy_hi"))
+        assert all(
+            math.isnan(r[name])
+            for name in ("iso_energy_uj", "iso_energy_uj_hi", "iso_reached_share", "anchor_accuracy", "anchor_accuracy_hi")
+        )
     assert "dense was not evaluated" in frontier.frontier_markdown(list(absent.values()))
 
 
@@ -200,12 +225,38 @@ def test_bad_summary_arguments_fail_fast(kwargs, match):
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, data_root):  # noqa: F811  (fixture)
     train_dir, eval_dir = tmp_path_factory.mktemp("train"), tmp_path_factory.mktemp("eval")
-    check_ok(run_cli("train.py", "data.limit_train=300", "data.limit_test=100", "data.batch_size=100", "train.epochs=1",
-                     "model=tiny", "model.d_model=32", "model.num_experts=4", "train.warmup_steps=2", "device=cpu",
-                     "progress=false", f"data.root={data_root}", f"hydra.run.dir={train_dir}"))
-    check_ok(run_cli("evaluate.py", f"ckpt={train_dir}", "eval.policies=[topk@1,topk@2,des,jesa]", "eval.gammas=[0.25,0.9]",
-                     "eval.channel_draws=2", "data.limit_test=200", "data.batch_size=200", "device=cpu", "progress=false",
-                     f"data.root={data_root}", f"hydra.run.dir={eval_dir}"))
+    check_ok(
+        run_cli(
+            "train.py",
+            "data.limit_train=300",
+            "data.limit_test=100",
+            "data.batch_size=100",
+            "train.epochs=1",
+            "model=tiny",
+            "model.d_model=32",
+            "model.num_experts=4",
+            "train.warmup_steps=2",
+            "device=cpu",
+            "progress=false",
+            f"data.root={data_root}",
+            f"hydra.run.dir={train_dir}",
+        )
+    )
+    check_ok(
+        run_cli(
+            "evaluate.py",
+            f"ckpt={train_dir}",
+            "eval.policies=[topk@1,topk@2,des,jesa]",
+            "eval.gammas=[0.25,0.9]",
+            "eval.channel_draws=2",
+            "data.limit_test=200",
+            "data.batch_size=200",
+            "device=cpu",
+            "progress=false",
+            f"data.root={data_root}",
+            f"hydra.run.dir={eval_dir}",
+        )
+    )
     return eval_dir
 
 
@@ -223,7 +274,7 @@ def test_evaluation_writes_one_frontier_row_per_family(evaluated):
     reference = next(r for r in rows if r["policy"] == "topk@2")
     assert float(summary[0]["target_accuracy"]) == pytest.approx(reference["accuracy_mean"] - 0.005)
     markdown = (evaluated / "results.md").read_text()
-    section = markdown[markdown.index("## Frontier"):]
+    section = markdown[markdown.index("## Frontier") :]
     assert all(f"| {family} |" in section for family in ("topk", "des", "jesa"))
     assert (evaluated / frontier.FRONTIER_PNG).stat().st_size > 10_000
 
@@ -237,14 +288,19 @@ def frontier_script():
 
 def test_script_merges_runs_with_a_prefix(evaluated, tmp_path, capsys):
     out = tmp_path / "merged"
-    assert frontier_script().main(["--run", str(evaluated), "--run", f"{evaluated}:learned_:jesa",
-                                   "--out", str(out), "--resamples", "200"]) == 0
+    assert (
+        frontier_script().main(
+            ["--run", str(evaluated), "--run", f"{evaluated}:learned_:jesa", "--out", str(out), "--resamples", "200"]
+        )
+        == 0
+    )
     with open(out / frontier.FRONTIER_CSV, newline="") as handle:
         summary = {r["family"]: r for r in csv.DictReader(handle)}
     assert list(summary) == ["topk", "des", "jesa", "learned_jesa"]
     # The same images and draws, resampled together: the copy's numbers equal the original's.
-    assert {k: v for k, v in summary["learned_jesa"].items() if k != "family"} == \
-        {k: v for k, v in summary["jesa"].items() if k != "family"}
+    assert {k: v for k, v in summary["learned_jesa"].items() if k != "family"} == {
+        k: v for k, v in summary["jesa"].items() if k != "family"
+    }
     assert "| learned_jesa |" in (out / "frontier.md").read_text() and (out / frontier.FRONTIER_PNG).is_file()
     assert "| learned_jesa |" in capsys.readouterr().out
 

@@ -4,6 +4,7 @@ The solver itself (P3, its exact references and baselines) is tested in test_fra
 the MoE layer routes image frames with the frame's capacity, a frame of one token gives the
 token-frame optimum, frame_overrun_rate counts what it claims, and the configs fail clearly.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,10 +18,10 @@ from omegaconf import OmegaConf
 from test_train_eval import check_ok, data_root, run_cli  # noqa: F401  (fixture)
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
+from dmoe_torch.channel.links import frame_links, layer_links
 from dmoe_torch.config import ConfigError, channel_config
-from dmoe_torch.evaluation import EvalTotals, layer_links
+from dmoe_torch.engine.evaluation import EvalTotals
 from dmoe_torch.moe import FrameLinks, MoELayer, RouterSpec
-from dmoe_torch.selection.frame import frame_links
 
 
 def layer_and_tokens(seed: int, frames: int, tokens: int, K: int = 4, d: int = 16):
@@ -57,8 +58,9 @@ def test_layer_respects_each_frames_band_and_capacity(policy):
     assert (carried <= links.capacity).all(), "a link carries more tokens than fit in T_max"
     if policy != "topk":  # only the capacity-ignoring baseline sends links that miss T_max
         assert not sel.failed.any() and not sel.frame_overrun.any()
-    assert torch.equal(sel.frame_overrun.view(F, T), sel.frame_overrun.view(F, T)[:, :1].expand(F, T)), \
+    assert torch.equal(sel.frame_overrun.view(F, T), sel.frame_overrun.view(F, T)[:, :1].expand(F, T)), (
         "every token of a frame carries its frame's overrun flag"
+    )
 
 
 def test_one_token_frames_reach_the_token_frame_optimum():
@@ -131,11 +133,22 @@ def test_frame_config_fails_clearly():
 def test_router_policy_must_fit_the_frame_mode():
     from dmoe_torch.config import validate_model, validate_router
 
-    cfg = OmegaConf.create({
-        "model": {"name": "convmoe", "d_model": 16, "num_experts": 4, "depth": 2, "hidden_mult": 2,
-                  "kernel_size": 3, "link_dropout": 0.0, "combine": "renormalized", "balance_on": "selection"},
-        "router": {"policy": "topk_capacity", "k": 2, "gamma": 0.5, "k_min": 1, "k_max": None, "outage_target": None},
-    })
+    cfg = OmegaConf.create(
+        {
+            "model": {
+                "name": "convmoe",
+                "d_model": 16,
+                "num_experts": 4,
+                "depth": 2,
+                "hidden_mult": 2,
+                "kernel_size": 3,
+                "link_dropout": 0.0,
+                "combine": "renormalized",
+                "balance_on": "selection",
+            },
+            "router": {"policy": "topk_capacity", "k": 2, "gamma": 0.5, "k_min": 1, "k_max": None, "outage_target": None},
+        }
+    )
     shape = validate_model(cfg)
     assert validate_router(cfg, "router", shape, 16, "image")["policy"] == "topk_capacity"
     with pytest.raises(ConfigError, match=r"router.policy='topk_capacity': exists only with channel.frame=image"):
@@ -150,18 +163,45 @@ def test_train_with_image_frames_then_evaluate_any_batch_size(tmp_path, data_roo
     checkpoint, counts overruns, skips the policies without an image-frame form, and gives the
     same table whatever the batch size (one draw per image and layer, keyed by sample id)."""
     run = tmp_path / "run"
-    check_ok(run_cli("train.py", "model=tiny_convmoe", "data.limit_train=200", "data.limit_test=60", "data.batch_size=50",
-                     "train.epochs=1", "train.warmup_steps=2", "device=cpu", "progress=false", "router=jesa",
-                     "router.gamma=0.5", "router.k_max=2", "channel.frame=image", "channel.latency_budget_s=5e-4",
-                     f"data.root={data_root}", f"hydra.run.dir={run}"))
+    check_ok(
+        run_cli(
+            "train.py",
+            "model=tiny_convmoe",
+            "data.limit_train=200",
+            "data.limit_test=60",
+            "data.batch_size=50",
+            "train.epochs=1",
+            "train.warmup_steps=2",
+            "device=cpu",
+            "progress=false",
+            "router=jesa",
+            "router.gamma=0.5",
+            "router.k_max=2",
+            "channel.frame=image",
+            "channel.latency_budget_s=5e-4",
+            f"data.root={data_root}",
+            f"hydra.run.dir={run}",
+        )
+    )
     train_router = json.loads((run / "metrics.json").read_text())["history"][0]["train"]["router"]
     assert 0.0 <= train_router["frame_overrun_rate"] <= 1.0
     tables = []
     for batch in (30, 60):
-        result = check_ok(run_cli(
-            "evaluate.py", f"ckpt={run}/checkpoint.pt", "eval.policies=[none,topk@2,topk_capacity@2,jesa,dense]",
-            "eval.gammas=[0.5]", "eval.channel_draws=1", "data.limit_test=60", f"data.batch_size={batch}", "device=cpu",
-            "progress=false", f"data.root={data_root}", f"hydra.run.dir={tmp_path}/eval{batch}"))
+        result = check_ok(
+            run_cli(
+                "evaluate.py",
+                f"ckpt={run}/checkpoint.pt",
+                "eval.policies=[none,topk@2,topk_capacity@2,jesa,dense]",
+                "eval.gammas=[0.5]",
+                "eval.channel_draws=1",
+                "data.limit_test=60",
+                f"data.batch_size={batch}",
+                "device=cpu",
+                "progress=false",
+                f"data.root={data_root}",
+                f"hydra.run.dir={tmp_path}/eval{batch}",
+            )
+        )
         assert "skipped dense: no image-frame form" in result.stdout + result.stderr
         tables.append((tmp_path / f"eval{batch}" / "results.csv").read_text())
     # Routing, energies and rates are identical; the CPU kernels' float rounding (~1e-7)

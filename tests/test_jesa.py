@@ -6,6 +6,7 @@ violation), violation agrees with the exact solver, energy >= exact optimum, ene
 "DES under c*, then min-cost assignment", certified => energy == optimum, and
 lower_bound <= optimum.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -245,8 +246,10 @@ def test_distinct_best_links_are_used_as_is():
     r = jesa_numpy(s, e, 0.9, 1, 8)
     single = r.iterations == 1
     best = e.argmin(2)
-    np.testing.assert_array_equal(r.subcarrier[single & ~r.violation][r.mask[single & ~r.violation]],
-                                  best[single & ~r.violation][r.mask[single & ~r.violation]])
+    np.testing.assert_array_equal(
+        r.subcarrier[single & ~r.violation][r.mask[single & ~r.violation]],
+        best[single & ~r.violation][r.mask[single & ~r.violation]],
+    )
     np.testing.assert_allclose(r.energy[r.certified], r.lower_bound[r.certified], rtol=1e-12)
 
 

@@ -1,4 +1,5 @@
 """DMoEClassifier: shapes, per-layer routing, gradients, batch independence, learning."""
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,7 @@ def test_aux_loss_is_mean_over_layers():
     out = model(x, costs, specs)
     h = model.stem(x)
     per_layer = []
-    for layer, c, spec in zip(model.moe_layers, costs, specs):
+    for layer, c, spec in zip(model.moe_layers, costs, specs, strict=True):
         result = layer(h, c, spec)
         per_layer.append(result.aux_loss)
         h = result.out
@@ -62,7 +63,7 @@ def test_gradients_reach_stem_gates_and_used_experts_only():
     loss = torch.nn.functional.cross_entropy(out.logits, torch.arange(B) % 10) + 0.01 * out.aux_loss
     loss.backward()
     assert not out.selections[0].mask[:, 3].any()
-    for layer_index, (layer, selection) in enumerate(zip(model.moe_layers, out.selections)):
+    for layer_index, (layer, selection) in enumerate(zip(model.moe_layers, out.selections, strict=True)):
         for k, expert in enumerate(layer.experts):
             used = bool(selection.mask[:, k].any())
             for name, p in expert.named_parameters():

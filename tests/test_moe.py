@@ -1,4 +1,5 @@
 """MoE layer: equivalence with dense MLPs, dispatch, failed links, balance loss, metrics."""
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,7 @@ def test_single_expert_equals_residual_mlp_outputs_and_gradients(spec):
     (result.out * upstream).sum().add(result.aux_loss).backward()
     (expected * upstream).sum().backward()
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=0, atol=1e-12)
-    for (name, p), p_ref in zip(layer.experts[0].named_parameters(), reference.parameters()):
+    for (name, p), p_ref in zip(layer.experts[0].named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-12, msg=name)
     # One expert always gets weight 1: the gate has nothing to learn.
     assert torch.count_nonzero(layer.gate.weight.grad) == 0
@@ -184,7 +185,7 @@ def test_failed_link_contributes_nothing_and_weights_renormalise():
     for b in range(B):
         survivors = [k for k in top2[b].tolist() if not outage[b, k]]
         weights = scores[b, survivors] / scores[b, survivors].sum()
-        for w, k in zip(weights, survivors):
+        for w, k in zip(weights, survivors, strict=True):
             expected[b] += w * layer.experts[k](h[b : b + 1])[0]
     torch.testing.assert_close(result.out, expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(result.out, reference_output(layer, h, sel.mask & ~sel.failed), rtol=0, atol=1e-12)
@@ -339,8 +340,9 @@ def test_renormalized_combine_gives_the_gate_nothing_on_single_expert_rows():
 
 
 def test_combine_weights_values_and_straight_through_gradient():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 0.0, 0.0, 3.0], [1.0, 1.0, 1.0, 1.0]],
-                          dtype=torch.float64, requires_grad=True)
+    logits = torch.tensor(
+        [[2.0, 1.0, 0.0, -1.0], [0.5, 0.0, 0.0, 3.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64, requires_grad=True
+    )
     effective = torch.tensor([[True, True, False, False], [True, False, False, False], [False] * 4])
     scores = torch.softmax(logits, -1)
     renorm = combine_weights(logits, scores, effective, "renormalized")

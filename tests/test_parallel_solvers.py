@@ -4,6 +4,7 @@ numba's thread pool has NUMBA_NUM_THREADS threads, fixed at import, and the proj
 tests with NUMBA_NUM_THREADS=1, so the 2-thread runs happen in a child process started with
 NUMBA_NUM_THREADS=2 (this file run as a script); the parent compares its arrays.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,9 @@ import numba
 import numpy as np
 import torch
 
-from dmoe_torch.selection.des import des_numpy, run_parallel, solver_threads
+from dmoe_torch.selection.des import des_numpy
 from dmoe_torch.selection.jesa import jesa_numpy, min_cost_assignment
+from dmoe_torch.selection.threads import run_parallel, solver_threads
 
 # (gamma, k_min, k_max): easy, tight, often infeasible (gamma 1 with at most 2 experts)
 SETTINGS = [(0.5, 1, 8), (0.9, 2, 4), (1.0, 1, 2)]
@@ -40,7 +42,7 @@ def solve_all(num_threads: int | None) -> dict[str, np.ndarray]:
     scores, costs = instances(3000, 8, 16, seed=0)
     static = costs[:, np.arange(8), np.arange(8)]  # expert k on subcarrier k
     for i, (gamma, k_min, k_max) in enumerate(SETTINGS):
-        for name, value in zip(DES_FIELDS, des_numpy(scores, static, gamma, k_min, k_max, num_threads=num_threads)):
+        for name, value in zip(DES_FIELDS, des_numpy(scores, static, gamma, k_min, k_max, num_threads=num_threads), strict=True):
             out[f"des{i}.{name}"] = value
     # N=4 < K: best links collide often, so JESA's iterative phase and P2 fallback run too
     scores, costs = instances(3000, 8, 4, seed=1)

@@ -1,4 +1,5 @@
 """Baseline policies and the policy registry (`route`)."""
+
 from __future__ import annotations
 
 import math
@@ -40,16 +41,16 @@ def expected_energy(mask, costs):
 # every policy
 # --------------------------------------------------------------------------------------
 def test_policy_names():
-    assert POLICIES == ("none", "topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal", "greedy",
-                        "lagrangian")
+    assert POLICIES == ("none", "topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal", "greedy", "lagrangian")
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_returns_a_consistent_selection(policy):
     B, K, N = 24, 6, 8
     scores, costs = instance(B, K, N, seed=1)
-    sel = route(policy, scores, costs, gamma=0.8, k=2, lam=3e4, failure_energy=FAILURE_J,
-                generator=torch.Generator().manual_seed(0))
+    sel = route(
+        policy, scores, costs, gamma=0.8, k=2, lam=3e4, failure_energy=FAILURE_J, generator=torch.Generator().manual_seed(0)
+    )
     assert isinstance(sel, Selection)
     assert sel.mask.shape == (B, K) and sel.mask.dtype == torch.bool
     assert sel.subcarrier.shape == (B, K) and sel.subcarrier.dtype == torch.int64
@@ -227,8 +228,12 @@ def test_route_passes_generator_and_failure_energy():
 @pytest.mark.parametrize(
     "policy, kwargs, match",
     [
-        ("nope", {}, r"policy must be one of none, topk, channel_topk, random_topk, dense, des, jesa, optimal, greedy, "
-                     r"lagrangian; got 'nope'"),
+        (
+            "nope",
+            {},
+            r"policy must be one of none, topk, channel_topk, random_topk, dense, des, jesa, optimal, greedy, "
+            r"lagrangian; got 'nope'",
+        ),
         ("topk", dict(k=9), "k must be in"),
         ("channel_topk", dict(k=0), "k must be in"),
         ("topk", dict(gamma=0.0), "gamma"),

@@ -1,4 +1,5 @@
 """The policy table: one record per policy, register_policy, and the two heuristics (greedy, lagrangian)."""
+
 from __future__ import annotations
 
 import itertools
@@ -50,23 +51,50 @@ def check_valid(sel: Selection, costs: torch.Tensor) -> None:
 
 
 def test_every_policy_has_a_record_with_its_facts():
-    builtin = {"none", "topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal", "greedy", "lagrangian",
-               "topk_capacity", "jesa_tokenwise"}
+    builtin = {
+        "none",
+        "topk",
+        "channel_topk",
+        "random_topk",
+        "dense",
+        "des",
+        "jesa",
+        "optimal",
+        "greedy",
+        "lagrangian",
+        "topk_capacity",
+        "jesa_tokenwise",
+    }
     assert builtin <= set(POLICY_TABLE)
     assert [n for n in policy_names("token") if n in builtin] == [
-        "none", "topk", "channel_topk", "random_topk", "dense", "des", "jesa", "optimal", "greedy", "lagrangian"]
+        "none",
+        "topk",
+        "channel_topk",
+        "random_topk",
+        "dense",
+        "des",
+        "jesa",
+        "optimal",
+        "greedy",
+        "lagrangian",
+    ]
     assert set(policy_names("image")) >= {"none", "topk", "topk_capacity", "des", "jesa_tokenwise", "jesa", "optimal"}
     assert {n for n, p in POLICY_TABLE.items() if p.fixed_k} >= {"topk", "channel_topk", "random_topk", "topk_capacity"}
     assert {n for n, p in POLICY_TABLE.items() if p.certifies} == {"des", "jesa", "optimal", "jesa_tokenwise"}
     assert {n for n, p in POLICY_TABLE.items() if p.plans_for_outage and p.builtin} == {
-        "des", "jesa", "optimal", "greedy", "lagrangian", "jesa_tokenwise"}
+        "des",
+        "jesa",
+        "optimal",
+        "greedy",
+        "lagrangian",
+        "jesa_tokenwise",
+    }
 
 
 @pytest.mark.parametrize("name", [n for n in policy_names("token") if POLICY_TABLE[n].builtin])
 def test_every_token_policy_routes_a_valid_selection(name):
     scores, costs = instance(1)
-    params = dict(k=2, gamma=0.5, k_min=1, k_max=2, lam=3e4, failure_energy=1e-4,
-                  generator=torch.Generator().manual_seed(0))
+    params = dict(k=2, gamma=0.5, k_min=1, k_max=2, lam=3e4, failure_energy=1e-4, generator=torch.Generator().manual_seed(0))
     sel = route(name, scores, costs, **params)
     assert sel.mask.shape == scores.shape and sel.energy.dtype == torch.float64
     if name != "dense":
@@ -113,16 +141,24 @@ def cheapest_one(scores, costs, args):
     mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, best, True) & torch.isfinite(link)
     energy = torch.where(mask, link, torch.zeros_like(link)).sum(1)
     dropped = ~mask.any(1)
-    return Selection(mask=mask, subcarrier=torch.where(mask, torch.arange(scores.shape[1]).expand_as(mask), -1),
-                     energy=energy, violation=dropped, dropped=dropped, nodes=torch.zeros_like(energy, dtype=torch.int64),
-                     lower_bound=torch.full_like(energy, math.nan), certified=torch.zeros_like(dropped),
-                     failed=torch.zeros_like(mask))
+    return Selection(
+        mask=mask,
+        subcarrier=torch.where(mask, torch.arange(scores.shape[1]).expand_as(mask), -1),
+        energy=energy,
+        violation=dropped,
+        dropped=dropped,
+        nodes=torch.zeros_like(energy, dtype=torch.int64),
+        lower_bound=torch.full_like(energy, math.nan),
+        certified=torch.zeros_like(dropped),
+        failed=torch.zeros_like(mask),
+    )
 
 
 @pytest.fixture
 def user_policy():
-    record = register_policy("test_cheapest_one", summary="one cheapest expert (test)", token_solver=cheapest_one,
-                             subcarriers="static")
+    record = register_policy(
+        "test_cheapest_one", summary="one cheapest expert (test)", token_solver=cheapest_one, subcarriers="static"
+    )
     yield record
     del POLICY_TABLE["test_cheapest_one"]
 
@@ -249,8 +285,10 @@ def test_route_frames_passes_the_reassignment_sweeps_to_jesa():
     scores = np.full((1, 3, 2), 0.5)
     costs = np.array([[[1.0, np.inf], [np.inf, 5.0]]]) * 1e-5
     capacity = np.array([[[1, 0], [0, 3]]])
-    energy = {r: float(route_frames("jesa", scores, costs, capacity, gamma=0.15, k_min=1, reassign_rounds=r).energy[0])
-              for r in (-1, 0, 4)}
+    energy = {
+        r: float(route_frames("jesa", scores, costs, capacity, gamma=0.15, k_min=1, reassign_rounds=r).energy[0])
+        for r in (-1, 0, 4)
+    }
     assert math.isclose(energy[-1], 15e-5) and math.isclose(energy[0], 11e-5) and math.isclose(energy[4], 11e-5)
     with pytest.raises(ValueError):
         route_frames("jesa", scores, costs, capacity, gamma=0.15, reassign_rounds=-2)

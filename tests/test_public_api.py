@@ -1,4 +1,5 @@
 """The public names of ``dmoe_torch``: complete ``__all__``, importable, cheap to import."""
+
 from __future__ import annotations
 
 import importlib
@@ -30,7 +31,7 @@ def test_the_class_of_every_conf_model_is_public():
     """A model of conf/model/ built as train.py builds it is a public name of the package."""
     from omegaconf import OmegaConf
 
-    from dmoe_torch.build import build_model
+    from dmoe_torch.engine.build import build_model
 
     dataset = SimpleNamespace(in_channels=1, num_classes=10, image_size=28)
     classes = set()
@@ -56,13 +57,12 @@ def test_all_lists_every_public_name_and_each_is_its_modules_object():
 
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'MoeLayer'"):
-        dmoe_torch.MoeLayer
+        _ = dmoe_torch.MoeLayer
 
 
 def test_importing_the_package_loads_no_torch_and_sets_numbas_threading_layer():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
-    code = ("import sys, numba, dmoe_torch; "
-            "print('torch' in sys.modules, numba.config.THREADING_LAYER)")
+    code = "import sys, numba, dmoe_torch; print('torch' in sys.modules, numba.config.THREADING_LAYER)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "workqueue"]
     env["NUMBA_THREADING_LAYER"] = "omp"  # a user's choice wins

@@ -5,6 +5,7 @@ Every ```python block of the README runs as written (tiny sizes, CPU); the one-m
 anchor of README.md and docs/*.md points to a file and heading that exist.  The help texts of
 conf/hydra/help/ name keys but never restate the defaults of conf/ (which would go stale).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,9 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 def code_blocks(language: str) -> list[tuple[int, str]]:
     """(line number, code) of every fenced block of README.md in ``language``."""
     text = README.read_text()
-    return [(text.count("\n", 0, match.start()) + 2, match.group(2))
-            for match in FENCE.finditer(text) if match.group(1) == language]
+    return [
+        (text.count("\n", 0, match.start()) + 2, match.group(2)) for match in FENCE.finditer(text) if match.group(1) == language
+    ]
 
 
 PYTHON_BLOCKS = code_blocks("python")
@@ -86,12 +88,15 @@ def test_the_one_minute_run_trains_then_evaluates_every_policy(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "OMP_NUM_THREADS": "1"}
     (tmp_path / "data").mkdir()  # filled from the Debian package's files on first use
     fewer = {"data__root": str(tmp_path / "data"), "device": "cpu", "progress": "false"}
-    for words, values in ((train, {"data__limit_train": "300", "data__limit_test": "100"}),
-                          (evaluate, {"data__limit_test": "100"})):
+    for words, values in (
+        (train, {"data__limit_train": "300", "data__limit_test": "100"}),
+        (evaluate, {"data__limit_test": "100"}),
+    ):
         # The README's own paths, moved under tmp_path; python is this interpreter.
         args = [w.replace(run_dir, str(tmp_path / run_dir)) for w in words[1:]]
-        result = subprocess.run([sys.executable, *smaller(args, **values, **fewer)], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, *smaller(args, **values, **fewer)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / run_dir / "checkpoint.pt").is_file()
     eval_dir = next(w.split("=", 1)[1] for w in evaluate if w.startswith("hydra.run.dir="))
@@ -132,8 +137,7 @@ def relative_links() -> list[tuple[str, Path, str]]:
                 if re.match(r"[a-z]+:", target):
                     continue  # http(s), mailto: not checked offline
                 file, _, fragment = target.partition("#")
-                links.append((f"{path.relative_to(REPO)}:{number}", (path.parent / file).resolve() if file else path,
-                              fragment))
+                links.append((f"{path.relative_to(REPO)}:{number}", (path.parent / file).resolve() if file else path, fragment))
     return links
 
 
@@ -185,6 +189,7 @@ def test_the_help_text_names_keys_not_their_defaults(name):
     header = OmegaConf.load(REPO / "conf" / "hydra" / "help" / f"{name}.yaml").header
     config = compose_config(name)
     shown = HELP_KEY.findall(header)
-    restated = [f"{key}={value}" for key, value in shown
-                if str(OmegaConf.select(config, key, default="<none>")).lower() == value.lower()]
+    restated = [
+        f"{key}={value}" for key, value in shown if str(OmegaConf.select(config, key, default="<none>")).lower() == value.lower()
+    ]
     assert not restated, f"conf/hydra/help/{name}.yaml restates the defaults {restated}"

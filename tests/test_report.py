@@ -1,5 +1,6 @@
 """Result statistics (intervals, paired tests, Pareto front), tables, the accuracy-vs-energy
 plot and the TensorBoard events of an evaluation; values checked against hand computations."""
+
 from __future__ import annotations
 
 import math
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from dmoe_torch import report, stats
-from dmoe_torch.eval_config import EvalPolicy
-from dmoe_torch.plotting import accuracy_energy_figure, pareto_rows, pyplot
+from dmoe_torch import stats
+from dmoe_torch.config.eval import EvalPolicy
+from dmoe_torch.output import report
+from dmoe_torch.output.plots import accuracy_energy_figure, pareto_rows, pyplot
 
 # --------------------------------------------------------------------------------------------
 # Statistics
@@ -63,15 +65,36 @@ def test_pareto_front():
 
 
 def fake_results(accuracy: float, energy: float, layers: int = 2) -> dict:
-    per_layer = {"energy_uj": energy / layers, "experts_per_token": 1.5, "outage_rate": 0.01, "violation_rate": 0.0,
-                 "drop_rate": 0.0, "certified_rate": 1.0, "utilisation": [0.5, 0.25, 0.5, 0.25]}
-    return {"accuracy": accuracy, "energy_uj": energy, "energy_per_token_uj": energy / 16, "experts_per_token": 1.5,
-            "outage_rate": 0.01, "violation_rate": 0.0, "drop_rate": 0.0, "certified_rate": 1.0, "nodes": 1.0,
-            "loss": 0.5, "inputs": 4, "layers": [dict(per_layer) for _ in range(layers)]}
+    per_layer = {
+        "energy_uj": energy / layers,
+        "experts_per_token": 1.5,
+        "outage_rate": 0.01,
+        "violation_rate": 0.0,
+        "drop_rate": 0.0,
+        "certified_rate": 1.0,
+        "utilisation": [0.5, 0.25, 0.5, 0.25],
+    }
+    return {
+        "accuracy": accuracy,
+        "energy_uj": energy,
+        "energy_per_token_uj": energy / 16,
+        "experts_per_token": 1.5,
+        "outage_rate": 0.01,
+        "violation_rate": 0.0,
+        "drop_rate": 0.0,
+        "certified_rate": 1.0,
+        "nodes": 1.0,
+        "loss": 0.5,
+        "inputs": 4,
+        "layers": [dict(per_layer) for _ in range(layers)],
+    }
 
 
 def images(correct: list[int], energy: float) -> dict:
-    return {"correct": torch.tensor(correct, dtype=torch.bool), "energy_uj": torch.full((len(correct),), energy, dtype=torch.float64)}
+    return {
+        "correct": torch.tensor(correct, dtype=torch.bool),
+        "energy_uj": torch.full((len(correct),), energy, dtype=torch.float64),
+    }
 
 
 def test_one_draw_prints_na_not_zero_spread():
@@ -89,7 +112,7 @@ def test_rows_have_per_layer_columns_and_paired_comparison():
     settings = [EvalPolicy("topk", 2), EvalPolicy("jesa", None, 0.9, 1, None)]
     per_draw = [[fake_results(0.5, 100.0)], [fake_results(0.75, 40.0)]]
     per_image = [[images([1, 0, 0, 1], 100.0)], [images([1, 1, 0, 1], 40.0)]]
-    rows = [report.summarise_draws(s, r, i) for s, r, i in zip(settings, per_draw, per_image)]
+    rows = [report.summarise_draws(s, r, i) for s, r, i in zip(settings, per_draw, per_image, strict=True)]
     assert report.add_comparisons(rows, per_image)
     jesa = rows[1]
     assert jesa["vs_topk2_acc_diff"] == pytest.approx(0.25)
@@ -117,14 +140,19 @@ def test_no_reference_row_leaves_comparison_empty():
 
 
 def plot_row(policy: str, gamma: str, accuracy: float, energy: float) -> dict:
-    return {"policy": policy, "gamma": gamma, "accuracy_mean": accuracy, "accuracy_ci95": 0.002,
-            "energy_uj_mean": energy, "energy_uj_ci95": 1.0}
+    return {
+        "policy": policy,
+        "gamma": gamma,
+        "accuracy_mean": accuracy,
+        "accuracy_ci95": 0.002,
+        "energy_uj_mean": energy,
+        "energy_uj_ci95": 1.0,
+    }
 
 
 def crowded_rows() -> list[dict]:
     """Des and jesa gammas a few µJ and 0.01 pp apart, a low channel_topk and a none floor."""
-    rows = [plot_row("none", "", 0.60, 0.0), plot_row("topk@2", "", 0.9234, 495.0),
-            plot_row("channel_topk@2", "", 0.905, 339.0)]
+    rows = [plot_row("none", "", 0.60, 0.0), plot_row("topk@2", "", 0.9234, 495.0), plot_row("channel_topk@2", "", 0.905, 339.0)]
     for policy, base in (("des", 264.0), ("jesa", 171.0)):
         for i, gamma in enumerate((0.3, 0.5, 0.7, 0.9, 0.99)):
             rows.append(plot_row(policy, f"{gamma:g}", 0.9224 + 0.0002 * i, base * (1 + 0.02 * i)))
@@ -145,7 +173,7 @@ def test_plot_zooms_past_outliers_labels_do_not_overlap_and_floor_is_dashed():
         assert len(labels) >= 8  # most labels found a free spot
         boxes = [t.get_window_extent(renderer) for t in labels]
         for i, a in enumerate(boxes):
-            for b in boxes[i + 1:]:
+            for b in boxes[i + 1 :]:
                 assert not a.overlaps(b)
         frame = zoom.get_window_extent(renderer)
         assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)
@@ -185,7 +213,9 @@ def test_write_results_logs_hparams_per_layer_and_utilisation(tmp_path):
 
     settings = [EvalPolicy("topk", 2), EvalPolicy("jesa", None, 0.9, 1, None)]
     per_image = [[images([1, 0, 0, 1], 100.0)], [images([1, 1, 0, 1], 40.0)]]
-    rows = [report.summarise_draws(s, [fake_results(0.5, e)], i) for s, e, i in zip(settings, (100.0, 40.0), per_image)]
+    rows = [
+        report.summarise_draws(s, [fake_results(0.5, e)], i) for s, e, i in zip(settings, (100.0, 40.0), per_image, strict=True)
+    ]
     report.add_comparisons(rows, per_image)
     for row in rows:
         row.update({"seed": 0, "channel.num_subcarriers": 16, "channel.d_max_m": 300.0})
@@ -196,8 +226,7 @@ def test_write_results_logs_hparams_per_layer_and_utilisation(tmp_path):
     main = EventAccumulator(str(tmp_path))
     main.Reload()
     tags = set(main.Tags()["scalars"])
-    assert {"eval/accuracy/jesa/gamma=0.9", "eval/layer2/energy_uj/jesa/gamma=0.9",
-            "eval/utilisation/layer1/topk@2"} <= tags
+    assert {"eval/accuracy/jesa/gamma=0.9", "eval/layer2/energy_uj/jesa/gamma=0.9", "eval/utilisation/layer1/topk@2"} <= tags
     assert [e.step for e in main.Scalars("eval/utilisation/layer1/topk@2")] == [0, 1, 2, 3]  # step = expert
     runs = sorted(p.name for p in (tmp_path / "hparams").iterdir())
     assert runs == ["000", "001"]
@@ -212,7 +241,9 @@ def test_write_results_logs_hparams_per_layer_and_utilisation(tmp_path):
 def test_results_md_explains_the_table_once_under_it(tmp_path):
     settings = [EvalPolicy("topk", 2), EvalPolicy("jesa", None, 0.9, 1, None)]
     per_image = [[images([1, 0, 0, 1], 100.0)], [images([1, 1, 0, 1], 40.0)]]
-    rows = [report.summarise_draws(s, [fake_results(0.5, e)], i) for s, e, i in zip(settings, (100.0, 40.0), per_image)]
+    rows = [
+        report.summarise_draws(s, [fake_results(0.5, e)], i) for s, e, i in zip(settings, (100.0, 40.0), per_image, strict=True)
+    ]
     report.add_comparisons(rows, per_image)
     report.write_results(rows, tmp_path, title="t")
     text = (tmp_path / "results.md").read_text()

@@ -1,5 +1,6 @@
 """Robustness of the engine: stop signals, non-finite losses, unreachable experts, atomic
 writes and RNG checkpointing (in process, on tiny synthetic data unless stated)."""
+
 from __future__ import annotations
 
 import os
@@ -12,16 +13,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from dmoe_torch import training as engine
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
-from dmoe_torch.checkpoint import capture_rng_state, restore_rng_state
 from dmoe_torch.cli import report_errors
 from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
-from dmoe_torch.evaluation import evaluate
+from dmoe_torch.engine import training as engine
+from dmoe_torch.engine.checkpoint import capture_rng_state, restore_rng_state
+from dmoe_torch.engine.evaluation import evaluate
+from dmoe_torch.engine.training import EpochProgress, NonFiniteLossError, StopSignal, lr_lambda, train_one_epoch
 from dmoe_torch.models import DMoEClassifier
 from dmoe_torch.moe import MoELayer, RouterSpec, drop_links
 from dmoe_torch.selection import route
-from dmoe_torch.training import EpochProgress, NonFiniteLossError, StopSignal, lr_lambda, train_one_epoch
 from dmoe_torch.utils import atomic_write, atomic_write_text
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -37,8 +38,11 @@ def tiny_model(seed: int = 0) -> DMoEClassifier:
 def synthetic_batches(num_batches: int = 2, batch: int = 8, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(batch, 1, 28, 28, generator=generator), torch.randint(0, 10, (batch,), generator=generator),
-         torch.arange(i * batch, (i + 1) * batch))
+        (
+            torch.randn(batch, 1, 28, 28, generator=generator),
+            torch.randint(0, 10, (batch,), generator=generator),
+            torch.arange(i * batch, (i + 1) * batch),
+        )
         for i in range(num_batches)
     ]
 
@@ -70,9 +74,19 @@ def test_training_stops_after_the_step_in_which_a_signal_arrives():
     progress = EpochProgress()
     with StopSignal() as stop:
         finished = train_one_epoch(
-            model, synthetic_batches(4), optimizer, scheduler, channel=channel,
-            specs=spec_for("topk", channel.failure_energy_j), stream=0, device=torch.device("cpu"),
-            aux_loss_coef=0.01, grad_clip=1.0, generator=None, progress=progress, stop=stop,
+            model,
+            synthetic_batches(4),
+            optimizer,
+            scheduler,
+            channel=channel,
+            specs=spec_for("topk", channel.failure_energy_j),
+            stream=0,
+            device=torch.device("cpu"),
+            aux_loss_coef=0.01,
+            grad_clip=1.0,
+            generator=None,
+            progress=progress,
+            stop=stop,
             on_step=lambda p, loss: os.kill(os.getpid(), signal.SIGINT) if p.steps == 2 else None,
         )
     assert not finished
@@ -146,9 +160,18 @@ def test_non_finite_loss_stops_before_the_optimizer_step():
     channel = WirelessChannel(ChannelConfig(), K, D, seed=0)
     with pytest.raises(NonFiniteLossError, match="loss is nan"):
         train_one_epoch(
-            model, synthetic_batches(), optimizer, scheduler, channel=channel,
-            specs=spec_for("topk", 0.0), stream=0, device=torch.device("cpu"), aux_loss_coef=0.01,
-            grad_clip=None, generator=None, progress=EpochProgress(),
+            model,
+            synthetic_batches(),
+            optimizer,
+            scheduler,
+            channel=channel,
+            specs=spec_for("topk", 0.0),
+            stream=0,
+            device=torch.device("cpu"),
+            aux_loss_coef=0.01,
+            grad_clip=None,
+            generator=None,
+            progress=EpochProgress(),
         )
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, before[name]), name
@@ -158,8 +181,14 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     if not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST not installed")
     overrides = [
-        f"data.root={tmp_path}", "data.limit_train=200", "data.limit_test=50", "data.batch_size=40",
-        "model=tiny", "train.epochs=2", "progress=false", "device=cpu",
+        f"data.root={tmp_path}",
+        "data.limit_train=200",
+        "data.limit_test=50",
+        "data.batch_size=40",
+        "model=tiny",
+        "train.epochs=2",
+        "progress=false",
+        "device=cpu",
     ]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         first_epoch_cfg = compose("train", overrides=[*overrides, "train.stop_after_epochs=1"])
@@ -169,9 +198,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     good = (run_dir / "checkpoint.pt").read_bytes()
 
     real_cross_entropy = torch.nn.functional.cross_entropy
-    monkeypatch.setattr(
-        torch.nn.functional, "cross_entropy", lambda *a, **kw: real_cross_entropy(*a, **kw) * float("nan")
-    )
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **kw: real_cross_entropy(*a, **kw) * float("nan"))
     with pytest.raises(NonFiniteLossError):
         engine.fit(cfg, run_dir)  # resumes epoch 2 from the checkpoint
     assert (run_dir / "checkpoint.pt").read_bytes() == good
@@ -186,11 +213,18 @@ class DivergedRouting(DMoEClassifier):
         raise ValueError("scores contain NaN or inf; they must be finite probabilities")
 
 
-@pytest.mark.parametrize("gate_weight,error,match", [
-    (float("inf"), NonFiniteLossError, r"^training diverged at step 1 of this epoch: the router's gate scores are NaN or "
-                                       r"infinite; stopped without saving, .* \(try a smaller train.lr or train.grad_clip\)$"),
-    (0.1, ValueError, r"^scores contain NaN or inf"),  # finite gates: a routing bug is not blamed on divergence
-])
+@pytest.mark.parametrize(
+    "gate_weight,error,match",
+    [
+        (
+            float("inf"),
+            NonFiniteLossError,
+            r"^training diverged at step 1 of this epoch: the router's gate scores are NaN or "
+            r"infinite; stopped without saving, .* \(try a smaller train.lr or train.grad_clip\)$",
+        ),
+        (0.1, ValueError, r"^scores contain NaN or inf"),  # finite gates: a routing bug is not blamed on divergence
+    ],
+)
 def test_a_routing_error_on_diverged_gate_scores_is_the_divergence_line(gate_weight, error, match):
     torch.manual_seed(0)
     model = DivergedRouting(1, 10, 28, d_model=D, num_experts=K, num_moe_layers=L)
@@ -201,9 +235,20 @@ def test_a_routing_error_on_diverged_gate_scores_is_the_divergence_line(gate_wei
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(10, 0))
     channel = WirelessChannel(ChannelConfig(), K, D, seed=0)
     with pytest.raises(error, match=match) as info:
-        train_one_epoch(model, synthetic_batches(), optimizer, scheduler, channel=channel, specs=spec_for("topk", 0.0),
-                        stream=0, device=torch.device("cpu"), aux_loss_coef=0.01, grad_clip=None, generator=None,
-                        progress=EpochProgress())
+        train_one_epoch(
+            model,
+            synthetic_batches(),
+            optimizer,
+            scheduler,
+            channel=channel,
+            specs=spec_for("topk", 0.0),
+            stream=0,
+            device=torch.device("cpu"),
+            aux_loss_coef=0.01,
+            grad_clip=None,
+            generator=None,
+            progress=EpochProgress(),
+        )
     assert type(info.value) is error
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, before[name]), name
@@ -236,13 +281,24 @@ def test_training_and_evaluation_survive_a_channel_where_every_expert_is_unreach
     generator = torch.Generator().manual_seed(0)
     progress = EpochProgress()
     assert train_one_epoch(
-        model, synthetic_batches(), optimizer, scheduler, channel=channel, specs=specs, stream=0,
-        device=torch.device("cpu"), aux_loss_coef=0.01, grad_clip=1.0, generator=generator, progress=progress,
+        model,
+        synthetic_batches(),
+        optimizer,
+        scheduler,
+        channel=channel,
+        specs=specs,
+        stream=0,
+        device=torch.device("cpu"),
+        aux_loss_coef=0.01,
+        grad_clip=1.0,
+        generator=generator,
+        progress=progress,
     )
     assert progress.steps == 2 and np.isfinite(progress.loss_sum)
     assert progress.summary()["router"]["drop_rate"] == 1.0
-    metrics = evaluate(model, synthetic_batches(seed=1), channel=channel, specs=specs, stream=1,
-                       device=torch.device("cpu"), generator=generator)
+    metrics = evaluate(
+        model, synthetic_batches(seed=1), channel=channel, specs=specs, stream=1, device=torch.device("cpu"), generator=generator
+    )
     assert metrics["drop_rate"] == 1.0 and metrics["experts_per_token"] == 0.0
     assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
     if policy in ("topk", "random_topk"):
@@ -286,15 +342,15 @@ def test_learning_rate_schedule_warms_up_then_decays_to_zero():
     factor = lr_lambda(total_steps=100, warmup_steps=10)
     values = [factor(step) for step in range(101)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(values[:10], values[1:10]))
-    assert all(a >= b for a, b in zip(values[9:], values[10:]))
+    assert all(a <= b for a, b in zip(values[:10], values[1:10], strict=True))
+    assert all(a >= b for a, b in zip(values[9:], values[10:], strict=True))
     assert values[100] == pytest.approx(0.0, abs=1e-12)
     # Warm-up never takes more than a tenth of a short run.
     assert lr_lambda(total_steps=10, warmup_steps=100)(1) == pytest.approx(1.0)
 
 
 def test_locking_a_run_directory_removes_the_temp_files_of_killed_writes(tmp_path):
-    from dmoe_torch.rundir import lock_run_dir
+    from dmoe_torch.engine.rundir import lock_run_dir
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -308,7 +364,7 @@ def test_locking_a_run_directory_removes_the_temp_files_of_killed_writes(tmp_pat
 def test_the_image_frame_compile_is_announced_once_and_only_when_the_cache_is_cold(monkeypatch, caplog):
     import logging
 
-    from dmoe_torch import evaluation
+    from dmoe_torch.channel import links as evaluation
 
     channel = WirelessChannel(ChannelConfig(frame="image"), K, D, seed=0)
 
@@ -320,7 +376,7 @@ def test_the_image_frame_compile_is_announced_once_and_only_when_the_cache_is_co
         monkeypatch.setattr(evaluation, "_frame_compile_checked", False)  # a fresh process
         monkeypatch.setattr(evaluation, "frame_kernels_cached", lambda cached=cached: cached)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="dmoe_torch.evaluation"):
+        with caplog.at_level(logging.INFO, logger="dmoe_torch.channel.links"):
             for batch in range(3):
                 evaluation.layer_links(channel, torch.arange(batch * 4, batch * 4 + 4), spec_for("topk", 0.0), stream=0)
         notes = [r for r in caplog.records if r.getMessage() == evaluation.FRAME_COMPILE_NOTE]
@@ -328,13 +384,23 @@ def test_the_image_frame_compile_is_announced_once_and_only_when_the_cache_is_co
 
 
 def test_outages_and_link_dropout_are_shown_apart():
-    from dmoe_torch.evaluation import combine_layers
-    from dmoe_torch.training import epoch_line, router_summary
+    from dmoe_torch.engine.evaluation import combine_layers
+    from dmoe_torch.engine.training import epoch_line, router_summary
 
-    layer = {"energy_j": 1e-5, "experts_per_input": 1.5, "violation_rate": 0.0, "drop_rate": 0.0, "certified_rate": 1.0,
-             "nodes": 0.0, "gate_entropy": 1.0, "utilisation": [0.5, 0.5]}
-    per_layer = [{**layer, "selected_links": 100.0, "outage_rate": 0.02, "link_dropout_rate": 0.30},
-                 {**layer, "selected_links": 300.0, "outage_rate": 0.06, "link_dropout_rate": 0.10}]
+    layer = {
+        "energy_j": 1e-5,
+        "experts_per_input": 1.5,
+        "violation_rate": 0.0,
+        "drop_rate": 0.0,
+        "certified_rate": 1.0,
+        "nodes": 0.0,
+        "gate_entropy": 1.0,
+        "utilisation": [0.5, 0.5],
+    }
+    per_layer = [
+        {**layer, "selected_links": 100.0, "outage_rate": 0.02, "link_dropout_rate": 0.30},
+        {**layer, "selected_links": 300.0, "outage_rate": 0.06, "link_dropout_rate": 0.10},
+    ]
     router = combine_layers(per_layer)
     assert router["outage_rate"] == pytest.approx(0.05) and router["link_dropout_rate"] == pytest.approx(0.15)
     # the progress bar's figures: per-step layer metrics as the MoE layers report them

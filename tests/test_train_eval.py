@@ -3,6 +3,7 @@
 train.py -> checkpoint, config, metrics, TensorBoard; evaluate.py -> results table and plot;
 resume equality; evaluation determinism and independence of the batch size.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,18 +18,29 @@ import pytest
 import torch
 
 from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
-from dmoe_torch.report import RESULT_COLUMNS
+from dmoe_torch.output.report import RESULT_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny model on 400 training / 200 test images: each run takes seconds.
 TINY_RUN = (
-    "data.limit_train=400", "data.limit_test=200", "data.batch_size=64", "train.epochs=2",
-    "model=tiny", "model.d_model=32", "model.num_experts=4", "train.warmup_steps=2", "device=cpu",
+    "data.limit_train=400",
+    "data.limit_test=200",
+    "data.batch_size=64",
+    "train.epochs=2",
+    "model=tiny",
+    "model.d_model=32",
+    "model.num_experts=4",
+    "train.warmup_steps=2",
+    "device=cpu",
 )
 EVAL_ARGS = (
-    "eval.policies=[topk@2,dense,des,jesa]", "eval.gammas=[0.3,0.9]", "eval.channel_draws=2",
-    "data.limit_test=100", "device=cpu", "progress=false",
+    "eval.policies=[topk@2,dense,des,jesa]",
+    "eval.gammas=[0.3,0.9]",
+    "eval.channel_draws=2",
+    "data.limit_test=100",
+    "device=cpu",
+    "progress=false",
 )
 EVAL_ROWS = 2 + 2 * 2  # topk@2, dense, then des and jesa at two gammas
 
@@ -44,7 +56,11 @@ def run_cli(script: str, *args: str, timeout: float = 600) -> subprocess.Complet
     """Run an entry point as a user would (from the repo root)."""
     return subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=cli_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
     )
 
 
@@ -114,9 +130,18 @@ def test_train_writes_checkpoint_config_metrics_and_tensorboard(trained):
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
     expected = {
-        "train/loss", "train/accuracy", "train/lr", "val/loss", "val/accuracy", "router/energy_uj",
-        "router/experts_per_token", "router/outage_rate", "router/violation_rate", "router/drop_rate",
-        "router/gate_entropy", *(f"router/utilisation_{k}" for k in range(4)),
+        "train/loss",
+        "train/accuracy",
+        "train/lr",
+        "val/loss",
+        "val/accuracy",
+        "router/energy_uj",
+        "router/experts_per_token",
+        "router/outage_rate",
+        "router/violation_rate",
+        "router/drop_rate",
+        "router/gate_entropy",
+        *(f"router/utilisation_{k}" for k in range(4)),
     }
     assert expected <= tags, expected - tags
     assert len(accumulator.Scalars("val/accuracy")) == 2
@@ -129,7 +154,7 @@ def test_evaluate_writes_table_csv_and_plot(evaluated):
     columns = tuple(rows[0].keys())
     assert columns[: len(RESULT_COLUMNS)] == RESULT_COLUMNS
     # then the per-MoE-layer breakdown (the tiny model has two MoE layers)
-    assert {"layer1_energy_uj", "layer2_energy_uj", "layer1_experts_per_token"} <= set(columns[len(RESULT_COLUMNS):])
+    assert {"layer1_energy_uj", "layer2_energy_uj", "layer1_experts_per_token"} <= set(columns[len(RESULT_COLUMNS) :])
     assert [r["policy"] for r in rows] == ["topk@2", "dense", "des", "des", "jesa", "jesa"]
     assert [r["gamma"] for r in rows] == ["", "", "0.3", "0.9", "0.3", "0.9"]
     for row in rows:
@@ -158,8 +183,9 @@ def test_evaluate_is_deterministic_and_independent_of_batch_size_and_workers(eva
     # size.  The CPU kernels' float rounding does (by ~1e-7), which reaches the mean loss and
     # the branch-and-bound node counts but no decision in this test.  Two loader workers
     # deliver the same batches, so they change nothing either.
-    check_ok(evaluate(trained / "checkpoint.pt", tmp_path / "small_batches", data_root,
-                      "data.batch_size=50", "data.num_workers=2"))
+    check_ok(
+        evaluate(trained / "checkpoint.pt", tmp_path / "small_batches", data_root, "data.batch_size=50", "data.num_workers=2")
+    )
     small = read_rows(tmp_path / "small_batches" / "results.csv")
     for row, ref in zip(small, read_rows(run_dir / "results.csv"), strict=True):
         for column in RESULT_COLUMNS:
@@ -177,7 +203,7 @@ def assert_same_run(run_a: Path, run_b: Path) -> None:
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
-    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(state_a["exp_avg"], state_b["exp_avg"])
     metrics_a = json.loads((run_a / "metrics.json").read_text())
     metrics_b = json.loads((run_b / "metrics.json").read_text())
@@ -218,7 +244,10 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(trained, data_ro
     args = [*TINY_RUN, f"data.root={data_root}", f"hydra.run.dir={tmp_path}", "progress=true"]
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     seen = b""
     # The first epoch's progress bar appears once the signal handlers are installed.
@@ -250,12 +279,35 @@ def test_token_models_train_and_evaluate_end_to_end(tmp_path, data_root, model):
     """Both token-routed models (every token of every image routed) train and evaluate through
     the entry points; jesa spends less than top-2 and `none` nothing."""
     run = tmp_path / "run"
-    check_ok(run_cli("train.py", f"model={model}", "data.limit_train=300", "data.limit_test=100", "data.batch_size=50",
-                     "train.epochs=1", "train.warmup_steps=2", "device=cpu", "progress=false",
-                     f"data.root={data_root}", f"hydra.run.dir={run}"))
-    check_ok(run_cli("evaluate.py", f"ckpt={run}/checkpoint.pt", "eval.policies=[none,topk@2,jesa]", "eval.gammas=[0.5]",
-                     "eval.channel_draws=1", "data.limit_test=100", "device=cpu", "progress=false",
-                     f"data.root={data_root}", f"hydra.run.dir={run}/eval"))
+    check_ok(
+        run_cli(
+            "train.py",
+            f"model={model}",
+            "data.limit_train=300",
+            "data.limit_test=100",
+            "data.batch_size=50",
+            "train.epochs=1",
+            "train.warmup_steps=2",
+            "device=cpu",
+            "progress=false",
+            f"data.root={data_root}",
+            f"hydra.run.dir={run}",
+        )
+    )
+    check_ok(
+        run_cli(
+            "evaluate.py",
+            f"ckpt={run}/checkpoint.pt",
+            "eval.policies=[none,topk@2,jesa]",
+            "eval.gammas=[0.5]",
+            "eval.channel_draws=1",
+            "data.limit_test=100",
+            "device=cpu",
+            "progress=false",
+            f"data.root={data_root}",
+            f"hydra.run.dir={run}/eval",
+        )
+    )
     rows = {row["policy"]: row for row in read_rows(run / "eval" / "results.csv")}
     assert set(rows) == {"none", "topk@2", "jesa"}
     assert float(rows["none"]["energy_uj_mean"]) == 0.0

@@ -1,5 +1,6 @@
 """The token-level model (model=vmoe): token routing, equivalence to a dense block, batch
 independence of evaluation, the `none` policy, bad configs, and the entry points end to end."""
+
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
+from dmoe_torch.channel.links import frame_ids, layer_costs
 from dmoe_torch.config import ConfigError, validate_model, validate_router
-from dmoe_torch.evaluation import evaluate, frame_ids, layer_costs
+from dmoe_torch.engine.evaluation import evaluate
 from dmoe_torch.models.vmoe import VMoEClassifier
 from dmoe_torch.moe import RouterSpec, perfect_costs
 
@@ -87,7 +89,7 @@ def test_one_expert_moe_block_equals_dense_mlp_block():
 
 def _loader(x, y, batch_size):
     ids = torch.arange(len(x))
-    return [(x[i:i + batch_size], y[i:i + batch_size], ids[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return [(x[i : i + batch_size], y[i : i + batch_size], ids[i : i + batch_size]) for i in range(0, len(x), batch_size)]
 
 
 @pytest.mark.parametrize("policy", ["topk", "des", "jesa", "none"])
@@ -97,8 +99,7 @@ def test_evaluation_is_identical_for_batch_sizes_50_and_100(policy):
     x, y = images(100, seed=4), torch.randint(0, 10, (100,), generator=torch.Generator().manual_seed(5))
     specs = [RouterSpec(policy, gamma=0.8, k=2, failure_energy=channel.failure_energy_j)] * 2
     results = [
-        evaluate(model, _loader(x, y, bs), channel=channel, specs=specs, stream=1, device=torch.device("cpu"))
-        for bs in (50, 100)
+        evaluate(model, _loader(x, y, bs), channel=channel, specs=specs, stream=1, device=torch.device("cpu")) for bs in (50, 100)
     ]
     assert results[0] == results[1]
     if policy == "none":
@@ -138,18 +139,31 @@ def test_every_stem_gives_the_same_tokens(stem, stem_convs):
         assert convs[1].stride == (2, 2) and model.patch_embed.kernel_size == (2, 2)
 
 
-VMOE = dict(name="vmoe", d_model=64, num_experts=8, depth=6, moe_every=2, num_heads=4, patch_size=4,
-            hidden_mult=2, class_token=False, stem="conv")
+VMOE = dict(
+    name="vmoe",
+    d_model=64,
+    num_experts=8,
+    depth=6,
+    moe_every=2,
+    num_heads=4,
+    patch_size=4,
+    hidden_mult=2,
+    class_token=False,
+    stem="conv",
+)
 
 
-@pytest.mark.parametrize("override, message", [
-    (dict(patch_size=5), "model.patch_size=5: must divide the image size 28"),
-    (dict(moe_every=7), "model.moe_every=7: must be an integer"),
-    (dict(num_heads=5), "model.num_heads=5: must divide model.d_model=64"),
-    (dict(stem="resnet"), "model.stem='resnet': must be one of conv, conv2, linear"),
-    (dict(stem="conv2", patch_size=7), "model.patch_size=7: must be even with model.stem=conv2"),
-    (dict(num_moe_layers=2), "model.num_moe_layers: unknown key"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(patch_size=5), "model.patch_size=5: must divide the image size 28"),
+        (dict(moe_every=7), "model.moe_every=7: must be an integer"),
+        (dict(num_heads=5), "model.num_heads=5: must divide model.d_model=64"),
+        (dict(stem="resnet"), "model.stem='resnet': must be one of conv, conv2, linear"),
+        (dict(stem="conv2", patch_size=7), "model.patch_size=7: must be even with model.stem=conv2"),
+        (dict(num_moe_layers=2), "model.num_moe_layers: unknown key"),
+    ],
+)
 def test_bad_model_config_names_the_key(override, message):
     cfg = OmegaConf.create({"data": {"name": "fashion_mnist"}, "model": {**VMOE, **override}})
     with pytest.raises(ConfigError) as info:
@@ -159,8 +173,13 @@ def test_bad_model_config_names_the_key(override, message):
 
 
 def test_gamma_list_must_have_one_value_per_moe_block():
-    cfg = OmegaConf.create({"data": {"name": "fashion_mnist"}, "model": VMOE,
-                            "router": {"policy": "jesa", "k": 2, "gamma": [0.9, 0.5], "k_min": 1, "k_max": None}})
+    cfg = OmegaConf.create(
+        {
+            "data": {"name": "fashion_mnist"},
+            "model": VMOE,
+            "router": {"policy": "jesa", "k": 2, "gamma": [0.9, 0.5], "k_min": 1, "k_max": None},
+        }
+    )
     shape = validate_model(cfg)
     assert shape.num_moe_layers == 3
     with pytest.raises(ConfigError, match=r"router.gamma=\[0.9, 0.5\]: has 2 values for 3 MoE layers"):

@@ -11,6 +11,7 @@
 
 docs/method.md sections 1 and "Channel dynamics and imperfect CSI" give the model.
 """
+
 from .csi import conservative_power, csi_correlation, estimate_power
 from .fading import (
     JAKES_SINUSOIDS,

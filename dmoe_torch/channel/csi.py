@@ -16,6 +16,7 @@ rho^2 |h_hat|^2 / s) with s = (1 - rho^2) / 2.  Its q-quantile is the conservati
 (:func:`conservative_power`): planning on it keeps P(|h|^2 < planned | h_hat) = q for every
 estimate, so the realised per-link outage is q.  docs/method.md derives it in full.
 """
+
 from __future__ import annotations
 
 import math

@@ -16,6 +16,7 @@ Uniforms are drawn from 53 hash bits, in (0, 1) and never 0 or 1.  Different use
 hash (magnitudes, phases, CSI noise, Jakes parameters) append their own tag to the
 (seed, stream, layer) key, which makes them independent streams.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,7 +89,9 @@ def rayleigh_power_gains(seed: int, stream: int, layer: int, sample_ids, num_dev
     return iid_power_gains(seed, stream, layer, ids, num_devices, num_subcarriers)
 
 
-def iid_power_gains(seed: int, stream: int, layer: int, frame_ids: np.ndarray, num_devices: int, num_subcarriers: int) -> np.ndarray:
+def iid_power_gains(
+    seed: int, stream: int, layer: int, frame_ids: np.ndarray, num_devices: int, num_subcarriers: int
+) -> np.ndarray:
     """:func:`rayleigh_power_gains` for any int64 frame ids [R] (negative ones included)."""
     # -log(uniforms(...)) in one fused, multi-threaded pass (kernels.exp1_draws).
     links = num_devices * num_subcarriers
@@ -124,7 +127,9 @@ def jakes_fading(
     frame_ids: int64 [R], any sign (t < 0 is as valid as t >= 0).  ``tag`` names the hash
     stream (tdl.py draws its taps, N = taps, from its own).
     """
-    ids, sums = _jakes_sums(seed, stream, layer, frame_ids, num_devices * num_subcarriers, doppler_hz, frame_s, num_sinusoids, tag)
+    ids, sums = _jakes_sums(
+        seed, stream, layer, frame_ids, num_devices * num_subcarriers, doppler_hz, frame_s, num_sinusoids, tag
+    )
     h = (sums[:, 0] + 1j * sums[:, 1]) * (1.0 / math.sqrt(num_sinusoids))
     return h.reshape(len(ids), num_devices, num_subcarriers)
 
@@ -193,14 +198,16 @@ def _sum_of_sinusoids(hi_cos, hi_sin, lo_cos, lo_sin, hi_index, lo, out):
         h = hi_index[r]
         o = lo[r]
         for j in range(J):
-            for l in range(L):
-                out[r, j, l] = 0.0
+            for q in range(L):
+                out[r, j, q] = 0.0
             for m in range(M):
-                for l in range(L):
-                    out[r, j, l] += hi_cos[h, j, m, l] * lo_cos[o, j, m, l] - hi_sin[h, j, m, l] * lo_sin[o, j, m, l]
+                for q in range(L):
+                    out[r, j, q] += hi_cos[h, j, m, q] * lo_cos[o, j, m, q] - hi_sin[h, j, m, q] * lo_sin[o, j, m, q]
 
 
-def csi_noise(seed: int, stream: int, layer: int, frame_ids: np.ndarray, num_devices: int, num_subcarriers: int) -> tuple[np.ndarray, np.ndarray]:
+def csi_noise(
+    seed: int, stream: int, layer: int, frame_ids: np.ndarray, num_devices: int, num_subcarriers: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The CSI error w ~ CN(0, 1) of every link, as (|w|^2 ~ Exp(1), relative phase cos).
 
     Returns float64 [R, K, N] arrays (|w|^2, cos psi) with psi uniform on [0, 2 pi) and

@@ -20,6 +20,7 @@ explicit ``torch.Generator`` seeded with ``seed``.  Fading and CSI noise are cou
 CPU in float64 (where the selection solvers run anyway), so they do not depend on batch
 size, order or data-loader workers.
 """
+
 from __future__ import annotations
 
 import math
@@ -114,7 +115,7 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self, prefix: str = "channel") -> "ChannelConfig":
+    def validate(self, prefix: str = "channel") -> ChannelConfig:
         """Raise ValueError naming the first bad field (as ``prefix.field``); returns self.
 
         Runs on construction; call it again after changing a field in place."""
@@ -138,8 +139,10 @@ class ChannelConfig:
         if self.frame not in FRAME_MODES:
             raise ValueError(f"{prefix}.frame={self.frame!r}: must be one of {', '.join(FRAME_MODES)}")
         if self.frame == "image" and not self.perfect_csi:
-            raise ValueError(f"{prefix}.frame='image' plans on the true channel: it needs perfect CSI "
-                             f"({prefix}.csi_error_std=0 and {prefix}.csi_delay_frames=0)")
+            raise ValueError(
+                f"{prefix}.frame='image' plans on the true channel: it needs perfect CSI "
+                f"({prefix}.csi_error_std=0 and {prefix}.csi_delay_frames=0)"
+            )
         if self.tdl_profile not in TDL_PROFILES:
             raise ValueError(f"{prefix}.tdl_profile={self.tdl_profile!r}: must be one of {', '.join(TDL_PROFILES)}")
         for name, value in asdict(self).items():
@@ -156,9 +159,7 @@ class ChannelConfig:
         if self.shadowing_std_db < 0:
             raise ValueError(f"{prefix}.shadowing_std_db={self.shadowing_std_db!r} must be >= 0")
         if self.d_min_m >= self.d_max_m:
-            raise ValueError(
-                f"{prefix}.d_min_m={self.d_min_m!r} must be < {prefix}.d_max_m={self.d_max_m!r}"
-            )
+            raise ValueError(f"{prefix}.d_min_m={self.d_min_m!r} must be < {prefix}.d_max_m={self.d_max_m!r}")
         if self.doppler_hz < 0:
             raise ValueError(f"{prefix}.doppler_hz={self.doppler_hz!r}: must be >= 0 (Hz)")
         if self.fading == "jakes" and self.doppler_hz <= 0:
@@ -172,7 +173,8 @@ class ChannelConfig:
             # csi.py's conditional law h | h_hat is that of a zero-mean Gaussian channel.
             raise ValueError(
                 f"{prefix}.tdl_profile={self.tdl_profile!r}: its line-of-sight tap makes |h|^2 Rician, but imperfect CSI "
-                f"({prefix}.csi_error_std / csi_delay_frames) assumes Rayleigh fading; use tdl_profile A, B or C, or perfect CSI")
+                f"({prefix}.csi_error_std / csi_delay_frames) assumes Rayleigh fading; use tdl_profile A, B or C, or perfect CSI"
+            )
         if self.model in scenario.SCENARIOS:
             self._validate_scenario(prefix)
         if self.model != "rayleigh":
@@ -186,14 +188,20 @@ class ChannelConfig:
         """The range where the TR 38.901 formulas hold; the scenario sets its own shadowing."""
         if self.shadowing_std_db != 0:
             los, nlos = scenario.SHADOW_STD_DB[self.model]
-            raise ValueError(f"{prefix}.shadowing_std_db={self.shadowing_std_db!r}: {prefix}.model={self.model!r} sets its "
-                             f"own shadow fading ({los} dB LoS, {nlos} dB NLoS); leave it at 0")
+            raise ValueError(
+                f"{prefix}.shadowing_std_db={self.shadowing_std_db!r}: {prefix}.model={self.model!r} sets its "
+                f"own shadow fading ({los} dB LoS, {nlos} dB NLoS); leave it at 0"
+            )
         if self.d_min_m < scenario.MIN_DISTANCE_M or self.d_max_m > scenario.MAX_DISTANCE_M:
-            raise ValueError(f"{prefix}.d_min_m={self.d_min_m!r}, {prefix}.d_max_m={self.d_max_m!r}: {prefix}.model="
-                             f"{self.model!r} holds for distances in [10, 5000] m")
+            raise ValueError(
+                f"{prefix}.d_min_m={self.d_min_m!r}, {prefix}.d_max_m={self.d_max_m!r}: {prefix}.model="
+                f"{self.model!r} holds for distances in [10, 5000] m"
+            )
         if not scenario.MIN_CARRIER_HZ <= self.carrier_frequency_hz <= scenario.MAX_CARRIER_HZ:
-            raise ValueError(f"{prefix}.carrier_frequency_hz={self.carrier_frequency_hz!r}: {prefix}.model="
-                             f"{self.model!r} holds for 0.5e9 .. 100e9 Hz")
+            raise ValueError(
+                f"{prefix}.carrier_frequency_hz={self.carrier_frequency_hz!r}: {prefix}.model="
+                f"{self.model!r} holds for 0.5e9 .. 100e9 Hz"
+            )
 
     @property
     def noise_power_w(self) -> float:
@@ -366,9 +374,15 @@ class WirelessChannel:
         (kernels.link_energies)."""
         cfg = self.cfg
         energies = run_threaded(
-            link_energies, np.ascontiguousarray(power, dtype=np.float64), np.ascontiguousarray(mean_gain, dtype=np.float64),
-            float(cfg.subcarrier_bandwidth_hz), float(cfg.noise_power_w), float(cfg.ap_power_w), float(cfg.device_power_w),
-            float(self.payload_bits), float(cfg.latency_budget_s),
+            link_energies,
+            np.ascontiguousarray(power, dtype=np.float64),
+            np.ascontiguousarray(mean_gain, dtype=np.float64),
+            float(cfg.subcarrier_bandwidth_hz),
+            float(cfg.noise_power_w),
+            float(cfg.ap_power_w),
+            float(cfg.device_power_w),
+            float(self.payload_bits),
+            float(cfg.latency_budget_s),
         )
         return torch.from_numpy(energies)
 
@@ -376,8 +390,12 @@ class WirelessChannel:
         """Closed-form per-link outage probability of each device (perfect CSI), [K]; the
         Exp(1) law of |h|^2 is exact for rayleigh and the Rayleigh TDL profiles A, B, C."""
         if self.profile is not None and self.profile.los_power > 0:
-            raise ValueError(f"outage_probability: tdl_profile={self.cfg.tdl_profile!r} is Rician; the closed form is for Rayleigh links")
-        return torch.tensor([outage_probability(self.cfg, g, self.payload_bits) for g in self.mean_gain.tolist()], dtype=torch.float64)
+            raise ValueError(
+                f"outage_probability: tdl_profile={self.cfg.tdl_profile!r} is Rician; the closed form is for Rayleigh links"
+            )
+        return torch.tensor(
+            [outage_probability(self.cfg, g, self.payload_bits) for g in self.mean_gain.tolist()], dtype=torch.float64
+        )
 
     def _gains_from_power(self, power: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(power) * self.mean_gain[None, :, None]

@@ -5,8 +5,9 @@ in numpy the hash, the logarithms and the energy formula each make a pass over 1
 elements with temporaries.  These kernels compute the same formulas element by element in
 one pass per stage.  Every value depends only on its own element, so results are identical
 for any number of threads (the thread count follows ``torch.get_num_threads()``, see
-:func:`dmoe_torch.selection.des.solver_threads`).
+:func:`dmoe_torch.selection.threads.solver_threads`).
 """
+
 from __future__ import annotations
 
 import math
@@ -137,7 +138,7 @@ def link_energies(power, mean_gain, bandwidth_hz, noise_w, ap_power_w, device_po
 
 def run_threaded(kernel, *args):
     """``kernel(*args)`` on as many numba threads as torch uses (restored afterwards)."""
-    from ..selection.des import solver_threads
+    from ..selection.threads import solver_threads
 
     previous = numba.get_num_threads()
     numba.set_num_threads(solver_threads())

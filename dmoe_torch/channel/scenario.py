@@ -20,6 +20,7 @@ formulas take it in GHz), path loss in dB.
 The formulas hold for 10 m <= d_2D <= 5 km and 0.5 GHz <= f_c <= 100 GHz (ChannelConfig
 checks both).
 """
+
 from __future__ import annotations
 
 import numpy as np

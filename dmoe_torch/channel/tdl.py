@@ -27,12 +27,13 @@ mode, frame id).  ``iid``: independent per frame (one fused numba kernel,
 subcarrier keeps the flat model's autocorrelation, and the CSI formulas of ``csi.py`` stay
 exact for the Rayleigh profiles A, B and C.
 """
+
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -74,11 +75,13 @@ class MissingSionnaError(RuntimeError):
 
 
 def sionna_missing_message(reason: str) -> str:
-    return (f"{SIONNA_PACKAGE}=={SIONNA_VERSION} is needed for channel.model=tdl/umi/uma (the TR 38.901 tables) "
-            f"but {reason}; install it with: pip install {SIONNA_PACKAGE}=={SIONNA_VERSION}")
+    return (
+        f"{SIONNA_PACKAGE}=={SIONNA_VERSION} is needed for channel.model=tdl/umi/uma (the TR 38.901 tables) "
+        f"but {reason}; install it with: pip install {SIONNA_PACKAGE}=={SIONNA_VERSION}"
+    )
 
 
-@lru_cache(maxsize=None)
+@cache
 def tap_profile(name: str) -> TapProfile:
     """The TR 38.901 profile TDL-<name> (name in A..E), read from sionna-no-rt's package data.
 
@@ -135,18 +138,28 @@ def frequency_correlation(profile: TapProfile, delay_spread_s: float, offset_hz:
     return complex(np.sum(profile.powers * np.exp(2j * math.pi * tau * offset_hz)) + profile.los_power)
 
 
-def tdl_iid_power(seed, stream, layer, frame_ids, num_devices, num_subcarriers, profile, delay_spread_s, spacing_hz) -> np.ndarray:
+def tdl_iid_power(
+    seed, stream, layer, frame_ids, num_devices, num_subcarriers, profile, delay_spread_s, spacing_hz
+) -> np.ndarray:
     """|H|^2 drawn independently per frame: float64 [R, K, N] (frame ids int64, any sign)."""
     basis = frequency_basis(profile, float(delay_spread_s), float(spacing_hz), int(num_subcarriers))
     ids = np.ascontiguousarray(frame_ids, dtype=np.int64)
     return run_threaded(
-        mode_power_draws, stream_key(seed, stream, layer, TAG_TDL), ids, int(num_devices),
-        np.ascontiguousarray(basis.real), np.ascontiguousarray(basis.imag), math.sqrt(profile.los_power), PHASE_COS, PHASE_SIN,
+        mode_power_draws,
+        stream_key(seed, stream, layer, TAG_TDL),
+        ids,
+        int(num_devices),
+        np.ascontiguousarray(basis.real),
+        np.ascontiguousarray(basis.imag),
+        math.sqrt(profile.los_power),
+        PHASE_COS,
+        PHASE_SIN,
     )
 
 
-def tdl_jakes_power(seed, stream, layer, frame_ids, num_devices, num_subcarriers, profile, delay_spread_s, spacing_hz,
-                    doppler_hz, frame_s) -> np.ndarray:
+def tdl_jakes_power(
+    seed, stream, layer, frame_ids, num_devices, num_subcarriers, profile, delay_spread_s, spacing_hz, doppler_hz, frame_s
+) -> np.ndarray:
     """|H|^2 with every mode a Jakes process in t = frame_id * frame_s: float64 [R, K, N].
 
     The LoS component (D, E) turns at the Doppler shift of its arrival angle,

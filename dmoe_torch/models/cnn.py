@@ -3,6 +3,7 @@
 The coordinator runs the stem, every gate, the combine step and the head; the experts of
 MoE layer l live on the K edge devices (device k hosts expert k of every layer).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class ModelOutput:
     energy_loss: torch.Tensor | None = None
 
     @classmethod
-    def from_layers(cls, logits: torch.Tensor, results: list) -> "ModelOutput":
+    def from_layers(cls, logits: torch.Tensor, results: list) -> ModelOutput:
         """The output of a model whose MoE layers returned ``results`` (MoEOutputs, in order)."""
         return cls(
             logits=logits,
@@ -46,8 +47,9 @@ class ModelOutput:
             layer_metrics=[r.metrics for r in results],
             selections=[r.selection for r in results],
             z_loss=torch.stack([r.z_loss for r in results]).mean(),
-            energy_loss=(torch.stack([r.energy_loss for r in results]).sum()
-                         if all(r.energy_loss is not None for r in results) else None),
+            energy_loss=(
+                torch.stack([r.energy_loss for r in results]).sum() if all(r.energy_loss is not None for r in results) else None
+            ),
         )
 
 
@@ -104,8 +106,12 @@ class DMoEClassifier(nn.Module):
         channel_gate: bool = False,
     ) -> None:
         super().__init__()
-        for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
-                           ("model.image_size", image_size), ("model.num_moe_layers", num_moe_layers)):
+        for key, value in (
+            ("model.in_channels", in_channels),
+            ("model.num_classes", num_classes),
+            ("model.image_size", image_size),
+            ("model.num_moe_layers", num_moe_layers),
+        ):
             check_positive_int(key, value)
         if image_size < 4:
             raise ValueError(f"model.image_size must be >= 4 (two 2x poolings), got {image_size}")
@@ -122,8 +128,9 @@ class DMoEClassifier(nn.Module):
         # channels_last convolutions run ~1.5x faster on CPU (oneDNN) than NCHW ones.
         self.stem.to(memory_format=torch.channels_last)
         self.moe_layers = nn.ModuleList(
-            MoELayer(d_model, num_experts, hidden_mult, link_dropout, combine=combine, balance_on=balance_on,
-                     channel_gate=channel_gate)
+            MoELayer(
+                d_model, num_experts, hidden_mult, link_dropout, combine=combine, balance_on=balance_on, channel_gate=channel_gate
+            )
             for _ in range(num_moe_layers)
         )
         self.norm = nn.LayerNorm(d_model)
@@ -143,7 +150,9 @@ class DMoEClassifier(nn.Module):
         check_routing_inputs(x, costs, specs, self.num_moe_layers)
         h = self.stem(x.contiguous(memory_format=torch.channels_last))
         results = []
-        for layer, layer_costs, spec, layer_delivered in zip(self.moe_layers, costs, specs, delivered or [None] * len(costs)):
+        for layer, layer_costs, spec, layer_delivered in zip(
+            self.moe_layers, costs, specs, delivered or [None] * len(costs), strict=True
+        ):
             results.append(layer(h, layer_costs, spec, generator=generator, delivered=layer_delivered))
             h = results[-1].out
         return ModelOutput.from_layers(self.head(self.norm(h)), results)

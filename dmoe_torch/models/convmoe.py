@@ -12,6 +12,7 @@ Every token of every image is one input of the DMoE protocol: an MoE layer route
 tokens of the batch in one call, each on its own channel draw (frame id
 ``sample_id * T + token``, see ``tokens_per_input``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -82,10 +83,16 @@ class ConvMoEClassifier(nn.Module):
         channel_gate: bool = False,
     ) -> None:
         super().__init__()
-        for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
-                           ("model.image_size", image_size), ("model.d_model", d_model),
-                           ("model.num_experts", num_experts), ("model.depth", depth),
-                           ("model.hidden_mult", hidden_mult), ("model.kernel_size", kernel_size)):
+        for key, value in (
+            ("model.in_channels", in_channels),
+            ("model.num_classes", num_classes),
+            ("model.image_size", image_size),
+            ("model.d_model", d_model),
+            ("model.num_experts", num_experts),
+            ("model.depth", depth),
+            ("model.hidden_mult", hidden_mult),
+            ("model.kernel_size", kernel_size),
+        ):
             check_positive_int(key, value)
         if image_size % 4:
             raise ValueError(f"model.image_size={image_size} must be divisible by 4 (two 2x poolings)")
@@ -101,8 +108,9 @@ class ConvMoEClassifier(nn.Module):
         self.stem.to(memory_format=torch.channels_last)
         self.mixers.to(memory_format=torch.channels_last)
         self.moe_layers = nn.ModuleList(
-            MoELayer(d_model, num_experts, hidden_mult, link_dropout, combine=combine, balance_on=balance_on,
-                     channel_gate=channel_gate)
+            MoELayer(
+                d_model, num_experts, hidden_mult, link_dropout, combine=combine, balance_on=balance_on, channel_gate=channel_gate
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(d_model)
@@ -126,7 +134,8 @@ class ConvMoEClassifier(nn.Module):
         B, d, h, w = fmap.shape
         results = []
         for mixer, moe, layer_costs, spec, layer_delivered in zip(
-                self.mixers, self.moe_layers, costs, specs, delivered or [None] * len(costs)):
+            self.mixers, self.moe_layers, costs, specs, delivered or [None] * len(costs), strict=True
+        ):
             fmap = mixer(fmap)
             tokens = fmap.permute(0, 2, 3, 1).reshape(B * h * w, d)  # row b*T + t, t = i*w + j
             results.append(moe(tokens, layer_costs, spec, generator=generator, delivered=layer_delivered))

@@ -11,6 +11,7 @@ pre-LayerNorm MLP as an expert).  Every token of every image is one input of the
 protocol: an MoE block routes all B*T tokens of the batch in one call, each on its own
 channel draw (frame id ``sample_id * T + token``, see ``tokens_per_input``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,14 +59,27 @@ class Block(nn.Module):
     routed experts for MoE blocks (the residual is added inside :class:`MoELayer`).
     """
 
-    def __init__(self, d_model: int, num_heads: int, hidden_mult: int, num_experts: int | None,
-                 link_dropout: float = 0.0, combine: str = "renormalized", balance_on: str = "selection",
-                 channel_gate: bool = False) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        hidden_mult: int,
+        num_experts: int | None,
+        link_dropout: float = 0.0,
+        combine: str = "renormalized",
+        balance_on: str = "selection",
+        channel_gate: bool = False,
+    ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads)
-        self.moe = MoELayer(d_model, num_experts, hidden_mult, link_dropout, combine=combine,
-                            balance_on=balance_on, channel_gate=channel_gate) if num_experts else None
+        self.moe = (
+            MoELayer(
+                d_model, num_experts, hidden_mult, link_dropout, combine=combine, balance_on=balance_on, channel_gate=channel_gate
+            )
+            if num_experts
+            else None
+        )
         self.mlp = None if num_experts else Expert(d_model, hidden_mult)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,11 +131,18 @@ class VMoEClassifier(nn.Module):
         channel_gate: bool = False,
     ) -> None:
         super().__init__()
-        for key, value in (("model.in_channels", in_channels), ("model.num_classes", num_classes),
-                           ("model.image_size", image_size), ("model.d_model", d_model),
-                           ("model.num_experts", num_experts), ("model.depth", depth),
-                           ("model.moe_every", moe_every), ("model.num_heads", num_heads),
-                           ("model.patch_size", patch_size), ("model.hidden_mult", hidden_mult)):
+        for key, value in (
+            ("model.in_channels", in_channels),
+            ("model.num_classes", num_classes),
+            ("model.image_size", image_size),
+            ("model.d_model", d_model),
+            ("model.num_experts", num_experts),
+            ("model.depth", depth),
+            ("model.moe_every", moe_every),
+            ("model.num_heads", num_heads),
+            ("model.patch_size", patch_size),
+            ("model.hidden_mult", hidden_mult),
+        ):
             check_positive_int(key, value)
         if image_size % patch_size:
             raise ValueError(f"model.patch_size={patch_size} must divide the image size {image_size}")
@@ -132,7 +153,9 @@ class VMoEClassifier(nn.Module):
         if stem not in STEMS:
             raise ValueError(f"model.stem={stem!r} must be one of {', '.join(STEMS)}")
         if stem == "conv2" and patch_size % 2:
-            raise ValueError(f"model.patch_size={patch_size} must be even with model.stem=conv2 (its stride-2 conv halves the image)")
+            raise ValueError(
+                f"model.patch_size={patch_size} must be even with model.stem=conv2 (its stride-2 conv halves the image)"
+            )
         self.num_experts = num_experts
         self.moe_block_ids = [i for i in range(depth) if (i + 1) % moe_every == 0]
         self.num_moe_layers = len(self.moe_block_ids)
@@ -154,8 +177,16 @@ class VMoEClassifier(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(1, 1, d_model)) if class_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.tokens_per_input, d_model) * 0.02)
         self.blocks = nn.ModuleList(
-            Block(d_model, num_heads, hidden_mult, num_experts if i in self.moe_block_ids else None, link_dropout,
-                  combine, balance_on, channel_gate)
+            Block(
+                d_model,
+                num_heads,
+                hidden_mult,
+                num_experts if i in self.moe_block_ids else None,
+                link_dropout,
+                combine,
+                balance_on,
+                channel_gate,
+            )
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(d_model)
@@ -190,8 +221,9 @@ class VMoEClassifier(nn.Module):
             h = block(h)
             if block.moe is not None:
                 index = len(results)
-                results.append(block.moe(h.reshape(B * T, d), costs[index], specs[index], generator=generator,
-                                         delivered=delivered[index]))
+                results.append(
+                    block.moe(h.reshape(B * T, d), costs[index], specs[index], generator=generator, delivered=delivered[index])
+                )
                 h = results[-1].out.view(B, T, d)
         h = self.norm(h)
         pooled = h[:, 0] if self.class_token is not None else h.mean(1)

@@ -16,9 +16,11 @@ Config group ``runtime`` (conf/runtime/*.yaml)::
 
 validated by :func:`dmoe_torch.config.runtime_settings` (re-exported here).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -69,8 +71,9 @@ def launch(cfg: DictConfig, main: Callable[[DictConfig, Any], Any], output_dir: 
     return distributed.launch(settings, main, cfg, output_dir, num_experts=configured_num_experts(cfg))
 
 
-def attach_experts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                   payload_bits: int | None = None) -> torch.nn.Module:
+def attach_experts(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, payload_bits: int | None = None
+) -> torch.nn.Module:
     """Hand the experts of ``model``'s MoE layers to the active runtime (local: nothing).
 
     Call after the model is on its device and its weights (and ``optimizer``'s state) are

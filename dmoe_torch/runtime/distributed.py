@@ -32,6 +32,7 @@ worker that died (connection closed) or hung (timeout) raises :class:`ExchangeEr
 one line naming it.  Workers wait for the coordinator without a time limit (it may be busy
 with data or checkpoints) and stop when it closes the connection.
 """
+
 from __future__ import annotations
 
 import copy
@@ -89,8 +90,9 @@ class _RemoteExperts(torch.autograd.Function):
     gradients back.  inputs: one [rows_w, d] tensor per worker of ``plan``."""
 
     @staticmethod
-    def forward(ctx, coordinator: "Coordinator", layer: int, plan: list, training: bool, anchor: torch.Tensor,
-                *inputs: torch.Tensor):
+    def forward(
+        ctx, coordinator: Coordinator, layer: int, plan: list, training: bool, anchor: torch.Tensor, *inputs: torch.Tensor
+    ):
         ctx.coordinator, ctx.layer, ctx.plan = coordinator, layer, plan
         outputs, ctx.seq = coordinator.forward_exchange(layer, plan, inputs, training=training, keep_graph=True)
         return tuple(outputs)
@@ -177,8 +179,9 @@ class Coordinator:
     def owns(self, model: nn.Module) -> bool:
         return self.model is model
 
-    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-               payload_bits: int | None = None) -> nn.Module:
+    def attach(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, payload_bits: int | None = None
+    ) -> nn.Module:
         """Place ``model``'s experts on the workers (with ``optimizer``'s state for them)."""
         self.detach()
         layers = [m for m in model.modules() if isinstance(m, MoELayer)]
@@ -186,14 +189,17 @@ class Coordinator:
             raise ConfigError("runtime=distributed: the model has no MoE layer, so there are no experts to place on workers")
         W, K = len(self.workers), min(layer.num_experts for layer in layers)
         if W > K:
-            raise ConfigError(f"runtime=distributed: {W} expert workers for model.num_experts={K} (the checkpoint's); "
-                              f"at most one worker per expert, so start at most {K + 1} processes (--nproc-per-node)")
+            raise ConfigError(
+                f"runtime=distributed: {W} expert workers for model.num_experts={K} (the checkpoint's); "
+                f"at most one worker per expert, so start at most {K + 1} processes (--nproc-per-node)"
+            )
         self.model, self.optimizer, self.layers, self.payload_bits = model, optimizer, layers, payload_bits
         self.hosted = {w: [hosted_experts(w, layer.num_experts, W) for layer in layers] for w in self.workers}
         self.remote, self.remote_index = {}, {}
         for w in self.workers:
-            self.remote[w] = [p for index, layer in enumerate(layers) for k in self.hosted[w][index]
-                              for p in layer.experts[k].parameters()]
+            self.remote[w] = [
+                p for index, layer in enumerate(layers) for k in self.hosted[w][index] for p in layer.experts[k].parameters()
+            ]
             for i, p in enumerate(self.remote[w]):
                 self.remote_index[id(p)] = (w, i)
         for index, layer in enumerate(layers):
@@ -210,8 +216,12 @@ class Coordinator:
                 optimizer.register_load_state_dict_post_hook(lambda *_: self.push()),
             ]
         self.push()
-        log.info("runtime=distributed: %d expert workers (%s backend); expert k of every MoE layer on rank 1 + k mod %d",
-                 W, self.session.backend, W)
+        log.info(
+            "runtime=distributed: %d expert workers (%s backend); expert k of every MoE layer on rank 1 + k mod %d",
+            W,
+            self.session.backend,
+            W,
+        )
         return model
 
     def detach(self) -> None:
@@ -236,10 +246,16 @@ class Coordinator:
                 "param_group": [group_of[id(p)] for p in self.remote[worker]],
                 "state": [_state_to_cpu(self.optimizer.state.get(p)) for p in self.remote[worker]],
             }
-        experts = [{k: copy.deepcopy(layer.experts[k]).cpu() for k in self.hosted[worker][index]}
-                   for index, layer in enumerate(self.layers)]
-        return {"experts": experts, "widths": [layer.d_model for layer in self.layers],
-                "header_len": self._header_len(), "optimizer": optimizer}
+        experts = [
+            {k: copy.deepcopy(layer.experts[k]).cpu() for k in self.hosted[worker][index]}
+            for index, layer in enumerate(self.layers)
+        ]
+        return {
+            "experts": experts,
+            "widths": [layer.d_model for layer in self.layers],
+            "header_len": self._header_len(),
+            "optimizer": optimizer,
+        }
 
     def _header_len(self) -> int:
         """Header length once set up: room for the counts of the most experts a worker hosts."""
@@ -265,7 +281,7 @@ class Coordinator:
                 for (index, k), expert_state in state["experts"].items():
                     self.layers[index].experts[k].load_state_dict(expert_state)
             if self.optimizer is not None:
-                for p, param_state in zip(self.remote[w], state["optim"]):
+                for p, param_state in zip(self.remote[w], state["optim"], strict=True):
                     if param_state:
                         self.optimizer.state[p] = {
                             name: v.to(p.device) if torch.is_tensor(v) and name != "step" else v
@@ -292,8 +308,8 @@ class Coordinator:
         else:
             outputs, _ = self.forward_exchange(index, plan, inputs, training=training, keep_graph=False)
         by_expert: dict[int, torch.Tensor] = {}
-        for (w, hosted, worker_counts), out in zip(plan, outputs):
-            by_expert.update(zip(hosted, out.split(worker_counts)))
+        for (_worker, hosted, worker_counts), out in zip(plan, outputs, strict=True):
+            by_expert.update(zip(hosted, out.split(worker_counts), strict=True))
         return [by_expert[k] for k in range(len(counts)) if counts[k]]
 
     def _round_trip(self, op: int, index: int, seq: int, flags: int, plan: list, tensors, phase: str) -> list[torch.Tensor]:
@@ -301,7 +317,7 @@ class Coordinator:
         stats = self.stats.layer(index)
         what = f"the {phase} pass of MoE layer {index}"
         pending = []
-        for (w, hosted, worker_counts), x in zip(plan, tensors):
+        for (w, _hosted, worker_counts), x in zip(plan, tensors, strict=True):
             payload = x.detach().to(self.session.device).contiguous()
             header = self.session.header(op, index, seq, flags, payload.dtype, len(payload), worker_counts)
             pending.append((w, self._send(header, w, what), header))
@@ -311,7 +327,7 @@ class Coordinator:
             stats["messages"] += 2
             self.stats.element_bits[index] = payload.element_size() * 8
         replies = []
-        for (w, _, _), x in zip(plan, tensors):
+        for (w, _, _), x in zip(plan, tensors, strict=True):
             reply = torch.empty(x.shape, dtype=x.dtype, device=self.session.device)
             replies.append(self._recv(reply, w, what, data=True).to(x.device))
             stats[f"{phase}_received"] += _tensor_bytes(reply)
@@ -355,7 +371,7 @@ class Coordinator:
             self.stats.control_bytes += self.session.header_len * 8 + _tensor_bytes(remote_norms[w])
         params = list(model.parameters())
         local = [p for p in params if id(p) not in self.remote_index and p.grad is not None]
-        local_norms = dict(zip(map(id, local), torch._foreach_norm([p.grad for p in local], 2.0))) if local else {}
+        local_norms = dict(zip(map(id, local), torch._foreach_norm([p.grad for p in local], 2.0), strict=True)) if local else {}
         norms = []
         for p in params:
             if id(p) in self.remote_index:

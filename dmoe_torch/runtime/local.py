@@ -1,4 +1,5 @@
 """The local runtime: every expert runs in this process (``MoELayer.run_experts`` as defined)."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,9 @@ class LocalRuntime:
 
     name = "local"
 
-    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-               payload_bits: int | None = None) -> torch.nn.Module:
+    def attach(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, payload_bits: int | None = None
+    ) -> torch.nn.Module:
         return model
 
     def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ dtype, rows, counts of the worker's experts...]``; control objects (setup, state
 ``torch.save`` bytes.  Headers and objects go over gloo on the CPU; rows and gradients over
 the data group (gloo, or nccl on GPUs).
 """
+
 from __future__ import annotations
 
 import io
@@ -28,8 +29,7 @@ from ..config import ConfigError, RuntimeSettings, check_world_size, process_env
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExchangeStats", "Session", "check_world_size", "hosted_experts", "log_summary", "process_env",
-           "worker_of_expert"]
+__all__ = ["ExchangeStats", "Session", "check_world_size", "hosted_experts", "log_summary", "process_env", "worker_of_expert"]
 
 # Header ops (coordinator -> worker).
 OP_SETUP, OP_FORWARD, OP_BACKWARD, OP_GRAD_NORMS, OP_CLIP, OP_STEP, OP_GET_STATE, OP_SHUTDOWN = range(1, 9)
@@ -74,7 +74,7 @@ class Session:
         self.data_group = None  # None: the default (gloo) group
         self.backend = "gloo"
 
-    def start(self) -> "Session":
+    def start(self) -> Session:
         """Join the process group: gloo for control; nccl for the data too when asked (or auto)
         and every rank has its own GPU."""
         # Joining may take longer than an exchange: every wait after it sets its own timeout.
@@ -85,7 +85,9 @@ class Session:
         all_gpus = all(int(f) for f in flags) and dist.is_nccl_available()
         if self.settings.backend == "nccl" and not all_gpus:
             missing = [r for r, f in enumerate(flags) if not int(f)]
-            raise ConfigError(f"runtime.backend=nccl: rank(s) {missing} have no GPU of their own; use runtime.backend=gloo or auto")
+            raise ConfigError(
+                f"runtime.backend=nccl: rank(s) {missing} have no GPU of their own; use runtime.backend=gloo or auto"
+            )
         if self.settings.backend in ("nccl", "auto") and all_gpus:
             self.backend = "nccl"
             self.device = torch.device("cuda", self.local_rank)
@@ -103,8 +105,16 @@ class Session:
     def irecv(self, tensor: torch.Tensor, peer: int, *, data: bool = False):
         return dist.irecv(tensor, src=peer, group=self.data_group if data else None)
 
-    def header(self, op: int, layer: int = 0, seq: int = 0, flags: int = 0, dtype: torch.dtype = torch.float32,
-               rows: int = 0, counts: list[int] = ()) -> torch.Tensor:
+    def header(
+        self,
+        op: int,
+        layer: int = 0,
+        seq: int = 0,
+        flags: int = 0,
+        dtype: torch.dtype = torch.float32,
+        rows: int = 0,
+        counts: list[int] = (),
+    ) -> torch.Tensor:
         values = [op, layer, seq, flags, DTYPES.index(dtype), rows, *counts]
         header = torch.zeros(self.header_len, dtype=torch.int64)
         header[: len(values)] = torch.tensor(values, dtype=torch.int64)
@@ -162,23 +172,45 @@ class ExchangeStats:
         for index in sorted(self.layers):
             c = self.layers[index]
             model_bytes = None if payload_bits is None else c["rows"] * payload_bits / 8
-            row = {"layer": index, **c, "d_model": self.d_model.get(index), "bits_per_element_sent": self.element_bits.get(index),
-                   "payload_model_bytes_per_hop": model_bytes,
-                   "forward_sent_over_model": c["forward_sent"] / model_bytes if model_bytes else None,
-                   "forward_received_over_model": c["forward_received"] / model_bytes if model_bytes else None}
+            row = {
+                "layer": index,
+                **c,
+                "d_model": self.d_model.get(index),
+                "bits_per_element_sent": self.element_bits.get(index),
+                "payload_model_bytes_per_hop": model_bytes,
+                "forward_sent_over_model": c["forward_sent"] / model_bytes if model_bytes else None,
+                "forward_received_over_model": c["forward_received"] / model_bytes if model_bytes else None,
+            }
             layers.append(row)
-        return {"workers": num_workers, "payload_bits_per_hop_row": payload_bits, "layers": layers,
-                "control_bytes": self.control_bytes}
+        return {
+            "workers": num_workers,
+            "payload_bits_per_hop_row": payload_bits,
+            "layers": layers,
+            "control_bytes": self.control_bytes,
+        }
 
 
 def log_summary(summary: dict[str, Any]) -> None:
     bits = summary["payload_bits_per_hop_row"]
     for row in summary["layers"]:
-        model = "" if row["forward_sent_over_model"] is None else (
-            f"; payload model (rows x {bits} bit per hop) {row['payload_model_bytes_per_hop'] / 1e6:.3f} MB each way, "
-            f"sent/model {row['forward_sent_over_model']:.2f} ({row['bits_per_element_sent']}-bit elements)")
-        log.info("exchange, MoE layer %d: %d rows; forward %.3f MB out / %.3f MB back, backward %.3f MB out / %.3f MB "
-                 "back, headers %.3f MB%s", row["layer"], row["rows"], row["forward_sent"] / 1e6,
-                 row["forward_received"] / 1e6, row["backward_sent"] / 1e6, row["backward_received"] / 1e6,
-                 row["header_bytes"] / 1e6, model)
+        model = (
+            ""
+            if row["forward_sent_over_model"] is None
+            else (
+                f"; payload model (rows x {bits} bit per hop) {row['payload_model_bytes_per_hop'] / 1e6:.3f} MB each way, "
+                f"sent/model {row['forward_sent_over_model']:.2f} ({row['bits_per_element_sent']}-bit elements)"
+            )
+        )
+        log.info(
+            "exchange, MoE layer %d: %d rows; forward %.3f MB out / %.3f MB back, backward %.3f MB out / %.3f MB "
+            "back, headers %.3f MB%s",
+            row["layer"],
+            row["rows"],
+            row["forward_sent"] / 1e6,
+            row["forward_received"] / 1e6,
+            row["backward_sent"] / 1e6,
+            row["backward_received"] / 1e6,
+            row["header_bytes"] / 1e6,
+            model,
+        )
     log.info("exchange, control (setup, state, norms, steps): %.3f MB", summary["control_bytes"] / 1e6)

@@ -5,6 +5,7 @@ coordinator's messages (:mod:`.distributed`) until it says stop; :func:`serve` r
 joining the process group to the coordinator's end.  Kept apart from the coordinator: the
 two sides share only :mod:`.transport`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,9 +66,15 @@ class Worker:
         self.optimizer: torch.optim.Optimizer | None = None
         self.group_of_coordinator: dict[int, int] = {}  # coordinator's param group -> ours
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.handlers = {OP_SETUP: self.setup, OP_FORWARD: self.forward, OP_BACKWARD: self.backward,
-                         OP_GRAD_NORMS: self.grad_norms, OP_CLIP: self.clip, OP_STEP: self.step,
-                         OP_GET_STATE: self.get_state}
+        self.handlers = {
+            OP_SETUP: self.setup,
+            OP_FORWARD: self.forward,
+            OP_BACKWARD: self.backward,
+            OP_GRAD_NORMS: self.grad_norms,
+            OP_CLIP: self.clip,
+            OP_STEP: self.step,
+            OP_GET_STATE: self.get_state,
+        }
 
     def _recv(self, tensor: torch.Tensor, *, data: bool = False, timeout: timedelta | None = None) -> torch.Tensor:
         try:
@@ -99,7 +106,9 @@ class Worker:
             if op == OP_SHUTDOWN:
                 return 0
             if op not in self.handlers:
-                raise ExchangeError(f"expert worker {self.session.rank}: unknown message {op} from the coordinator (version mismatch?)")
+                raise ExchangeError(
+                    f"expert worker {self.session.rank}: unknown message {op} from the coordinator (version mismatch?)"
+                )
             self.handlers[op](header.tolist())
 
     def setup(self, header: list[int]) -> None:
@@ -112,14 +121,15 @@ class Worker:
         spec = setup["optimizer"]
         if spec is not None and self.params:
             groups: dict[int, dict[str, Any]] = {}
-            for p, g in zip(self.params, spec["param_group"]):
+            for p, g in zip(self.params, spec["param_group"], strict=True):
                 groups.setdefault(g, {**spec["groups"][g], "params": []})["params"].append(p)
             self.group_of_coordinator = {g: i for i, g in enumerate(groups)}
             self.optimizer = spec["class"](list(groups.values()))
-            for p, state in zip(self.params, spec["state"]):
+            for p, state in zip(self.params, spec["state"], strict=True):
                 if state:
-                    self.optimizer.state[p] = {name: v.to(p.device) if torch.is_tensor(v) and name != "step" else v
-                                               for name, v in state.items()}
+                    self.optimizer.state[p] = {
+                        name: v.to(p.device) if torch.is_tensor(v) and name != "step" else v for name, v in state.items()
+                    }
         self.session.header_len = setup["header_len"]
         hosted = sorted(self.experts[0]) if self.experts else []
         log.info("expert worker %d: hosting experts %s of each of %d MoE layers", self.session.rank, hosted, len(self.experts))
@@ -127,14 +137,14 @@ class Worker:
     def forward(self, header: list[int]) -> None:
         _, index, seq, flags, dtype, rows = header[:BASE_HEADER]
         experts = self.experts[index]
-        counts = header[BASE_HEADER: BASE_HEADER + len(experts)]
+        counts = header[BASE_HEADER : BASE_HEADER + len(experts)]
         x = self._recv(torch.empty(rows, self.widths[index], dtype=DTYPES[dtype], device=self.device), data=True)
         keep = bool(flags & FLAG_GRAD)
         with torch.set_grad_enabled(keep):
             if keep:
                 x.requires_grad_()
             outputs = []
-            for k, group, count in zip(sorted(experts), x.split(counts), counts):
+            for k, group, count in zip(sorted(experts), x.split(counts), counts, strict=True):
                 experts[k].train(bool(flags & FLAG_TRAINING))
                 if count:
                     outputs.append(experts[k](group))
@@ -152,7 +162,9 @@ class Worker:
 
     def grad_norms(self, header: list[int]) -> None:
         with_grad = [p for p in self.params if p.grad is not None]
-        norms = dict(zip(map(id, with_grad), torch._foreach_norm([p.grad for p in with_grad], 2.0))) if with_grad else {}
+        norms = (
+            dict(zip(map(id, with_grad), torch._foreach_norm([p.grad for p in with_grad], 2.0), strict=True)) if with_grad else {}
+        )
         values = [float(norms[id(p)]) if id(p) in norms else -1.0 for p in self.params]
         self._send(torch.tensor(values, dtype=torch.float64))
 
@@ -171,8 +183,11 @@ class Worker:
         self.graphs.clear()
 
     def get_state(self, header: list[int]) -> None:
-        experts = {(index, k): {name: v.detach().cpu() for name, v in m.state_dict().items()}
-                   for index, layer in enumerate(self.experts) for k, m in layer.items()}
+        experts = {
+            (index, k): {name: v.detach().cpu() for name, v in m.state_dict().items()}
+            for index, layer in enumerate(self.experts)
+            for k, m in layer.items()
+        }
         optim = [_state_to_cpu(self.optimizer.state.get(p)) if self.optimizer is not None else None for p in self.params]
         self._send_object({"experts": experts, "optim": optim})
 
@@ -193,10 +208,14 @@ class _KeepServing:
         if self.received:
             raise KeyboardInterrupt(f"expert worker {self.rank}: second {signal.Signals(signum).name}")
         self.received = True
-        print(f"expert worker {self.rank}: {signal.Signals(signum).name} received; serving until the coordinator stops "
-              "(send it again to abort)", file=sys.stderr, flush=True)
+        print(
+            f"expert worker {self.rank}: {signal.Signals(signum).name} received; serving until the coordinator stops "
+            "(send it again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    def __enter__(self) -> "_KeepServing":
+    def __enter__(self) -> _KeepServing:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -5,6 +5,7 @@
 ``route(policy, scores, costs, ...)`` is the single entry point the MoE layer uses; the exact
 references (brute force, MILP) live in ``dmoe_torch.selection.exact``.
 """
+
 from .baselines import channel_topk, dense, random_topk, topk
 from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
 from .des import des

@@ -16,6 +16,7 @@ selected link failed (the layer then passes the input through unchanged).
 These policies have no relevance target: ``violation`` equals ``dropped``, ``nodes`` is 0,
 ``lower_bound`` is nan and ``certified`` is False.
 """
+
 from __future__ import annotations
 
 import math

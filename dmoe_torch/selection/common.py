@@ -4,6 +4,7 @@ All policies are pure, batched functions: scores ``[B, K]`` and costs ``[B, K]``
 subcarriers) or ``[B, K, N]`` (per subcarrier) in, a :class:`Selection` out.  Costs are
 energies in joules; ``+inf`` marks an unreachable expert / link in outage.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,7 +61,7 @@ class Selection:
     def batch_size(self) -> int:
         return self.mask.shape[0]
 
-    def to(self, device) -> "Selection":
+    def to(self, device) -> Selection:
         return Selection(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
@@ -182,8 +183,14 @@ def _describe(x) -> str:
 def result_arrays(B: int, K: int):
     """Empty results of B rows and K experts: mask bool[B, K], energy float64[B], violation,
     dropped bool[B], nodes int64[B], bound float64[B] (nan)."""
-    return (np.zeros((B, K), dtype=np.bool_), np.zeros(B), np.zeros(B, dtype=np.bool_),
-            np.zeros(B, dtype=np.bool_), np.zeros(B, dtype=np.int64), np.full(B, np.nan))
+    return (
+        np.zeros((B, K), dtype=np.bool_),
+        np.zeros(B),
+        np.zeros(B, dtype=np.bool_),
+        np.zeros(B, dtype=np.bool_),
+        np.zeros(B, dtype=np.int64),
+        np.full(B, np.nan),
+    )
 
 
 def selection_from_arrays(mask, energy, violation, dropped, nodes, bound) -> Selection:

@@ -7,6 +7,7 @@ like a channel-unaware policy's attempt on a link in outage: the expert's output
 the coordinator spends ``failure_energy`` (P_ap * T_max: it transmits until the latency
 budget runs out) instead of the planned link energy.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -17,7 +18,9 @@ from .baselines import check_failure_energy
 from .common import Selection
 
 
-def apply_delivery(selection: Selection, planned_costs: torch.Tensor, delivered: torch.Tensor, failure_energy: float) -> Selection:
+def apply_delivery(
+    selection: Selection, planned_costs: torch.Tensor, delivered: torch.Tensor, failure_energy: float
+) -> Selection:
     """The realised Selection: selected links that were not delivered become failed.
 
     selection: planned on ``planned_costs`` [B, K, N] (J); delivered [B, K, N] bool.

@@ -80,6 +80,7 @@ The router (``registry.route``) is to call these where ``enumerable`` says so;
 ``benchmarks/bench_enumerate.py`` measures exactness (105,000 instances) and the crossover
 against numba.
 """
+
 from __future__ import annotations
 
 import functools
@@ -132,9 +133,7 @@ def candidate_set_count(num_experts: int, k_min: int, k_max: int) -> int:
     return sum(math.comb(num_experts, m) for m in range(k_min, min(k_max, num_experts) + 1))
 
 
-def enumerable(
-    num_experts: int, k_min: int, k_max: int, device: torch.device | str | None = None, solver: str = "des"
-) -> bool:
+def enumerable(num_experts: int, k_min: int, k_max: int, device: torch.device | str | None = None, solver: str = "des") -> bool:
     """True when `solver` ("des", "jesa" or "optimal": des_enumerate, jesa_enumerate,
     optimal_enumerate) should route K=num_experts experts with k_min..k_max on `device`
     (None: the CPU), rather than numba (des, jesa) or HiGHS (optimal).
@@ -570,8 +569,14 @@ def _iterate(s, e, rank_cost, rank_sub, lower, mask, threshold, k_min, k_max, ro
         if rows is not None and rows.numel() == 0:
             break
         new_mask, new_sub, new_energy = _jesa_round(
-            _take(s, rows), _take(e, rows), _take(rank_cost, rows), _take(rank_sub, rows),
-            _take(subcarrier, rows), threshold, k_min, k_max,
+            _take(s, rows),
+            _take(e, rows),
+            _take(rank_cost, rows),
+            _take(rank_sub, rows),
+            _take(subcarrier, rows),
+            threshold,
+            k_min,
+            k_max,
         )
         improved = _take(active, rows) & (new_energy < _take(energy, rows) * (1.0 - ENERGY_RTOL))
         mask = _merge(mask, rows, improved, new_mask)
@@ -646,8 +651,16 @@ def jesa_enumerate(
     iterating = feasible & collide
     rows = _active_rows(iterating)
     i_mask, i_sub, i_energy = _iterate(
-        _take(s, rows), _take(e, rows), _take(rank_cost, rows), _take(rank_sub, rows), _take(lower, rows),
-        _take(mask, rows), threshold, k_min, k_max, max(1, max_iterations) - 1,
+        _take(s, rows),
+        _take(e, rows),
+        _take(rank_cost, rows),
+        _take(rank_sub, rows),
+        _take(lower, rows),
+        _take(mask, rows),
+        threshold,
+        k_min,
+        k_max,
+        max(1, max_iterations) - 1,
     )
     i_rows = _take(iterating, rows)
     i_found = i_rows & torch.isfinite(i_energy)  # otherwise the P2 fallback below

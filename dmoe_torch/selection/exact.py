@@ -17,6 +17,7 @@ those fallback experts then get subcarriers by a maximum-cardinality, minimum-co
 assignment; a fallback expert left without a finite link is dropped from the mask.  Rows
 without any reachable expert: empty mask, energy 0, dropped=True, violation=True.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -30,7 +31,17 @@ from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 from .common import RELEVANCE_TOL, Selection, empty_selection, result_arrays, selection_from_arrays, validate_inputs
 from .milp import _HIGHS_OPTIONS, _RELEVANCE_ROW_SCALE, milp_p1_row, solve_milp
 
-__all__ = ["des_reference", "brute_force_p1", "milp_p1", "milp_p1_row", "brute_force_p2", "milp_p2", "subset_count", "brute_force_p3", "milp_p3"]
+__all__ = [
+    "des_reference",
+    "brute_force_p1",
+    "milp_p1",
+    "milp_p1_row",
+    "brute_force_p2",
+    "milp_p2",
+    "subset_count",
+    "brute_force_p3",
+    "milp_p3",
+]
 
 # Brute force refuses more subsets than this per instance.
 _MAX_SUBSETS = 2_000_000
@@ -140,7 +151,7 @@ def _fallback_p2(s, e, k_max):
         # number of finite links first, then minimise their cost
         penalty = 1.0 + 2.0 * sub[finite].sum()
         rows, cols = linear_sum_assignment(np.where(finite, sub, penalty))
-        for r, n in zip(rows, cols):
+        for r, n in zip(rows, cols, strict=True):
             if finite[r, n]:
                 assignment[int(experts[r])] = int(n)
     return assignment
@@ -185,7 +196,7 @@ def brute_force_p2(scores, costs, gamma: float, k_min: int = 1, k_max: int | Non
                 j = int(np.argmin(totals))
                 if totals[j] < best:
                     best = totals[j]
-                    best_assignment = {k: int(n) for k, n in zip(experts, perms[m][j])}
+                    best_assignment = {k: int(n) for k, n in zip(experts, perms[m][j], strict=True)}
         feasible[b] = best_assignment is not None
         assignments.append(best_assignment if feasible[b] else _fallback_p2(s[b], e[b], k_max))
     return _p2_result(s, e, B, K, assignments, feasible, np.full(B, work, dtype=np.int64))
@@ -219,7 +230,7 @@ def milp_p2(scores, costs, gamma: float, k_min: int = 1, k_max: int | None = Non
             upper = np.concatenate([np.ones(K + N), [np.inf, k_max]])
             y = solve_milp(e[b, ks, ns], A, lower, upper)
             if y is not None:
-                assignment = {int(k): int(n) for k, n in zip(ks[y], ns[y])}
+                assignment = {int(k): int(n) for k, n in zip(ks[y], ns[y], strict=True)}
         feasible[b] = assignment is not None
         assignments.append(assignment if feasible[b] else _fallback_p2(s[b], e[b], k_max))
     return _p2_result(s, e, B, K, assignments, feasible, np.zeros(B, dtype=np.int64))
@@ -327,7 +338,7 @@ def _p3_result(s, e, c, gamma, k_min, masks, owners, optimal, bounds):
     F, T, K = s.shape
     want = np.zeros((F, T, K), dtype=np.bool_)
     owner = np.full((F, e.shape[2]), -1, dtype=np.int64)
-    for f, (mask, own) in enumerate(zip(masks, owners)):
+    for f, (mask, own) in enumerate(zip(masks, owners, strict=True)):
         if mask is not None:
             want[f], owner[f] = mask, own
     plan = plan_from_owner(s, e, c, owner, want, gamma, k_min)
@@ -358,8 +369,12 @@ def _p3_brute_frame(s, e, c, thr, k_min, k_max):
     usable = np.flatnonzero((c > 0).any(1))
     token_sets = []
     for t in range(T):
-        sets = [combo for m in range(k_min, k_max + 1) for combo in itertools.combinations(usable.tolist(), m)
-                if s[t, list(combo)].sum() >= thr]
+        sets = [
+            combo
+            for m in range(k_min, k_max + 1)
+            for combo in itertools.combinations(usable.tolist(), m)
+            if s[t, list(combo)].sum() >= thr
+        ]
         if not sets:
             return None
         token_sets.append(sets)
@@ -456,8 +471,13 @@ def _p3_milp_frame(s, e, c, thr, k_min, k_max, time_limit):
         options["time_limit"] = float(time_limit)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = milp(objective / scale, integrality=np.ones(V), bounds=Bounds(np.zeros(V), upper_bound),
-                   constraints=[LinearConstraint(np.array(rows), np.array(lo), np.array(hi))], options=options)
+        res = milp(
+            objective / scale,
+            integrality=np.ones(V),
+            bounds=Bounds(np.zeros(V), upper_bound),
+            constraints=[LinearConstraint(np.array(rows), np.array(lo), np.array(hi))],
+            options=options,
+        )
     if res.status == 2:
         return None
     bound = getattr(res, "mip_dual_bound", None)
@@ -472,8 +492,7 @@ def _p3_milp_frame(s, e, c, thr, k_min, k_max, time_limit):
     return mask, owner, res.status == 0, bound
 
 
-def milp_p3(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int | None = None,
-            *, time_limit: float | None = None):
+def milp_p3(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int | None = None, *, time_limit: float | None = None):
     """Exact P3 per frame by scipy.optimize.milp (HiGHS); see :func:`_p3_milp_frame`.
 
     scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens per link.  Returns a
@@ -489,11 +508,11 @@ def milp_p3(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int | 
     F = s.shape[0]
     raw = [_p3_milp_frame(s[f], e[f], c[f], gamma - RELEVANCE_TOL, k_min, k_max, time_limit) for f in range(F)]
     unknown = np.array([r is not None and len(r) == 2 for r in raw], dtype=np.bool_)
-    found = [None if u else r for r, u in zip(raw, unknown)]
+    found = [None if u else r for r, u in zip(raw, unknown, strict=True)]
     masks = [None if r is None else r[0] for r in found]
     owners = [None if r is None else r[1] for r in found]
     optimal = np.array([r is not None and r[2] for r in found], dtype=np.bool_)
     bounds = np.array([np.nan if r is None else r[3] for r in found])
     plan = _p3_result(s, e, c, gamma, k_min, masks, owners, optimal, bounds)
-    plan.lower_bound[unknown] = [r[1] for r, u in zip(raw, unknown) if u]
+    plan.lower_bound[unknown] = [r[1] for r, u in zip(raw, unknown, strict=True) if u]
     return plan

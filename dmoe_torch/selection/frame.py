@@ -15,8 +15,9 @@ Shapes: F frames, T tokens per frame, K devices (experts), N subcarriers.  Every
 batched over frames; the per-frame work runs in numba loops (no Python loop over frames).
 
 This module is the frame's data model, what the other layers import: :class:`FrameSelection`,
-:func:`validate_frame_inputs`, the links (:func:`link_capacity`, :func:`frame_links`,
-:func:`static_owner`), :func:`plan_from_owner` (a plan from a partition and the wanted links)
+:func:`validate_frame_inputs`, the links (:func:`link_capacity`,
+:func:`static_owner`; the channel draws them in ``channel/links.py``),
+:func:`plan_from_owner` (a plan from a partition and the wanted links)
 and :func:`token_selection`, the plan as the token-level Selection the MoE layer consumes.
 The policies on it:
 
@@ -27,24 +28,47 @@ The policies on it:
 * registry.py: :func:`route_frames`, one entry point for every frame policy; exact.py: the
   P3 references (brute force, MILP).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .common import RELEVANCE_TOL, check_bounds, check_gamma
 from .frame_kernels import ENERGY_RTOL, _link_order, _place
 
 __all__ = [
+    "FrameLinks",
     "FrameSelection",
     "validate_frame_inputs",
     "link_capacity",
-    "frame_links",
     "static_owner",
     "plan_from_owner",
     "token_selection",
 ]
+
+
+@dataclass
+class FrameLinks:
+    """The links of image frames (channel.frame=image; docs/method.md section 11): one frame per
+    (image, MoE layer), whose T tokens share its channel draw and its N subcarriers.
+
+    costs     [F, K, N] float64 CPU  J per token on link (k, n), downlink + uplink (+inf = outage)
+    capacity  [F, K, N] int64 CPU    whole tokens link (k, n) carries within T_max on both hops
+    The MoE layer's rows are the F * T tokens, row f * T + t for token t of frame f.
+    """
+
+    costs: torch.Tensor
+    capacity: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.costs.dim() != 3 or self.capacity.shape != self.costs.shape:
+            raise ValueError(
+                f"FrameLinks: costs and capacity must both be [F, K, N], got "
+                f"{tuple(self.costs.shape)} and {tuple(self.capacity.shape)}"
+            )
 
 
 @dataclass
@@ -134,24 +158,6 @@ def link_capacity(rate_dl, rate_ul, payload_bits: float, latency_s: float) -> np
     return np.floor(latency_s * slowest / payload_bits).astype(np.int64)
 
 
-def frame_links(channel, frame_ids, layer: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
-    """Link energies and capacities of image frames on the true channel (perfect CSI).
-
-    channel: a ``WirelessChannel``; frame_ids [F] int64 (one id per (image, layer) frame:
-    all its tokens share that draw).  Returns costs [F, K, N] J (``channel.costs``) and
-    capacity [F, K, N] int64 = floor(T_max min(r_dl, r_ul) / S), 0 exactly where the cost
-    is +inf and at least 1 where it is finite (the same outage rule)."""
-    cfg = channel.cfg
-    gains = channel.gains(frame_ids, layer, stream)  # one fading draw serves costs and rates
-    costs = channel.costs_from_gains(gains).numpy()
-    snr = gains.numpy() / cfg.noise_power_w
-    rate_dl = cfg.subcarrier_bandwidth_hz * np.log2(1.0 + cfg.ap_power_w * snr)
-    rate_ul = cfg.subcarrier_bandwidth_hz * np.log2(1.0 + cfg.device_power_w * snr)
-    capacity = link_capacity(rate_dl, rate_ul, channel.payload_bits, cfg.latency_budget_s)
-    finite = np.isfinite(costs)
-    return costs, np.where(finite, np.maximum(capacity, 1), 0).astype(np.int64)
-
-
 def static_owner(num_devices: int, num_subcarriers: int) -> np.ndarray:
     """The channel-unaware partition o(n) = n mod K, int64 [N] (with N >= K every device
     owns subcarrier k, as in the token frame's a(k) = k mod N)."""
@@ -187,9 +193,19 @@ def plan_from_owner(s, e, c, owner, want, gamma, k_min, *, lower_bound=None, fai
     feasible = ~violation.any(1)
     certified = feasible & np.isfinite(bound) & (energy <= bound * (1 + ENERGY_RTOL) + 1e-300)
     return FrameSelection(
-        mask=mask, subcarrier=np.where(mask, sub, -1), owner=owner, token_energy=tok_e, energy=energy,
-        violation=violation, dropped=cnt == 0, cut=cut, failed=failed, overrun=failed.any((1, 2)),
-        lower_bound=bound, certified=certified, feasible=feasible,
+        mask=mask,
+        subcarrier=np.where(mask, sub, -1),
+        owner=owner,
+        token_energy=tok_e,
+        energy=energy,
+        violation=violation,
+        dropped=cnt == 0,
+        cut=cut,
+        failed=failed,
+        overrun=failed.any((1, 2)),
+        lower_bound=bound,
+        certified=certified,
+        feasible=feasible,
     )
 
 

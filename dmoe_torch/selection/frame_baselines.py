@@ -4,6 +4,7 @@
 ignored: links beyond it fail at P_ap T_max each) and :func:`frame_tokenwise` (des / jesa
 token by token, then truncated to capacity).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,9 @@ def frame_topk_overrun(scores, costs, capacity, k: int, failure_energy: float) -
     return result
 
 
-def frame_tokenwise(scores, costs, capacity, policy: str, gamma: float, k_min: int = 1,
-                    k_max: int | None = None) -> FrameSelection:
+def frame_tokenwise(
+    scores, costs, capacity, policy: str, gamma: float, k_min: int = 1, k_max: int | None = None
+) -> FrameSelection:
     """des or jesa token by token, each token as if it had the band alone, then truncated.
 
     des: P1 per token on the static partition (device k's cheapest own subcarrier), sent on

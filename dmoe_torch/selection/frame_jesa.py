@@ -10,6 +10,7 @@ best responses with idle subcarriers, and optionally sweeps of subcarrier moves 
 with the tokens re-optimised after each (the energy only drops).  The per-frame work is the
 numba code of frame_kernels.py.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -89,7 +90,19 @@ def _take_better(best: FrameSelection, other: FrameSelection, rows: np.ndarray) 
     violation tokens, or as many and less energy."""
     v_best, v_other = best.violation[rows].sum(1), other.violation.sum(1)
     better = (v_other < v_best) | ((v_other == v_best) & (other.energy < best.energy[rows] * (1 - ENERGY_RTOL)))
-    for name in ("mask", "subcarrier", "owner", "token_energy", "energy", "violation", "dropped", "cut", "failed", "overrun", "feasible"):
+    for name in (
+        "mask",
+        "subcarrier",
+        "owner",
+        "token_energy",
+        "energy",
+        "violation",
+        "dropped",
+        "cut",
+        "failed",
+        "overrun",
+        "feasible",
+    ):
         getattr(best, name)[rows[better]] = getattr(other, name)[better]
 
 
@@ -111,16 +124,40 @@ def _reassign(s, e, c, order, plan, gamma, k_min, k_max, rounds, construct_round
     x = np.ascontiguousarray(plan.mask).copy()
     owner = np.ascontiguousarray(plan.owner).copy()
     deep = e.shape[1] * e.shape[2] <= DEEP_MAX_LINKS
-    _reassign_frames(s, e, c, order, x, owner, gamma - RELEVANCE_TOL, k_min, k_max, int(rounds), deep, int(construct_rounds),
-                     int(construct_attempts))
+    _reassign_frames(
+        s,
+        e,
+        c,
+        order,
+        x,
+        owner,
+        gamma - RELEVANCE_TOL,
+        k_min,
+        k_max,
+        int(rounds),
+        deep,
+        int(construct_rounds),
+        int(construct_attempts),
+    )
     new = plan_from_owner(s, e, c, owner, x, gamma, k_min)
     new.cut |= plan.cut & ~new.mask  # links the plan wanted and could not send stay counted
     _take_better(plan, new, np.arange(s.shape[0]))
 
 
-def frame_jesa(scores, costs, capacity, gamma: float, k_min: int = 1, k_max: int | None = None, *,
-               rounds: int = 4, attempts: int = 3, price_rounds: int = 0, rescue_rounds: int = 0,
-               reassign_rounds: int = 0) -> FrameSelection:
+def frame_jesa(
+    scores,
+    costs,
+    capacity,
+    gamma: float,
+    k_min: int = 1,
+    k_max: int | None = None,
+    *,
+    rounds: int = 4,
+    attempts: int = 3,
+    price_rounds: int = 0,
+    rescue_rounds: int = 0,
+    reassign_rounds: int = 0,
+) -> FrameSelection:
     """Fast P3 solver.  scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens.
 
     Steps (docs/method.md section 11): DES per token under c* (capacity-free: lower bound

@@ -13,6 +13,7 @@ e [K, N] J, c [K, N] tokens, order [K, N] (each device's subcarriers by increasi
 function of another module (see jesa.py: numba's on-disk cache would not notice a changed
 callee).
 """
+
 from __future__ import annotations
 
 import math
@@ -472,10 +473,21 @@ def _construct(e, c, order, s, x, thr, k_min, rounds, attempts, usable, owner, c
 @njit(cache=True)
 def _construct_workspace(T, K, N):
     """Scratch arrays of :func:`_construct` for frames of T tokens, K devices, N subcarriers."""
-    return (np.empty((K, max(T, 1))), np.empty(K, dtype=np.int64), np.empty(K, dtype=np.int64), np.empty(K, dtype=np.int64),
-            np.empty(K, dtype=np.int64), np.empty(K, dtype=np.bool_), np.empty((6, K + T + 1), dtype=np.int64),
-            np.empty((T, K), dtype=np.bool_), np.empty((T, K), dtype=np.bool_), np.empty((T, K), dtype=np.bool_),
-            np.empty(N, dtype=np.int64), np.empty(N, dtype=np.int64), np.zeros(N, dtype=np.bool_))
+    return (
+        np.empty((K, max(T, 1))),
+        np.empty(K, dtype=np.int64),
+        np.empty(K, dtype=np.int64),
+        np.empty(K, dtype=np.int64),
+        np.empty(K, dtype=np.int64),
+        np.empty(K, dtype=np.bool_),
+        np.empty((6, K + T + 1), dtype=np.int64),
+        np.empty((T, K), dtype=np.bool_),
+        np.empty((T, K), dtype=np.bool_),
+        np.empty((T, K), dtype=np.bool_),
+        np.empty(N, dtype=np.int64),
+        np.empty(N, dtype=np.int64),
+        np.zeros(N, dtype=np.bool_),
+    )
 
 
 @njit(cache=True)
@@ -498,8 +510,21 @@ def _solve_frames(s_all, e_all, c_all, order_all, x_all, thr, k_min, rounds, att
     usable = np.empty(K, dtype=np.bool_)
     for f in range(F):
         _usable_devices(c_all[f], usable)
-        _construct(e_all[f], c_all[f], order_all[f], s_all[f], x_all[f], thr, k_min, rounds, attempts, usable, owner_all[f],
-                   cut_all[f], cw)
+        _construct(
+            e_all[f],
+            c_all[f],
+            order_all[f],
+            s_all[f],
+            x_all[f],
+            thr,
+            k_min,
+            rounds,
+            attempts,
+            usable,
+            owner_all[f],
+            cut_all[f],
+            cw,
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -700,8 +725,9 @@ def _evict(e, c, order, owner, x, s, thr, k_min, k_max, usable, loads, slot_cost
             if found - rest < cheapest:
                 pick, cheapest = t, found - rest
                 out_set[:] = new_set
-        if pick < 0 or not _adopt(e, c, order, owner, x, np.int64(pick), out_set, loads, slot_cost, caps, idle_price, idle_sub,
-                                  ws[8]):
+        if pick < 0 or not _adopt(
+            e, c, order, owner, x, np.int64(pick), out_set, loads, slot_cost, caps, idle_price, idle_sub, ws[8]
+        ):
             return False
     return True
 
@@ -736,8 +762,9 @@ def _settle(e, c, order, owner, locked, repartition, x, s, thr, k_min, k_max, us
             _improve_partition(e, c, order, loads, owner, 20, locked)
             _slot_tables(e, c, order, owner, T, slot_cost, caps)
         for k in range(K):
-            if loads[k] > caps[k] and not _evict(e, c, order, owner, x, s, thr, k_min, k_max, usable, loads, slot_cost, caps,
-                                                 ws, k):
+            if loads[k] > caps[k] and not _evict(
+                e, c, order, owner, x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws, k
+            ):
                 if _repair(x, s, thr, k_min, usable, loads, slot_cost, caps, cut_dev, cut_x, work_i, seen) > 0:
                     return 0
     _reoptimise_tokens(e, c, order, owner, x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws)
@@ -771,14 +798,26 @@ def _completions(x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws, he
             kept = price[d]
             price[d] = math.inf
             if x[t, d]:
-                best = _best_set(s[t], price, thr, k_min, k_max, math.inf, work_i[0], work_i[1], work_f[1], work_f[2],
-                                 scratch_set)
+                best = _best_set(
+                    s[t], price, thr, k_min, k_max, math.inf, work_i[0], work_i[1], work_f[1], work_f[2], scratch_set
+                )
                 complete[t, d] = best - (cost - kept)
             elif thr - s[t, d] <= 0.0 and k_min <= 1:
                 complete[t, d] = 0.0
             elif k_max > 1:
-                complete[t, d] = _best_set(s[t], price, thr - s[t, d], max(k_min - 1, 1), k_max - 1, math.inf, work_i[0],
-                                           work_i[1], work_f[1], work_f[2], scratch_set)
+                complete[t, d] = _best_set(
+                    s[t],
+                    price,
+                    thr - s[t, d],
+                    max(k_min - 1, 1),
+                    k_max - 1,
+                    math.inf,
+                    work_i[0],
+                    work_i[1],
+                    work_f[1],
+                    work_f[2],
+                    scratch_set,
+                )
             price[d] = kept
 
 
@@ -884,8 +923,9 @@ def _may_gain(e, c, order, owner, loads, slot_cost, caps, held, complete, x, n, 
 
 
 @njit(cache=True)
-def _try_change(e, c, order, owner, subs, devs, count, x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws, rw,
-                energy, violations):
+def _try_change(
+    e, c, order, owner, subs, devs, count, x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws, rw, energy, violations
+):
     """Give subcarrier subs[i] to device devs[i] for i < count, settle the tokens
     (:func:`_settle`, without and then with the re-partition) and keep the result when it
     has fewer violation tokens, or as many and strictly less energy; otherwise restore x,
@@ -943,8 +983,28 @@ def _move_sweep(e, c, order, owner, x, s, thr, k_min, k_max, usable, loads, slot
             if not _may_gain(e, c, order, owner, loads, slot_cost, caps, held, complete, x, n, d, other, a, energy, gain_work):
                 continue
             subs[0], devs[0], subs[1], devs[1] = n, d, other, a
-            kept, energy, violations = _try_change(e, c, order, owner, subs, devs, 1 if other < 0 else 2, x, s, thr, k_min,
-                                                   k_max, usable, loads, slot_cost, caps, ws, rw, energy, violations)
+            kept, energy, violations = _try_change(
+                e,
+                c,
+                order,
+                owner,
+                subs,
+                devs,
+                1 if other < 0 else 2,
+                x,
+                s,
+                thr,
+                k_min,
+                k_max,
+                usable,
+                loads,
+                slot_cost,
+                caps,
+                ws,
+                rw,
+                energy,
+                violations,
+            )
             if kept:
                 kept_any = True
                 _completions(x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws, held, complete)
@@ -973,16 +1033,37 @@ def _double_moves(e, c, order, owner, x, s, thr, k_min, k_max, usable, loads, sl
                     if g == b or c[g, m] <= 0 or not (b == d or g == a):
                         continue
                     subs[0], devs[0], subs[1], devs[1] = n, d, m, g
-                    kept, energy, violations = _try_change(e, c, order, owner, subs, devs, pair, x, s, thr, k_min, k_max,
-                                                           usable, loads, slot_cost, caps, ws, rw, energy, violations)
+                    kept, energy, violations = _try_change(
+                        e,
+                        c,
+                        order,
+                        owner,
+                        subs,
+                        devs,
+                        pair,
+                        x,
+                        s,
+                        thr,
+                        k_min,
+                        k_max,
+                        usable,
+                        loads,
+                        slot_cost,
+                        caps,
+                        ws,
+                        rw,
+                        energy,
+                        violations,
+                    )
                     if kept:
                         return True, energy, violations
     return False, energy, violations
 
 
 @njit(cache=True)
-def _rebuilds(e, c, order, owner, x, s, thr, k_min, k_max, rounds, attempts, usable, loads, slot_cost, caps, ws, rw, cw,
-              energy, violations):
+def _rebuilds(
+    e, c, order, owner, x, s, thr, k_min, k_max, rounds, attempts, usable, loads, slot_cost, caps, ws, rw, cw, energy, violations
+):
     """Restart moves, one per device k: closing a loaded k (its tokens re-solve without k
     at the capacity-free prices c*, rw[12]) or opening an unloaded usable k (a token moves
     onto k when its best set on the plan's prices, k at c*_k and a device without a free
@@ -1010,15 +1091,16 @@ def _rebuilds(e, c, order, owner, x, s, thr, k_min, k_max, rounds, attempts, usa
                     if x[t, j]:
                         incumbent += price[j]
                 price[k] = c_star[k]
-                found = _best_set(s[t], price, thr, k_min, k_max, incumbent, work_i[0], work_i[1], work_f[1], work_f[2],
-                                  new_set)
+                found = _best_set(s[t], price, thr, k_min, k_max, incumbent, work_i[0], work_i[1], work_f[1], work_f[2], new_set)
                 if found < incumbent and new_set[k]:
                     trial_x[t] = new_set
             elif trial_x[t, k]:
                 price[:] = c_star
                 price[k] = math.inf
-                if _best_set(s[t], price, thr, k_min, k_max, math.inf, work_i[0], work_i[1], work_f[1], work_f[2],
-                             new_set) == math.inf:
+                if (
+                    _best_set(s[t], price, thr, k_min, k_max, math.inf, work_i[0], work_i[1], work_f[1], work_f[2], new_set)
+                    == math.inf
+                ):
                     ok = False
                     break
                 trial_x[t] = new_set
@@ -1040,8 +1122,28 @@ def _rebuilds(e, c, order, owner, x, s, thr, k_min, k_max, rounds, attempts, usa
 
 
 @njit(cache=True)
-def _reassign(e, c, order, owner, x, s, thr, k_min, k_max, rounds, deep, construct_rounds, construct_attempts, usable, loads,
-              slot_cost, caps, ws, rw, cw):
+def _reassign(
+    e,
+    c,
+    order,
+    owner,
+    x,
+    s,
+    thr,
+    k_min,
+    k_max,
+    rounds,
+    deep,
+    construct_rounds,
+    construct_attempts,
+    usable,
+    loads,
+    slot_cost,
+    caps,
+    ws,
+    rw,
+    cw,
+):
     """The reassignment pass on one frame (x [T, K], owner [N] edited in place).
 
     Token re-optimisation on the plan (:func:`_reoptimise_tokens`: token moves and best
@@ -1065,15 +1167,36 @@ def _reassign(e, c, order, owner, x, s, thr, k_min, k_max, rounds, deep, constru
         return
     _completions(x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws, held, complete)
     for _ in range(rounds):
-        kept, energy, violations = _move_sweep(e, c, order, owner, x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws,
-                                               rw, energy, violations)
+        kept, energy, violations = _move_sweep(
+            e, c, order, owner, x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws, rw, energy, violations
+        )
         if not kept and deep:
-            kept, energy, violations = _double_moves(e, c, order, owner, x, s, thr, k_min, k_max, usable, loads, slot_cost, caps,
-                                                     ws, rw, energy, violations)
+            kept, energy, violations = _double_moves(
+                e, c, order, owner, x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws, rw, energy, violations
+            )
             if not kept:
-                kept, energy, violations = _rebuilds(e, c, order, owner, x, s, thr, k_min, k_max, construct_rounds,
-                                                     construct_attempts, usable, loads, slot_cost, caps, ws, rw, cw, energy,
-                                                     violations)
+                kept, energy, violations = _rebuilds(
+                    e,
+                    c,
+                    order,
+                    owner,
+                    x,
+                    s,
+                    thr,
+                    k_min,
+                    k_max,
+                    construct_rounds,
+                    construct_attempts,
+                    usable,
+                    loads,
+                    slot_cost,
+                    caps,
+                    ws,
+                    rw,
+                    cw,
+                    energy,
+                    violations,
+                )
             if kept:
                 _completions(x, s, thr, k_min, k_max, usable, loads, slot_cost, caps, ws, held, complete)
         if not kept:
@@ -1090,19 +1213,39 @@ def _reassign_workspace(T, K, N):
     rw (partition level): save_x [T, K], save_owner [N], save_loads [K], held [T],
     complete [T, K], gain_work [T], locked [N] bool, subs [2], devs [2], trial_x [T, K],
     trial_owner [N], trial_cut [T, K], c_star [K] float64."""
-    ws = (np.empty((6, K + T + 1), dtype=np.int64), np.empty((5, K)), np.empty(K, dtype=np.bool_),
-          np.empty(K, dtype=np.int64), np.empty((T, K), dtype=np.bool_), np.empty(K, dtype=np.bool_),
-          np.empty(K, dtype=np.int64), np.empty(K, dtype=np.bool_), np.empty(K, dtype=np.int64))
-    rw = (np.empty((T, K), dtype=np.bool_), np.empty(N, dtype=np.int64), np.empty(K, dtype=np.int64), np.empty(T),
-          np.empty((T, K)), np.empty(T), np.zeros(N, dtype=np.bool_), np.empty(2, dtype=np.int64),
-          np.empty(2, dtype=np.int64), np.empty((T, K), dtype=np.bool_), np.empty(N, dtype=np.int64),
-          np.empty((T, K), dtype=np.bool_), np.empty(K))
+    ws = (
+        np.empty((6, K + T + 1), dtype=np.int64),
+        np.empty((5, K)),
+        np.empty(K, dtype=np.bool_),
+        np.empty(K, dtype=np.int64),
+        np.empty((T, K), dtype=np.bool_),
+        np.empty(K, dtype=np.bool_),
+        np.empty(K, dtype=np.int64),
+        np.empty(K, dtype=np.bool_),
+        np.empty(K, dtype=np.int64),
+    )
+    rw = (
+        np.empty((T, K), dtype=np.bool_),
+        np.empty(N, dtype=np.int64),
+        np.empty(K, dtype=np.int64),
+        np.empty(T),
+        np.empty((T, K)),
+        np.empty(T),
+        np.zeros(N, dtype=np.bool_),
+        np.empty(2, dtype=np.int64),
+        np.empty(2, dtype=np.int64),
+        np.empty((T, K), dtype=np.bool_),
+        np.empty(N, dtype=np.int64),
+        np.empty((T, K), dtype=np.bool_),
+        np.empty(K),
+    )
     return ws, rw
 
 
 @njit(cache=True)
-def _reassign_frames(s_all, e_all, c_all, order_all, x_all, owner_all, thr, k_min, k_max, rounds, deep, construct_rounds,
-                     construct_attempts):
+def _reassign_frames(
+    s_all, e_all, c_all, order_all, x_all, owner_all, thr, k_min, k_max, rounds, deep, construct_rounds, construct_attempts
+):
     """:func:`_reassign` on every frame: x_all [F, T, K] (capacity-feasible selections) and
     owner_all [F, N] are edited in place; construct_rounds / construct_attempts: the
     heuristic's, for the rebuilds."""
@@ -1123,8 +1266,28 @@ def _reassign_frames(s_all, e_all, c_all, order_all, x_all, owner_all, thr, k_mi
             for n in range(N):
                 if c[k, n] > 0:
                     c_star[k] = min(c_star[k], e[k, n])
-        _reassign(e, c, order_all[f], owner_all[f], x_all[f], s_all[f], thr, k_min, k_max, rounds, deep, construct_rounds,
-                  construct_attempts, usable, loads, slot_cost, caps, ws, rw, cw)
+        _reassign(
+            e,
+            c,
+            order_all[f],
+            owner_all[f],
+            x_all[f],
+            s_all[f],
+            thr,
+            k_min,
+            k_max,
+            rounds,
+            deep,
+            construct_rounds,
+            construct_attempts,
+            usable,
+            loads,
+            slot_cost,
+            caps,
+            ws,
+            rw,
+            cw,
+        )
 
 
 @njit(cache=True)

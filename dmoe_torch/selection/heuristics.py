@@ -22,6 +22,7 @@ greedy (the knapsack ratio rule, target gamma):
 
 Both: energy = sum of the assigned links [J]; certified False; lower_bound nan; nodes 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,9 @@ def _links(costs3: torch.Tensor, take: torch.Tensor, k_max: int) -> torch.Tensor
     return torch.from_numpy(subcarrier).to(take.device)
 
 
-def _assigned(scores: torch.Tensor, costs3: torch.Tensor, take: torch.Tensor, k_min: int, k_max: int,
-              gamma: float | None) -> Selection:
+def _assigned(
+    scores: torch.Tensor, costs3: torch.Tensor, take: torch.Tensor, k_min: int, k_max: int, gamma: float | None
+) -> Selection:
     """Give the chosen experts take [B, K] distinct subcarriers and build the Selection
     (violation: fewer than k_min experts, or relevance below gamma when gamma is set)."""
     subcarrier = _links(costs3, take, k_max)
@@ -65,8 +67,9 @@ def _assigned(scores: torch.Tensor, costs3: torch.Tensor, take: torch.Tensor, k_
     violation = mask.sum(1) < k_min  # dropped rows (no expert) included
     if gamma is not None:
         violation |= torch.where(mask, scores, 0.0).sum(1) < gamma - RELEVANCE_TOL
-    return _selection(mask, torch.where(mask, subcarrier, -1), energy, violation,
-                      torch.full_like(energy, math.nan), torch.zeros_like(violation))
+    return _selection(
+        mask, torch.where(mask, subcarrier, -1), energy, violation, torch.full_like(energy, math.nan), torch.zeros_like(violation)
+    )
 
 
 def lagrangian_select(scores: torch.Tensor, costs3: torch.Tensor, lam: float, k_min: int, k_max: int) -> Selection:

@@ -40,6 +40,7 @@ bit-identical for any thread count: see "Threads" in des.py.  The numba code her
 deliberately calls no jitted function of another module: numba's on-disk cache does not
 notice when such a callee changes, and a stale cached JESA would silently run an old DES.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -49,7 +50,8 @@ import torch
 from numba import njit, prange
 
 from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
-from .des import des_numpy, row_chunks, run_parallel, solver_threads
+from .des import des_numpy
+from .threads import row_chunks, run_parallel, solver_threads
 
 __all__ = ["jesa", "jesa_validated", "jesa_numpy", "JesaResult", "min_cost_assignment", "DEFAULT_MAX_ITERATIONS"]
 
@@ -194,9 +196,7 @@ def _assignment(e, mask, out_sub, out_energy, num_threads):
     run_parallel(_assignment_rows, num_threads, e, mask, chunks, out_sub, out_energy)
 
 
-def min_cost_assignment(
-    costs: np.ndarray, mask: np.ndarray, *, num_threads: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def min_cost_assignment(costs: np.ndarray, mask: np.ndarray, *, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Min-cost assignment of each row's selected experts to distinct subcarriers.
 
     costs float64[B, K, N] J (+inf outage), mask bool[B, K] with at most N experts per row.
@@ -335,7 +335,9 @@ def _best_links_rows(e_all, num_chunks, best_sub, best_cost):
 
 
 @njit(cache=True, parallel=True)
-def _first_pass(e_all, mask_all, violation, lower, best_sub, num_chunks, status, sub_out, energy_out, certified_out, dropped_out, iters_out):
+def _first_pass(
+    e_all, mask_all, violation, lower, best_sub, num_chunks, status, sub_out, energy_out, certified_out, dropped_out, iters_out
+):
     """Rows whose DES(c*) selection uses distinct best links are final; writes a status per row.
 
     status 0: final.  1: P1 under c* feasible but best links collide (iterative phase).
@@ -472,8 +474,9 @@ def jesa_numpy(
     iterations = np.zeros(B, dtype=np.int64)
     if B == 0:
         empty = np.zeros((0, K), dtype=np.bool_)
-        return JesaResult(empty, sub, energy, certified.copy(), dropped, certified,
-                          np.zeros(0, dtype=np.int64), np.zeros(0), iterations)
+        return JesaResult(
+            empty, sub, energy, certified.copy(), dropped, certified, np.zeros(0, dtype=np.int64), np.zeros(0), iterations
+        )
 
     # (1) c*, DES under c* for the whole batch
     best_sub = np.empty((B, K), dtype=np.int64)
@@ -523,9 +526,7 @@ def jesa_numpy(
     return JesaResult(mask, sub, energy, violation, dropped, certified, nodes, lower_bound, iterations)
 
 
-def jesa(
-    scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1, k_max: int | None = None
-) -> Selection:
+def jesa(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1, k_max: int | None = None) -> Selection:
     """Joint expert and subcarrier allocation (P2) per row.
 
     scores [B, K] gate probabilities (rows sum to 1); costs [B, K, N] link energies in J

@@ -3,6 +3,7 @@
 Shared by DES (:mod:`.des`, for the rare rows that exhaust its node budget) and the exact
 references (:mod:`.exact`); scipy.optimize is imported on the first solve.
 """
+
 from __future__ import annotations
 
 import warnings

@@ -18,6 +18,7 @@ and returns a :class:`~dmoe_torch.selection.common.Selection` on that device.  A
 solver is ``solver(scores [F, T, K], costs [F, K, N], capacity [F, K, N], args)`` on
 float64 / int64 numpy arrays and returns a ``FrameSelection``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -27,8 +28,16 @@ import torch
 
 from .common import Selection
 
-__all__ = ["Policy", "RouteArgs", "POLICY_TABLE", "PARAMETERS", "register_policy", "get_policy", "policy_names",
-           "policy_table_markdown"]
+__all__ = [
+    "Policy",
+    "RouteArgs",
+    "POLICY_TABLE",
+    "PARAMETERS",
+    "register_policy",
+    "get_policy",
+    "policy_names",
+    "policy_table_markdown",
+]
 
 # The router parameters a policy may read (RouterSpec / route() keyword arguments).
 PARAMETERS = ("k", "gamma", "k_min", "k_max", "lam", "failure_energy", "generator")
@@ -103,8 +112,9 @@ class Policy:
         if "k" in self.params and ("gamma" in self.params or "lam" in self.params):
             raise ValueError(f"policy {self.name!r} takes either k or a target (gamma / lam) with k_min / k_max, not both")
         if self.subcarriers not in SUBCARRIER_PLANS:
-            raise ValueError(f"policy {self.name!r}: subcarriers must be one of {', '.join(SUBCARRIER_PLANS)}, "
-                             f"got {self.subcarriers!r}")
+            raise ValueError(
+                f"policy {self.name!r}: subcarriers must be one of {', '.join(SUBCARRIER_PLANS)}, got {self.subcarriers!r}"
+            )
 
     @property
     def fixed_k(self) -> bool:
@@ -132,10 +142,20 @@ class Policy:
 POLICY_TABLE: dict[str, Policy] = {}
 
 
-def register_policy(name: str, *, summary: str, token_solver: TokenSolver | None = None,
-                    frame_solver: Callable | None = None, params: tuple[str, ...] = (), subcarriers: str = "joint",
-                    channel_aware: bool = True, certifies: bool = False, devices: str = "any",
-                    replace: bool = False, _builtin: bool = False) -> Policy:
+def register_policy(
+    name: str,
+    *,
+    summary: str,
+    token_solver: TokenSolver | None = None,
+    frame_solver: Callable | None = None,
+    params: tuple[str, ...] = (),
+    subcarriers: str = "joint",
+    channel_aware: bool = True,
+    certifies: bool = False,
+    devices: str = "any",
+    replace: bool = False,
+    _builtin: bool = False,
+) -> Policy:
     """Add a routing policy to :data:`POLICY_TABLE`; returns its record.
 
     After this, ``route(name, ...)``, ``RouterSpec(policy=name)``, ``router.policy=name`` in a
@@ -147,9 +167,18 @@ def register_policy(name: str, *, summary: str, token_solver: TokenSolver | None
     existing = POLICY_TABLE.get(name)
     if existing is not None and (existing.builtin or not replace):
         raise ValueError(f"policy {name!r} is already registered" + ("" if existing.builtin else " (replace=True overwrites it)"))
-    policy = Policy(name=name, summary=summary, token_solver=token_solver, frame_solver=frame_solver,
-                    params=tuple(params), subcarriers=subcarriers, channel_aware=channel_aware, certifies=certifies,
-                    devices=devices, builtin=_builtin)
+    policy = Policy(
+        name=name,
+        summary=summary,
+        token_solver=token_solver,
+        frame_solver=frame_solver,
+        params=tuple(params),
+        subcarriers=subcarriers,
+        channel_aware=channel_aware,
+        certifies=certifies,
+        devices=devices,
+        builtin=_builtin,
+    )
     POLICY_TABLE[name] = policy
     return policy
 
@@ -173,21 +202,28 @@ def get_policy(name, *, key: str = "policy", frame: str | None = None) -> Policy
     if policy is None:
         raise ValueError(f"{key} must be one of {', '.join(policy_names(frame))}; got {name!r}")
     if frame == "token" and policy.token_solver is None:
-        raise ValueError(f"{key}={name!r} exists only for image frames (channel.frame=image); with token frames "
-                         f"use one of {', '.join(policy_names('token'))}")
+        raise ValueError(
+            f"{key}={name!r} exists only for image frames (channel.frame=image); with token frames "
+            f"use one of {', '.join(policy_names('token'))}"
+        )
     if frame == "image" and policy.frame_solver is None:
-        raise ValueError(f"{key}={name!r} is not available with image frames (channel.frame=image); "
-                         f"one of {', '.join(policy_names('image'))}")
+        raise ValueError(
+            f"{key}={name!r} is not available with image frames (channel.frame=image); one of {', '.join(policy_names('image'))}"
+        )
     return policy
 
 
 def policy_table_markdown() -> str:
     """docs/method.md's policy table, made from :data:`POLICY_TABLE` (a test keeps them equal)."""
-    lines = ["| policy | what it does | parameters | subcarriers | channel-aware | certifies | frames | runs on |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| policy | what it does | parameters | subcarriers | channel-aware | certifies | frames | runs on |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for p in POLICY_TABLE.values():
         frames = "/".join(f for f, s in (("token", p.token_solver), ("image", p.frame_solver)) if s is not None)
         params = ", ".join(x for x in p.params if x not in ("failure_energy", "generator")) or "-"
-        lines.append(f"| `{p.name}` | {p.summary} | {params} | {p.subcarriers} | {'yes' if p.channel_aware else 'no'} | "
-                     f"{'yes' if p.certifies else 'no'} | {frames} | {p.devices} |")
+        lines.append(
+            f"| `{p.name}` | {p.summary} | {params} | {p.subcarriers} | {'yes' if p.channel_aware else 'no'} | "
+            f"{'yes' if p.certifies else 'no'} | {frames} | {p.devices} |"
+        )
     return "\n".join(lines)

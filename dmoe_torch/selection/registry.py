@@ -19,6 +19,7 @@ CPU for des up to 92 candidate sets and for optimal (enumeration beats HiGHS by 
 otherwise they run numba (des, jesa) or HiGHS (optimal) on the CPU and move the result
 back.  Both paths are exact and agree (tests/test_enumerate.py).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,8 +68,9 @@ def route(
     entry = get_policy(policy, frame="token")
     # Validate the shared arguments once, for every policy, so a bad config fails whatever
     # the policy; the solvers then run on the checked float64 tensors.
-    s, c, gamma, k_min, k_max = validate_inputs(scores, costs, gamma, k_min, k_max, cost_ndim=3, keep_device=True,
-                                                check_values=check_values)
+    s, c, gamma, k_min, k_max = validate_inputs(
+        scores, costs, gamma, k_min, k_max, cost_ndim=3, keep_device=True, check_values=check_values
+    )
     if entry.static_plan:
         baselines.check_static_plan(c)
     if entry.fixed_k:
@@ -77,8 +79,15 @@ def route(
         lam = check_lam(lam)
     if "generator" in entry.params:
         baselines.check_generator(generator)
-    args = RouteArgs(gamma=gamma, k=k, k_min=k_min, k_max=k_max, lam=lam,
-                     failure_energy=baselines.check_failure_energy(failure_energy), generator=generator)
+    args = RouteArgs(
+        gamma=gamma,
+        k=k,
+        k_min=k_min,
+        k_max=k_max,
+        lam=lam,
+        failure_energy=baselines.check_failure_energy(failure_energy),
+        generator=generator,
+    )
     return entry.token_solver(s, c, args)
 
 
@@ -136,9 +145,22 @@ def _optimal(s: torch.Tensor, c: torch.Tensor, a: RouteArgs) -> Selection:
 RESCUE_ROUNDS = 8
 
 
-def route_frames(policy: str, scores, costs, capacity, *, gamma: float = 1.0, k: int = 2, k_min: int = 1,
-                 k_max: int | None = None, lam: float | None = None, failure_energy: float = 0.0, price_rounds: int = 0,
-                 rescue_rounds: int = RESCUE_ROUNDS, reassign_rounds: int = 0) -> FrameSelection:
+def route_frames(
+    policy: str,
+    scores,
+    costs,
+    capacity,
+    *,
+    gamma: float = 1.0,
+    k: int = 2,
+    k_min: int = 1,
+    k_max: int | None = None,
+    lam: float | None = None,
+    failure_energy: float = 0.0,
+    price_rounds: int = 0,
+    rescue_rounds: int = RESCUE_ROUNDS,
+    reassign_rounds: int = 0,
+) -> FrameSelection:
     """Route image frames: scores [F, T, K], costs [F, K, N] J, capacity [F, K, N] tokens.
 
     gamma / k_min / k_max: the targets of des, jesa_tokenwise, jesa and optimal; k: the
@@ -154,9 +176,17 @@ def route_frames(policy: str, scores, costs, capacity, *, gamma: float = 1.0, k:
         k = baselines.check_k(k, s.shape[2])
     if "lam" in entry.params:
         lam = check_lam(lam)
-    args = RouteArgs(gamma=gamma, k=k, k_min=k_min, k_max=k_max, lam=lam,
-                     failure_energy=baselines.check_failure_energy(failure_energy),
-                     price_rounds=price_rounds, rescue_rounds=rescue_rounds, reassign_rounds=reassign_rounds)
+    args = RouteArgs(
+        gamma=gamma,
+        k=k,
+        k_min=k_min,
+        k_max=k_max,
+        lam=lam,
+        failure_energy=baselines.check_failure_energy(failure_energy),
+        price_rounds=price_rounds,
+        rescue_rounds=rescue_rounds,
+        reassign_rounds=reassign_rounds,
+    )
     return entry.frame_solver(s, e, c, args)
 
 
@@ -165,8 +195,9 @@ def route_frames(policy: str, scores, costs, capacity, *, gamma: float = 1.0, k:
 # --------------------------------------------------------------------------------------
 def _frame_none(s, e, c, a: RouteArgs) -> FrameSelection:
     F = s.shape[0]
-    plan = plan_from_owner(s, e, c, np.full((F, e.shape[2]), -1, dtype=np.int64), np.zeros(s.shape, dtype=np.bool_),
-                           a.gamma, a.k_min)
+    plan = plan_from_owner(
+        s, e, c, np.full((F, e.shape[2]), -1, dtype=np.int64), np.zeros(s.shape, dtype=np.bool_), a.gamma, a.k_min
+    )
     plan.violation[:] = True
     plan.feasible[:] = False
     return plan
@@ -186,44 +217,127 @@ _FIXED_K = ("k", "failure_energy")
 _HEURISTIC_DEVICES = "any (k_max <= 3; larger sets assigned on the CPU)"
 _EXACT_DEVICES = "any: torch enumeration on accelerators (k_max <= 3), the faster of it and numba / HiGHS on the CPU"
 _BUILTINS = (
-    dict(name="none", summary="no expert at all: the residual passes through (the floor of a curve)",
-         token_solver=_none, frame_solver=_frame_none, subcarriers="none", channel_aware=False),
-    dict(name="topk", summary="the k highest scores, channel-blind; links in outage fail",
-         token_solver=lambda s, c, a: baselines.topk_validated(s, c, a.k, a.failure_energy),
-         frame_solver=lambda s, e, c, a: frame_topk_overrun(s, e, c, a.k, a.failure_energy),
-         params=_FIXED_K, subcarriers="static", channel_aware=False),
-    dict(name="channel_topk", summary="the k cheapest reachable experts, relevance-blind",
-         token_solver=lambda s, c, a: baselines.channel_topk_validated(s, c, a.k, a.failure_energy),
-         params=_FIXED_K, subcarriers="static", channel_aware=True),
-    dict(name="random_topk", summary="k experts drawn at random; links in outage fail",
-         token_solver=lambda s, c, a: baselines.random_topk_validated(s, c, a.k, a.generator, a.failure_energy),
-         params=(*_FIXED_K, "generator"), subcarriers="static", channel_aware=False),
-    dict(name="dense", summary="every reachable expert (the dense mixture)",
-         token_solver=lambda s, c, a: baselines.dense_validated(s, c, a.failure_energy),
-         params=("failure_energy",), subcarriers="static", channel_aware=True),
-    dict(name="des", summary="P1 optimum by DES: least energy reaching relevance gamma, static subcarriers",
-         token_solver=_des, frame_solver=lambda s, e, c, a: frame_tokenwise(s, e, c, "des", a.gamma, a.k_min, a.k_max),
-         params=_TARGET, subcarriers="static", channel_aware=True, certifies=True, devices=_EXACT_DEVICES),
-    dict(name="jesa", summary="JESA: P2 by iterated DES and subcarrier assignment (image frames: the P3 solver)",
-         token_solver=_jesa,
-         frame_solver=lambda s, e, c, a: frame_jesa(s, e, c, a.gamma, a.k_min, a.k_max, price_rounds=a.price_rounds,
-                                                    rescue_rounds=a.rescue_rounds, reassign_rounds=a.reassign_rounds),
-         params=_TARGET, subcarriers="joint", channel_aware=True, certifies=True, devices=_EXACT_DEVICES),
-    dict(name="optimal", summary="exact P2 (image frames: exact P3 by MILP): the reference",
-         token_solver=_optimal, frame_solver=_frame_optimal,
-         params=_TARGET, subcarriers="joint", channel_aware=True, certifies=True, devices=_EXACT_DEVICES),
-    dict(name="greedy", summary="experts by relevance per joule s/c* until gamma, then a min-cost assignment",
-         token_solver=lambda s, c, a: greedy_select(s, c, a.gamma, a.k_min, a.k_max),
-         params=_TARGET, subcarriers="joint", channel_aware=True, devices=_HEURISTIC_DEVICES),
-    dict(name="lagrangian", summary="experts whose s - lam c* is positive (Lagrangian dual rule), then a min-cost assignment",
-         token_solver=lambda s, c, a: lagrangian_select(s, c, a.lam, a.k_min, a.k_max),
-         params=("lam", "k_min", "k_max"), subcarriers="joint", channel_aware=True, devices=_HEURISTIC_DEVICES),
-    dict(name="topk_capacity", summary="top-k with Switch-style dropping at each device's capacity",
-         frame_solver=lambda s, e, c, a: frame_topk_capacity(s, e, c, a.k),
-         params=("k",), subcarriers="static", channel_aware=False, devices="CPU"),
-    dict(name="jesa_tokenwise", summary="token-frame JESA per token, truncated to capacity",
-         frame_solver=lambda s, e, c, a: frame_tokenwise(s, e, c, "jesa", a.gamma, a.k_min, a.k_max),
-         params=_TARGET, subcarriers="joint", channel_aware=True, certifies=True, devices="CPU"),
+    dict(
+        name="none",
+        summary="no expert at all: the residual passes through (the floor of a curve)",
+        token_solver=_none,
+        frame_solver=_frame_none,
+        subcarriers="none",
+        channel_aware=False,
+    ),
+    dict(
+        name="topk",
+        summary="the k highest scores, channel-blind; links in outage fail",
+        token_solver=lambda s, c, a: baselines.topk_validated(s, c, a.k, a.failure_energy),
+        frame_solver=lambda s, e, c, a: frame_topk_overrun(s, e, c, a.k, a.failure_energy),
+        params=_FIXED_K,
+        subcarriers="static",
+        channel_aware=False,
+    ),
+    dict(
+        name="channel_topk",
+        summary="the k cheapest reachable experts, relevance-blind",
+        token_solver=lambda s, c, a: baselines.channel_topk_validated(s, c, a.k, a.failure_energy),
+        params=_FIXED_K,
+        subcarriers="static",
+        channel_aware=True,
+    ),
+    dict(
+        name="random_topk",
+        summary="k experts drawn at random; links in outage fail",
+        token_solver=lambda s, c, a: baselines.random_topk_validated(s, c, a.k, a.generator, a.failure_energy),
+        params=(*_FIXED_K, "generator"),
+        subcarriers="static",
+        channel_aware=False,
+    ),
+    dict(
+        name="dense",
+        summary="every reachable expert (the dense mixture)",
+        token_solver=lambda s, c, a: baselines.dense_validated(s, c, a.failure_energy),
+        params=("failure_energy",),
+        subcarriers="static",
+        channel_aware=True,
+    ),
+    dict(
+        name="des",
+        summary="P1 optimum by DES: least energy reaching relevance gamma, static subcarriers",
+        token_solver=_des,
+        frame_solver=lambda s, e, c, a: frame_tokenwise(s, e, c, "des", a.gamma, a.k_min, a.k_max),
+        params=_TARGET,
+        subcarriers="static",
+        channel_aware=True,
+        certifies=True,
+        devices=_EXACT_DEVICES,
+    ),
+    dict(
+        name="jesa",
+        summary="JESA: P2 by iterated DES and subcarrier assignment (image frames: the P3 solver)",
+        token_solver=_jesa,
+        frame_solver=lambda s, e, c, a: frame_jesa(
+            s,
+            e,
+            c,
+            a.gamma,
+            a.k_min,
+            a.k_max,
+            price_rounds=a.price_rounds,
+            rescue_rounds=a.rescue_rounds,
+            reassign_rounds=a.reassign_rounds,
+        ),
+        params=_TARGET,
+        subcarriers="joint",
+        channel_aware=True,
+        certifies=True,
+        devices=_EXACT_DEVICES,
+    ),
+    dict(
+        name="optimal",
+        summary="exact P2 (image frames: exact P3 by MILP): the reference",
+        token_solver=_optimal,
+        frame_solver=_frame_optimal,
+        params=_TARGET,
+        subcarriers="joint",
+        channel_aware=True,
+        certifies=True,
+        devices=_EXACT_DEVICES,
+    ),
+    dict(
+        name="greedy",
+        summary="experts by relevance per joule s/c* until gamma, then a min-cost assignment",
+        token_solver=lambda s, c, a: greedy_select(s, c, a.gamma, a.k_min, a.k_max),
+        params=_TARGET,
+        subcarriers="joint",
+        channel_aware=True,
+        devices=_HEURISTIC_DEVICES,
+    ),
+    dict(
+        name="lagrangian",
+        summary="experts whose s - lam c* is positive (Lagrangian dual rule), then a min-cost assignment",
+        token_solver=lambda s, c, a: lagrangian_select(s, c, a.lam, a.k_min, a.k_max),
+        params=("lam", "k_min", "k_max"),
+        subcarriers="joint",
+        channel_aware=True,
+        devices=_HEURISTIC_DEVICES,
+    ),
+    dict(
+        name="topk_capacity",
+        summary="top-k with Switch-style dropping at each device's capacity",
+        frame_solver=lambda s, e, c, a: frame_topk_capacity(s, e, c, a.k),
+        params=("k",),
+        subcarriers="static",
+        channel_aware=False,
+        devices="CPU",
+    ),
+    dict(
+        name="jesa_tokenwise",
+        summary="token-frame JESA per token, truncated to capacity",
+        frame_solver=lambda s, e, c, a: frame_tokenwise(s, e, c, "jesa", a.gamma, a.k_min, a.k_max),
+        params=_TARGET,
+        subcarriers="joint",
+        channel_aware=True,
+        certifies=True,
+        devices="CPU",
+    ),
 )
 for _record in _BUILTINS:
     if _record["name"] not in POLICY_TABLE:

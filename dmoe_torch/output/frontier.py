@@ -30,6 +30,7 @@ every family's curve are recomputed from them.  The 95% interval is the 2.5 / 97
 of the resamples; a resample whose curve never reaches the target counts as an infinite
 energy (an interval ending in ``inf``: not reached in more than 2.5% of the resamples).
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from .plotting import target_text
+from ..utils import atomic_write, atomic_write_text
+from .plots import target_text
 from .report import REFERENCE_POLICY, format_gamma, read_results_csv, save_figure
-from .utils import atomic_write, atomic_write_text
 
 PER_IMAGE_FILE = "per_image.npz"  # per-image correctness and energy of every setting of a run
 FRONTIER_CSV = "frontier.csv"
@@ -56,13 +57,38 @@ CI_QUANTILES = (0.025, 0.975)
 # Columns of frontier.csv, in order.  Accuracies are fractions (0.01 = 1 pp), energies µJ per
 # image summed over all MoE layers, as in results.csv; *_lo / *_hi: the 95% paired-bootstrap interval.
 FRONTIER_COLUMNS = (
-    "family", "settings", "energy_min_uj", "energy_max_uj", "accuracy_max",
-    "iso_energy_uj", "iso_energy_uj_lo", "iso_energy_uj_hi", "iso_at_cheapest", "iso_reached_share",
-    "iso_energy_vs_reference", "iso_energy_vs_reference_lo", "iso_energy_vs_reference_hi",
-    "anchor_accuracy", "anchor_accuracy_lo", "anchor_accuracy_hi", "anchor_accuracy_diff", "anchor_accuracy_diff_lo",
-    "anchor_accuracy_diff_hi", "anchor_defined_share",
-    "reference", "drop_pp", "target_accuracy", "target_accuracy_lo", "target_accuracy_hi", "anchor", "anchor_energy_uj",
-    "anchor_energy_uj_lo", "anchor_energy_uj_hi", "resamples", "inputs", "draws",
+    "family",
+    "settings",
+    "energy_min_uj",
+    "energy_max_uj",
+    "accuracy_max",
+    "iso_energy_uj",
+    "iso_energy_uj_lo",
+    "iso_energy_uj_hi",
+    "iso_at_cheapest",
+    "iso_reached_share",
+    "iso_energy_vs_reference",
+    "iso_energy_vs_reference_lo",
+    "iso_energy_vs_reference_hi",
+    "anchor_accuracy",
+    "anchor_accuracy_lo",
+    "anchor_accuracy_hi",
+    "anchor_accuracy_diff",
+    "anchor_accuracy_diff_lo",
+    "anchor_accuracy_diff_hi",
+    "anchor_defined_share",
+    "reference",
+    "drop_pp",
+    "target_accuracy",
+    "target_accuracy_lo",
+    "target_accuracy_hi",
+    "anchor",
+    "anchor_energy_uj",
+    "anchor_energy_uj_lo",
+    "anchor_energy_uj_hi",
+    "resamples",
+    "inputs",
+    "draws",
 )
 
 
@@ -176,8 +202,10 @@ def _check_per_image(rows: Sequence[dict], per_image: dict[str, np.ndarray]) -> 
     correct = np.asarray(per_image.get("correct"))
     energy = np.asarray(per_image.get("energy_uj"), dtype=np.float64)
     if correct.ndim != 3 or correct.shape != energy.shape or correct.shape[0] != len(rows) or correct.shape[2] == 0:
-        raise ValueError(f"per_image: correct {correct.shape} and energy_uj {energy.shape} must both be "
-                         f"[settings={len(rows)}, draws, images >= 1], one setting per results row")
+        raise ValueError(
+            f"per_image: correct {correct.shape} and energy_uj {energy.shape} must both be "
+            f"[settings={len(rows)}, draws, images >= 1], one setting per results row"
+        )
     return correct, energy
 
 
@@ -198,7 +226,7 @@ def bootstrap_means(scores: np.ndarray, resamples: int, seed: int, chunk: int = 
         count = min(chunk, resamples - start)
         picks = rng.integers(0, n, size=(count, n)) + n * np.arange(count)[:, None]
         weights = np.bincount(picks.ravel(), minlength=count * n).reshape(count, n)  # times each image was drawn
-        means[start:start + count] = weights @ scores.T / n
+        means[start : start + count] = weights @ scores.T / n
     return means
 
 
@@ -232,9 +260,15 @@ def anchor_label(anchor: tuple[str, Any] | None) -> str:
     return f"{policy} γ {format_gamma(gamma)}" if gamma is not None else policy
 
 
-def frontier_summary(rows: Sequence[dict[str, Any]], per_image: dict[str, np.ndarray], reference: str = REFERENCE_POLICY,
-                     drop_pp: float = DEFAULT_DROP_PP, anchor: tuple[str, Any] | None = DEFAULT_ANCHOR,
-                     resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> list[dict[str, Any]]:
+def frontier_summary(
+    rows: Sequence[dict[str, Any]],
+    per_image: dict[str, np.ndarray],
+    reference: str = REFERENCE_POLICY,
+    drop_pp: float = DEFAULT_DROP_PP,
+    anchor: tuple[str, Any] | None = DEFAULT_ANCHOR,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """One summary row per policy family (:func:`family_curves` order); columns FRONTIER_COLUMNS.
 
     rows       results rows (``policy``, ``gamma``, ``outage_target``, ...), S of them
@@ -263,9 +297,16 @@ def frontier_summary(rows: Sequence[dict[str, Any]], per_image: dict[str, np.nda
     indices: dict[str, list[int]] = {}
     for index, row in enumerate(rows):
         indices.setdefault(family_of(row), []).append(index)
-    shared = {"reference": reference, "drop_pp": drop_pp, "target_accuracy": float(target[0]),
-              "anchor": anchor_label(anchor), "anchor_energy_uj": float(anchor_energy[0]),
-              "resamples": resamples, "inputs": n, "draws": D}
+    shared = {
+        "reference": reference,
+        "drop_pp": drop_pp,
+        "target_accuracy": float(target[0]),
+        "anchor": anchor_label(anchor),
+        "anchor_energy_uj": float(anchor_energy[0]),
+        "resamples": resamples,
+        "inputs": n,
+        "draws": D,
+    }
     shared["target_accuracy_lo"], shared["target_accuracy_hi"] = _interval(target[1:])
     shared["anchor_energy_uj_lo"], shared["anchor_energy_uj_hi"] = _interval(anchor_energy[1:])
     summary = []
@@ -275,11 +316,20 @@ def frontier_summary(rows: Sequence[dict[str, Any]], per_image: dict[str, np.nda
         iso_share = iso / (energy_uj[:, reference_index] if reference_index is not None else nan)
         at_anchor = np.asarray(accuracy_at_energy(curves, anchor_energy))
         diff = at_anchor - anchor_accuracy
-        row = {"family": family, "settings": len(members), "energy_min_uj": float(curves[0, :, 0].min()),
-               "energy_max_uj": float(curves[0, :, 0].max()), "accuracy_max": float(curves[0, :, 1].max())}
+        row = {
+            "family": family,
+            "settings": len(members),
+            "energy_min_uj": float(curves[0, :, 0].min()),
+            "energy_max_uj": float(curves[0, :, 0].max()),
+            "accuracy_max": float(curves[0, :, 1].max()),
+        }
         unreached = np.isnan(iso[1:]) & np.isfinite(target[1:])  # a target no setting reaches: infinite energy
-        for name, values, infinite in (("iso_energy_uj", iso, True), ("iso_energy_vs_reference", iso_share, True),
-                                       ("anchor_accuracy", at_anchor, False), ("anchor_accuracy_diff", diff, False)):
+        for name, values, infinite in (
+            ("iso_energy_uj", iso, True),
+            ("iso_energy_vs_reference", iso_share, True),
+            ("anchor_accuracy", at_anchor, False),
+            ("anchor_accuracy_diff", diff, False),
+        ):
             row[name] = float(values[0])
             row[f"{name}_lo"], row[f"{name}_hi"] = _interval(values[1:], unreached if infinite else None)
         cheapest = int(np.argmin(curves[0, :, 0]))
@@ -300,8 +350,14 @@ def frontier_csv(summary: Sequence[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(FRONTIER_COLUMNS), lineterminator="\n")
     writer.writeheader()
     for row in summary:
-        writer.writerow({key: ("" if isinstance(value, float) and math.isnan(value) else
-                               repr(value) if isinstance(value, float) else value) for key, value in row.items()})
+        writer.writerow(
+            {
+                key: (
+                    "" if isinstance(value, float) and math.isnan(value) else repr(value) if isinstance(value, float) else value
+                )
+                for key, value in row.items()
+            }
+        )
     return buffer.getvalue()
 
 
@@ -326,8 +382,9 @@ def frontier_markdown(summary: Sequence[dict[str, Any]]) -> str:
     share = lambda v: "n/a" if math.isnan(v) else "∞" if math.isinf(v) else f"{100 * v:.0f}%"  # noqa: E731
     reference, anchor = first["reference"], first["anchor"] or "no anchor"
     target = _interval_cell(first["target_accuracy"], first["target_accuracy_lo"], first["target_accuracy_hi"], percent)
-    anchor_energy = _interval_cell(first["anchor_energy_uj"], first["anchor_energy_uj_lo"], first["anchor_energy_uj_hi"],
-                                   _energy_text)
+    anchor_energy = _interval_cell(
+        first["anchor_energy_uj"], first["anchor_energy_uj_lo"], first["anchor_energy_uj_hi"], _energy_text
+    )
     lines = [
         f"Target: {reference} accuracy − {first['drop_pp']:g} pp = "
         + (f"{target} %" if math.isfinite(first["target_accuracy"]) else f"n/a ({reference} was not evaluated)")
@@ -343,18 +400,29 @@ def frontier_markdown(summary: Sequence[dict[str, Any]]) -> str:
         if row["iso_at_cheapest"]:
             iso = "≤ " + iso  # reached at the family's cheapest setting: the crossing may lie below it
         cells = (
-            row["family"], str(row["settings"]), f"{row['energy_min_uj']:.2f} – {row['energy_max_uj']:.2f}", iso,
-            _interval_cell(row["iso_energy_vs_reference"], row["iso_energy_vs_reference_lo"],
-                           row["iso_energy_vs_reference_hi"], share),
+            row["family"],
+            str(row["settings"]),
+            f"{row['energy_min_uj']:.2f} – {row['energy_max_uj']:.2f}",
+            iso,
+            _interval_cell(
+                row["iso_energy_vs_reference"], row["iso_energy_vs_reference_lo"], row["iso_energy_vs_reference_hi"], share
+            ),
             share(row["iso_reached_share"]),
             _interval_cell(row["anchor_accuracy"], row["anchor_accuracy_lo"], row["anchor_accuracy_hi"], percent)
-            + ("" if row["anchor_defined_share"] in (1.0,) or math.isnan(row["anchor_accuracy"])
-               else f" (in {100 * row['anchor_defined_share']:.0f}%)"),
+            + (
+                ""
+                if row["anchor_defined_share"] in (1.0,) or math.isnan(row["anchor_accuracy"])
+                else f" (in {100 * row['anchor_defined_share']:.0f}%)"
+            ),
             _interval_cell(row["anchor_accuracy_diff"], row["anchor_accuracy_diff_lo"], row["anchor_accuracy_diff_hi"], signed),
         )
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + FRONTIER_LEGEND.format(resamples=first["resamples"], inputs=first["inputs"],
-                                                               draws=first["draws"]) + "\n"
+    return (
+        "\n".join(lines)
+        + "\n\n"
+        + FRONTIER_LEGEND.format(resamples=first["resamples"], inputs=first["inputs"], draws=first["draws"])
+        + "\n"
+    )
 
 
 FRONTIER_LEGEND = (
@@ -378,13 +446,18 @@ def save_per_image(path: str | Path, rows: Sequence[dict[str, Any]], per_image: 
     ``energy_uj`` float64 [S, D, n] (µJ per image) and, to match them with results.csv,
     ``policy`` and ``gamma`` str [S] of the S results rows in order."""
     correct, energy = _check_per_image(rows, per_image)
-    arrays = {"correct": correct, "energy_uj": energy, "policy": np.array([str(r["policy"]) for r in rows]),
-              "gamma": np.array([str(r["gamma"]) for r in rows])}
+    arrays = {
+        "correct": correct,
+        "energy_uj": energy,
+        "policy": np.array([str(r["policy"]) for r in rows]),
+        "gamma": np.array([str(r["gamma"]) for r in rows]),
+    }
     return atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
-def load_run(run_dir: str | Path, prefix: str = "", families: Sequence[str] | None = None
-             ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+def load_run(
+    run_dir: str | Path, prefix: str = "", families: Sequence[str] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """The results rows and per-image arrays of an evaluate.py run directory (results.csv and
     per_image.npz), the policy labels prefixed with ``prefix`` (``learned_`` makes topk@2
     ``learned_topk@2``, of family ``learned_topk``); ``families``: keep only these (unprefixed)."""
@@ -395,7 +468,7 @@ def load_run(run_dir: str | Path, prefix: str = "", families: Sequence[str] | No
     rows = read_results_csv(run_dir / "results.csv")
     with np.load(run_dir / PER_IMAGE_FILE, allow_pickle=False) as data:
         arrays = {key: data[key] for key in ("correct", "energy_uj", "policy", "gamma")}
-    if [(r["policy"], r["gamma"]) for r in rows] != list(zip(arrays["policy"].tolist(), arrays["gamma"].tolist(), strict=False)):
+    if [(r["policy"], r["gamma"]) for r in rows] != list(zip(arrays["policy"].tolist(), arrays["gamma"].tolist(), strict=True)):
         raise ValueError(f"run {str(run_dir)!r}: results.csv and {PER_IMAGE_FILE} list different settings (from different runs)")
     present = list(dict.fromkeys(family_of(r) for r in rows))
     unknown = [f for f in families or () if f not in present]
@@ -411,8 +484,9 @@ def _same(a: Any, b: Any) -> bool:
     return a == b or (nan(a) and nan(b))
 
 
-def merge_runs(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, np.ndarray]]]
-               ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+def merge_runs(
+    runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, np.ndarray]]],
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Concatenate the (name, rows, per_image) of several runs into one set of settings for a
     paired :func:`frontier_summary`.  The runs must share the test images and channel draws
     (the same images, draws, seed and channel.* columns) and their families must differ."""
@@ -423,28 +497,34 @@ def merge_runs(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, np.ndar
     for name, rows, images in runs[1:]:
         if images["correct"].shape[1:] != first_images["correct"].shape[1:]:
             draws, n = images["correct"].shape[1:]
-            raise ValueError(f"run {name!r}: {n} images x {draws} draws, run {first_name!r} "
-                             f"{first_images['correct'].shape[2]} x {first_images['correct'].shape[1]}; evaluate both "
-                             f"with the same data.limit_test and eval.channel_draws")
+            raise ValueError(
+                f"run {name!r}: {n} images x {draws} draws, run {first_name!r} "
+                f"{first_images['correct'].shape[2]} x {first_images['correct'].shape[1]}; evaluate both "
+                f"with the same data.limit_test and eval.channel_draws"
+            )
         keys = [k for k in first_rows[0] if k == "seed" or k.startswith("channel.")] if first_rows and rows else []
         differ = [k for k in keys if not _same(first_rows[0][k], rows[0].get(k))]
         if differ:
-            raise ValueError(f"run {name!r}: {', '.join(differ)} differ from run {first_name!r}; the runs must share the "
-                             f"channel draws (evaluate with the same seed and channel)")
+            raise ValueError(
+                f"run {name!r}: {', '.join(differ)} differ from run {first_name!r}; the runs must share the "
+                f"channel draws (evaluate with the same seed and channel)"
+            )
         clash = sorted({family_of(r) for r in rows} & set(families))
         if clash:
-            raise ValueError(f"run {name!r}: families {', '.join(clash)} are also in run {families[clash[0]]!r}; give it "
-                             f"a prefix (DIR:PREFIX)")
+            raise ValueError(
+                f"run {name!r}: families {', '.join(clash)} are also in run {families[clash[0]]!r}; give it a prefix (DIR:PREFIX)"
+            )
         families.update({family_of(r): name for r in rows})
     rows = [row for _, run_rows, _ in runs for row in run_rows]
     return rows, {key: np.concatenate([images[key] for _, _, images in runs]) for key in ("correct", "energy_uj")}
 
 
-def write_frontier(rows: Sequence[dict[str, Any]], per_image: dict[str, np.ndarray], output_dir: str | Path, *,
-                   title: str = "", **options: Any) -> tuple[list[dict[str, Any]], str]:
+def write_frontier(
+    rows: Sequence[dict[str, Any]], per_image: dict[str, np.ndarray], output_dir: str | Path, *, title: str = "", **options: Any
+) -> tuple[list[dict[str, Any]], str]:
     """:func:`frontier_summary` (``options``: its keyword arguments) written to frontier.csv,
     and the curves to frontier.png, in ``output_dir``; returns (summary, its markdown table)."""
-    from .plotting import frontier_figure, pyplot
+    from .plots import frontier_figure, pyplot
 
     output_dir = Path(output_dir)
     summary = frontier_summary(rows, per_image, **options)

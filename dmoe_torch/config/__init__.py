@@ -7,9 +7,10 @@ allowed.  Every section accepts only its own keys (:func:`check_keys`), so a typ
 (:mod:`dmoe_torch.cli`).  The ``runtime`` settings and which file ``ckpt=`` / ``resume=`` names
 are checked here too (the bottom of this file), so that this module imports nothing above it.
 evaluate.yaml's own checks and its policy settings live in
-:mod:`dmoe_torch.eval_config`; the objects a valid config describes are built by
-:mod:`dmoe_torch.build`.
+:mod:`dmoe_torch.config.eval`; the objects a valid config describes are built by
+:mod:`dmoe_torch.engine.build`.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -25,12 +26,12 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from .data import DATASET_IMAGE_SIZES, DATASET_TRAIN_SIZES, DATASETS, split_sizes
-from .models.vmoe import STEMS
-from .selection.common import is_int, is_real
-from .selection.policies import get_policy, policy_names
-from .selection.registry import check_lam
-from .utils import INT64_MAX, format_bytes, memory_bytes, resolve_device
+from ..data import DATASET_IMAGE_SIZES, DATASET_TRAIN_SIZES, DATASETS, split_sizes
+from ..models.vmoe import STEMS
+from ..selection.common import is_int, is_real
+from ..selection.policies import get_policy, policy_names
+from ..selection.registry import check_lam
+from ..utils import INT64_MAX, format_bytes, memory_bytes, resolve_device
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 MAX_WORKERS_PER_CPU = 4  # data.num_workers: at most this many loader processes per CPU core
@@ -69,7 +70,9 @@ def get_value(cfg: DictConfig, key: str) -> Any:
 _ABSENT = object()
 
 
-def get_int(cfg: DictConfig, key: str, *, minimum: int | None = None, maximum: int | None = None, optional: bool = False, why: str = "") -> int | None:
+def get_int(
+    cfg: DictConfig, key: str, *, minimum: int | None = None, maximum: int | None = None, optional: bool = False, why: str = ""
+) -> int | None:
     """An integer in [minimum, maximum]; at most 2**63 - 1 in any case (tensors, numpy arrays
     and checkpoints hold 64-bit integers)."""
     value = get_value(cfg, key)
@@ -84,8 +87,16 @@ def get_int(cfg: DictConfig, key: str, *, minimum: int | None = None, maximum: i
     return int(value)
 
 
-def get_float(cfg: DictConfig, key: str, *, minimum: float | None = None, exclusive_minimum: float | None = None,
-              maximum: float | None = None, optional: bool = False, why: str = "") -> float | None:
+def get_float(
+    cfg: DictConfig,
+    key: str,
+    *,
+    minimum: float | None = None,
+    exclusive_minimum: float | None = None,
+    maximum: float | None = None,
+    optional: bool = False,
+    why: str = "",
+) -> float | None:
     value = get_value(cfg, key)
     if value is None and optional:
         return None
@@ -134,13 +145,35 @@ def _range_text(minimum: int | None, maximum: int | None) -> str:
 # Strict keys: each section of train.yaml / evaluate.yaml accepts only these (model.* is checked
 # per architecture in validate_model, channel.* against ChannelConfig's fields).
 
-TRAIN_TOP_KEYS = ("seed", "device", "progress", "resume", "resume_force", "data", "model", "channel", "router",
-                  "eval_router", "train", "runtime")
+TRAIN_TOP_KEYS = (
+    "seed",
+    "device",
+    "progress",
+    "resume",
+    "resume_force",
+    "data",
+    "model",
+    "channel",
+    "router",
+    "eval_router",
+    "train",
+    "runtime",
+)
 TRAIN_DATA_KEYS = ("name", "root", "batch_size", "val_size", "limit_train", "limit_test", "num_workers", "augment")
 ROUTER_KEYS = ("policy", "k", "gamma", "k_min", "k_max", "lam", "outage_target")
-TRAIN_KEYS = ("epochs", "lr", "weight_decay", "warmup_steps", "aux_loss_coef", "z_loss_coef", "energy_loss_coef", "grad_clip",
-              "precision", "log_every",
-              "stop_after_epochs")
+TRAIN_KEYS = (
+    "epochs",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "aux_loss_coef",
+    "z_loss_coef",
+    "energy_loss_coef",
+    "grad_clip",
+    "precision",
+    "log_every",
+    "stop_after_epochs",
+)
 EVAL_TOP_KEYS = ("ckpt", "seed", "device", "progress", "data", "eval", "runtime", "channel")
 EVAL_DATA_KEYS = ("root", "batch_size", "limit_test", "num_workers")
 EVAL_KEYS = ("policies", "gammas", "lams", "k_min", "k_max", "outage_targets", "channel_draws")
@@ -173,11 +206,17 @@ def allowed_keys(config_name: str, prefix: str) -> tuple[str, ...] | None:
     if config_name == "evaluate" and prefix != "channel":
         return {"": EVAL_TOP_KEYS, "data": EVAL_DATA_KEYS, "eval": EVAL_KEYS}.get(prefix)
     if prefix == "channel":
-        from .channel import ChannelConfig
+        from ..channel import ChannelConfig
 
         return tuple(f.name for f in fields(ChannelConfig))
-    table = {"": TRAIN_TOP_KEYS, "data": TRAIN_DATA_KEYS, "router": ROUTER_KEYS, "eval_router": ROUTER_KEYS,
-             "train": TRAIN_KEYS, "model": tuple(dict.fromkeys(key for keys in MODEL_KEYS.values() for key in keys))}
+    table = {
+        "": TRAIN_TOP_KEYS,
+        "data": TRAIN_DATA_KEYS,
+        "router": ROUTER_KEYS,
+        "eval_router": ROUTER_KEYS,
+        "train": TRAIN_KEYS,
+        "model": tuple(dict.fromkeys(key for keys in MODEL_KEYS.values() for key in keys)),
+    }
     return table.get(prefix)
 
 
@@ -212,8 +251,13 @@ def validate_data(cfg: DictConfig, *, training: bool) -> None:
     validate_data_root(cfg)
     get_int(cfg, "data.batch_size", minimum=1)
     # Each worker is a process: a few per core, never thousands.
-    get_int(cfg, "data.num_workers", minimum=0, maximum=MAX_WORKERS_PER_CPU * (os.cpu_count() or 1),
-            why=f"{MAX_WORKERS_PER_CPU} per CPU core of this machine")
+    get_int(
+        cfg,
+        "data.num_workers",
+        minimum=0,
+        maximum=MAX_WORKERS_PER_CPU * (os.cpu_count() or 1),
+        why=f"{MAX_WORKERS_PER_CPU} per CPU core of this machine",
+    )
     get_int(cfg, "data.limit_test", minimum=1, optional=True)
     if training:
         limit_train = get_int(cfg, "data.limit_train", minimum=1, optional=True)
@@ -221,13 +265,16 @@ def validate_data(cfg: DictConfig, *, training: bool) -> None:
         available = DATASET_TRAIN_SIZES[name]
         train_images, _ = split_sizes(available, val_size, limit_train)
         if train_images < 1:  # with data.limit_train the validation set is capped at limit_train // 5
-            raise ConfigError(f"data.val_size={val_size}: must be smaller than the {available} training images of "
-                              f"data.name={name}")
+            raise ConfigError(
+                f"data.val_size={val_size}: must be smaller than the {available} training images of data.name={name}"
+            )
         if train_images == 1:
             fix = "data.limit_train=2 or more" if limit_train is not None else f"data.val_size={available - 2} or less"
             key = f"data.limit_train={limit_train}" if limit_train is not None else f"data.val_size={val_size}"
-            raise ConfigError(f"{key}: leaves 1 training image, and a batch of one image cannot train (BatchNorm "
-                              f"needs two; train.py drops such a batch); pass {fix}")
+            raise ConfigError(
+                f"{key}: leaves 1 training image, and a batch of one image cannot train (BatchNorm "
+                f"needs two; train.py drops such a batch); pass {fix}"
+            )
         get_bool(cfg, "data.augment")
 
 
@@ -239,8 +286,10 @@ def validate_data_root(cfg: DictConfig) -> str:
     if os.path.isdir(path) or (value == DEFAULT_DATA_ROOT and not os.path.exists(path)):
         return path
     what = "not a directory" if os.path.exists(path) else "no such directory"
-    raise ConfigError(f"data.root={value!r}: {what} ({path}); create it first (only the default "
-                      f"data.root={DEFAULT_DATA_ROOT} is created on first use)")
+    raise ConfigError(
+        f"data.root={value!r}: {what} ({path}); create it first (only the default "
+        f"data.root={DEFAULT_DATA_ROOT} is created on first use)"
+    )
 
 
 @dataclass(frozen=True)
@@ -263,12 +312,45 @@ class ModelShape:
 
 # The keys of each model (config group `model`); `name` picks the architecture.
 MODEL_KEYS = {
-    "cnn": ("name", "d_model", "num_experts", "num_moe_layers", "hidden_mult", "link_dropout", "combine", "balance_on",
-            "channel_gate"),
-    "vmoe": ("name", "d_model", "num_experts", "depth", "moe_every", "num_heads", "patch_size",
-             "hidden_mult", "class_token", "stem", "link_dropout", "combine", "balance_on", "channel_gate"),
-    "convmoe": ("name", "d_model", "num_experts", "depth", "hidden_mult", "kernel_size", "link_dropout",
-                "combine", "balance_on", "channel_gate"),
+    "cnn": (
+        "name",
+        "d_model",
+        "num_experts",
+        "num_moe_layers",
+        "hidden_mult",
+        "link_dropout",
+        "combine",
+        "balance_on",
+        "channel_gate",
+    ),
+    "vmoe": (
+        "name",
+        "d_model",
+        "num_experts",
+        "depth",
+        "moe_every",
+        "num_heads",
+        "patch_size",
+        "hidden_mult",
+        "class_token",
+        "stem",
+        "link_dropout",
+        "combine",
+        "balance_on",
+        "channel_gate",
+    ),
+    "convmoe": (
+        "name",
+        "d_model",
+        "num_experts",
+        "depth",
+        "hidden_mult",
+        "kernel_size",
+        "link_dropout",
+        "combine",
+        "balance_on",
+        "channel_gate",
+    ),
 }
 
 
@@ -303,15 +385,21 @@ def validate_model(cfg: DictConfig) -> ModelShape:
             raise ConfigError(f"model.kernel_size={kernel_size}: must be odd (a centred depthwise conv)")
         image_size = DATASET_IMAGE_SIZES.get(OmegaConf.select(cfg, "data.name", default=None))
         if image_size is not None and image_size % 4:
-            raise ConfigError(f"model.name=convmoe: the image size {image_size} of data.name={cfg.data.name} "
-                              "must be divisible by 4 (the stem's two 2x poolings)")
-        shape.update(layers_key="model.depth", tokens_per_input=(image_size or 4) ** 2 // 16,
-                     block_params=num_moe_layers * d_model * kernel_size**2,
-                     block_keys=("model.depth", "model.d_model", "model.kernel_size"))
+            raise ConfigError(
+                f"model.name=convmoe: the image size {image_size} of data.name={cfg.data.name} "
+                "must be divisible by 4 (the stem's two 2x poolings)"
+            )
+        shape.update(
+            layers_key="model.depth",
+            tokens_per_input=(image_size or 4) ** 2 // 16,
+            block_params=num_moe_layers * d_model * kernel_size**2,
+            block_keys=("model.depth", "model.d_model", "model.kernel_size"),
+        )
     else:
         depth = get_int(cfg, "model.depth", minimum=1)
-        moe_every = get_int(cfg, "model.moe_every", minimum=1, maximum=depth,
-                            why=f"at most model.depth={depth}, else no block is an MoE block")
+        moe_every = get_int(
+            cfg, "model.moe_every", minimum=1, maximum=depth, why=f"at most model.depth={depth}, else no block is an MoE block"
+        )
         num_heads = get_int(cfg, "model.num_heads", minimum=1)
         if d_model % num_heads:
             raise ConfigError(f"model.num_heads={num_heads}: must divide model.d_model={d_model}")
@@ -319,18 +407,26 @@ def validate_model(cfg: DictConfig) -> ModelShape:
         image_size = DATASET_IMAGE_SIZES.get(OmegaConf.select(cfg, "data.name", default=None))
         if image_size is not None and image_size % patch_size:
             divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
-            raise ConfigError(f"model.patch_size={patch_size}: must divide the image size {image_size} "
-                              f"of data.name={cfg.data.name} (one of {', '.join(map(str, divisors))})")
+            raise ConfigError(
+                f"model.patch_size={patch_size}: must divide the image size {image_size} "
+                f"of data.name={cfg.data.name} (one of {', '.join(map(str, divisors))})"
+            )
         get_bool(cfg, "model.class_token")
         if get_str(cfg, "model.stem", choices=STEMS) == "conv2" and patch_size % 2:
-            raise ConfigError(f"model.patch_size={patch_size}: must be even with model.stem=conv2 "
-                              "(its stride-2 conv halves the image)")
+            raise ConfigError(
+                f"model.patch_size={patch_size}: must be even with model.stem=conv2 (its stride-2 conv halves the image)"
+            )
         num_moe_layers = depth // moe_every
         tokens = ((image_size or patch_size) // patch_size) ** 2 + int(cfg.model.class_token)
         # attention (4 d^2) in every block, a dense MLP in the blocks without experts
-        shape.update(layers_key="model.depth", tokens_per_input=tokens,
-                     block_params=depth * 4 * d_model**2 + (depth - num_moe_layers) * 2 * hidden_mult * d_model**2,
-                     block_keys=("model.depth", "model.d_model"), blocks=depth, attention_per_block=num_heads * tokens**2)
+        shape.update(
+            layers_key="model.depth",
+            tokens_per_input=tokens,
+            block_params=depth * 4 * d_model**2 + (depth - num_moe_layers) * 2 * hidden_mult * d_model**2,
+            block_keys=("model.depth", "model.d_model"),
+            blocks=depth,
+            attention_per_block=num_heads * tokens**2,
+        )
     return ModelShape(num_moe_layers=num_moe_layers, **shape)
 
 
@@ -352,8 +448,16 @@ class MemoryTerm:
     on_device: bool = True
 
 
-def memory_terms(shape: ModelShape, *, batch_size: int, images: int, num_subcarriers: int, frame: str, training: bool,
-                 local_experts: bool = True) -> list[MemoryTerm]:
+def memory_terms(
+    shape: ModelShape,
+    *,
+    batch_size: int,
+    images: int,
+    num_subcarriers: int,
+    frame: str,
+    training: bool,
+    local_experts: bool = True,
+) -> list[MemoryTerm]:
     """Lower bounds on the memory of a training run (``training``) or an evaluation over
     ``images`` images in batches of ``batch_size``.  Training keeps TRAINING_WEIGHT_COPIES of
     every weight and each layer's activations for the backward pass; an evaluation keeps the
@@ -364,22 +468,47 @@ def memory_terms(shape: ModelShape, *, batch_size: int, images: int, num_subcarr
     copies = TRAINING_WEIGHT_COPIES if training else 1
     terms = []
     if local_experts:
-        terms.append(MemoryTerm("expert weights", ("model.num_experts", "model.d_model", "model.hidden_mult", shape.layers_key),
-                                copies * FLOAT32_BYTES * L * K * 2 * h * d * d))
+        terms.append(
+            MemoryTerm(
+                "expert weights",
+                ("model.num_experts", "model.d_model", "model.hidden_mult", shape.layers_key),
+                copies * FLOAT32_BYTES * L * K * 2 * h * d * d,
+            )
+        )
         # at least one expert's hidden layer per token
-        terms.append(MemoryTerm("expert activations", ("data.batch_size", "model.d_model", "model.hidden_mult")
-                                + ((shape.layers_key,) if training else ()),
-                                FLOAT32_BYTES * batch * T * h * d * (L if training else 1)))
+        terms.append(
+            MemoryTerm(
+                "expert activations",
+                ("data.batch_size", "model.d_model", "model.hidden_mult") + ((shape.layers_key,) if training else ()),
+                FLOAT32_BYTES * batch * T * h * d * (L if training else 1),
+            )
+        )
     if shape.block_params:
         terms.append(MemoryTerm("block weights", shape.block_keys, copies * FLOAT32_BYTES * shape.block_params))
     if shape.attention_per_block:
-        terms.append(MemoryTerm("attention scores", ("data.batch_size", "model.patch_size", "model.num_heads"),
-                                FLOAT32_BYTES * batch * shape.attention_per_block * (shape.blocks if training else 1)))
+        terms.append(
+            MemoryTerm(
+                "attention scores",
+                ("data.batch_size", "model.patch_size", "model.num_heads"),
+                FLOAT32_BYTES * batch * shape.attention_per_block * (shape.blocks if training else 1),
+            )
+        )
     # float64 costs [frames, K, N] per MoE layer (image frames: int64 capacities too)
     per_image = K * num_subcarriers * (2 * FLOAT64_BYTES if frame == "image" else FLOAT64_BYTES * T) * L
     link_images = batch if training else images
-    terms.append(MemoryTerm("link costs", ("data.batch_size" if training else "data.limit_test", "model.num_experts",
-                                           "channel.num_subcarriers", shape.layers_key), link_images * per_image, on_device=False))
+    terms.append(
+        MemoryTerm(
+            "link costs",
+            (
+                "data.batch_size" if training else "data.limit_test",
+                "model.num_experts",
+                "channel.num_subcarriers",
+                shape.layers_key,
+            ),
+            link_images * per_image,
+            on_device=False,
+        )
+    )
     return terms
 
 
@@ -388,8 +517,13 @@ def check_memory(terms: list[MemoryTerm], device: str, configs: Iterable[DictCon
     ``configs`` that has them) when ``terms`` need more memory than ``device`` (the on-device
     terms) or the CPU (the others, and all on a CPU run) has."""
     configs = list(configs)
-    values = {key: value for config in reversed(configs) for term in terms for key in term.keys
-              if (value := OmegaConf.select(config, key, default=_ABSENT)) is not _ABSENT}
+    values = {
+        key: value
+        for config in reversed(configs)
+        for term in terms
+        for key in term.keys
+        if (value := OmegaConf.select(config, key, default=_ABSENT)) is not _ABSENT
+    }
     import torch
 
     model_device = resolve_device(device)
@@ -403,14 +537,16 @@ def check_memory(terms: list[MemoryTerm], device: str, configs: Iterable[DictCon
             keys = ", ".join(f"{key}={format_value(values[key])}" for key in largest.keys if key in values)
             parts = ", ".join(f"{t.what} {format_bytes(t.size)}" for t in sorted(held, key=lambda t: -t.size))
             memory = "RAM" if place.type == "cpu" else f"{place.type} memory"
-            raise ConfigError(f"{keys}: {what} needs at least {format_bytes(need)} of {memory} ({parts}) and this machine "
-                              f"has {format_bytes(have)}; make them smaller")
+            raise ConfigError(
+                f"{keys}: {what} needs at least {format_bytes(need)} of {memory} ({parts}) and this machine "
+                f"has {format_bytes(have)}; make them smaller"
+            )
 
 
 def validate_moe_choices(cfg: DictConfig) -> tuple[str, str]:
     """``model.combine`` and ``model.balance_on`` (moe.COMBINE_RULES, moe.BALANCE_ON).  Absent
     from checkpoints written before they existed: the first choice, what those runs did."""
-    from .moe import BALANCE_ON, COMBINE_RULES
+    from ..moe import BALANCE_ON, COMBINE_RULES
 
     chosen = []
     for key, choices in (("model.combine", COMBINE_RULES), ("model.balance_on", BALANCE_ON)):
@@ -423,7 +559,7 @@ def validate_moe_choices(cfg: DictConfig) -> tuple[str, str]:
 
 def channel_config(cfg: DictConfig):
     """Build and validate ``ChannelConfig`` from ``cfg.channel``."""
-    from .channel import ChannelConfig
+    from ..channel import ChannelConfig
 
     section = get_value(cfg, "channel")
     if not isinstance(section, dict):
@@ -452,8 +588,9 @@ def validate_gamma(value: Any, key: str, num_layers: int) -> float | list[float]
     return float(value)
 
 
-def validate_router(cfg: DictConfig, prefix: str, shape: ModelShape, num_subcarriers: int,
-                    frame: str = "token") -> dict[str, Any]:
+def validate_router(
+    cfg: DictConfig, prefix: str, shape: ModelShape, num_subcarriers: int, frame: str = "token"
+) -> dict[str, Any]:
     """Check ``<prefix>.{policy,k,gamma,k_min,k_max}`` against the model and the channel
     (its subcarriers and its frame mode, channel.frame)."""
     check_keys(get_value(cfg, prefix), prefix, ROUTER_KEYS)
@@ -472,8 +609,7 @@ def validate_router(cfg: DictConfig, prefix: str, shape: ModelShape, num_subcarr
     outage_target = None
     if OmegaConf.select(cfg, f"{prefix}.outage_target", default=None) is not None:
         outage_target = validate_outage_target(get_value(cfg, f"{prefix}.outage_target"), f"{prefix}.outage_target")
-    return {"policy": policy, "k": k, "gamma": gamma, "k_min": k_min, "k_max": k_max, "lam": lam,
-            "outage_target": outage_target}
+    return {"policy": policy, "k": k, "gamma": gamma, "k_min": k_min, "k_max": k_max, "lam": lam, "outage_target": outage_target}
 
 
 def validate_lam(value: Any, key: str, policy: str | None = None) -> float | None:
@@ -504,7 +640,9 @@ def check_policy_fits_frame(policy: str, key: str, frame: str) -> None:
     if frame == "token" and policy not in policy_names("token"):
         raise ConfigError(f"{key}={policy!r}: exists only with channel.frame=image (the tokens of an image share a frame)")
     if frame == "image" and policy not in policy_names("image"):
-        raise ConfigError(f"{key}={policy!r}: not available with channel.frame=image; use one of {', '.join(policy_names('image'))}")
+        raise ConfigError(
+            f"{key}={policy!r}: not available with channel.frame=image; use one of {', '.join(policy_names('image'))}"
+        )
 
 
 def _check_policy_fits_channel(policy: str, key: str, num_experts: int, num_subcarriers: int, k_min: int) -> None:
@@ -531,8 +669,15 @@ def validate_train_config(cfg: DictConfig) -> None:
     validate_router(cfg, "router", shape, channel.num_subcarriers, channel.frame)
     validate_router(cfg, "eval_router", shape, channel.num_subcarriers, channel.frame)
     train_images, _ = split_sizes(DATASET_TRAIN_SIZES[cfg.data.name], cfg.data.val_size, cfg.data.limit_train)
-    terms = memory_terms(shape, batch_size=cfg.data.batch_size, images=train_images, num_subcarriers=channel.num_subcarriers,
-                         frame=channel.frame, training=True, local_experts=runtime_settings(cfg).name == "local")
+    terms = memory_terms(
+        shape,
+        batch_size=cfg.data.batch_size,
+        images=train_images,
+        num_subcarriers=channel.num_subcarriers,
+        frame=channel.frame,
+        training=True,
+        local_experts=runtime_settings(cfg).name == "local",
+    )
     check_memory(terms, cfg.device, [cfg], "training")
     check_keys(get_value(cfg, "train"), "train", TRAIN_KEYS)
     get_int(cfg, "train.epochs", minimum=1)
@@ -544,7 +689,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "train.energy_loss_coef", default=None) is not None:  # absent in older runs: 0
         get_float(cfg, "train.energy_loss_coef", minimum=0.0)
     if OmegaConf.select(cfg, "train.precision", default=None) is not None:  # absent in older runs: fp32
-        from .moe import PRECISIONS
+        from ..moe import PRECISIONS
 
         get_str(cfg, "train.precision", choices=tuple(PRECISIONS))
     get_float(cfg, "train.grad_clip", exclusive_minimum=0.0, optional=True)
@@ -607,11 +752,14 @@ def checkpoint_file(path: str | os.PathLike, *, key: str = "ckpt") -> Path:
     if path.is_dir():
         if (path / CHECKPOINT_NAME).is_file():
             return path / CHECKPOINT_NAME
-        raise ConfigError(f"{key}={str(path)!r}: a directory without {CHECKPOINT_NAME}; pass a run directory of "
-                          f"train.py or its {CHECKPOINT_NAME}")
+        raise ConfigError(
+            f"{key}={str(path)!r}: a directory without {CHECKPOINT_NAME}; pass a run directory of "
+            f"train.py or its {CHECKPOINT_NAME}"
+        )
     if not path.is_file():
-        raise ConfigError(f"{key}={str(path)!r}: no such file or directory; pass a run directory of train.py or its "
-                          f"{CHECKPOINT_NAME}")
+        raise ConfigError(
+            f"{key}={str(path)!r}: no such file or directory; pass a run directory of train.py or its {CHECKPOINT_NAME}"
+        )
     return path
 
 
@@ -623,7 +771,10 @@ def checkpoint_file(path: str | os.PathLike, *, key: str = "ckpt") -> Path:
 RUNTIME_KEYS = {"local": ("name",), "distributed": ("name", "backend", "timeout_s")}
 BACKENDS = ("auto", "gloo", "nccl")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-TORCHRUN_HINT = "torchrun --standalone --nproc-per-node=W+1 train.py (or evaluate.py) runtime=distributed, for 1 coordinator and W expert workers"
+TORCHRUN_HINT = (
+    "torchrun --standalone --nproc-per-node=W+1 train.py (or evaluate.py) runtime=distributed, "
+    "for 1 coordinator and W expert workers"
+)
 
 
 @dataclass(frozen=True)
@@ -661,8 +812,9 @@ def runtime_settings(cfg: DictConfig) -> RuntimeSettings:
     settings = RuntimeSettings(
         name=name,
         backend=get_str(cfg, "runtime.backend", choices=BACKENDS),
-        timeout_s=get_float(cfg, "runtime.timeout_s", exclusive_minimum=0.0, maximum=MAX_TIMEOUT_S,
-                            why="the longest datetime.timedelta"),
+        timeout_s=get_float(
+            cfg, "runtime.timeout_s", exclusive_minimum=0.0, maximum=MAX_TIMEOUT_S, why="the longest datetime.timedelta"
+        ),
     )
     check_world_size(process_env()[1], configured_num_experts(cfg))
     return settings
@@ -684,8 +836,9 @@ def process_env() -> tuple[int, int, int]:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
-        raise ConfigError(f"runtime=distributed: RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} "
-                          "must be integers") from None
+        raise ConfigError(
+            f"runtime=distributed: RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} must be integers"
+        ) from None
     return rank, world, local_rank
 
 
@@ -693,8 +846,12 @@ def check_world_size(world_size: int, num_experts: int | None) -> None:
     """ConfigError unless there are 1..K expert workers besides the coordinator."""
     workers = world_size - 1
     if workers < 1:
-        raise ConfigError(f"runtime=distributed: WORLD_SIZE={world_size} leaves no expert worker (rank 0 is the "
-                          f"coordinator); start W+1 >= 2 processes: {TORCHRUN_HINT}")
+        raise ConfigError(
+            f"runtime=distributed: WORLD_SIZE={world_size} leaves no expert worker (rank 0 is the "
+            f"coordinator); start W+1 >= 2 processes: {TORCHRUN_HINT}"
+        )
     if num_experts is not None and workers > num_experts:
-        raise ConfigError(f"runtime=distributed: {workers} expert workers for model.num_experts={num_experts}; at most "
-                          f"one worker per expert, so start at most {num_experts + 1} processes (--nproc-per-node)")
+        raise ConfigError(
+            f"runtime=distributed: {workers} expert workers for model.num_experts={num_experts}; at most "
+            f"one worker per expert, so start at most {num_experts + 1} processes (--nproc-per-node)"
+        )

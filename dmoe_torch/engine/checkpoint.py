@@ -16,6 +16,7 @@ A checkpoint holds what an exact resume needs::
 Everything is stored as tensors and plain Python containers, so it loads with
 ``torch.load(..., weights_only=True)``: loading a checkpoint never runs pickled code.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 
 # Which file a ``ckpt=`` / ``resume=`` value names is checked with the other config values.
-from .config import CHECKPOINT_NAME, ConfigError, checkpoint_file
-from .utils import atomic_torch_save
+from ..config import CHECKPOINT_NAME, ConfigError, checkpoint_file
+from ..utils import atomic_torch_save
 
 CHECKPOINT_FORMAT = "dmoe-torch-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -85,8 +86,9 @@ def save_checkpoint(path: str | os.PathLike, **fields: Any) -> Path:
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def load_checkpoint(path: str | os.PathLike, *, key: str = "ckpt", map_location: str | torch.device = "cpu",
-                    mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, *, key: str = "ckpt", map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """Load and check a checkpoint (a file, or a run directory holding checkpoint.pt); a
     missing, unreadable or foreign file raises ConfigError.
 
@@ -99,8 +101,9 @@ def load_checkpoint(path: str | os.PathLike, *, key: str = "ckpt", map_location:
     with open(path, "rb") as handle:
         magic = handle.read(len(_ZIP_MAGIC))
     if magic != _ZIP_MAGIC:
-        raise ConfigError(f"{not_checkpoint} (not a file written by torch.save); pass a run directory of train.py or "
-                          f"its {CHECKPOINT_NAME}")
+        raise ConfigError(
+            f"{not_checkpoint} (not a file written by torch.save); pass a run directory of train.py or its {CHECKPOINT_NAME}"
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
@@ -113,7 +116,8 @@ def load_checkpoint(path: str | os.PathLike, *, key: str = "ckpt", map_location:
         raise ConfigError(f"{key}={str(path)!r}: not a dmoe-torch checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(
-            f"{key}={str(path)!r}: checkpoint format version {payload.get('version')!r}, this code reads version {CHECKPOINT_VERSION}"
+            f"{key}={str(path)!r}: checkpoint format version {payload.get('version')!r}, "
+            f"this code reads version {CHECKPOINT_VERSION}"
         )
     missing = [name for name in REQUIRED_KEYS if name not in payload]
     if missing:
@@ -126,7 +130,10 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     own = model.state_dict()
     for name, tensor in state_dict.items():
         if name not in own:
-            raise ConfigError(f"{key}: checkpoint parameter {name!r} does not exist in the configured model (model.* differs from the checkpoint's)")
+            raise ConfigError(
+                f"{key}: checkpoint parameter {name!r} does not exist in the configured model "
+                "(model.* differs from the checkpoint's)"
+            )
         if tuple(own[name].shape) != tuple(tensor.shape):
             raise ConfigError(
                 f"{key}: checkpoint parameter {name!r} has shape {list(tensor.shape)}, the configured model "

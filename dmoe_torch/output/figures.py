@@ -1,4 +1,4 @@
-"""The figures of ``make figures`` (:mod:`dmoe_torch.figures`), drawn from the sweeps' results.
+"""The figures of ``make figures`` (:mod:`dmoe_torch.engine.sweeps`), drawn from the sweeps' results.
 
 Each ``draw_*`` takes ``data`` (sweep name -> [(swept value, results.csv rows)]), the
 checkpoint's ``facts`` (K, L, ...) and the sweeps, and returns the matplotlib figure and the
@@ -6,16 +6,18 @@ rows it plotted (written to ``<stem>.png`` and ``<stem>.csv``).  Energy is alway
 over all MoE layers, unless an axis says "layer 1"; error bars are 95% intervals over the test
 images and channel draws.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .plotting import accuracy_energy_figure, pareto_rows, policy_colors, pyplot, target_text
+from .plots import accuracy_energy_figure, pareto_rows, policy_colors, pyplot, target_text
 
 ENERGY_LABEL = "energy per image (µJ, all MoE layers)"
 
@@ -52,8 +54,17 @@ def _series_label(row: dict[str, Any]) -> str:
     return row["policy"] + (f" γ={row['gamma']}" if row["gamma"] else "")
 
 
-def _plot_series(axes, rows: list[dict], x_key: str, y_key: str, *, scale: float = 1.0, ci: str | None = None,
-                 key: Callable[[dict], str] = _series_label, colors: dict | None = None) -> None:
+def _plot_series(
+    axes,
+    rows: list[dict],
+    x_key: str,
+    y_key: str,
+    *,
+    scale: float = 1.0,
+    ci: str | None = None,
+    key: Callable[[dict], str] = _series_label,
+    colors: dict | None = None,
+) -> None:
     """One line per series ``key(row)`` of ``y_key`` against ``x_key``, with 95% bars when ``ci``."""
     colors = colors or policy_colors([r["policy"] for r in rows])
     series: dict[str, list[dict]] = {}
@@ -67,10 +78,19 @@ def _plot_series(axes, rows: list[dict], x_key: str, y_key: str, *, scale: float
         # Series of one policy differ by line style, every series by marker: overlapping lines stay visible.
         style = styles[(seen.get(policy, 0) + (policy == "optimal")) % len(styles)]
         seen[policy] = seen.get(policy, 0) + 1
-        axes.errorbar([r[x_key] for r in group], [scale * r[y_key] for r in group],
-                      yerr=[scale * _ci(r, ci) for r in group] if ci else None, label=label, color=colors[policy],
-                      linestyle=style, marker=markers[index % len(markers)], markersize=5 if index else 4,
-                      markerfacecolor="none" if index % 2 else colors[policy], capsize=2, elinewidth=0.8)
+        axes.errorbar(
+            [r[x_key] for r in group],
+            [scale * r[y_key] for r in group],
+            yerr=[scale * _ci(r, ci) for r in group] if ci else None,
+            label=label,
+            color=colors[policy],
+            linestyle=style,
+            marker=markers[index % len(markers)],
+            markersize=5 if index else 4,
+            markerfacecolor="none" if index % 2 else colors[policy],
+            capsize=2,
+            elinewidth=0.8,
+        )
 
 
 def _legend(axes, source=None) -> None:
@@ -159,10 +179,16 @@ def _gaps(small: list[dict]) -> list[dict]:
         optimal = by_key.get((n, gamma, "optimal"))
         if policy != "jesa" or optimal is None:
             continue
-        gaps.append({"num_subcarriers": n, "gamma": gamma,
-                     "gap_pct": 100 * (jesa["energy_uj_mean"] / optimal["energy_uj_mean"] - 1),
-                     "gap_layer1_pct": 100 * (jesa["layer1_energy_uj"] / optimal["layer1_energy_uj"] - 1),
-                     "jesa_certified_rate": jesa["certified_rate"], "inputs": jesa["inputs"]})
+        gaps.append(
+            {
+                "num_subcarriers": n,
+                "gamma": gamma,
+                "gap_pct": 100 * (jesa["energy_uj_mean"] / optimal["energy_uj_mean"] - 1),
+                "gap_layer1_pct": 100 * (jesa["layer1_energy_uj"] / optimal["layer1_energy_uj"] - 1),
+                "jesa_certified_rate": jesa["certified_rate"],
+                "inputs": jesa["inputs"],
+            }
+        )
     return gaps
 
 
@@ -208,8 +234,11 @@ def draw_jesa_gap(data, facts, sweeps) -> tuple[Any, list[dict]]:
 def draw_gamma(data, facts, sweeps) -> tuple[Any, list[dict]]:
     plt = pyplot()
     rows = _unique(_rows(data["accuracy_energy"]))
-    curve = [dict(r, gamma_value=float(r["gamma"])) for r in rows
-             if r["policy"] in ("des", "jesa") and r["gamma"] and not r["gamma"].startswith("[")]
+    curve = [
+        dict(r, gamma_value=float(r["gamma"]))
+        for r in rows
+        if r["policy"] in ("des", "jesa") and r["gamma"] and not r["gamma"].startswith("[")
+    ]
     reference = next((r for r in rows if r["policy"] == "topk@2"), None)
     figure, axes = plt.subplots(2, 2, figsize=(12.0, 8.6))
     (acc, energy), (heat_acc, heat_energy) = axes
@@ -231,8 +260,10 @@ def draw_gamma(data, facts, sweeps) -> tuple[Any, list[dict]]:
     energy.set_title("energy vs γ", fontsize=9)
     cells = _layer_cells(data["layer_gammas"], sweeps["layer_gammas"], facts["L"]) if data["layer_gammas"] else []
     gammas = sorted({c["gamma_layer"] for c in cells})
-    for panel, name, scale, fmt, unit in ((heat_acc, "accuracy_mean", 100.0, ".1f", "test accuracy (%)"),
-                                          (heat_energy, "energy_uj_mean", 1.0, ".0f", ENERGY_LABEL)):
+    for panel, name, scale, fmt, unit in (
+        (heat_acc, "accuracy_mean", 100.0, ".1f", "test accuracy (%)"),
+        (heat_energy, "energy_uj_mean", 1.0, ".0f", ENERGY_LABEL),
+    ):
         if not cells:
             panel.axis("off")
             continue
@@ -279,7 +310,7 @@ def edge_snr_db(row: dict[str, Any]) -> float:
     """Mean SNR (dB) of a device at the cell edge d_max, from the row's channel.* columns."""
     from dataclasses import fields as dc_fields
 
-    from .channel import ChannelConfig, path_loss_db
+    from ..channel import ChannelConfig, path_loss_db
 
     names = {f.name for f in dc_fields(ChannelConfig)}
     cfg = ChannelConfig(**{k[8:]: row[k] for k in row if k.startswith("channel.") and k[8:] in names})
@@ -291,9 +322,11 @@ def draw_cell(data, facts, sweeps) -> tuple[Any, list[dict]]:
     plt = pyplot()
     rows = [dict(r, edge_snr_db=edge_snr_db(r)) for r in _rows(data["cell"])]
     figure, panels = plt.subplots(1, 3, figsize=(15.0, 4.8))
-    specs = ((panels[0], "energy_uj_mean", 1.0, "energy_uj", ENERGY_LABEL),
-             (panels[1], "outage_rate", 100.0, None, "realised outage (% of selected links)"),
-             (panels[2], "accuracy_mean", 100.0, "accuracy", "test accuracy (%)"))
+    specs = (
+        (panels[0], "energy_uj_mean", 1.0, "energy_uj", ENERGY_LABEL),
+        (panels[1], "outage_rate", 100.0, None, "realised outage (% of selected links)"),
+        (panels[2], "accuracy_mean", 100.0, "accuracy", "test accuracy (%)"),
+    )
     radii = sorted({r["channel.d_max_m"] for r in rows})
     snr = {r["channel.d_max_m"]: r["edge_snr_db"] for r in rows}
     for axes, y, scale, ci, label in specs:
@@ -327,19 +360,24 @@ def draw_csi(data, facts, sweeps) -> tuple[Any, list[dict]]:
     plt = pyplot()
     rows = _rows(data["csi"])
     figure, panels = plt.subplots(1, 3, figsize=(15.0, 4.8))
-    for axes, y, scale, ci, label in ((panels[0], "outage_rate", 100.0, None, "realised outage (% of selected links)"),
-                                      (panels[1], "energy_uj_mean", 1.0, "energy_uj", ENERGY_LABEL),
-                                      (panels[2], "accuracy_mean", 100.0, "accuracy", "test accuracy (%)")):
+    for axes, y, scale, ci, label in (
+        (panels[0], "outage_rate", 100.0, None, "realised outage (% of selected links)"),
+        (panels[1], "energy_uj_mean", 1.0, "energy_uj", ENERGY_LABEL),
+        (panels[2], "accuracy_mean", 100.0, "accuracy", "test accuracy (%)"),
+    ):
         _plot_series(axes, rows, "channel.csi_error_std", y, scale=scale, ci=ci, key=_target_label)
         axes.set_xlabel("CSI error ε (std of the estimate's error)")
         axes.set_ylabel(label)
         axes.grid(True, which="both", alpha=0.3)
-    targets = sorted({r["outage_target"] for r in rows if isinstance(r.get("outage_target"), float) and math.isfinite(r["outage_target"])})
+    targets = sorted(
+        {r["outage_target"] for r in rows if isinstance(r.get("outage_target"), float) and math.isfinite(r["outage_target"])}
+    )
     for target in targets:
         panels[0].axhline(100 * target, color="0.4", linestyle=":", linewidth=1.0, label=f"target {100 * target:g}%")
     _legend(panels[-1], panels[0])
-    figure.suptitle(f"Imperfect CSI: realised outage and energy, naive vs robust planning ({_subtitle(rows)})" if rows else "",
-                    fontsize=10)
+    figure.suptitle(
+        f"Imperfect CSI: realised outage and energy, naive vs robust planning ({_subtitle(rows)})" if rows else "", fontsize=10
+    )
     figure.tight_layout()
     return figure, rows
 
@@ -355,8 +393,14 @@ def _jesa_savings(rows: list[dict]) -> list[dict]:
     for (spacing, spread, gamma, policy), jesa in sorted(by_key.items()):
         des = by_key.get((spacing, spread, gamma, "des"))
         if policy == "jesa" and des is not None and des["energy_uj_mean"] > 0:
-            savings.append({"spacing_hz": spacing, "delay_spread_s": spread, "gamma": gamma,
-                            "saving_pct": 100 * (1 - jesa["energy_uj_mean"] / des["energy_uj_mean"])})
+            savings.append(
+                {
+                    "spacing_hz": spacing,
+                    "delay_spread_s": spread,
+                    "gamma": gamma,
+                    "saving_pct": 100 * (1 - jesa["energy_uj_mean"] / des["energy_uj_mean"]),
+                }
+            )
     return savings
 
 
@@ -364,7 +408,7 @@ def draw_delay_spread(data, facts, sweeps) -> tuple[Any, list[dict]]:
     plt = pyplot()
     figure, panels = plt.subplots(1, 3, figsize=(15.5, 4.8))
     every = []
-    for axes, name in zip(panels[:2], ("delay_spread_wide", "delay_spread_narrow")):
+    for axes, name in zip(panels[:2], ("delay_spread_wide", "delay_spread_narrow"), strict=True):
         rows = [dict(r, delay_spread_ns=1e9 * r["channel.delay_spread_s"]) for r in _rows(data[name])]
         every += [{"sweep": name, **r} for r in rows]
         if not rows:
@@ -373,8 +417,11 @@ def draw_delay_spread(data, facts, sweeps) -> tuple[Any, list[dict]]:
         axes.set_xscale("log")
         _log_axis(axes)
         spacing = rows[0]["channel.subcarrier_bandwidth_hz"]
-        axes.set_title(f"Δf = {spacing / 1e3:g} kHz, T_max = {1e3 * rows[0]['channel.latency_budget_s']:.3g} ms, "
-                       f"TDL-{rows[0]['channel.tdl_profile']}\n{_subtitle(rows)}", fontsize=9)
+        axes.set_title(
+            f"Δf = {spacing / 1e3:g} kHz, T_max = {1e3 * rows[0]['channel.latency_budget_s']:.3g} ms, "
+            f"TDL-{rows[0]['channel.tdl_profile']}\n{_subtitle(rows)}",
+            fontsize=9,
+        )
         axes.set_xlabel("RMS delay spread (ns): flat → frequency-selective")
         axes.set_ylabel(ENERGY_LABEL)
         axes.grid(True, which="both", alpha=0.3)
@@ -383,8 +430,12 @@ def draw_delay_spread(data, facts, sweeps) -> tuple[Any, list[dict]]:
     for spacing in sorted({s["spacing_hz"] for s in savings}, reverse=True):
         for gamma in sorted({s["gamma"] for s in savings if s["spacing_hz"] == spacing}):
             points = [s for s in savings if s["spacing_hz"] == spacing and s["gamma"] == gamma]
-            panels[2].plot([1e9 * p["delay_spread_s"] for p in points], [p["saving_pct"] for p in points], marker="o",
-                           label=f"Δf = {spacing / 1e3:g} kHz, γ={gamma}")
+            panels[2].plot(
+                [1e9 * p["delay_spread_s"] for p in points],
+                [p["saving_pct"] for p in points],
+                marker="o",
+                label=f"Δf = {spacing / 1e3:g} kHz, γ={gamma}",
+            )
     panels[2].set_xscale("log")
     panels[2].set_xlabel("RMS delay spread (ns)")
     panels[2].set_ylabel("JESA's energy saving over DES (%)")
@@ -423,14 +474,25 @@ def _frame_series(axes, rows: list[dict], y_key: str, *, scale: float, ci: str |
     markers = ("o", "s", "^", "v", "D", "P", "X")
     for name in names:
         for frame in ("image", "token"):
-            group = sorted((r for r in rows if _series_label(r) == name and r["frame"] == frame), key=lambda r: r["latency_budget_ms"])
+            group = sorted(
+                (r for r in rows if _series_label(r) == name and r["frame"] == frame), key=lambda r: r["latency_budget_ms"]
+            )
             if not group:
                 continue
             color = colors[group[0]["policy"]]
-            axes.errorbar([r["latency_budget_ms"] for r in group], [scale * r[y_key] for r in group],
-                          yerr=[scale * _ci(r, ci) for r in group] if ci else None, label=f"{name}, {frame} frames",
-                          color=color, linestyle="-" if frame == "image" else "--", marker=markers[names.index(name) % len(markers)],
-                          markersize=5, markerfacecolor=color if frame == "image" else "none", capsize=2, elinewidth=0.8)
+            axes.errorbar(
+                [r["latency_budget_ms"] for r in group],
+                [scale * r[y_key] for r in group],
+                yerr=[scale * _ci(r, ci) for r in group] if ci else None,
+                label=f"{name}, {frame} frames",
+                color=color,
+                linestyle="-" if frame == "image" else "--",
+                marker=markers[names.index(name) % len(markers)],
+                markersize=5,
+                markerfacecolor=color if frame == "image" else "none",
+                capsize=2,
+                elinewidth=0.8,
+            )
 
 
 def draw_frame_latency(data, facts, sweeps) -> tuple[Any, list[dict]]:
@@ -439,20 +501,42 @@ def draw_frame_latency(data, facts, sweeps) -> tuple[Any, list[dict]]:
     figure, axes = plt.subplots(2, 2, figsize=(13.0, 8.6))
     (energy, acc), (violation, overrun) = axes
     colors = policy_colors([r["policy"] for r in rows])
-    specs = ((energy, rows, "energy_uj_mean", 1.0, "energy_uj", ENERGY_LABEL, "energy per image"),
-             (acc, rows, "accuracy_mean", 100.0, "accuracy", "test accuracy (%)", "accuracy"),
-             (violation, rows, "violation_rate", 100.0, None, "violations (% of tokens and MoE layers)",
-              "tokens missing γ / k_min or dropped (image frames: past the capacity)"),
-             (overrun, [r for r in rows if _finite(r["frame_overrun_rate"])], "frame_overrun_rate", 100.0, None,
-              "frame overruns (% of frames and MoE layers)",
-              "frames where a device's hop exceeds T_max (topk@2 ignores the capacity)"))
+    specs = (
+        (energy, rows, "energy_uj_mean", 1.0, "energy_uj", ENERGY_LABEL, "energy per image"),
+        (acc, rows, "accuracy_mean", 100.0, "accuracy", "test accuracy (%)", "accuracy"),
+        (
+            violation,
+            rows,
+            "violation_rate",
+            100.0,
+            None,
+            "violations (% of tokens and MoE layers)",
+            "tokens missing γ / k_min or dropped (image frames: past the capacity)",
+        ),
+        (
+            overrun,
+            [r for r in rows if _finite(r["frame_overrun_rate"])],
+            "frame_overrun_rate",
+            100.0,
+            None,
+            "frame overruns (% of frames and MoE layers)",
+            "frames where a device's hop exceeds T_max (topk@2 ignores the capacity)",
+        ),
+    )
     budgets = sorted({r["latency_budget_ms"] for r in rows})
     for panel, points, y, scale, ci, ylabel, title in specs:
         if points:
             _frame_series(panel, points, y, scale=scale, ci=ci, colors=colors)
         elif rows:
-            panel.text(0.5, 0.5, f"no {y} in these results\n(evaluated before it existed)", ha="center", va="center",
-                       transform=panel.transAxes, fontsize=9)
+            panel.text(
+                0.5,
+                0.5,
+                f"no {y} in these results\n(evaluated before it existed)",
+                ha="center",
+                va="center",
+                transform=panel.transAxes,
+                fontsize=9,
+            )
         if _finite(facts.get("latency_s")):
             panel.axvline(1e3 * facts["latency_s"], color="0.5", linestyle=":", linewidth=1.0, label="checkpoint's T_max")
         if budgets:
@@ -466,8 +550,11 @@ def draw_frame_latency(data, facts, sweeps) -> tuple[Any, list[dict]]:
     _log_axis(energy)
     if energy.lines:
         _legend(acc, energy)
-    figure.suptitle("Energy and accuracy vs the latency budget T_max: image frames (solid; link capacity "
-                    "⌊T_max·rate/S⌋ tokens) vs token frames (dashed)" + (f"\n{_subtitle(rows)}" if rows else ""), fontsize=10)
+    figure.suptitle(
+        "Energy and accuracy vs the latency budget T_max: image frames (solid; link capacity "
+        "⌊T_max·rate/S⌋ tokens) vs token frames (dashed)" + (f"\n{_subtitle(rows)}" if rows else ""),
+        fontsize=10,
+    )
     figure.tight_layout()
     return figure, rows
 
@@ -478,9 +565,17 @@ FIGURES: dict[int, Figure] = {
     3: Figure("gamma", ("accuracy_energy", "layer_gammas"), draw_gamma),
     4: Figure("cell_radius", ("cell",), draw_cell),
     5: Figure("jesa_gap", ("subcarriers", "optimal"), draw_jesa_gap),
-    6: Figure("csi_error", ("csi",), draw_csi,
-              requires="needs channel.csi_error_std and eval.outage_targets, which this version does not have yet"),
+    6: Figure(
+        "csi_error",
+        ("csi",),
+        draw_csi,
+        requires="needs channel.csi_error_std and eval.outage_targets, which this version does not have yet",
+    ),
     7: Figure("delay_spread", ("delay_spread_wide", "delay_spread_narrow"), draw_delay_spread),
-    8: Figure("frame_latency", ("frame_latency_image", "frame_latency_token"), draw_frame_latency,
-              requires="needs channel.frame (token | image), which this version does not have yet"),
+    8: Figure(
+        "frame_latency",
+        ("frame_latency_image", "frame_latency_token"),
+        draw_frame_latency,
+        requires="needs channel.frame (token | image), which this version does not have yet",
+    ),
 }

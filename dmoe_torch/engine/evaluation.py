@@ -1,138 +1,36 @@
 """Evaluation engine (evaluate.py, and validation / test inside train.py).
 
-Channel streams (so that draws never depend on batch size, order or workers): training epoch
-``e`` (0-based) uses stream ``e``; validation uses :data:`VAL_STREAM` (the same channel every
-epoch, so validation curves are comparable); evaluation draw ``d`` uses
-``EVAL_STREAM_BASE + d`` (the final test of train.py is draw 0).  The costs of MoE layer
-``l`` for a batch are ``channel.costs(sample_ids, l, stream)``.
+Which channel frames, layer and stream a batch sees is decided in
+:mod:`dmoe_torch.channel.links`, for training and evaluation alike.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from . import frontier, report
+from ..channel.links import eval_stream, layer_links
+from ..config import ConfigError, channel_config, data_root, validate_checkpoint_config
+from ..config.eval import EvalPolicy, eval_policies
+from ..output import frontier, report
+from ..runtime import attach_experts
+from ..utils import derive_seed, resolve_device, seed_everything
 from .build import build_channel, build_model, setting_specs
 from .checkpoint import load_checkpoint, load_model_state
-from .config import ConfigError, channel_config, data_root, validate_checkpoint_config
-from .eval_config import EvalPolicy, eval_policies
-from .moe import FrameLinks
 from .rundir import check_run_dir_owner
-from .runtime import attach_experts
-from .selection.frame import frame_links
-from .utils import derive_seed, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
-
-VAL_STREAM = 10_000_000
-EVAL_STREAM_BASE = 20_000_000
-
-
-def train_stream(epoch: int) -> int:
-    """Channel stream of training epoch ``epoch`` (0-based)."""
-    return epoch
-
-
-def eval_stream(draw: int) -> int:
-    """Channel stream of evaluation draw ``draw``."""
-    return EVAL_STREAM_BASE + draw
-
-
-def frame_ids(sample_ids: torch.Tensor, tokens_per_input: int) -> torch.Tensor:
-    """Frame id of every routed token: ``sample_id * T + token`` (int64 [B*T], row b*T + t).
-
-    One frame is one input of the DMoE protocol; the channel of a frame is a pure function of
-    (seed, stream, MoE layer, frame id), so draws do not depend on batch size, order or workers.
-    """
-    ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1, 1)
-    return (ids * tokens_per_input + torch.arange(tokens_per_input, dtype=torch.int64)).reshape(-1)
-
-
-def layer_costs(channel, sample_ids: torch.Tensor, num_layers: int, stream: int, tokens_per_input: int = 1) -> list[torch.Tensor]:
-    """Per-layer link costs of a batch on the true channel (perfect CSI): L float64 CPU
-    tensors [B*T, K, N] (J, +inf = outage)."""
-    frames = frame_ids(sample_ids, tokens_per_input)
-    return [channel.costs(frames, layer, stream) for layer in range(num_layers)]
-
-
-def layer_links(channel, sample_ids: torch.Tensor, specs: list, stream: int, tokens_per_input: int = 1,
-                cache: dict | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """What the router of each MoE layer sees and what the channel then delivers.
-
-    Under channel.frame=image: per layer the :class:`FrameLinks` of the batch's images (one
-    frame per image, frame id = sample id; perfect CSI only, delivered None).  Otherwise
-    returns (costs, delivered): per layer the costs [B*T, K, N] (J, +inf = outage) planned
-    from the coordinator's channel estimate (conservatively for a spec whose
-    ``planning_target`` is set) and the bool mask [B*T, K, N] of links the true channel
-    delivers at the planned rate; under perfect CSI the costs are the true ones and
-    delivered is None.  ``cache`` (a dict, for one batch and stream) keeps the states per
-    (layer, target) so that several settings on one channel draw compute them once.
-    """
-    cache = {} if cache is None else cache
-    if channel.cfg.frame == "image":  # one frame per (image, layer), keyed by the sample id
-        announce_frame_solver_compile()
-        ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
-        for layer in range(len(specs)):
-            if (layer, "image") not in cache:
-                layer_costs, capacity = frame_links(channel, ids, layer, stream)
-                cache[layer, "image"] = FrameLinks(torch.from_numpy(layer_costs), torch.from_numpy(capacity))
-        return [cache[layer, "image"] for layer in range(len(specs))], [None] * len(specs)
-    frames = frame_ids(sample_ids, tokens_per_input)
-    perfect_csi = channel.cfg.csi_error_std == 0 and channel.cfg.csi_delay_frames == 0
-    costs, delivered = [], []
-    for layer, spec in enumerate(specs):
-        target = None if perfect_csi else spec.planning_target
-        key = (layer, target)
-        if key not in cache:
-            if perfect_csi:
-                cache[key] = (channel.costs(frames, layer, stream), None)
-            else:
-                state = channel.link_state(frames, layer, stream, target)
-                cache[key] = (state.planned_costs, state.delivered)
-        costs.append(cache[key][0])
-        delivered.append(cache[key][1])
-    return costs, delivered
-
-
-FRAME_COMPILE_NOTE = "compiling the image-frame solver (numba, once per machine; ~30 s)"
-_frame_compile_checked = False
-
-
-def frame_kernels_cached() -> bool:
-    """Whether numba's on-disk cache holds every image-frame kernel (selection/frame_kernels.py)
-    for the current source; False when it cannot tell (numba's cache index is internal)."""
-    from numba.core.registry import CPUDispatcher
-
-    from .selection import frame_kernels
-
-    kernels = [obj for obj in vars(frame_kernels).values() if isinstance(obj, CPUDispatcher)]
-    try:  # an empty index: never compiled here, or compiled from another version of the file
-        return all(kernel.signatures or kernel._cache._cache_file._load_index() for kernel in kernels)
-    except Exception:  # noqa: BLE001 -- another numba version: assume cold
-        return False
-
-
-def announce_frame_solver_compile() -> None:
-    """Log :data:`FRAME_COMPILE_NOTE` once per process, before the first image-frame routing,
-    when numba will compile the frame kernels (its cache is cold): epoch 1 then takes ~30 s
-    longer without a word otherwise."""
-    global _frame_compile_checked
-    if _frame_compile_checked:
-        return
-    _frame_compile_checked = True
-    if not frame_kernels_cached():
-        log.info(FRAME_COMPILE_NOTE)
-
 
 # ---------------------------------------------------------------------------------------------
 # Routing metrics
@@ -175,8 +73,7 @@ def combine_layers(per_layer: list[dict[str, Any]], tokens_per_input: int = 1) -
 
 
 # Per-MoE-layer counters of EvalTotals (one integer per layer).
-_LAYER_COUNTS = ("selected_links", "failed_links", "effective_experts", "violations", "drops", "certified", "nodes",
-                 "overruns")
+_LAYER_COUNTS = ("selected_links", "failed_links", "effective_experts", "violations", "drops", "certified", "nodes", "overruns")
 
 
 @dataclass
@@ -212,9 +109,16 @@ class EvalTotals:
         for layer, sel in enumerate(selections):
             effective = sel.mask & ~sel.failed
             energy[:, layer] = sel.energy.to(torch.float64).view(B, T).sum(1)
-            for name, value in (("selected_links", sel.mask), ("failed_links", sel.failed), ("effective_experts", effective),
-                                ("violations", sel.violation), ("drops", ~effective.any(1)),
-                                ("certified", sel.certified), ("nodes", sel.nodes), ("overruns", sel.frame_overrun)):
+            for name, value in (
+                ("selected_links", sel.mask),
+                ("failed_links", sel.failed),
+                ("effective_experts", effective),
+                ("violations", sel.violation),
+                ("drops", ~effective.any(1)),
+                ("certified", sel.certified),
+                ("nodes", sel.nodes),
+                ("overruns", sel.frame_overrun),
+            ):
                 self.counts[name][layer] += int(value.sum())
         self.energies.append(energy)
         self.expert_uses.append(torch.stack([(s.mask & ~s.failed).sum(0).cpu() for s in selections]))
@@ -252,8 +156,9 @@ class EvalTotals:
             **router_metrics(total, math.fsum(energies.sum(1).tolist()), L),
         }
         result["layers"] = [
-            router_metrics({name: values[layer] for name, values in self.counts.items()},
-                           math.fsum(energies[:, layer].tolist()), 1)
+            router_metrics(
+                {name: values[layer] for name, values in self.counts.items()}, math.fsum(energies[:, layer].tolist()), 1
+            )
             for layer in range(L)
         ]
         if self.expert_uses:  # utilisation[k]: share of the layer's tokens that expert k served
@@ -300,8 +205,9 @@ def evaluate(
     for index, (images, labels, sample_ids) in enumerate(batches):
         if costs_cache is not None and index == len(costs_cache):
             costs_cache.append({})
-        costs, delivered = layer_links(channel, sample_ids, specs, stream, tokens,
-                                       cache=None if costs_cache is None else costs_cache[index])
+        costs, delivered = layer_links(
+            channel, sample_ids, specs, stream, tokens, cache=None if costs_cache is None else costs_cache[index]
+        )
         output = model(images.to(device, non_blocking=True), costs, specs, generator=generator, delivered=delivered)
         totals.update(output.logits, labels.to(output.logits.device), output.selections)
         if on_batch is not None:
@@ -319,12 +225,13 @@ def routing_generator(seed: int, stream: int) -> torch.Generator:
 
 def evaluate_with_bar(model, loader, *, desc: str, show: bool, seed: int, stream: int, **kwargs) -> dict[str, float]:
     with tqdm(total=len(loader), desc=desc, disable=not show, leave=False, dynamic_ncols=True) as bar:
-        return evaluate(model, loader, stream=stream, generator=routing_generator(seed, stream),
-                        on_batch=lambda: bar.update(1), **kwargs)
+        return evaluate(
+            model, loader, stream=stream, generator=routing_generator(seed, stream), on_batch=lambda: bar.update(1), **kwargs
+        )
 
 
 def dataset_and_info(cfg: DictConfig, *, limit_train=None):
-    from .data import build_datasets
+    from ..data import build_datasets
 
     return build_datasets(
         cfg.data.name,
@@ -357,8 +264,11 @@ def load_trained(cfg: DictConfig) -> tuple[dict, DictConfig]:
 def with_channel_overrides(train_cfg: DictConfig, cfg: DictConfig) -> tuple[DictConfig, list[str]]:
     """The checkpoint's config with the non-null ``channel.*`` of evaluate.py replacing its
     channel fields, and ``"field old -> new"`` for each field that differs from training."""
-    overrides = {key: value for key, value in (OmegaConf.to_container(cfg.channel) if cfg.get("channel") else {}).items()
-                 if value is not None}
+    overrides = {
+        key: value
+        for key, value in (OmegaConf.to_container(cfg.channel) if cfg.get("channel") else {}).items()
+        if value is not None
+    }
     if not overrides:
         return train_cfg, []
     trained = asdict(channel_config(train_cfg))
@@ -371,12 +281,12 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
     """Evaluate every setting of eval.policies x eval.gammas over eval.channel_draws draws.
 
     Writes results.csv, results.md (with the Frontier section), results.png, frontier.csv,
-    frontier.png, per_image.npz (see :mod:`dmoe_torch.frontier`) and TensorBoard events to
+    frontier.png, per_image.npz (see :mod:`dmoe_torch.output.frontier`) and TensorBoard events to
     ``output_dir``; returns the result rows (see report.RESULT_COLUMNS).
     """
     from hydra.utils import to_absolute_path
 
-    from .data import make_loader
+    from ..data import make_loader
 
     output_dir = Path(output_dir)
     check_run_dir_owner(output_dir, "evaluate")  # also where ValidateFirst does not run (multirun, compose API)
@@ -413,11 +323,22 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
                 specs = setting_specs(setting, num_layers, channel.failure_energy_j)
                 stream = eval_stream(draw)
                 per_setting[index].append(
-                    evaluate(model, loader, channel=channel, specs=specs, stream=stream, device=device,
-                             generator=routing_generator(seed, stream), costs_cache=costs_cache,
-                             on_batch=lambda: bar.update(1), per_image=per_image[index])
+                    evaluate(
+                        model,
+                        loader,
+                        channel=channel,
+                        specs=specs,
+                        stream=stream,
+                        device=device,
+                        generator=routing_generator(seed, stream),
+                        costs_cache=costs_cache,
+                        on_batch=lambda: bar.update(1),
+                        per_image=per_image[index],
+                    )
                 )
-    rows = [report.summarise_draws(s, results, images) for s, results, images in zip(settings, per_setting, per_image)]
+    rows = [
+        report.summarise_draws(s, results, images) for s, results, images in zip(settings, per_setting, per_image, strict=True)
+    ]
     report.add_comparisons(rows, per_image)
     for row in rows:  # what the rows were evaluated on
         row.update({"seed": seed, **{f"channel.{k}": v for k, v in asdict(channel.cfg).items()}})
@@ -432,6 +353,9 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
     log.info("Results:\n%s", printed.getvalue().rstrip("\n"))
     for note in notes:
         log.warning("Note: %s", note)
-    log.info("results.csv, results.md, results.png, frontier.csv, frontier.png and %s written to %s",
-             frontier.PER_IMAGE_FILE, output_dir)
+    log.info(
+        "results.csv, results.md, results.png, frontier.csv, frontier.png and %s written to %s",
+        frontier.PER_IMAGE_FILE,
+        output_dir,
+    )
     return rows

@@ -14,19 +14,21 @@
 * :func:`check_run_dir_owner` refuses a run directory that holds the other entry point's
   records (Hydra would overwrite its ``.hydra/`` files there).
 """
+
 from __future__ import annotations
 
 import fcntl
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import CHECKPOINT_NAME, ConfigError
+from ..utils import stale_temp_files
 from .checkpoint import load_checkpoint
-from .config import CHECKPOINT_NAME, ConfigError
-from .utils import stale_temp_files
 
 LOCK_NAME = ".lock"
 CONFIG_NAME = "config.yaml"  # the resolved config train.py writes into its run directory
@@ -53,8 +55,10 @@ def lock_run_dir(run_dir: str | os.PathLike) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # NotADirectoryError, FileExistsError (a file), PermissionError, ...
-        raise ConfigError(f"hydra.run.dir={str(run_dir)!r}: cannot create the run directory ({exc.strerror}: "
-                          f"{exc.filename}); pass another hydra.run.dir") from None
+        raise ConfigError(
+            f"hydra.run.dir={str(run_dir)!r}: cannot create the run directory ({exc.strerror}: "
+            f"{exc.filename}); pass another hydra.run.dir"
+        ) from None
     key = os.path.realpath(run_dir)
     if not existed:
         _created.add(key)
@@ -99,8 +103,9 @@ def remove_unused_run_dirs() -> None:
             _created.discard(key)
 
 
-def config_differences(old: dict, new: dict, free_keys: Iterable[str] = (), prefix: str = "",
-                       added_defaults: dict | None = None) -> list[str]:
+def config_differences(
+    old: dict, new: dict, free_keys: Iterable[str] = (), prefix: str = "", added_defaults: dict | None = None
+) -> list[str]:
     """``"key: old -> new"`` for every dotted key whose value differs, except ``free_keys``.
     ``added_defaults``: dotted keys added after ``old`` may have been written, with the value
     their absence stands for (an absent key equal to it is no difference)."""
@@ -117,8 +122,16 @@ def config_differences(old: dict, new: dict, free_keys: Iterable[str] = (), pref
     return diffs
 
 
-def check_rerun(previous: dict, config: dict, *, source: str, free_keys: Iterable[str], force: bool,
-                added_defaults: dict | None = None, new_run: str = "pass another hydra.run.dir") -> list[str]:
+def check_rerun(
+    previous: dict,
+    config: dict,
+    *,
+    source: str,
+    free_keys: Iterable[str],
+    force: bool,
+    added_defaults: dict | None = None,
+    new_run: str = "pass another hydra.run.dir",
+) -> list[str]:
     """Refuse (ConfigError) to continue ``source`` (run with config ``previous``) under a
     ``config`` that changes a result-altering key, unless ``force``.  Returns the differences.
     ``added_defaults``: see :func:`config_differences`.  ``new_run`` says how to start a new
@@ -133,8 +146,15 @@ def check_rerun(previous: dict, config: dict, *, source: str, free_keys: Iterabl
     return diffs
 
 
-def check_rerun_dir(run_dir: str | os.PathLike, cfg: DictConfig, *, free_keys: Iterable[str], added_defaults: dict,
-                    checkpoint: dict | None = None, checkpoint_path: str | os.PathLike | None = None) -> list[str]:
+def check_rerun_dir(
+    run_dir: str | os.PathLike,
+    cfg: DictConfig,
+    *,
+    free_keys: Iterable[str],
+    added_defaults: dict,
+    checkpoint: dict | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+) -> list[str]:
     """:func:`check_rerun` of ``cfg`` against the config.yaml that the last train.py in ``run_dir``
     recorded, and against the config of ``checkpoint`` (loaded from ``checkpoint_path``) when
     that checkpoint comes from elsewhere (``resume=PATH``) or ``run_dir`` has no config.yaml.
@@ -173,6 +193,8 @@ def check_epochs_left(checkpoint: dict, epochs: int, *, source: str, new_run: st
     begun): continuing it under ``train.epochs=epochs`` would record fewer epochs than it ran."""
     begun = int(checkpoint["epoch"]) + (1 if int(checkpoint["step_in_epoch"]) else 0)
     if begun > epochs:
-        held = (f"is in epoch {begun}" if int(checkpoint["step_in_epoch"]) else f"has trained {begun} epochs")
-        raise ConfigError(f"train.epochs={epochs}: {source} {held} already; pass train.epochs={begun} or more to continue "
-                          f"it, or {new_run} to start a new run")
+        held = f"is in epoch {begun}" if int(checkpoint["step_in_epoch"]) else f"has trained {begun} epochs"
+        raise ConfigError(
+            f"train.epochs={epochs}: {source} {held} already; pass train.epochs={begun} or more to continue "
+            f"it, or {new_run} to start a new run"
+        )

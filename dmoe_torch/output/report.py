@@ -8,6 +8,7 @@ test images and channel draws (it includes the test-set sampling error); ``*_std
 over channel draws on this one test set (empty with one draw); ``vs_topk2_*`` a paired
 comparison with topk@2 on the same images and channel draws.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from . import stats
-from .plotting import target_text
-from .selection.policies import POLICY_TABLE
-from .utils import atomic_write, atomic_write_text
+from .. import stats
+from ..selection.policies import POLICY_TABLE
+from ..utils import atomic_write, atomic_write_text
+from .plots import target_text
 
 # The row every other row is compared with, image by image (when it was evaluated).
 REFERENCE_POLICY = "topk@2"
@@ -68,8 +69,17 @@ RESULT_COLUMNS = (
     "k_min",
     "k_max",
 )
-_MEAN_OVER_DRAWS = ("energy_per_token_uj", "experts_per_token", "outage_rate", "frame_overrun_rate", "violation_rate",
-                    "drop_rate", "certified_rate", "nodes", "loss")
+_MEAN_OVER_DRAWS = (
+    "energy_per_token_uj",
+    "experts_per_token",
+    "outage_rate",
+    "frame_overrun_rate",
+    "violation_rate",
+    "drop_rate",
+    "certified_rate",
+    "nodes",
+    "loss",
+)
 # Per MoE layer (energy per image at that layer; the rates per token at that layer).
 LAYER_METRICS = ("energy_uj", "experts_per_token", "outage_rate", "violation_rate", "drop_rate", "certified_rate")
 # Policies that solve an optimisation problem and can certify optimality.
@@ -173,7 +183,7 @@ def add_comparisons(rows: list[dict[str, Any]], images: list[list[dict]], refere
     if index is None:
         return False
     base = np.stack([i["correct"].numpy() for i in images[index]])
-    for row, own in zip(rows, images):
+    for row, own in zip(rows, images, strict=True):
         comparison = stats.paired_comparison(np.stack([i["correct"].numpy() for i in own]), base)
         row["vs_topk2_acc_diff"] = comparison.diff
         row["vs_topk2_acc_diff_ci95"] = comparison.ci95
@@ -208,6 +218,7 @@ def results_csv(rows: list[dict[str, Any]]) -> str:
 
 def read_results_csv(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a results.csv with numbers parsed (empty cells -> nan, text stays text)."""
+
     def parse(text: str) -> Any:
         if text == "":
             return math.nan
@@ -217,12 +228,14 @@ def read_results_csv(path: str | Path) -> list[dict[str, Any]]:
             return text
 
     with open(path, newline="") as handle:
-        return [{key: (value if key in ("policy", "gamma") else parse(value)) for key, value in row.items()}
-                for row in csv.DictReader(handle)]
+        return [
+            {key: (value if key in ("policy", "gamma") else parse(value)) for key, value in row.items()}
+            for row in csv.DictReader(handle)
+        ]
 
 
 def _pm(mean: float, half: float, digits: int, scale: float = 1.0) -> str:
-    """"mean ± half" (``n/a`` for a missing half-width)."""
+    """ "mean ± half" (``n/a`` for a missing half-width)."""
     text = f"{scale * mean:.{digits}f}"
     return text + (f" ± {scale * half:.{digits}f}" if math.isfinite(half) else " ± n/a")
 
@@ -247,9 +260,20 @@ def _std_cell(row: dict[str, Any]) -> str:
 def results_markdown(rows: list[dict[str, Any]], reference: str = REFERENCE_POLICY) -> str:
     """The main table (accuracy and energy with 95% intervals, the paired comparison with
     ``reference``, the spread over draws) and a per-MoE-layer table."""
-    header = ("policy", "gamma", "accuracy % (95% CI)", f"vs {reference} (pp, 95% CI, p)",
-              "energy µJ/image, all MoE layers (95% CI)", "std over draws (pp / µJ)",
-              "experts/token per MoE layer", "outage", "frame overrun", "violation", "drop", "certified")
+    header = (
+        "policy",
+        "gamma",
+        "accuracy % (95% CI)",
+        f"vs {reference} (pp, 95% CI, p)",
+        "energy µJ/image, all MoE layers (95% CI)",
+        "std over draws (pp / µJ)",
+        "experts/token per MoE layer",
+        "outage",
+        "frame overrun",
+        "violation",
+        "drop",
+        "certified",
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
         name = row["policy"].split("@")[0]
@@ -280,11 +304,18 @@ def layers_markdown(rows: list[dict[str, Any]]) -> str:
     header = ("policy", "gamma", "energy µJ/image at layer 1 / 2 / ...", "experts/token", "outage", "violation")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
-        def per_layer(metric: str, fmt: str) -> str:
+
+        def per_layer(metric: str, fmt: str, row: dict = row) -> str:
             return " / ".join(format(row[layer_column(layer, metric)], fmt) for layer in range(L))
 
-        cells = (row["policy"], ", ".join(filter(None, (row["gamma"], lam_text(row), target_text(row)))) or "-", per_layer("energy_uj", ".2f"), per_layer("experts_per_token", ".2f"),
-                 per_layer("outage_rate", ".2%"), per_layer("violation_rate", ".2%"))
+        cells = (
+            row["policy"],
+            ", ".join(filter(None, (row["gamma"], lam_text(row), target_text(row)))) or "-",
+            per_layer("energy_uj", ".2f"),
+            per_layer("experts_per_token", ".2f"),
+            per_layer("outage_rate", ".2%"),
+            per_layer("violation_rate", ".2%"),
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -302,8 +333,8 @@ LEGEND = (
 
 
 def accuracy_energy_figure(rows: list[dict[str, Any]], title: str = "", *, pareto: bool = False):
-    """Accuracy vs. energy per image: see :func:`dmoe_torch.plotting.accuracy_energy_figure`."""
-    from .plotting import accuracy_energy_figure as plot
+    """Accuracy vs. energy per image: see :func:`dmoe_torch.output.plots.accuracy_energy_figure`."""
+    from .plots import accuracy_energy_figure as plot
 
     return plot(rows, title, pareto=pareto)
 
@@ -322,8 +353,12 @@ def _hparam(value: Any) -> Any:
 
 
 HPARAM_KEYS = ("policy", "gamma", "outage_target", "k_min", "k_max", "seed", "draws", "inputs")
-HPARAM_METRICS = {"accuracy_mean": "eval/hparams/accuracy", "energy_uj_mean": "eval/hparams/energy_uj",
-                  "outage_rate": "eval/hparams/outage_rate", "experts_per_token": "eval/hparams/experts_per_token"}
+HPARAM_METRICS = {
+    "accuracy_mean": "eval/hparams/accuracy",
+    "energy_uj_mean": "eval/hparams/energy_uj",
+    "outage_rate": "eval/hparams/outage_rate",
+    "experts_per_token": "eval/hparams/experts_per_token",
+}
 
 
 def log_evaluation(writer, rows: list[dict[str, Any]], figure=None, table: str = "") -> None:
@@ -362,7 +397,7 @@ def write_results(rows: list[dict[str, Any]], output_dir: str | Path, *, title: 
 
     Keys of a row that start with ``_`` (e.g. ``_utilisation_<l>``, per-expert lists) go to
     TensorBoard only.  ``frontier``: the markdown of the per-family iso-accuracy summary
-    (``dmoe_torch.frontier.frontier_markdown``), results.md's "Frontier" section, also printed.
+    (``dmoe_torch.output.frontier.frontier_markdown``), results.md's "Frontier" section, also printed.
     """
     import matplotlib.pyplot as plt
     from torch.utils.tensorboard import SummaryWriter
@@ -387,8 +422,15 @@ def write_results(rows: list[dict[str, Any]], output_dir: str | Path, *, title: 
     finally:
         writer.close()
         plt.close(figure)
-    print(table + "\n" + legend + ("\n\nPer MoE layer:\n" + layers if layers else "")
-          + ("\nFrontier:\n" + frontier if frontier else ""), file=sys.stdout, flush=True)
+    print(
+        table
+        + "\n"
+        + legend
+        + ("\n\nPer MoE layer:\n" + layers if layers else "")
+        + ("\nFrontier:\n" + frontier if frontier else ""),
+        file=sys.stdout,
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

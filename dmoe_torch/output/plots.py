@@ -1,17 +1,19 @@
 """Matplotlib helpers: the accuracy-vs-energy plot of an evaluation and point labels that do
 not overlap.  Everything draws on the Agg backend (no display needed), and matplotlib is only
 imported when a figure is drawn.  :func:`target_text`, the label of a row's outage target, is
-here because the plots and the result tables (:mod:`dmoe_torch.report`, which imports this
+here because the plots and the result tables (:mod:`dmoe_torch.output.report`, which imports this
 module) both use it."""
+
 from __future__ import annotations
 
 import math
 import textwrap
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from . import stats
+from .. import stats
 
 # Candidate label offsets (points) around a marker, nearest first: right, above, left, below,
 # then the diagonals, at growing distances.
@@ -37,8 +39,14 @@ def policy_colors(labels: Sequence[str]) -> dict[str, Any]:
     return {label: cycle[i % len(cycle)] for i, label in enumerate(order)}
 
 
-def place_labels(axes, anchors: Sequence[tuple[float, float]], texts: Sequence[str], *,
-                 avoid: Sequence[tuple[float, float]] = (), fontsize: float = 7.0) -> list:
+def place_labels(
+    axes,
+    anchors: Sequence[tuple[float, float]],
+    texts: Sequence[str],
+    *,
+    avoid: Sequence[tuple[float, float]] = (),
+    fontsize: float = 7.0,
+) -> list:
     """Annotate ``anchors`` (data coordinates) with ``texts`` so that no two labels overlap
     each other, a marker in ``avoid`` or the axes' border: greedy, nearest free candidate
     position first; a label with no free position is left out.  Call after the final layout
@@ -56,13 +64,17 @@ def place_labels(axes, anchors: Sequence[tuple[float, float]], texts: Sequence[s
     for artist in list(axes.texts) + ([legend] if legend is not None else []):  # e.g. the floor's text
         occupied.append(artist.get_window_extent(renderer))
     placed = []
-    for (x, y), text in zip(anchors, texts):
+    for (x, y), text in zip(anchors, texts, strict=True):
         for radius in _RADII:
             done = False
             for dx, dy in _DIRECTIONS:
                 scale = radius / math.hypot(dx, dy)
                 annotation = axes.annotate(
-                    text, (x, y), xytext=(dx * scale, dy * scale), textcoords="offset points", fontsize=fontsize,
+                    text,
+                    (x, y),
+                    xytext=(dx * scale, dy * scale),
+                    textcoords="offset points",
+                    fontsize=fontsize,
                     ha="left" if dx > 0 else "right" if dx < 0 else "center",
                     va="bottom" if dy > 0 else "top" if dy < 0 else "center",
                     arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if radius >= 18 else None,
@@ -82,7 +94,7 @@ def place_labels(axes, anchors: Sequence[tuple[float, float]], texts: Sequence[s
 
 
 def target_text(row: dict[str, Any]) -> str:
-    """"" for a row without an outage target, else e.g. "target 5%"."""
+    """ "" for a row without an outage target, else e.g. "target 5%"."""
     try:
         target = float(row.get("outage_target", math.nan))
     except (TypeError, ValueError):  # "" (no target) as written by summarise_draws
@@ -114,10 +126,17 @@ def _draw_points(axes, points: list[dict], colors: dict, *, legend: bool) -> lis
     for (policy, per_layer, target), group in series.items():
         group = sorted(group, key=lambda r: r["energy_uj_mean"])
         axes.errorbar(
-            [r["energy_uj_mean"] for r in group], [r["accuracy_mean"] for r in group],
-            xerr=[_finite(r.get("energy_uj_ci95")) for r in group], yerr=[_finite(r.get("accuracy_ci95")) for r in group],
-            marker="D" if per_layer else "o", markersize=4, capsize=2, elinewidth=0.8, color=colors[policy],
-            linestyle="none" if per_layer or len(group) == 1 else "--" if target else "-", linewidth=1.2,
+            [r["energy_uj_mean"] for r in group],
+            [r["accuracy_mean"] for r in group],
+            xerr=[_finite(r.get("energy_uj_ci95")) for r in group],
+            yerr=[_finite(r.get("accuracy_ci95")) for r in group],
+            marker="D" if per_layer else "o",
+            markersize=4,
+            capsize=2,
+            elinewidth=0.8,
+            color=colors[policy],
+            linestyle="none" if per_layer or len(group) == 1 else "--" if target else "-",
+            linewidth=1.2,
             label=" ".join(filter(None, (policy, "(per-layer γ)" if per_layer else "", target))) if legend else None,
         )
         to_label.extend((r["energy_uj_mean"], r["accuracy_mean"], r["gamma"]) for r in group if r["gamma"])
@@ -139,9 +158,16 @@ def _energy_axis(axes, energies: Sequence[float]) -> None:
 def _draw_floors(axes, floors: list[dict]) -> None:
     for row in floors:
         axes.axhline(row["accuracy_mean"], linestyle="--", color="0.35", linewidth=1.0)
-        axes.annotate(f"{row['policy']}: every expert bypassed, 0 µJ ({100 * row['accuracy_mean']:.1f}%)",
-                      (0.01, row["accuracy_mean"]), xycoords=("axes fraction", "data"), xytext=(0, 2),
-                      textcoords="offset points", fontsize=7, color="0.25", va="bottom")
+        axes.annotate(
+            f"{row['policy']}: every expert bypassed, 0 µJ ({100 * row['accuracy_mean']:.1f}%)",
+            (0.01, row["accuracy_mean"]),
+            xycoords=("axes fraction", "data"),
+            xytext=(0, 2),
+            textcoords="offset points",
+            fontsize=7,
+            color="0.25",
+            va="bottom",
+        )
 
 
 def pareto_rows(rows: list[dict]) -> list[dict]:
@@ -156,8 +182,18 @@ def _draw_pareto(axes, points: list[dict], floors: list[dict]) -> None:
     x = [p["energy_uj_mean"] for p in front]
     y = [p["accuracy_mean"] for p in front]
     axes.step(x, y, where="post", color="black", linestyle=":", linewidth=1.0, zorder=1)
-    axes.plot(x, y, linestyle="none", marker="o", markersize=10, markerfacecolor="none", markeredgecolor="black",
-              markeredgewidth=0.8, label="Pareto front", zorder=1)
+    axes.plot(
+        x,
+        y,
+        linestyle="none",
+        marker="o",
+        markersize=10,
+        markerfacecolor="none",
+        markeredgecolor="black",
+        markeredgewidth=0.8,
+        label="Pareto front",
+        zorder=1,
+    )
 
 
 def accuracy_energy_figure(rows: list[dict[str, Any]], title: str = "", *, pareto: bool = False):
@@ -213,13 +249,17 @@ def accuracy_energy_figure(rows: list[dict[str, Any]], title: str = "", *, paret
     if title:  # wrapped to the figure's width (about 15 characters per inch at this size)
         figure.suptitle(textwrap.fill(title, width=int(15 * figure.get_figwidth())), fontsize=9)
     figure.tight_layout()
-    place_labels(detail, [(x, y) for x, y, _ in to_label], [t for _, _, t in to_label],
-                 avoid=[(r["energy_uj_mean"], r["accuracy_mean"]) for r in focus])
+    place_labels(
+        detail,
+        [(x, y) for x, y, _ in to_label],
+        [t for _, _, t in to_label],
+        avoid=[(r["energy_uj_mean"], r["accuracy_mean"]) for r in focus],
+    )
     return figure
 
 
 def _envelope(group: list[dict]) -> tuple[list[float], list[float]]:
-    """The upper envelope of a family's points (dmoe_torch.frontier): its Pareto points, then
+    """The upper envelope of a family's points (dmoe_torch.output.frontier): its Pareto points, then
     flat to its dearest point."""
     energy = [r["energy_uj_mean"] for r in group]
     accuracy = [r["accuracy_mean"] for r in group]
@@ -231,8 +271,9 @@ def _envelope(group: list[dict]) -> tuple[list[float], list[float]]:
     return x, y
 
 
-def _forest(axes, summary: list[dict[str, Any]], colors: dict, name: str, *, scale: float = 1.0,
-            limits: tuple[float, float] | None = None) -> None:
+def _forest(
+    axes, summary: list[dict[str, Any]], colors: dict, name: str, *, scale: float = 1.0, limits: tuple[float, float] | None = None
+) -> None:
     """One row per family: ``name`` with its 95% bootstrap interval (columns ``name``,
     ``name_lo``, ``name_hi``), clipped to ``limits``; "n/a" where undefined."""
     low, high = limits if limits is not None else axes.get_xlim()
@@ -256,7 +297,7 @@ def _forest(axes, summary: list[dict[str, Any]], colors: dict, name: str, *, sca
 def frontier_figure(curves: dict[str, list[dict[str, Any]]], summary: list[dict[str, Any]], title: str = ""):
     """The per-family frontier of an evaluation (one colour per policy family).
 
-    ``curves``: family -> its results rows (``dmoe_torch.frontier.family_curves``);
+    ``curves``: family -> its results rows (``dmoe_torch.output.frontier.family_curves``);
     ``summary``: ``frontier_summary``'s rows.  Top: accuracy vs energy per image (log axis),
     every setting a marker with 95% interval bars, each family's upper envelope (what its
     iso-accuracy energy is read from) a line, the target accuracy a dotted horizontal line and
@@ -275,8 +316,9 @@ def frontier_figure(curves: dict[str, list[dict[str, Any]]], summary: list[dict[
     target = float(first.get("target_accuracy", math.nan))
     anchor_energy = float(first.get("anchor_energy_uj", math.nan))
     rows = max(len(summary), 1)
-    figure, panels = plt.subplots(2, 2, figsize=(14.0, 6.0 + 0.22 * rows), squeeze=False,
-                                  gridspec_kw={"height_ratios": [4.0, 0.9 + 0.22 * rows]})
+    figure, panels = plt.subplots(
+        2, 2, figsize=(14.0, 6.0 + 0.22 * rows), squeeze=False, gridspec_kw={"height_ratios": [4.0, 0.9 + 0.22 * rows]}
+    )
     overview, detail, at_anchor, at_target = panels[0][0], panels[0][1], panels[1][0], panels[1][1]
     energies = [r["energy_uj_mean"] for group in points.values() for r in group]
     for axes in (overview, detail):
@@ -284,10 +326,18 @@ def frontier_figure(curves: dict[str, list[dict[str, Any]]], summary: list[dict[
         axes.grid(True, which="both", alpha=0.3)
         _draw_floors(axes, floors)
         for family, group in points.items():
-            axes.errorbar([r["energy_uj_mean"] for r in group], [r["accuracy_mean"] for r in group],
-                          xerr=[_finite(r.get("energy_uj_ci95")) for r in group],
-                          yerr=[_finite(r.get("accuracy_ci95")) for r in group],
-                          marker="o", markersize=4, capsize=2, elinewidth=0.8, linestyle="none", color=colors[family])
+            axes.errorbar(
+                [r["energy_uj_mean"] for r in group],
+                [r["accuracy_mean"] for r in group],
+                xerr=[_finite(r.get("energy_uj_ci95")) for r in group],
+                yerr=[_finite(r.get("accuracy_ci95")) for r in group],
+                marker="o",
+                markersize=4,
+                capsize=2,
+                elinewidth=0.8,
+                linestyle="none",
+                color=colors[family],
+            )
             x, y = _envelope(group)
             axes.plot(x, y, color=colors[family], linewidth=1.3, label=family)
         if energies:
@@ -295,8 +345,13 @@ def frontier_figure(curves: dict[str, list[dict[str, Any]]], summary: list[dict[
         if math.isfinite(anchor_energy):
             axes.axvline(anchor_energy, color="0.4", linestyle=":", linewidth=1.0, label=f"{first['anchor']}'s energy")
         if math.isfinite(target):
-            axes.axhline(target, color="black", linestyle=":", linewidth=1.0,
-                         label=f"target: {first['reference']} − {first['drop_pp']:g} pp")
+            axes.axhline(
+                target,
+                color="black",
+                linestyle=":",
+                linewidth=1.0,
+                label=f"target: {first['reference']} − {first['drop_pp']:g} pp",
+            )
     overview.set_title("all families", fontsize=9)
     if math.isfinite(target) and energies:
         near = [r for group in points.values() for r in group if r["accuracy_mean"] >= target - 0.02]
@@ -317,8 +372,9 @@ def frontier_figure(curves: dict[str, list[dict[str, Any]]], summary: list[dict[
         pad = 0.1 * (max(anchor_values) - min(anchor_values) or 0.01)
         at_anchor.set_xlim(100 * (min(anchor_values) - pad), 100 * (max(anchor_values) + pad))
     _forest(at_anchor, summary, colors, "anchor_accuracy", scale=100.0)
-    at_anchor.set_xlabel(f"accuracy (%) at {first.get('anchor') or 'the anchor'}'s energy, 95% paired bootstrap interval",
-                         fontsize=8)
+    at_anchor.set_xlabel(
+        f"accuracy (%) at {first.get('anchor') or 'the anchor'}'s energy, 95% paired bootstrap interval", fontsize=8
+    )
     if title:
         figure.suptitle(textwrap.fill(title, width=int(15 * figure.get_figwidth())), fontsize=9)
     figure.tight_layout()

@@ -15,6 +15,7 @@ run computes only the missing points when rerun; a new checkpoint or other setti
 overrides) never reuse old points.  A failing point is
 reported in one line naming it; the others are computed and plotted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,16 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import EVAL_KEYS, ConfigError, model_name, validate_model
-from .data import DATASET_IMAGE_SIZES
-from .utils import atomic_write, atomic_write_text
+from ..config import EVAL_KEYS, ConfigError, model_name, validate_model
+from ..data import DATASET_IMAGE_SIZES
+from ..utils import atomic_write, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf" / "figures"
@@ -80,6 +82,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def find_points(sweep: Sweep, root: Path) -> dict[str, Path]:
     """The computed points of ``sweep`` under ``root``: value -> directory holding results.csv."""
+
     def key(overrides: list[str]) -> dict[str, Any]:
         parsed = parse_overrides(overrides)
         parsed.pop("ckpt", None)  # the same file (sha256 in the folder name) wherever it lies
@@ -120,21 +123,28 @@ def checkpoint_facts(ckpt: str) -> dict[str, Any]:
         tokens = (DATASET_IMAGE_SIZES[config.data.name] // int(config.model.patch_size)) ** 2 + int(config.model.class_token)
     elif model_name(config) == "convmoe":
         tokens = (DATASET_IMAGE_SIZES[config.data.name] // 4) ** 2  # the positions of the stem's feature map
-    return {"path": path, "sha": digest, "K": shape.num_experts, "L": shape.num_moe_layers, "T": tokens,
-            "d_min_m": float(config.channel.d_min_m), "bandwidth_hz": float(config.channel.subcarrier_bandwidth_hz),
-            "latency_s": float(config.channel.latency_budget_s)}
+    return {
+        "path": path,
+        "sha": digest,
+        "K": shape.num_experts,
+        "L": shape.num_moe_layers,
+        "T": tokens,
+        "d_min_m": float(config.channel.d_min_m),
+        "bandwidth_hz": float(config.channel.subcarrier_bandwidth_hz),
+        "latency_s": float(config.channel.latency_budget_s),
+    }
 
 
 def csi_supported() -> bool:
     """Figure 6 needs channel.csi_error_std and eval.outage_targets."""
-    from .channel import ChannelConfig
+    from ..channel import ChannelConfig
 
     return "csi_error_std" in {f.name for f in fields(ChannelConfig)} and "outage_targets" in EVAL_KEYS
 
 
 def frames_supported() -> bool:
     """Figure 8 needs channel.frame (token | image)."""
-    from .channel import ChannelConfig
+    from ..channel import ChannelConfig
 
     return "frame" in {f.name for f in fields(ChannelConfig)}
 
@@ -150,9 +160,14 @@ def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...]
     K, L = facts["K"], facts["L"]
 
     def fixed(section: DictConfig, **keys: Any) -> tuple[str, ...]:
-        base = {"ckpt": ckpt, "progress": False, "data.batch_size": spec.batch_size,
-                "data.limit_test": section.limit_test if "limit_test" in section else spec.limit_test,
-                "eval.channel_draws": section.draws if "draws" in section else spec.draws, **keys}
+        base = {
+            "ckpt": ckpt,
+            "progress": False,
+            "data.batch_size": spec.batch_size,
+            "data.limit_test": section.limit_test if "limit_test" in section else spec.limit_test,
+            "eval.channel_draws": section.draws if "draws" in section else spec.draws,
+            **keys,
+        }
         return tuple(f"{k}={hydra_value(v)}" for k, v in base.items()) + tuple(extra)
 
     def plain(node) -> Any:
@@ -162,8 +177,11 @@ def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...]
         return "eval.policies", [plain(g) for g in s.policy_groups], fixed(s, **{"eval.gammas": plain(s.gammas)})
 
     def subcarriers(s, policies=None):
-        return ("++channel.num_subcarriers", [int(m * K) for m in s.multiples],
-                fixed(s, **{"eval.policies": policies or plain(s.policies), "eval.gammas": plain(s.gammas)}))
+        return (
+            "++channel.num_subcarriers",
+            [int(m * K) for m in s.multiples],
+            fixed(s, **{"eval.policies": policies or plain(s.policies), "eval.gammas": plain(s.gammas)}),
+        )
 
     def layer_gammas(s):
         lists = [[[float(g) if i == layer else float(s.base) for i in range(L)] for g in s.gammas] for layer in range(L)]
@@ -174,9 +192,18 @@ def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...]
         return "++channel.d_max_m", radii, fixed(s, **{"eval.policies": plain(s.policies), "eval.gammas": plain(s.gammas)})
 
     def csi(s):
-        return ("++channel.csi_error_std", [float(v) for v in s.csi_error_std],
-                fixed(s, **{"eval.policies": plain(s.policies), "eval.gammas": plain(s.gammas),
-                            "eval.outage_targets": plain(s.outage_targets)}))
+        return (
+            "++channel.csi_error_std",
+            [float(v) for v in s.csi_error_std],
+            fixed(
+                s,
+                **{
+                    "eval.policies": plain(s.policies),
+                    "eval.gammas": plain(s.gammas),
+                    "eval.outage_targets": plain(s.outage_targets),
+                },
+            ),
+        )
 
     def optimal(s):
         # One MILP per routed token: the image count follows from a token budget.
@@ -187,24 +214,38 @@ def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...]
         # TDL at one subcarrier spacing; T_max scales with 1 / spacing so that a hop needs the
         # checkpoint's spectral efficiency.  optimal is a MILP per token: a token budget again.
         s = OmegaConf.merge(s, {"limit_test": max(1, int(s.tokens) // facts["T"])})
-        tdl = {"++channel.model": "tdl", "++channel.tdl_profile": str(s.tdl_profile),
-               "++channel.subcarrier_bandwidth_hz": float(spacing_hz),
-               "++channel.latency_budget_s": facts["latency_s"] * facts["bandwidth_hz"] / float(spacing_hz)}
-        return ("++channel.delay_spread_s", [float(v) for v in s.delay_spread_s],
-                fixed(s, **{"eval.policies": plain(s.policies), "eval.gammas": plain(s.gammas), **tdl}))
+        tdl = {
+            "++channel.model": "tdl",
+            "++channel.tdl_profile": str(s.tdl_profile),
+            "++channel.subcarrier_bandwidth_hz": float(spacing_hz),
+            "++channel.latency_budget_s": facts["latency_s"] * facts["bandwidth_hz"] / float(spacing_hz),
+        }
+        return (
+            "++channel.delay_spread_s",
+            [float(v) for v in s.delay_spread_s],
+            fixed(s, **{"eval.policies": plain(s.policies), "eval.gammas": plain(s.gammas), **tdl}),
+        )
 
     def frame_latency(s, frame: str):
         # T_max under image frames (an image's tokens share one frame per MoE layer: link capacity
         # floor(T_max * rate / S) tokens) or token frames (the reference); topk_capacity and
         # jesa_tokenwise exist only for image frames.
-        from .selection.policies import policy_names
+        from ..selection.policies import policy_names
 
         policies = [p for p in plain(s.policies) if frame == "image" or str(p).split("@")[0] in policy_names("token")]
-        return ("++channel.latency_budget_s", [float(v) for v in s.latency_budget_s],
-                fixed(s, **{"eval.policies": policies, "eval.gammas": plain(s.gammas), "++channel.frame": frame}))
+        return (
+            "++channel.latency_budget_s",
+            [float(v) for v in s.latency_budget_s],
+            fixed(s, **{"eval.policies": policies, "eval.gammas": plain(s.gammas), "++channel.frame": frame}),
+        )
 
-    makers = {"accuracy_energy": accuracy_energy, "subcarriers": subcarriers, "optimal": optimal,
-              "layer_gammas": layer_gammas, "cell": cell}
+    makers = {
+        "accuracy_energy": accuracy_energy,
+        "subcarriers": subcarriers,
+        "optimal": optimal,
+        "layer_gammas": layer_gammas,
+        "cell": cell,
+    }
     if csi_supported():
         makers["csi"] = csi
     makers["delay_spread_wide"] = lambda s: delay_spread(s, s.wide_spacing_hz)
@@ -237,13 +278,19 @@ def _error_line(text: str) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "no output")[:500]
 
 
-def launch(sweep: Sweep, values: list[str], root: Path, *, jobs: int, log: Path,
-           echo: Callable[[str], None]) -> tuple[int, str]:
+def launch(sweep: Sweep, values: list[str], root: Path, *, jobs: int, log: Path, echo: Callable[[str], None]) -> tuple[int, str]:
     """Run evaluate.py -m over ``values`` of ``sweep``; returns (exit status, its error line)."""
     excluded = ",".join(o.split("=", 1)[0].lstrip("+") for o in sweep.fixed)
-    command = [sys.executable, str(REPO / "evaluate.py"), "-m", *sweep.fixed, f"{sweep.key}={','.join(values)}",
-               f"hydra.sweep.dir={hydra_value(str(root / sweep.name))}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
-               f"hydra.job.config.override_dirname.exclude_keys=[{excluded}]"]
+    command = [
+        sys.executable,
+        str(REPO / "evaluate.py"),
+        "-m",
+        *sweep.fixed,
+        f"{sweep.key}={','.join(values)}",
+        f"hydra.sweep.dir={hydra_value(str(root / sweep.name))}",
+        "hydra.sweep.subdir=${hydra.job.override_dirname}",
+        f"hydra.job.config.override_dirname.exclude_keys=[{excluded}]",
+    ]
     if jobs > 1:
         command += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
@@ -258,8 +305,10 @@ def launch(sweep: Sweep, values: list[str], root: Path, *, jobs: int, log: Path,
             handle.write(line)
             output.write(line)
             if "[HYDRA]" in line and "\t#" in line:  # "#3 : key=value ..." as Hydra launches a point
-                echo(f"  point {line.split(chr(9) + '#', 1)[1].split(':', 1)[0].strip()}: "
-                     + next((o.lstrip("+") for o in line.split() if o.lstrip("+").startswith(sweep.key.lstrip("+") + "=")), ""))
+                echo(
+                    f"  point {line.split(chr(9) + '#', 1)[1].split(':', 1)[0].strip()}: "
+                    + next((o.lstrip("+") for o in line.split() if o.lstrip("+").startswith(sweep.key.lstrip("+") + "=")), "")
+                )
         status = process.wait()
     return status, _error_line(output.getvalue()) if status else ""
 
@@ -267,8 +316,10 @@ def launch(sweep: Sweep, values: list[str], root: Path, *, jobs: int, log: Path,
 def run_sweep(sweep: Sweep, root: Path, *, jobs: int, echo: Callable[[str], None]) -> list[str]:
     """Compute the missing points of ``sweep``; returns one error line per failed point."""
     missing = [v for v in sweep.values if v not in find_points(sweep, root)]
-    echo(f"sweep {sweep.name}: {len(sweep.values)} points over {sweep.key.lstrip('+')}, "
-         f"{len(missing)} to compute" + ("" if missing else " (all computed before)"))
+    echo(
+        f"sweep {sweep.name}: {len(sweep.values)} points over {sweep.key.lstrip('+')}, "
+        f"{len(missing)} to compute" + ("" if missing else " (all computed before)")
+    )
     if not missing:
         return []
     start = time.perf_counter()
@@ -287,7 +338,7 @@ def run_sweep(sweep: Sweep, root: Path, *, jobs: int, echo: Callable[[str], None
 
 def load_points(sweep: Sweep, root: Path) -> list[tuple[str, list[dict[str, Any]]]]:
     """(value, result rows) of every computed point, in the sweep's order."""
-    from .report import read_results_csv
+    from ..output.report import read_results_csv
 
     found = find_points(sweep, root)
     return [(value, read_results_csv(found[value] / "results.csv")) for value in sweep.values if value in found]
@@ -330,9 +381,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true", help="conf/figures/quick.yaml: few images and points (minutes)")
     parser.add_argument("--config", default=None, help="a sweep settings file instead of conf/figures/{default,quick}.yaml")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="sweep points run in parallel (>1: Hydra's joblib launcher, one thread per point "
-                             "unless OMP_NUM_THREADS is set; default 1)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="sweep points run in parallel (>1: Hydra's joblib launcher, one thread per point "
+        "unless OMP_NUM_THREADS is set; default 1)",
+    )
     parser.add_argument("--docs", default=None, help="also write small copies of the PNGs to this folder (docs/figures)")
     parser.add_argument("--only", default="", help="comma-separated figure numbers, e.g. 1,3 (default: all)")
     parser.add_argument("overrides", nargs="*", help="extra evaluate.py overrides for every point, e.g. device=cpu")
@@ -342,7 +397,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the sweeps and draw the figures; 0 when everything was drawn, 1 when a point failed,
     2 for a bad CKPT / OUT / setting (one ``Error:`` line each)."""
-    from .figure_plots import FIGURES
+    from ..output.figures import FIGURES
 
     args = parse_args(argv)
     echo = lambda text: print(text, flush=True)  # noqa: E731
@@ -375,8 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(FIGURES, only, sweeps, facts, spec_path, root, out, docs, args.jobs, echo)
     except KeyboardInterrupt:
-        print(f"Error: interrupted; the computed points are kept in {root}; rerun the same command to continue",
-              file=sys.stderr)
+        print(f"Error: interrupted; the computed points are kept in {root}; rerun the same command to continue", file=sys.stderr)
         return 130
 
 
@@ -391,11 +445,13 @@ def lock_out_dir(root: Path) -> None:
 
 
 def _run(FIGURES, only, sweeps, facts, spec_path, root, out, docs, jobs, echo) -> int:
-    from .plotting import pyplot
-    from .report import save_figure
+    from ..output.plots import pyplot
+    from ..output.report import save_figure
 
-    echo(f"figures of {facts['path']} (sha256 {facts['sha']}, K={facts['K']}, {facts['L']} MoE layers), "
-         f"settings {spec_path}, points in {root}")
+    echo(
+        f"figures of {facts['path']} (sha256 {facts['sha']}, K={facts['K']}, {facts['L']} MoE layers), "
+        f"settings {spec_path}, points in {root}"
+    )
     errors: list[str] = []
     done: set[str] = set()
     for number in sorted(only):
@@ -418,13 +474,16 @@ def _run(FIGURES, only, sweeps, facts, spec_path, root, out, docs, jobs, echo) -
         drawn, rows = figure.draw(data, facts, sweeps)
         save_figure(drawn, stem.with_suffix(".png"))
         if docs is not None:  # a small copy for the README
-            atomic_write(docs / f"{stem.name}.png", lambda handle: drawn.savefig(handle, format="png", dpi=DOCS_DPI))
+            atomic_write(docs / f"{stem.name}.png", lambda handle, drawn=drawn: drawn.savefig(handle, format="png", dpi=DOCS_DPI))
         pyplot().close(drawn)
         write_csv(stem.with_suffix(".csv"), rows)
         echo(f"figure {number}: {stem}.png, {stem}.csv" + (f", {docs / stem.name}.png" if docs is not None else ""))
     for error in errors:
         print(f"Error: {error}", file=sys.stderr)
     if errors:
-        print(f"Error: {len(errors)} point(s) failed; the computed points are kept in {root}; "
-              "fix the cause and rerun to compute only the missing ones", file=sys.stderr)
+        print(
+            f"Error: {len(errors)} point(s) failed; the computed points are kept in {root}; "
+            "fix the cause and rerun to compute only the missing ones",
+            file=sys.stderr,
+        )
     return 1 if errors else 0

@@ -14,6 +14,7 @@ Under ``channel.frame=image`` (the tokens of an image share a frame): ``topk_cap
 truncated) join; ``channel_topk``, ``random_topk`` and ``dense`` have no image-frame form and
 are skipped with a note.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from .config import (
+from ..data import DATASET_TEST_SIZES
+from ..selection.policies import POLICY_TABLE, get_policy, policy_names
+from . import (
     EVAL_KEYS,
     EVAL_TOP_KEYS,
     ConfigError,
@@ -44,8 +47,6 @@ from .config import (
     validate_outage_target,
     validate_runtime,
 )
-from .data import DATASET_TEST_SIZES
-from .selection.policies import POLICY_TABLE, get_policy, policy_names
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,15 @@ def parse_policy(text: Any, key: str, *, num_experts: int, default_k: int) -> tu
     """``"topk@2"`` -> ("topk", 2); ``"des"`` -> ("des", None); see the module docstring."""
     fixed_k = [n for n, p in POLICY_TABLE.items() if p.fixed_k]
     frame_only = [n for n in policy_names() if n not in policy_names("token")]
-    allowed = ("NAME or NAME@K with NAME in " + ", ".join(policy_names()) + " (K only for " + ", ".join(fixed_k)
-               + "; " + ", ".join(frame_only) + " only with channel.frame=image)")
+    allowed = (
+        "NAME or NAME@K with NAME in "
+        + ", ".join(policy_names())
+        + " (K only for "
+        + ", ".join(fixed_k)
+        + "; "
+        + ", ".join(frame_only)
+        + " only with channel.frame=image)"
+    )
     if not isinstance(text, str):
         raise ConfigError(f"{key}={format_value(text)}: must be {allowed}")
     name, _, k_text = text.partition("@")
@@ -128,7 +136,10 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
     gammas = [validate_gamma(g, f"eval.gammas[{i}]", L) for i, g in enumerate(get_value(cfg, "eval.gammas"))]
     targets_value = get_value(cfg, "eval.outage_targets")
     if not isinstance(targets_value, list) or not targets_value:
-        raise ConfigError(f"eval.outage_targets={format_value(targets_value)}: must be a non-empty list of null or probabilities in (0, 1), e.g. [null,0.05]")
+        raise ConfigError(
+            f"eval.outage_targets={format_value(targets_value)}: must be a non-empty list of null or "
+            "probabilities in (0, 1), e.g. [null,0.05]"
+        )
     targets = [validate_outage_target(q, f"eval.outage_targets[{i}]") for i, q in enumerate(targets_value)]
     lams_value = get_value(cfg, "eval.lams") if "lams" in cfg.eval else []
     if not isinstance(lams_value, list):
@@ -151,8 +162,10 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
             skipped.append(text)
             continue
         if entry.bounded and num_subcarriers < k_min:
-            raise ConfigError(f"eval.k_min={k_min}: {name} needs at least k_min subcarriers and the checkpoint's "
-                              f"channel has {num_subcarriers}; pass eval.k_min={num_subcarriers} or less")
+            raise ConfigError(
+                f"eval.k_min={k_min}: {name} needs at least k_min subcarriers and the checkpoint's "
+                f"channel has {num_subcarriers}; pass eval.k_min={num_subcarriers} or less"
+            )
         if "lam" in entry.params:
             if not lams:
                 raise ConfigError(f"{key}={text!r}: needs eval.lams, the multipliers to sweep (numbers >= 0, 1/J)")
@@ -161,28 +174,42 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
             settings.extend(EvalPolicy(name, None, gamma, k_min, k_max, q) for gamma in gammas for q in targets)
         else:
             settings.append(EvalPolicy(name, k))
-    static_text = (f"the static subcarrier plan a(k) = k mod N needs at least as many subcarriers as experts and "
-                   f"the checkpoint has {num_subcarriers} subcarriers for {K} experts")
+    static_text = (
+        f"the static subcarrier plan a(k) = k mod N needs at least as many subcarriers as experts and "
+        f"the checkpoint has {num_subcarriers} subcarriers for {K} experts"
+    )
     if skipped and not settings:
         usable = [n for n, p in POLICY_TABLE.items() if p.subcarriers == "joint" and p.token_solver is not None]
-        raise ConfigError(f"eval.policies={format_value(get_value(cfg, 'eval.policies'))}: {static_text}; pass policies that "
-                          f"choose the subcarriers ({', '.join(usable)}), e.g. eval.policies=[{usable[0]}]")
+        raise ConfigError(
+            f"eval.policies={format_value(get_value(cfg, 'eval.policies'))}: {static_text}; pass policies that "
+            f"choose the subcarriers ({', '.join(usable)}), e.g. eval.policies=[{usable[0]}]"
+        )
     if skipped and notes is not None:
         notes.append(f"skipped {', '.join(skipped)}: {static_text}")
     if frame_skipped and not settings:
-        raise ConfigError(f"eval.policies={format_value(get_value(cfg, 'eval.policies'))}: none is available with "
-                          f"channel.frame=image; use {', '.join(policy_names('image'))}")
+        raise ConfigError(
+            f"eval.policies={format_value(get_value(cfg, 'eval.policies'))}: none is available with "
+            f"channel.frame=image; use {', '.join(policy_names('image'))}"
+        )
     if frame_skipped and notes is not None:
         notes.append(f"skipped {', '.join(frame_skipped)}: no image-frame form under channel.frame=image")
     test_images = DATASET_TEST_SIZES[train_cfg.data.name]
-    terms = memory_terms(shape, batch_size=cfg.data.batch_size, images=min(cfg.data.limit_test or test_images, test_images),
-                         num_subcarriers=num_subcarriers, frame=frame, training=False,
-                         local_experts=runtime_settings(cfg).name == "local")
+    terms = memory_terms(
+        shape,
+        batch_size=cfg.data.batch_size,
+        images=min(cfg.data.limit_test or test_images, test_images),
+        num_subcarriers=num_subcarriers,
+        frame=frame,
+        training=False,
+        local_experts=runtime_settings(cfg).name == "local",
+    )
     check_memory(terms, cfg.device, [cfg, train_cfg], "evaluation")
     labels = [(s.label, format_value(s.gamma), format_value(s.outage_target), format_value(s.lam)) for s in settings]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         label, gamma, target, lam = duplicates[0]
-        raise ConfigError(f"eval.policies / eval.gammas / eval.lams / eval.outage_targets: duplicate setting {label} "
-                          f"(gamma {gamma}, lam {lam}, outage target {target})")
+        raise ConfigError(
+            f"eval.policies / eval.gammas / eval.lams / eval.outage_targets: duplicate setting {label} "
+            f"(gamma {gamma}, lam {lam}, outage target {target})"
+        )
     return settings

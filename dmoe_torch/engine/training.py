@@ -6,6 +6,7 @@ Exact resume.  Every source of randomness is either reseeded per epoch from
 stores the epoch's running sums; so a run interrupted and resumed ends with the same weights
 and metrics as an uninterrupted one (on CPU).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,34 +15,27 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from . import report
+from ..channel.geometry import ADDED_CHANNEL_KEYS, ChannelConfig
+from ..channel.links import VAL_STREAM, eval_stream, layer_links, train_stream
+from ..config import ConfigError, resume_path, validate_train_config
+from ..moe import PRECISIONS, MetricAverager, MoELayer
+from ..output import report
+from ..runtime import attach_experts, clip_grad_norm
+from ..utils import atomic_write_json, atomic_write_text, derive_seed, device_label, resolve_device, seed_everything
 from .build import build_channel, build_model, router_specs
-from .channel.geometry import ADDED_CHANNEL_KEYS, ChannelConfig
 from .checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint
-from .config import ConfigError, resume_path, validate_train_config
-from .evaluation import (
-    VAL_STREAM,
-    combine_layers,
-    dataset_and_info,
-    eval_stream,
-    evaluate_with_bar,
-    layer_links,
-    routing_generator,
-    train_stream,
-)
-from .moe import PRECISIONS, MetricAverager, MoELayer
+from .evaluation import combine_layers, dataset_and_info, evaluate_with_bar, routing_generator
 from .rundir import check_rerun_dir, check_run_dir_owner, lock_run_dir
-from .runtime import attach_experts, clip_grad_norm
-from .utils import atomic_write_json, atomic_write_text, derive_seed, device_label, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +43,38 @@ log = logging.getLogger(__name__)
 # Config keys that may change between an interrupted run and its resumption without
 # changing what the run computes (or that must change, like train.epochs to train longer).
 RESUME_FREE_KEYS = (
-    "resume", "resume_force", "progress", "device", "train.epochs", "train.stop_after_epochs", "data.num_workers", "data.root",
-    "train.log_every", "runtime", "runtime.name", "runtime.backend", "runtime.timeout_s",
+    "resume",
+    "resume_force",
+    "progress",
+    "device",
+    "train.epochs",
+    "train.stop_after_epochs",
+    "data.num_workers",
+    "data.root",
+    "train.log_every",
+    "runtime",
+    "runtime.name",
+    "runtime.backend",
+    "runtime.timeout_s",
 )
 
 # Config keys added after runs may have been recorded, with the value their absence means, so
 # that rerunning an older run directory is not refused for a key it could not have had.
-ADDED_KEY_DEFAULTS = {"model.link_dropout": 0.0, "model.combine": "renormalized", "model.balance_on": "selection",
-                      "train.z_loss_coef": 0.0, "train.energy_loss_coef": 0.0, "train.precision": "fp32", "model.channel_gate": False,
-                      "router.lam": None, "eval_router.lam": None}
+ADDED_KEY_DEFAULTS = {
+    "model.link_dropout": 0.0,
+    "model.combine": "renormalized",
+    "model.balance_on": "selection",
+    "train.z_loss_coef": 0.0,
+    "train.energy_loss_coef": 0.0,
+    "train.precision": "fp32",
+    "model.channel_gate": False,
+    "router.lam": None,
+    "eval_router.lam": None,
+}
 
 # channel.model and its keys (docs/method.md, "Channel models"): absent means the rayleigh channel.
 ADDED_KEY_DEFAULTS.update({f"channel.{name}": getattr(ChannelConfig, name) for name in ADDED_CHANNEL_KEYS})
+
 
 def autocast(precision: str, device: torch.device):
     """torch.autocast for train.precision on ``device`` (a no-op context for fp32)."""
@@ -101,7 +115,7 @@ class DivergenceWatch:
     def gates_finite(self) -> bool:
         return all(bool(torch.isfinite(logits.detach()).all()) for logits in self._logits.values())
 
-    def __enter__(self) -> "DivergenceWatch":
+    def __enter__(self) -> DivergenceWatch:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -109,8 +123,9 @@ class DivergenceWatch:
             hook.remove()
         routing_error = exc_type is not None and issubclass(exc_type, ValueError) and not issubclass(exc_type, ConfigError)
         if routing_error and not self.gates_finite():
-            raise NonFiniteLossError(f"training diverged {self.where}: the router's gate scores are NaN or infinite; "
-                                     f"{DIVERGED_ADVICE}") from None
+            raise NonFiniteLossError(
+                f"training diverged {self.where}: the router's gate scores are NaN or infinite; {DIVERGED_ADVICE}"
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +163,7 @@ class StopSignal:
             flush=True,
         )
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -176,11 +191,17 @@ class EpochProgress:
     logged: list = field(default_factory=lambda: [0, 0, 0, 0.0])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "inputs": self.inputs, "correct": self.correct,
-                "loss_sum": self.loss_sum, "batch_metrics": self.batch_metrics, "logged": list(self.logged)}
+        return {
+            "steps": self.steps,
+            "inputs": self.inputs,
+            "correct": self.correct,
+            "loss_sum": self.loss_sum,
+            "batch_metrics": self.batch_metrics,
+            "logged": list(self.logged),
+        }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "EpochProgress":
+    def from_state_dict(cls, state: dict[str, Any]) -> EpochProgress:
         progress = cls(**state)
         if "logged" not in state:  # a checkpoint from before it was saved: next point from here
             progress.logged = [progress.steps, progress.inputs, progress.correct, progress.loss_sum]
@@ -252,13 +273,16 @@ def train_one_epoch(
                 loss = loss + z_loss_coef * output.z_loss
             if energy_loss_coef > 0:
                 if output.energy_loss is None:
-                    raise ConfigError(f"train.energy_loss_coef={energy_loss_coef}: prices the channel-aware gate's expected "
-                                      "link cost; set model.channel_gate=true (or use 0)")
+                    raise ConfigError(
+                        f"train.energy_loss_coef={energy_loss_coef}: prices the channel-aware gate's expected "
+                        "link cost; set model.channel_gate=true (or use 0)"
+                    )
                 loss = loss + energy_loss_coef * output.energy_loss
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f"training loss is {loss_value} at step {progress.steps + 1} of this epoch; "
-                                         f"{DIVERGED_ADVICE}")
+                raise NonFiniteLossError(
+                    f"training loss is {loss_value} at step {progress.steps + 1} of this epoch; {DIVERGED_ADVICE}"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
@@ -308,12 +332,15 @@ class _StepLogger:
         self.global_step += 1
         self.bar.update(1)
         if self.global_step % self.log_every == 0:
-            router = router_summary(progress.batch_metrics[progress.logged[0]:])  # since the last point
+            router = router_summary(progress.batch_metrics[progress.logged[0] :])  # since the last point
             self.flush(progress)
             # the channel's outages and training-time link dropout apart (0 before the metric existed)
-            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{progress.correct / max(progress.inputs, 1):.3f}",
-                                 outage=f"{router.get('outage_rate', 0.0):.1%}",
-                                 dropout=f"{router.get('link_dropout_rate', 0.0):.1%}")
+            self.bar.set_postfix(
+                loss=f"{loss:.3f}",
+                acc=f"{progress.correct / max(progress.inputs, 1):.3f}",
+                outage=f"{router.get('outage_rate', 0.0):.1%}",
+                dropout=f"{router.get('link_dropout_rate', 0.0):.1%}",
+            )
 
     def flush(self, progress: EpochProgress) -> None:
         _, last_inputs, last_correct, last_loss = progress.logged
@@ -340,27 +367,38 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
     resume_from = resume_path(cfg) or (str(ckpt_path) if ckpt_path.is_file() else None)
     checkpoint = load_checkpoint(resume_from, key="resume") if resume_from else None
     # A rerun (or resume=PATH) must not change what the run computes, unless resume_force=true.
-    diffs = check_rerun_dir(output_dir, cfg, free_keys=RESUME_FREE_KEYS, added_defaults=ADDED_KEY_DEFAULTS,
-                            checkpoint=checkpoint, checkpoint_path=resume_from)
+    diffs = check_rerun_dir(
+        output_dir,
+        cfg,
+        free_keys=RESUME_FREE_KEYS,
+        added_defaults=ADDED_KEY_DEFAULTS,
+        checkpoint=checkpoint,
+        checkpoint_path=resume_from,
+    )
     metrics_path = output_dir / "metrics.json"
     # A rerun of a finished run redoes only the test; its TensorBoard points are there already.
-    logged_test = (json.loads(metrics_path.read_text()).get("test") if checkpoint is not None and metrics_path.is_file()
-                   and int(checkpoint["epoch"]) >= int(cfg.train.epochs) else None)
+    logged_test = (
+        json.loads(metrics_path.read_text()).get("test")
+        if checkpoint is not None and metrics_path.is_file() and int(checkpoint["epoch"]) >= int(cfg.train.epochs)
+        else None
+    )
 
     seed = int(cfg.seed)
     seed_everything(seed)
     device = resolve_device(cfg.device)
     config_dict["device"] = device_label(device)  # config.yaml records the device used, not "auto"
     train_ds, val_ds, test_ds, info = dataset_and_info(cfg, limit_train=cfg.data.limit_train)
-    from .data import make_loader
+    from ..data import make_loader
 
     batch_size = int(cfg.data.batch_size)
     # BatchNorm cannot train on a batch of one image: drop the last batch only in that case.
     drop_last = len(train_ds) % batch_size == 1
     steps_per_epoch = len(train_ds) // batch_size + (0 if drop_last or len(train_ds) % batch_size == 0 else 1)
     if steps_per_epoch < 1:  # validate_data refuses configs that leave one image; a smaller data file could
-        raise ConfigError(f"data.root={cfg.data.root!r}: the training set has only {len(train_ds)} image(s); a batch of "
-                          "one image cannot train (BatchNorm needs two)")
+        raise ConfigError(
+            f"data.root={cfg.data.root!r}: the training set has only {len(train_ds)} image(s); a batch of "
+            "one image cannot train (BatchNorm needs two)"
+        )
     epochs = int(cfg.train.epochs)
 
     model = build_model(cfg, info).to(device)
@@ -368,9 +406,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
     specs = router_specs(cfg, "router", channel.failure_energy_j)
     eval_specs = router_specs(cfg, "eval_router", channel.failure_energy_j)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(epochs * steps_per_epoch, int(cfg.train.warmup_steps))
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(epochs * steps_per_epoch, int(cfg.train.warmup_steps)))
     # Generators whose state a mid-epoch checkpoint records; "router" (random routing) is
     # created per epoch below.
     generators = {"augment": train_ds.generator}
@@ -382,8 +418,11 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
     if checkpoint is not None:
         load_model_state(model, checkpoint["model"], key="resume")
         if diffs:
-            log.warning("resuming %s with a different config (resume_force=true: %s); the result will differ from an "
-                        "uninterrupted run", resume_from, "; ".join(diffs))
+            log.warning(
+                "resuming %s with a different config (resume_force=true: %s); the result will differ from an uninterrupted run",
+                resume_from,
+                "; ".join(diffs),
+            )
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, global_step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
@@ -414,9 +453,16 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
             metrics["epoch_progress"] = progress_state
             metrics["epoch_elapsed_s"] = epoch_time_before + time.perf_counter() - epoch_start
         save_checkpoint(
-            ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step, config=config_dict,
-            metrics=metrics, rng=capture_rng_state(generators),
+            ckpt_path,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            epoch=epoch,
+            step_in_epoch=step_in_epoch,
+            global_step=global_step,
+            config=config_dict,
+            metrics=metrics,
+            rng=capture_rng_state(generators),
         )
 
     show = bool(cfg.progress)
@@ -432,25 +478,45 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                 train_ds.generator.manual_seed(derive_seed(seed, "augment", epoch))
                 generators["router"] = routing_generator(seed, train_stream(epoch))
                 loader = make_loader(
-                    train_ds, batch_size, shuffle=True, seed=derive_seed(seed, "shuffle", epoch),
-                    num_workers=int(cfg.data.num_workers), drop_last=drop_last,
+                    train_ds,
+                    batch_size,
+                    shuffle=True,
+                    seed=derive_seed(seed, "shuffle", epoch),
+                    num_workers=int(cfg.data.num_workers),
+                    drop_last=drop_last,
                 )
                 batches = iter(loader)
                 if progress.steps:  # mid-epoch resume: replay the batch order, then the RNG states
                     for _ in range(progress.steps):
                         next(batches)
                     restore_rng_state(checkpoint["rng"], generators)
-                bar = tqdm(total=steps_per_epoch, initial=progress.steps, desc=f"epoch {epoch + 1}/{epochs}",
-                           disable=not show, leave=False, dynamic_ncols=True)
+                bar = tqdm(
+                    total=steps_per_epoch,
+                    initial=progress.steps,
+                    desc=f"epoch {epoch + 1}/{epochs}",
+                    disable=not show,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
                 step_logger = _StepLogger(writer, bar, scheduler, int(cfg.train.log_every), global_step)
                 finished = train_one_epoch(
-                    model, batches, optimizer, scheduler, channel=channel, specs=specs,
-                    stream=train_stream(epoch), device=device, aux_loss_coef=float(cfg.train.aux_loss_coef),
+                    model,
+                    batches,
+                    optimizer,
+                    scheduler,
+                    channel=channel,
+                    specs=specs,
+                    stream=train_stream(epoch),
+                    device=device,
+                    aux_loss_coef=float(cfg.train.aux_loss_coef),
                     grad_clip=None if cfg.train.grad_clip is None else float(cfg.train.grad_clip),
                     z_loss_coef=float(OmegaConf.select(cfg, "train.z_loss_coef", default=0.0)),
                     energy_loss_coef=float(OmegaConf.select(cfg, "train.energy_loss_coef", default=0.0)),
                     precision=precision,
-                    generator=generators["router"], progress=progress, stop=stop, on_step=step_logger,
+                    generator=generators["router"],
+                    progress=progress,
+                    stop=stop,
+                    on_step=step_logger,
                 )
                 bar.close()
                 global_step = step_logger.global_step
@@ -461,10 +527,21 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
 
                 train_summary = progress.summary(model.tokens_per_input)
                 with autocast(precision, device), DivergenceWatch(model, f"in the validation after epoch {epoch + 1}"):
-                    val_metrics = evaluate_with_bar(
-                        model, val_loader, desc="validation", show=show, seed=seed, stream=VAL_STREAM,
-                        channel=channel, specs=eval_specs, device=device,
-                    ) if len(val_ds) else {}
+                    val_metrics = (
+                        evaluate_with_bar(
+                            model,
+                            val_loader,
+                            desc="validation",
+                            show=show,
+                            seed=seed,
+                            stream=VAL_STREAM,
+                            channel=channel,
+                            specs=eval_specs,
+                            device=device,
+                        )
+                        if len(val_ds)
+                        else {}
+                    )
                 record = {
                     "epoch": epoch + 1,
                     "global_step": global_step,
@@ -481,16 +558,29 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
                 if stop.requested:
                     return _interrupted(stop, ckpt_path, epoch + 1, 0)
                 if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < epochs:
-                    log.info("Stopping after epoch %d of %d (train.stop_after_epochs=%d); checkpoint saved to %s; "
-                             "run again to continue.", epoch + 1, epochs, stop_after, ckpt_path)
+                    log.info(
+                        "Stopping after epoch %d of %d (train.stop_after_epochs=%d); checkpoint saved to %s; "
+                        "run again to continue.",
+                        epoch + 1,
+                        epochs,
+                        stop_after,
+                        ckpt_path,
+                    )
                     return 0
 
             # A signal from here on lets the test evaluation finish (seconds); the checkpoint is saved.
             test_loader = make_loader(test_ds, batch_size, shuffle=False, seed=seed, num_workers=int(cfg.data.num_workers))
             with autocast(precision, device), DivergenceWatch(model, "in the test after the last epoch"):
                 test_metrics = evaluate_with_bar(
-                    model, test_loader, desc="test", show=show, seed=seed, stream=eval_stream(0),
-                    channel=channel, specs=eval_specs, device=device,
+                    model,
+                    test_loader,
+                    desc="test",
+                    show=show,
+                    seed=seed,
+                    stream=eval_stream(0),
+                    channel=channel,
+                    specs=eval_specs,
+                    device=device,
                 )
             results = {
                 "epochs_completed": epochs,
@@ -504,8 +594,13 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
             atomic_write_json(metrics_path, results)
             if json.loads(json.dumps(test_metrics)) != logged_test:  # else the same points are in TensorBoard already
                 report.log_scalars(writer, "test", test_metrics, global_step)
-            log.info("test accuracy %.4f, energy %.2f uJ/input (%s); outputs in %s",
-                     test_metrics["accuracy"], test_metrics["energy_uj"], cfg.eval_router.policy, output_dir)
+            log.info(
+                "test accuracy %.4f, energy %.2f uJ/input (%s); outputs in %s",
+                test_metrics["accuracy"],
+                test_metrics["energy_uj"],
+                cfg.eval_router.policy,
+                output_dir,
+            )
             return 0
     finally:
         writer.close()
@@ -524,6 +619,11 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
 
 def _interrupted(stop: StopSignal, ckpt_path: Path, epoch: int, step: int) -> int:
     where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
-    log.warning("Stopped by %s at %s; checkpoint saved to %s. Run the same command again (same hydra.run.dir) "
-                "or pass resume=<checkpoint> to continue.", stop.name, where, ckpt_path)
+    log.warning(
+        "Stopped by %s at %s; checkpoint saved to %s. Run the same command again (same hydra.run.dir) "
+        "or pass resume=<checkpoint> to continue.",
+        stop.name,
+        where,
+        ckpt_path,
+    )
     return 128 + int(stop.signum)

@@ -1,0 +1,1 @@
+"""Outputs: result tables and CSVs, TensorBoard records, plots and per-family frontiers."""
