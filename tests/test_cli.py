@@ -23,6 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from support import REPO, cli_env
 
 from dmoe_torch.config import (
     EVAL_DATA_KEYS,
@@ -34,21 +35,15 @@ from dmoe_torch.config import (
     validate_train_config,
 )
 from dmoe_torch.config.eval import validate_eval_config
-from dmoe_torch.data import DATASETS, DEBIAN_FASHION_MNIST_DIR
+from dmoe_torch.data import DATASETS
 from dmoe_torch.engine import training
 from dmoe_torch.engine.rundir import lock_run_dir
 from dmoe_torch.selection.policies import policy_names
 
 POLICIES = policy_names()  # every policy of the table: the help texts name them all
 
-REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
 ROUTERS = sorted(p.stem for p in (REPO / "conf" / "router").glob("*.yaml"))
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
 def run_subprocess(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -259,13 +254,6 @@ def test_a_failure_after_the_run_directory_was_made_removes_it(tmp_path, capsys,
     assert run_in_process("train.py", "model=tiny", f"resume={not_a_checkpoint}", f"hydra.run.dir={run_dir}") == 2
     assert "not a dmoe-torch checkpoint" in capsys.readouterr().err
     assert not run_dir.exists()
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    if not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"Fashion-MNIST not installed in {DEBIAN_FASHION_MNIST_DIR}")
-    return tmp_path_factory.mktemp("data")
 
 
 TINY_OVERRIDES = (

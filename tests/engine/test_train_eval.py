@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,11 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import REPO, check_ok, cli_env, run_cli
 
-from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
 from dmoe_torch.output.report import RESULT_COLUMNS
-
-REPO = Path(__file__).resolve().parents[1]
 
 # A tiny model on 400 training / 200 test images: each run takes seconds.
 TINY_RUN = (
@@ -43,39 +40,6 @@ EVAL_ARGS = (
     "progress=false",
 )
 EVAL_ROWS = 2 + 2 * 2  # topk@2, dense, then des and jesa at two gammas
-
-
-def cli_env() -> dict[str, str]:
-    """The caller's environment without HYDRA_FULL_ERROR; one compute thread per run, since
-    a tiny model gains nothing from two and the test runs share the machine."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return {**env, "OMP_NUM_THREADS": "1"}
-
-
-def run_cli(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run an entry point as a user would (from the repo root)."""
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(),
-    )
-
-
-def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    assert "Traceback" not in result.stderr
-    return result
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    """A fresh data.root: data.py fills it from the Debian package's Fashion-MNIST files."""
-    if not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"Fashion-MNIST not installed in {DEBIAN_FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
-    return str(tmp_path_factory.mktemp("data"))
 
 
 def train(run_dir: Path, data_root: str, *extra: str) -> subprocess.CompletedProcess:

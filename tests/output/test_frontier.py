@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_train_eval import REPO, check_ok, data_root, run_cli  # noqa: F401  (fixture)
+from support import REPO, check_ok, run_cli
 
 from dmoe_torch.output import frontier
 from dmoe_torch.output.report import read_results_csv

@@ -1,5 +1,5 @@
 """channel.model = tdl / umi / uma: laws, determinism, CSI on top, validation (no Sionna import;
-tests/test_channel_sionna.py compares with Sionna itself)."""
+tests/channel/test_channel_sionna.py compares with Sionna itself)."""
 
 import math
 import subprocess
@@ -204,7 +204,7 @@ def test_figure7_sweeps_and_draw():
     from dmoe_torch.engine import sweeps as figures
     from dmoe_torch.output import figures as figure_plots
 
-    spec = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "figures" / "default.yaml")
+    spec = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "figures" / "default.yaml")
     facts = {"path": "run/checkpoint.pt", "K": 8, "L": 4, "T": 49, "d_min_m": 50.0, "bandwidth_hz": 1e6, "latency_s": 1e-3}
     sweeps = figures.build_sweeps(spec, facts)
     wide, narrow = sweeps["delay_spread_wide"], sweeps["delay_spread_narrow"]

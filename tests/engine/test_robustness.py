@@ -25,7 +25,7 @@ from dmoe_torch.moe import MoELayer, RouterSpec, drop_links
 from dmoe_torch.selection import route
 from dmoe_torch.utils import atomic_write, atomic_write_text
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
 K, L, D = 4, 2, 16
 

@@ -17,7 +17,7 @@ from dmoe_torch.selection.enumerate import optimal_enumerate
 from dmoe_torch.selection.heuristics import greedy_select, lagrangian_select
 from dmoe_torch.selection.policies import policy_table_markdown
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def instance(seed: int, B: int = 64, K: int = 8, N: int = 16, outage: float = 0.1, ties: bool = False):

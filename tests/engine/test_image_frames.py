@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_train_eval import check_ok, data_root, run_cli  # noqa: F401  (fixture)
+from support import check_ok, run_cli
 
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
 from dmoe_torch.channel.links import frame_links, layer_links

@@ -16,21 +16,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from support import REPO
 
 from dmoe_torch.channel import ChannelConfig
 from dmoe_torch.config import ConfigError
 from dmoe_torch.config.eval import validate_eval_config
-from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
 from dmoe_torch.engine import sweeps as figures
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    if not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"Fashion-MNIST not installed in {DEBIAN_FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
-    return str(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
+from support import REPO
 
 from dmoe_torch.config import ConfigError
-from dmoe_torch.data import DEBIAN_FASHION_MNIST_DIR
 from dmoe_torch.runtime import RuntimeSettings, runtime_settings
 from dmoe_torch.runtime.distributed import Coordinator
 from dmoe_torch.runtime.transport import Session, hosted_experts, worker_of_expert
 
-REPO = Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT = 240  # seconds any spawned group may take before the test fails (and kills it)
 TINY = (
     "model=tiny",
@@ -43,13 +42,6 @@ TINY = (
     "device=cpu",
     "progress=false",
 )
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    if not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"Fashion-MNIST not installed in {DEBIAN_FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
-    return str(tmp_path_factory.mktemp("data"))
 
 
 def free_port() -> int:

@@ -36,7 +36,7 @@ from dmoe_torch.selection.policies import POLICY_TABLE
 
 STATIC_POLICIES = tuple(n for n, p in POLICY_TABLE.items() if p.static_plan and p.token_solver is not None)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONF = str(REPO / "conf")
 FASHION = DataInfo("fashion_mnist", 1, 10, 28, tuple(str(i) for i in range(10)))
 
