@@ -214,6 +214,20 @@ def _random_crop_flip(x: torch.Tensor, *, padding: int, flip: bool, generator: t
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def _checked_split(name: str, val_size, seed, limit_train, limit_test) -> tuple[int, int, int | None, int | None]:
+    """build_datasets' arguments checked (ValueError naming the key) and as Python ints."""
+    if name not in _SPECS:
+        raise ValueError(f"data.name must be one of {', '.join(DATASETS)}; got {name!r}")
+    for key, value in (("data.val_size", val_size), ("data.seed", seed)):
+        if not is_int(value) or value < 0:
+            raise ValueError(f"{key} must be a non-negative int, got {value!r}")
+    for key, value in (("data.limit_train", limit_train), ("data.limit_test", limit_test)):
+        if value is not None and (not is_int(value) or value < 1):
+            raise ValueError(f"{key} must be a positive int or null, got {value!r}")
+    limits = (None if v is None else int(v) for v in (limit_train, limit_test))  # numpy integers too
+    return (int(val_size), int(seed), *limits)
+
+
 def build_datasets(
     name: str,
     root: str | os.PathLike,
@@ -241,16 +255,7 @@ def build_datasets(
 
     Returns (train, val, test, info).  Sample ids are indices into the official split files.
     """
-    if name not in _SPECS:
-        raise ValueError(f"data.name must be one of {', '.join(DATASETS)}; got {name!r}")
-    for key, value in (("data.val_size", val_size), ("data.seed", seed)):
-        if not is_int(value) or value < 0:
-            raise ValueError(f"{key} must be a non-negative int, got {value!r}")
-    for key, value in (("data.limit_train", limit_train), ("data.limit_test", limit_test)):
-        if value is not None and (not is_int(value) or value < 1):
-            raise ValueError(f"{key} must be a positive int or null, got {value!r}")
-    val_size, seed = int(val_size), int(seed)  # numpy integers too
-    limit_train, limit_test = (None if v is None else int(v) for v in (limit_train, limit_test))
+    val_size, seed, limit_train, limit_test = _checked_split(name, val_size, seed, limit_train, limit_test)
     spec = _SPECS[name]
     root = Path(root).expanduser()
 

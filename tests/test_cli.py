@@ -365,7 +365,7 @@ def test_evaluate_accepts_a_run_directory_and_logs_the_table(data_root, tmp_path
     log_text = (eval_dir / "evaluate.log").read_text()
     for row in ("| topk@1 | - |", "| jesa | 0.5 |"):
         assert row in log_text and row in result.stdout
-    assert f"{data_root / 'FashionMNIST' / 'raw'}" in log_text  # where the data came from
+    assert f"{Path(data_root) / 'FashionMNIST' / 'raw'}" in log_text  # where the data came from
 
 
 def test_a_key_added_later_is_no_difference_at_its_default():

@@ -38,7 +38,7 @@ from ..config import EVAL_KEYS, ConfigError, model_name, validate_model
 from ..data import DATASET_IMAGE_SIZES
 from ..utils import atomic_write, atomic_write_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf" / "figures"
 DEFAULT_CKPT = "outputs/default/checkpoint.pt"
 DEFAULT_OUT = "outputs/figures"
@@ -153,114 +153,131 @@ def frames_supported() -> bool:
 SUPPORTED: dict[int, Callable[[], bool]] = {6: csi_supported, 8: frames_supported}
 
 
-def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Sweep]:
-    """The sweeps of ``spec`` (conf/figures/*.yaml) for a checkpoint with ``facts``; a section
-    the file does not have gives no sweep (its figures are skipped with a note)."""
-    ckpt = str(facts["path"])
-    K, L = facts["K"], facts["L"]
+def _plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
-    def fixed(section: DictConfig, **keys: Any) -> tuple[str, ...]:
+
+@dataclass(frozen=True)
+class _SweepMaker:
+    """Turns each section of a figures settings file (conf/figures/*.yaml) into (the swept key,
+    its values, the fixed overrides) for a checkpoint with ``facts``; one method per sweep."""
+
+    spec: DictConfig
+    facts: dict[str, Any]
+    extra: tuple[str, ...]
+
+    def fixed(self, section: DictConfig, **keys: Any) -> tuple[str, ...]:
+        """The overrides every point of a sweep shares: the checkpoint, the section's (or the
+        file's) image count and draws, ``keys``, then the caller's extra overrides."""
+        spec = self.spec
         base = {
-            "ckpt": ckpt,
+            "ckpt": str(self.facts["path"]),
             "progress": False,
             "data.batch_size": spec.batch_size,
             "data.limit_test": section.limit_test if "limit_test" in section else spec.limit_test,
             "eval.channel_draws": section.draws if "draws" in section else spec.draws,
             **keys,
         }
-        return tuple(f"{k}={hydra_value(v)}" for k, v in base.items()) + tuple(extra)
+        return tuple(f"{k}={hydra_value(v)}" for k, v in base.items()) + self.extra
 
-    def plain(node) -> Any:
-        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    def accuracy_energy(self, s):
+        return "eval.policies", [_plain(g) for g in s.policy_groups], self.fixed(s, **{"eval.gammas": _plain(s.gammas)})
 
-    def accuracy_energy(s):
-        return "eval.policies", [plain(g) for g in s.policy_groups], fixed(s, **{"eval.gammas": plain(s.gammas)})
-
-    def subcarriers(s, policies=None):
+    def subcarriers(self, s, policies=None):
         return (
             "++channel.num_subcarriers",
-            [int(m * K) for m in s.multiples],
-            fixed(s, **{"eval.policies": policies or plain(s.policies), "eval.gammas": plain(s.gammas)}),
+            [int(m * self.facts["K"]) for m in s.multiples],
+            self.fixed(s, **{"eval.policies": policies or _plain(s.policies), "eval.gammas": _plain(s.gammas)}),
         )
 
-    def layer_gammas(s):
-        lists = [[[float(g) if i == layer else float(s.base) for i in range(L)] for g in s.gammas] for layer in range(L)]
-        return "eval.gammas", lists, fixed(s, **{"eval.policies": [s.policy]})
-
-    def cell(s):
-        radii = [float(d) for d in s.d_max_m if float(d) > facts["d_min_m"]]  # d_max must exceed the checkpoint's d_min
-        return "++channel.d_max_m", radii, fixed(s, **{"eval.policies": plain(s.policies), "eval.gammas": plain(s.gammas)})
-
-    def csi(s):
-        return (
-            "++channel.csi_error_std",
-            [float(v) for v in s.csi_error_std],
-            fixed(
-                s,
-                **{
-                    "eval.policies": plain(s.policies),
-                    "eval.gammas": plain(s.gammas),
-                    "eval.outage_targets": plain(s.outage_targets),
-                },
-            ),
-        )
-
-    def optimal(s):
+    def optimal(self, s):
         # One MILP per routed token: the image count follows from a token budget.
-        s = OmegaConf.merge(s, {"limit_test": max(1, int(s.tokens) // facts["T"])})
-        return subcarriers(s, ["jesa", "optimal"])
+        s = OmegaConf.merge(s, {"limit_test": max(1, int(s.tokens) // self.facts["T"])})
+        return self.subcarriers(s, ["jesa", "optimal"])
 
-    def delay_spread(s, spacing_hz: float):
+    def layer_gammas(self, s):
+        L = self.facts["L"]
+        lists = [[[float(g) if i == layer else float(s.base) for i in range(L)] for g in s.gammas] for layer in range(L)]
+        return "eval.gammas", lists, self.fixed(s, **{"eval.policies": [s.policy]})
+
+    def cell(self, s):
+        radii = [float(d) for d in s.d_max_m if float(d) > self.facts["d_min_m"]]  # d_max must exceed the checkpoint's d_min
+        return "++channel.d_max_m", radii, self.fixed(s, **{"eval.policies": _plain(s.policies), "eval.gammas": _plain(s.gammas)})
+
+    def csi(self, s):
+        keys = {
+            "eval.policies": _plain(s.policies),
+            "eval.gammas": _plain(s.gammas),
+            "eval.outage_targets": _plain(s.outage_targets),
+        }
+        return "++channel.csi_error_std", [float(v) for v in s.csi_error_std], self.fixed(s, **keys)
+
+    def delay_spread(self, s, spacing_hz: float):
         # TDL at one subcarrier spacing; T_max scales with 1 / spacing so that a hop needs the
         # checkpoint's spectral efficiency.  optimal is a MILP per token: a token budget again.
-        s = OmegaConf.merge(s, {"limit_test": max(1, int(s.tokens) // facts["T"])})
+        s = OmegaConf.merge(s, {"limit_test": max(1, int(s.tokens) // self.facts["T"])})
         tdl = {
             "++channel.model": "tdl",
             "++channel.tdl_profile": str(s.tdl_profile),
             "++channel.subcarrier_bandwidth_hz": float(spacing_hz),
-            "++channel.latency_budget_s": facts["latency_s"] * facts["bandwidth_hz"] / float(spacing_hz),
+            "++channel.latency_budget_s": self.facts["latency_s"] * self.facts["bandwidth_hz"] / float(spacing_hz),
         }
-        return (
-            "++channel.delay_spread_s",
-            [float(v) for v in s.delay_spread_s],
-            fixed(s, **{"eval.policies": plain(s.policies), "eval.gammas": plain(s.gammas), **tdl}),
-        )
+        keys = {"eval.policies": _plain(s.policies), "eval.gammas": _plain(s.gammas), **tdl}
+        return "++channel.delay_spread_s", [float(v) for v in s.delay_spread_s], self.fixed(s, **keys)
 
-    def frame_latency(s, frame: str):
+    def delay_spread_wide(self, s):
+        return self.delay_spread(s, s.wide_spacing_hz)
+
+    def delay_spread_narrow(self, s):
+        return self.delay_spread(s, s.narrow_spacing_hz)
+
+    def frame_latency(self, s, frame: str):
         # T_max under image frames (an image's tokens share one frame per MoE layer: link capacity
         # floor(T_max * rate / S) tokens) or token frames (the reference); topk_capacity and
         # jesa_tokenwise exist only for image frames.
         from ..selection.policies import policy_names
 
-        policies = [p for p in plain(s.policies) if frame == "image" or str(p).split("@")[0] in policy_names("token")]
-        return (
-            "++channel.latency_budget_s",
-            [float(v) for v in s.latency_budget_s],
-            fixed(s, **{"eval.policies": policies, "eval.gammas": plain(s.gammas), "++channel.frame": frame}),
-        )
+        policies = [p for p in _plain(s.policies) if frame == "image" or str(p).split("@")[0] in policy_names("token")]
+        keys = {"eval.policies": policies, "eval.gammas": _plain(s.gammas), "++channel.frame": frame}
+        return "++channel.latency_budget_s", [float(v) for v in s.latency_budget_s], self.fixed(s, **keys)
 
-    makers = {
-        "accuracy_energy": accuracy_energy,
-        "subcarriers": subcarriers,
-        "optimal": optimal,
-        "layer_gammas": layer_gammas,
-        "cell": cell,
-    }
-    if csi_supported():
-        makers["csi"] = csi
-    makers["delay_spread_wide"] = lambda s: delay_spread(s, s.wide_spacing_hz)
-    makers["delay_spread_narrow"] = lambda s: delay_spread(s, s.narrow_spacing_hz)
-    if frames_supported():
-        makers["frame_latency_image"] = lambda s: frame_latency(s, "image")
-        makers["frame_latency_token"] = lambda s: frame_latency(s, "token")
+    def frame_latency_image(self, s):
+        return self.frame_latency(s, "image")
+
+    def frame_latency_token(self, s):
+        return self.frame_latency(s, "token")
+
+
+# The sweeps in the order they run; a name ending in _wide/_narrow/_image/_token is one of the
+# two sweeps of its section.
+SWEEP_NAMES = (
+    "accuracy_energy",
+    "subcarriers",
+    "optimal",
+    "layer_gammas",
+    "cell",
+    "csi",
+    "delay_spread_wide",
+    "delay_spread_narrow",
+    "frame_latency_image",
+    "frame_latency_token",
+)
+
+
+def build_sweeps(spec: DictConfig, facts: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Sweep]:
+    """The sweeps of ``spec`` (conf/figures/*.yaml) for a checkpoint with ``facts``; a section
+    the file does not have gives no sweep (its figures are skipped with a note), and so does
+    one this machine cannot run (imperfect CSI, image frames)."""
+    maker = _SweepMaker(spec, facts, tuple(extra))
+    supported = {"csi": csi_supported, "frame_latency_image": frames_supported, "frame_latency_token": frames_supported}
     sweeps: dict[str, Sweep] = {}
-    for name, make in makers.items():
+    for name in SWEEP_NAMES:
         two = name.startswith(("delay_spread_", "frame_latency_"))
         section = name.rsplit("_", 1)[0] if two else name  # two sweeps of one section
-        if section not in spec:
+        if section not in spec or (name in supported and not supported[name]()):
             continue
         try:
-            key, values, overrides = make(spec[section])
+            key, values, overrides = getattr(maker, name)(spec[section])
         except Exception as exc:  # a missing or mistyped key of the settings file
             raise ConfigError(f"{name}: {str(exc).splitlines()[0]} (settings file)") from None
         sweeps[name] = Sweep(name, key, tuple(hydra_value(v) for v in values), overrides)

@@ -294,6 +294,43 @@ def _forest(
     axes.grid(True, axis="x", which="both", alpha=0.3)
 
 
+def _draw_families(axes, points: dict, floors: list[dict], colors: dict, energies: list[float], first: dict) -> None:
+    """One accuracy-energy panel of :func:`frontier_figure`: each family's settings with their
+    intervals and its upper envelope, the floors, the anchor's energy and the target accuracy."""
+    target = float(first.get("target_accuracy", math.nan))
+    anchor_energy = float(first.get("anchor_energy_uj", math.nan))
+    axes.set_ylabel("test accuracy")
+    axes.grid(True, which="both", alpha=0.3)
+    _draw_floors(axes, floors)
+    for family, group in points.items():
+        axes.errorbar(
+            [r["energy_uj_mean"] for r in group],
+            [r["accuracy_mean"] for r in group],
+            xerr=[_finite(r.get("energy_uj_ci95")) for r in group],
+            yerr=[_finite(r.get("accuracy_ci95")) for r in group],
+            marker="o",
+            markersize=4,
+            capsize=2,
+            elinewidth=0.8,
+            linestyle="none",
+            color=colors[family],
+        )
+        x, y = _envelope(group)
+        axes.plot(x, y, color=colors[family], linewidth=1.3, label=family)
+    if energies:
+        _energy_axis(axes, energies)
+    if math.isfinite(anchor_energy):
+        axes.axvline(anchor_energy, color="0.4", linestyle=":", linewidth=1.0, label=f"{first['anchor']}'s energy")
+    if math.isfinite(target):
+        axes.axhline(
+            target,
+            color="black",
+            linestyle=":",
+            linewidth=1.0,
+            label=f"target: {first['reference']} − {first['drop_pp']:g} pp",
+        )
+
+
 def frontier_figure(curves: dict[str, list[dict[str, Any]]], summary: list[dict[str, Any]], title: str = ""):
     """The per-family frontier of an evaluation (one colour per policy family).
 
@@ -314,7 +351,6 @@ def frontier_figure(curves: dict[str, list[dict[str, Any]]], summary: list[dict[
     colors = policy_colors(list(curves))
     first = summary[0] if summary else {}
     target = float(first.get("target_accuracy", math.nan))
-    anchor_energy = float(first.get("anchor_energy_uj", math.nan))
     rows = max(len(summary), 1)
     figure, panels = plt.subplots(
         2, 2, figsize=(14.0, 6.0 + 0.22 * rows), squeeze=False, gridspec_kw={"height_ratios": [4.0, 0.9 + 0.22 * rows]}
@@ -322,36 +358,7 @@ def frontier_figure(curves: dict[str, list[dict[str, Any]]], summary: list[dict[
     overview, detail, at_anchor, at_target = panels[0][0], panels[0][1], panels[1][0], panels[1][1]
     energies = [r["energy_uj_mean"] for group in points.values() for r in group]
     for axes in (overview, detail):
-        axes.set_ylabel("test accuracy")
-        axes.grid(True, which="both", alpha=0.3)
-        _draw_floors(axes, floors)
-        for family, group in points.items():
-            axes.errorbar(
-                [r["energy_uj_mean"] for r in group],
-                [r["accuracy_mean"] for r in group],
-                xerr=[_finite(r.get("energy_uj_ci95")) for r in group],
-                yerr=[_finite(r.get("accuracy_ci95")) for r in group],
-                marker="o",
-                markersize=4,
-                capsize=2,
-                elinewidth=0.8,
-                linestyle="none",
-                color=colors[family],
-            )
-            x, y = _envelope(group)
-            axes.plot(x, y, color=colors[family], linewidth=1.3, label=family)
-        if energies:
-            _energy_axis(axes, energies)
-        if math.isfinite(anchor_energy):
-            axes.axvline(anchor_energy, color="0.4", linestyle=":", linewidth=1.0, label=f"{first['anchor']}'s energy")
-        if math.isfinite(target):
-            axes.axhline(
-                target,
-                color="black",
-                linestyle=":",
-                linewidth=1.0,
-                label=f"target: {first['reference']} − {first['drop_pp']:g} pp",
-            )
+        _draw_families(axes, points, floors, colors, energies, first)
     overview.set_title("all families", fontsize=9)
     if math.isfinite(target) and energies:
         near = [r for group in points.values() for r in group if r["accuracy_mean"] >= target - 0.02]

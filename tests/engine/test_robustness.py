@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -342,7 +343,7 @@ def test_learning_rate_schedule_warms_up_then_decays_to_zero():
     factor = lr_lambda(total_steps=100, warmup_steps=10)
     values = [factor(step) for step in range(101)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(values[:10], values[1:10], strict=True))
+    assert all(a <= b for a, b in pairwise(values[:10]))
     assert all(a >= b for a, b in zip(values[9:], values[10:], strict=True))
     assert values[100] == pytest.approx(0.0, abs=1e-12)
     # Warm-up never takes more than a tenth of a short run.
