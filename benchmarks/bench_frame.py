@@ -365,38 +365,8 @@ def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--random-frames", type=int, default=None, help="random frames for the gap section (default 4000)")
-    parser.add_argument("--ckpt", default=None, help="a checkpoint: also the gap on its own frames")
-    parser.add_argument("--ckpt-frames", type=int, default=16)
-    parser.add_argument("--ckpt-gammas", type=float, nargs="+", default=[0.15, 0.25])
-    parser.add_argument("--ckpt-latency", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
-    parser.add_argument("--data-root", default="data")
-    args = parser.parse_args()
-    F = 4 if args.quick else 16
-    price_rounds = 8
-    time_limit = 5.0 if args.quick else 10.0
-    latencies = (1e-3, 2e-3) if args.quick else (1e-3, 2e-3, 4e-3)
-    gammas = (0.3, 0.8) if args.quick else (0.3, 0.5, 0.8)
-
-    out = {
-        "setting": {
-            "K": K,
-            "N": N,
-            "T": T,
-            "d_model": D_MODEL,
-            "k_min": 1,
-            "k_max": K,
-            "price_rounds": price_rounds,
-            "reassign_rounds": REASSIGN_ROUNDS,
-            "milp_time_limit_s": time_limit,
-        }
-    }
-    random_frames = args.random_frames or (500 if args.quick else 4000)
-    rnd = random_gap(random_frames, seed=0)
-    out["random"] = rnd
+def print_random(rnd: dict) -> None:
+    """The random-frame gap section."""
     print(
         f"P3 on {rnd['frames']} small random frames ({rnd['feasible_frames']} P3-feasible), frame_jesa with "
         f"{RESCUE_ROUNDS} rescue rounds as the MoE layer runs it, against the MILP:"
@@ -407,27 +377,27 @@ def main():
             f"  {label:<16} {r['reassign_rounds']:>8} {r['found']:6.3f} {r['optimal']:7.3f} {r['mean_gap']:9.2e} "
             f"{r['worst_gap']:9.2e} {r['above_10pct']:5d} {r['ms_per_frame']:8.2f}"
         )
-    print()
-    if args.ckpt is None:
-        print("No --ckpt: the trained model's frames are skipped.\n")
-    else:
-        trained = trained_gap(args.ckpt, args.ckpt_frames, args.ckpt_gammas, args.ckpt_latency, 2, time_limit, args.data_root)
-        out["trained"] = trained
-        print(
-            f"P3 on the frames of {args.ckpt} ({args.ckpt_frames} test images, k_max 2, {RESCUE_ROUNDS} rescue rounds), "
-            f"against the MILP: found / optimal / mean gap / worst gap / ms per frame, per variant"
-        )
-        print("T_max | gamma | layer | feasible | " + " | ".join(PASS_VARIANTS))
-        for row in trained["rows"]:
-            cells = [
-                f"{fmt(v['found'], '.2f')} {fmt(v['optimal'], '.2f')} {fmt(v['mean_gap'], '.1e')} "
-                f"{fmt(v['worst_gap'], '.1e')} {v['ms_per_frame']:.1f}"
-                for v in row["variants"].values()
-            ]
-            head = [f"{row['T_max_ms']:g} ms", f"{row['gamma']:g}", str(row["layer"]), f"{row['feasible']:.2f}"]
-            print(" | ".join(head + cells))
-        print()
 
+
+def print_trained(trained: dict, ckpt: str, frames: int) -> None:
+    """The gap on a trained model's own frames."""
+    print(
+        f"P3 on the frames of {ckpt} ({frames} test images, k_max 2, {RESCUE_ROUNDS} rescue rounds), "
+        f"against the MILP: found / optimal / mean gap / worst gap / ms per frame, per variant"
+    )
+    print("T_max | gamma | layer | feasible | " + " | ".join(PASS_VARIANTS))
+    for row in trained["rows"]:
+        cells = [
+            f"{fmt(v['found'], '.2f')} {fmt(v['optimal'], '.2f')} {fmt(v['mean_gap'], '.1e')} "
+            f"{fmt(v['worst_gap'], '.1e')} {v['ms_per_frame']:.1f}"
+            for v in row["variants"].values()
+        ]
+        head = [f"{row['T_max_ms']:g} ms", f"{row['gamma']:g}", str(row["layer"]), f"{row['feasible']:.2f}"]
+        print(" | ".join(head + cells))
+
+
+def channel_section(F: int, latencies, gammas, price_rounds: int, time_limit: float) -> list[dict]:
+    """The channel-frame cells against the MILP, printed as they finish."""
     print(
         f"P3 on channel frames: K={K}, N={N}, T={T}, {F} frames per cell, MILP limit {time_limit:g} s "
         f"(+p: {price_rounds} price rounds, +r: the full reassignment pass, {REASSIGN_ROUNDS} sweeps)"
@@ -487,8 +457,11 @@ def main():
                     ]
                 )
             )
-    out["channel"] = cells
+    return cells
 
+
+def print_baselines(cells: list[dict]) -> None:
+    """The frame baselines on the channel cells' frames."""
     print(
         "\nBaselines side by side (same frames): energy mJ/frame, violating tokens, cut / failed links per frame, overrun frames"
     )
@@ -501,8 +474,9 @@ def main():
                 f"experts/token {b['experts_per_token']:.2f}"
             )
 
-    tiny = tiny_cells(20 if args.quick else 100, price_rounds)
-    out["tiny"] = tiny
+
+def print_tiny(tiny: list[dict]) -> None:
+    """The tiny random frames against the MILP."""
     print(
         "\nTiny random frames (k_max = 2) against the MILP: found / optimal / certified / mean gap / worst gap (plain | priced)"
     )
@@ -515,6 +489,58 @@ def main():
             f"{fmt(b['found'], '.2f')} {fmt(b['optimal'], '.2f')} {fmt(b['certified'], '.2f')} "
             f"{fmt(b['mean_gap'], '.1e')} {fmt(b['worst_gap'], '.1e')}"
         )
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--random-frames", type=int, default=None, help="random frames for the gap section (default 4000)")
+    parser.add_argument("--ckpt", default=None, help="a checkpoint: also the gap on its own frames")
+    parser.add_argument("--ckpt-frames", type=int, default=16)
+    parser.add_argument("--ckpt-gammas", type=float, nargs="+", default=[0.15, 0.25])
+    parser.add_argument("--ckpt-latency", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
+    parser.add_argument("--data-root", default="data")
+    args = parser.parse_args()
+    F = 4 if args.quick else 16
+    price_rounds = 8
+    time_limit = 5.0 if args.quick else 10.0
+    latencies = (1e-3, 2e-3) if args.quick else (1e-3, 2e-3, 4e-3)
+    gammas = (0.3, 0.8) if args.quick else (0.3, 0.5, 0.8)
+
+    out = {
+        "setting": {
+            "K": K,
+            "N": N,
+            "T": T,
+            "d_model": D_MODEL,
+            "k_min": 1,
+            "k_max": K,
+            "price_rounds": price_rounds,
+            "reassign_rounds": REASSIGN_ROUNDS,
+            "milp_time_limit_s": time_limit,
+        }
+    }
+    random_frames = args.random_frames or (500 if args.quick else 4000)
+    rnd = random_gap(random_frames, seed=0)
+    out["random"] = rnd
+    print_random(rnd)
+    print()
+    if args.ckpt is None:
+        print("No --ckpt: the trained model's frames are skipped.\n")
+    else:
+        trained = trained_gap(args.ckpt, args.ckpt_frames, args.ckpt_gammas, args.ckpt_latency, 2, time_limit, args.data_root)
+        out["trained"] = trained
+        print_trained(trained, args.ckpt, args.ckpt_frames)
+        print()
+
+    cells = channel_section(F, latencies, gammas, price_rounds, time_limit)
+    out["channel"] = cells
+
+    print_baselines(cells)
+
+    tiny = tiny_cells(20 if args.quick else 100, price_rounds)
+    out["tiny"] = tiny
+    print_tiny(tiny)
 
     sp = speed(64 if args.quick else 256, 1e-3, 0.5, 2 if args.quick else 3)
     out["speed"] = sp

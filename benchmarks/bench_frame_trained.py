@@ -69,6 +69,61 @@ def trained_frames(model, cfg, images, ids, latency_s: float, gamma: float, k_ma
     ]
 
 
+def frame_cell(s, e, c, latency_s: float, gamma: float, layer: int, k_max: int, price_rounds: int, time_limit: float) -> dict:
+    """One (T_max, gamma, layer) cell: the solver as the layer runs it, plain and priced, against the MILP."""
+    fast = frame_jesa(s, e, c, gamma, 1, k_max)
+    layer_plan = frame_jesa(s, e, c, gamma, 1, k_max, rescue_rounds=RESCUE_ROUNDS)  # what the MoE layer runs
+    start = time.perf_counter()
+    priced = frame_jesa(s, e, c, gamma, 1, k_max, price_rounds=price_rounds)
+    t_fast = (time.perf_counter() - start) / len(s)
+    start = time.perf_counter()
+    exact = milp_p3(s, e, c, gamma, 1, k_max, time_limit=time_limit)
+    t_milp = (time.perf_counter() - start) / len(s)
+    proven = exact.certified | ~exact.feasible & np.isnan(exact.lower_bound)
+    a, b = gap_stats(fast, exact, proven), gap_stats(priced, exact, proven)
+    r = gap_stats(layer_plan, exact, proven)
+    return {
+        "T_max_ms": latency_s * 1e3,
+        "gamma": gamma,
+        "layer": layer + 1,
+        "frames": len(s),
+        "feasible": float(exact.feasible.mean()),
+        "milp_proven": float(proven.mean()),
+        "fast": a,
+        "fast_rescued": r,
+        "fast_priced": b,
+        "ms_per_frame": {"fast_priced": t_fast * 1e3, "milp": t_milp * 1e3},
+    }
+
+
+def print_cell(row: dict) -> None:
+    """One line of the table."""
+    a, b, r = row["fast"], row["fast_priced"], row["fast_rescued"]
+    ms = row["ms_per_frame"]
+    print(
+        " | ".join(
+            [
+                f"{row['T_max_ms']:g} ms",
+                f"{row['gamma']:g}",
+                str(row["layer"]),
+                f"{row['feasible']:.2f}",
+                f"{row['milp_proven']:.2f}",
+                fmt(a["found"], ".2f"),
+                fmt(r["found"], ".2f"),
+                fmt(r["optimal"], ".2f"),
+                fmt(r["mean_gap"], ".2e"),
+                fmt(r["worst_gap"], ".2e"),
+                fmt(b["found"], ".2f"),
+                fmt(b["optimal"], ".2f"),
+                fmt(b["certified"], ".2f"),
+                fmt(b["mean_gap"], ".2e"),
+                fmt(b["worst_gap"], ".2e"),
+                f"{ms['fast_priced']:.0f} / {ms['milp']:.0f}",
+            ]
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
@@ -104,52 +159,9 @@ def main() -> None:
     for latency_s in args.latency:
         for gamma in args.gammas:
             for layer, (s, e, c) in enumerate(trained_frames(model, cfg, images, ids, latency_s, gamma, args.k_max)):
-                fast = frame_jesa(s, e, c, gamma, 1, args.k_max)
-                layer_plan = frame_jesa(s, e, c, gamma, 1, args.k_max, rescue_rounds=RESCUE_ROUNDS)  # what the MoE layer runs
-                start = time.perf_counter()
-                priced = frame_jesa(s, e, c, gamma, 1, args.k_max, price_rounds=args.price_rounds)
-                t_fast = (time.perf_counter() - start) / len(s)
-                start = time.perf_counter()
-                exact = milp_p3(s, e, c, gamma, 1, args.k_max, time_limit=args.time_limit)
-                t_milp = (time.perf_counter() - start) / len(s)
-                proven = exact.certified | ~exact.feasible & np.isnan(exact.lower_bound)
-                a, b = gap_stats(fast, exact, proven), gap_stats(priced, exact, proven)
-                r = gap_stats(layer_plan, exact, proven)
-                row = {
-                    "T_max_ms": latency_s * 1e3,
-                    "gamma": gamma,
-                    "layer": layer + 1,
-                    "frames": len(s),
-                    "feasible": float(exact.feasible.mean()),
-                    "milp_proven": float(proven.mean()),
-                    "fast": a,
-                    "fast_rescued": r,
-                    "fast_priced": b,
-                    "ms_per_frame": {"fast_priced": t_fast * 1e3, "milp": t_milp * 1e3},
-                }
+                row = frame_cell(s, e, c, latency_s, gamma, layer, args.k_max, args.price_rounds, args.time_limit)
                 rows.append(row)
-                print(
-                    " | ".join(
-                        [
-                            f"{latency_s * 1e3:g} ms",
-                            f"{gamma:g}",
-                            str(layer + 1),
-                            f"{row['feasible']:.2f}",
-                            f"{row['milp_proven']:.2f}",
-                            fmt(a["found"], ".2f"),
-                            fmt(r["found"], ".2f"),
-                            fmt(r["optimal"], ".2f"),
-                            fmt(r["mean_gap"], ".2e"),
-                            fmt(r["worst_gap"], ".2e"),
-                            fmt(b["found"], ".2f"),
-                            fmt(b["optimal"], ".2f"),
-                            fmt(b["certified"], ".2f"),
-                            fmt(b["mean_gap"], ".2e"),
-                            fmt(b["worst_gap"], ".2e"),
-                            f"{t_fast * 1e3:.0f} / {t_milp * 1e3:.0f}",
-                        ]
-                    )
-                )
+                print_cell(row)
     out = atomic_write_json(
         args.out,
         {
