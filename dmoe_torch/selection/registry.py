@@ -17,7 +17,7 @@ optimal) enumerate the candidate sets in torch (enumerate.py) where that is fast
 ``enumerable`` measured it: on an accelerator for k_max <= 3 (no host round trip), on the
 CPU for des up to 92 candidate sets and for optimal (enumeration beats HiGHS by 100x);
 otherwise they run numba (des, jesa) or HiGHS (optimal) on the CPU and move the result
-back.  Both paths are exact and agree (tests/test_enumerate.py).
+back.  Both paths are exact and agree (tests/selection/test_enumerate.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from . import baselines
 from .common import Selection, empty_selection, is_real, validate_inputs
 from .des import des_validated
+from .des_small import SMALL_SET_SIZE, des_small
 from .enumerate import des_enumerate, enumerable, jesa_enumerate, optimal_enumerate
 from .frame import FrameSelection, plan_from_owner, validate_frame_inputs
 from .frame_baselines import frame_tokenwise, frame_topk_capacity, frame_topk_overrun
@@ -117,7 +118,9 @@ def _on_host(solver, s: torch.Tensor, c: torch.Tensor, *args) -> Selection:
 def _des(s: torch.Tensor, c: torch.Tensor, a: RouteArgs) -> Selection:
     """DES (P1) on the static plan: costs c[b, k, k mod N], subcarrier a(k) for selected experts."""
     static = baselines.static_costs(c)
-    if enumerable(s.shape[1], a.k_min, a.k_max, s.device, "des"):
+    if s.device.type == "cpu" and a.k_max <= SMALL_SET_SIZE:  # des_enumerate's answer, one numba pass
+        result = des_small(s, static, a.gamma, a.k_min, a.k_max)
+    elif enumerable(s.shape[1], a.k_min, a.k_max, s.device, "des"):
         result = des_enumerate(s, static, a.gamma, a.k_min, a.k_max)
     else:
         result = _on_host(des_validated, s, static, a.gamma, a.k_min, a.k_max)

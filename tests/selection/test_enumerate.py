@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from dmoe_torch.selection import RELEVANCE_TOL
+from dmoe_torch.selection import RELEVANCE_TOL, registry, route
 from dmoe_torch.selection import enumerate as enum
 from dmoe_torch.selection.des import des_numpy
+from dmoe_torch.selection.des_small import SMALL_SET_SIZE, des_small
 from dmoe_torch.selection.enumerate import (
     MAX_CANDIDATE_SETS,
     MAX_CANDIDATE_SETS_CPU,
@@ -189,6 +190,38 @@ def test_des_enumerate_fallback_takes_top_scores_with_ties_to_lower_cost_then_in
     assert result.mask.tolist() == [[False, False, True, True], [False, True, True, False]]
     assert result.violation.all() and not result.dropped.any()
     assert result.energy.tolist() == [2.0, 4.0]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["tie-free", "ties"])
+def test_des_small_kernel_equals_des_enumerate_bit_for_bit(tied):
+    # the CPU router's DES for k_max <= 2 (des_small) must give des_enumerate's Selection
+    # itself, ties included (same candidate order), also on a strided cost view
+    rng = np.random.default_rng(31 + tied)
+    differing_from_bb = 0
+    for K, _, k_min, k_max, gamma in configs(rng, 80, 12, 3):
+        k_max = min(k_max, SMALL_SET_SIZE)
+        k_min = min(k_min, k_max)
+        s = make_scores(rng, 128, K, tied)
+        c3 = make_costs(rng, (128, K, K), tied, outage=float(rng.choice([0.0, 0.2, 0.5])))
+        c = torch.from_numpy(c3).diagonal(dim1=1, dim2=2)  # strided, as the router passes it
+        small = des_small(torch.from_numpy(s), c, gamma, k_min, k_max)
+        reference = des_enumerate(torch.from_numpy(s), c.contiguous(), gamma, k_min, k_max)
+        for name in ("mask", "subcarrier", "energy", "violation", "dropped", "nodes", "certified", "failed"):
+            assert torch.equal(getattr(small, name), getattr(reference, name)), f"K={K} {k_min}..{k_max} {name}"
+        assert torch.equal(small.lower_bound.isnan(), reference.lower_bound.isnan())
+        assert torch.equal(small.lower_bound.nan_to_num(), reference.lower_bound.nan_to_num())
+        differing_from_bb += int((small.mask.numpy() != des_numpy(s, c.numpy(), gamma, k_min, k_max)[0]).any())
+    assert not tied or differing_from_bb > 0  # ties really were broken (by candidate order, not the B&B's)
+
+
+def test_router_des_on_the_cpu_takes_the_small_kernel_for_pairs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(registry, "des_small", lambda *args: calls.append(args) or des_enumerate(*args))
+    s = torch.softmax(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), 1)
+    c = torch.rand(64, 8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    route("des", s, c, gamma=0.5, k_max=2)
+    route("des", s, c, gamma=0.5, k_max=3)
+    assert len(calls) == 1 and calls[0][4] == 2
 
 
 # --------------------------------------------------------------------------------------
