@@ -89,10 +89,10 @@ def _validate(scores: torch.Tensor, costs: torch.Tensor) -> tuple[torch.Tensor, 
 def _static_selection(mask: torch.Tensor, costs: torch.Tensor, failure_energy: float) -> Selection:
     """Build the Selection of a static-plan policy from its mask [B, K] and costs [B, K, N]."""
     B, K, N = costs.shape
-    link_cost = static_costs(costs)
+    link_cost = static_costs(costs).contiguous()  # one copy: the ops below on the strided view cost 3x
     failed = mask & torch.isinf(link_cost)
     delivered = mask & ~failed
-    energy = torch.where(delivered, link_cost, torch.zeros_like(link_cost)).sum(1)
+    energy = torch.where(delivered, link_cost, 0.0).sum(1)
     energy = energy + failure_energy * failed.sum(1).to(torch.float64)
     dropped = ~delivered.any(1)
     subcarrier = static_plan_for(mask, N)
@@ -129,8 +129,26 @@ def topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_energy: f
 
 def topk_validated(s: torch.Tensor, c: torch.Tensor, k: int, failure_energy: float) -> Selection:
     """:func:`topk` on checked inputs (float64 scores [B, K], costs [B, K, N] on one device, N >= K)."""
-    ranking = torch.sort(s, dim=1, descending=True, stable=True).indices
-    return _static_selection(_mask_from_ranking(ranking, k, s.shape[1]), c, failure_energy)
+    return _static_selection(_mask_from_ranking(_top_scores(s, k), k, s.shape[1]), c, failure_energy)
+
+
+# Up to this k, top-k takes k argmax passes (each ~0.4 ms at 12,544 x 8 on a core) instead of
+# a stable sort (~1.5 ms); both rank ties to the lower index.
+_ARGMAX_PASSES = 3
+
+
+def _top_scores(s: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 [B, >= k]: each row's experts by descending score, ties to the lower index (the
+    first k columns are what a stable descending sort gives)."""
+    if k > _ARGMAX_PASSES:
+        return torch.sort(s, dim=1, descending=True, stable=True).indices
+    work = s.clone()
+    picks = []
+    for _ in range(k):  # argmax returns the first maximal index
+        pick = work.argmax(1, keepdim=True)
+        picks.append(pick)
+        work.scatter_(1, pick, -math.inf)
+    return torch.cat(picks, 1)
 
 
 def channel_topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_energy: float = 0.0) -> Selection:
