@@ -61,7 +61,8 @@ _HOMES = {
     ),
     # The MoE layer and the models built from it.
     "dmoe_torch.moe": ("MoELayer", "MoEOutput", "RouterSpec", "Expert", "MetricAverager", "perfect_costs"),
-    "dmoe_torch.models.cnn": ("DMoEClassifier", "ModelOutput"),
+    "dmoe_torch.models.cnn": ("DMoEClassifier",),
+    "dmoe_torch.models.common": ("ModelOutput",),
     "dmoe_torch.models.vmoe": ("VMoEClassifier",),
     "dmoe_torch.models.convmoe": ("ConvMoEClassifier",),
 }

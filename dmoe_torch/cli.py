@@ -192,6 +192,7 @@ class ValidateFirst(Callback):
                 validate_train_config(job)
                 rundir.lock_run_dir(run_dir)
                 rundir.check_run_dir_owner(run_dir, "train")
-                from .engine.training import ADDED_KEY_DEFAULTS, RESUME_FREE_KEYS
+                from .config.migration import ADDED_KEY_DEFAULTS
+                from .engine.training import RESUME_FREE_KEYS
 
                 rundir.check_rerun_dir(run_dir, job, free_keys=RESUME_FREE_KEYS, added_defaults=ADDED_KEY_DEFAULTS)

@@ -31,6 +31,7 @@ from .selection.delivery import apply_delivery
 from .selection.frame import FrameLinks, token_selection
 from .selection.policies import get_policy
 from .selection.registry import check_lam, route_frames
+from .utils import ConfigError
 
 __all__ = [
     "RouterSpec",
@@ -56,8 +57,8 @@ def check_positive_int(key: str, value) -> None:
         raise ValueError(f"{key} must be an int >= 1, got {value!r}")
 
 
-# Combine rules of MoELayer (model.combine); the first is what an absent key means (runs
-# recorded before the key existed).
+# Combine rules of MoELayer (model.combine); runs recorded before the key existed used the
+# first (config/migration.py).
 #   renormalized     w_k = s_k / sum_{j in S'} s_j: a row with one effective expert has w = 1
 #                    and sends the gate no task gradient
 #   raw              w_k = s_k of the full softmax (Switch, V-MoE): sum_k w_k <= 1
@@ -81,10 +82,12 @@ def check_choice(key: str, value, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def check_link_dropout(value) -> None:
-    """Raise ValueError naming model.link_dropout unless ``value`` is a probability in [0, 1)."""
+def check_link_dropout(value) -> float:
+    """``value`` as a float; ConfigError (a ValueError) naming model.link_dropout unless it is
+    a probability in [0, 1).  The one rule of the key: the model config and the layer call it."""
     if not is_real(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"model.link_dropout must be a probability in [0, 1), got {value!r}")
+        raise ConfigError(f"model.link_dropout={value!r}: must be a probability in [0, 1)")
+    return float(value)
 
 
 @dataclass

@@ -1,10 +1,12 @@
-"""Small shared helpers: seeding, derived seeds, device choice, memory and atomic file writes."""
+"""Small shared helpers: seeding, derived seeds, device choice, memory, atomic file writes, and
+the typed value checks of config fields (one-line ConfigError messages naming the key)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import tempfile
@@ -14,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .selection.common import is_int, is_real
 
 INT64_MAX = 2**63 - 1  # the largest integer a tensor, a numpy array or a checkpoint holds
 
@@ -121,3 +125,79 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
     return str(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed value checks: the rule of one config field, in the words every message uses.
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+def check_int(
+    value: Any, key: str, *, minimum: int | None = None, maximum: int | None = None, optional: bool = False, why: str = ""
+) -> int | None:
+    """``value`` as an int in [minimum, maximum] (None when ``optional``); at most 2**63 - 1 in
+    any case (tensors, numpy arrays and checkpoints hold 64-bit integers)."""
+    if value is None and optional:
+        return None
+    allowed = f"an integer{_range_text(minimum, maximum)}" + (" or null" if optional else "") + (f" ({why})" if why else "")
+    if not is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ConfigError(f"{key}={value!r}: must be {allowed}")
+    if value > INT64_MAX:
+        raise ConfigError(f"{key}={value!r}: must be {allowed} and at most 2**63 - 1 (a 64-bit integer)")
+    return int(value)
+
+
+def check_float(
+    value: Any,
+    key: str,
+    *,
+    minimum: float | None = None,
+    exclusive_minimum: float | None = None,
+    maximum: float | None = None,
+    optional: bool = False,
+    why: str = "",
+) -> float | None:
+    """``value`` as a finite float within the bounds (None when ``optional``)."""
+    if value is None and optional:
+        return None
+    if minimum is not None:
+        bound_text, ok = f" >= {minimum:g}", lambda v: v >= minimum
+    elif exclusive_minimum is not None:
+        bound_text, ok = f" > {exclusive_minimum:g}", lambda v: v > exclusive_minimum
+    else:
+        bound_text, ok = "", lambda v: True
+    if maximum is not None:
+        bound_text += f" and <= {maximum:g}"
+    allowed = f"a finite number{bound_text}" + (" or null" if optional else "") + (f" ({why})" if why else "")
+    if not is_real(value) or not math.isfinite(value) or not ok(value) or (maximum is not None and value > maximum):
+        raise ConfigError(f"{key}={value!r}: must be {allowed}")
+    return float(value)
+
+
+def check_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: must be true or false")
+    return value
+
+
+def check_str(value: Any, key: str, *, choices: tuple[str, ...] | None = None, optional: bool = False) -> str | None:
+    """``value`` as a string, one of ``choices`` when given (None when ``optional``)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or (choices is not None and value not in choices):
+        allowed = f"one of {', '.join(choices)}" if choices is not None else "a string"
+        raise ConfigError(f"{key}={value!r}: must be {allowed}")
+    return value
+
+
+def _range_text(minimum: int | None, maximum: int | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" >= {minimum}"
+    if maximum is not None:
+        return f" <= {maximum}"
+    return ""

@@ -22,7 +22,6 @@ from .fading import (
     rayleigh_power_gains,
 )
 from .geometry import (
-    ADDED_CHANNEL_KEYS,
     BOLTZMANN_NOISE_DBM_PER_HZ,
     CHANNEL_MODELS,
     FADING_MODELS,
@@ -39,7 +38,6 @@ from .geometry import (
 from .tdl import TDL_PROFILES, MissingSionnaError, TapProfile, tap_profile
 
 __all__ = [
-    "ADDED_CHANNEL_KEYS",
     "BOLTZMANN_NOISE_DBM_PER_HZ",
     "CHANNEL_MODELS",
     "FADING_MODELS",

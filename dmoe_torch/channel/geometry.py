@@ -43,8 +43,6 @@ CHANNEL_MODELS = ("rayleigh", "tdl") + scenario.SCENARIOS
 # token: every routed token is its own frame (all N subcarriers and T_max to itself);
 # image: the tokens of one image at one MoE layer share one frame (docs/method.md section 11).
 FRAME_MODES = ("token", "image")
-# Keys added after round 2; a run directory written before them used these defaults.
-ADDED_CHANNEL_KEYS = ("model", "tdl_profile", "delay_spread_s", "carrier_frequency_hz", "frame")
 _TEXT_KEYS = ("fading", "model", "tdl_profile", "frame")
 
 

@@ -14,33 +14,38 @@ evaluate.yaml's own checks and its policy settings live in
 from __future__ import annotations
 
 import difflib
-import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
-from datetime import timedelta
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from ..data import DATASET_IMAGE_SIZES, DATASET_TRAIN_SIZES, DATASETS, split_sizes
-from ..models.vmoe import STEMS
-from ..selection.common import is_int, is_real
+from ..data import DATASET_IMAGE_SIZES
+from ..models import MODELS, ModelConfig, ModelShape
+from ..selection.common import is_int
 from ..selection.policies import get_policy, policy_names
-from ..selection.registry import check_lam
-from ..utils import INT64_MAX, format_bytes, memory_bytes, resolve_device
+from ..utils import ConfigError, check_bool, check_float, check_int, check_str, format_bytes, memory_bytes, resolve_device
+from .migration import ADDED_KEY_DEFAULTS
+from .schema import (
+    MAX_TIMEOUT_S,
+    DataConfig,
+    EvalConfig,
+    EvalDataConfig,
+    RouterConfig,
+    RuntimeSettings,
+    TrainConfig,
+    TrainRun,
+    absolute_path,
+    check_gammas,
+    check_lam_value,
+    check_outage_target,
+    field_names,
+)
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-MAX_WORKERS_PER_CPU = 4  # data.num_workers: at most this many loader processes per CPU core
-MAX_LR = float(np.finfo(np.float32).max) / 10  # train.lr
-MAX_TIMEOUT_S = timedelta.max.total_seconds()  # runtime.timeout_s
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming the key."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,75 +75,42 @@ def get_value(cfg: DictConfig, key: str) -> Any:
 _ABSENT = object()
 
 
-def get_int(
-    cfg: DictConfig, key: str, *, minimum: int | None = None, maximum: int | None = None, optional: bool = False, why: str = ""
-) -> int | None:
-    """An integer in [minimum, maximum]; at most 2**63 - 1 in any case (tensors, numpy arrays
-    and checkpoints hold 64-bit integers)."""
-    value = get_value(cfg, key)
-    if value is None and optional:
-        return None
-    bounds = _range_text(minimum, maximum)
-    allowed = f"an integer{bounds}" + (" or null" if optional else "") + (f" ({why})" if why else "")
-    if not is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ConfigError(f"{key}={format_value(value)}: must be {allowed}")
-    if value > INT64_MAX:
-        raise ConfigError(f"{key}={format_value(value)}: must be {allowed} and at most 2**63 - 1 (a 64-bit integer)")
-    return int(value)
+def get_int(cfg: DictConfig, key: str, **bounds) -> int | None:
+    """``key`` of ``cfg`` checked by :func:`dmoe_torch.utils.check_int` (same keyword arguments)."""
+    return check_int(get_value(cfg, key), key, **bounds)
 
 
-def get_float(
-    cfg: DictConfig,
-    key: str,
-    *,
-    minimum: float | None = None,
-    exclusive_minimum: float | None = None,
-    maximum: float | None = None,
-    optional: bool = False,
-    why: str = "",
-) -> float | None:
-    value = get_value(cfg, key)
-    if value is None and optional:
-        return None
-    if minimum is not None:
-        bound_text, ok = f" >= {minimum:g}", lambda v: v >= minimum
-    elif exclusive_minimum is not None:
-        bound_text, ok = f" > {exclusive_minimum:g}", lambda v: v > exclusive_minimum
-    else:
-        bound_text, ok = "", lambda v: True
-    if maximum is not None:
-        bound_text += f" and <= {maximum:g}"
-    allowed = f"a finite number{bound_text}" + (" or null" if optional else "") + (f" ({why})" if why else "")
-    if not is_real(value) or not math.isfinite(value) or not ok(value) or (maximum is not None and value > maximum):
-        raise ConfigError(f"{key}={format_value(value)}: must be {allowed}")
-    return float(value)
+def get_float(cfg: DictConfig, key: str, **bounds) -> float | None:
+    return check_float(get_value(cfg, key), key, **bounds)
 
 
 def get_bool(cfg: DictConfig, key: str) -> bool:
-    value = get_value(cfg, key)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={format_value(value)}: must be true or false")
-    return value
+    return check_bool(get_value(cfg, key), key)
 
 
-def get_str(cfg: DictConfig, key: str, *, choices: tuple[str, ...] | None = None, optional: bool = False) -> str | None:
-    value = get_value(cfg, key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or (choices is not None and value not in choices):
-        allowed = f"one of {', '.join(choices)}" if choices is not None else "a string"
-        raise ConfigError(f"{key}={format_value(value)}: must be {allowed}")
-    return value
+def get_str(cfg: DictConfig, key: str, **choices) -> str | None:
+    return check_str(get_value(cfg, key), key, **choices)
 
 
-def _range_text(minimum: int | None, maximum: int | None) -> str:
-    if minimum is not None and maximum is not None:
-        return f" in [{minimum}, {maximum}]"
-    if minimum is not None:
-        return f" >= {minimum}"
-    if maximum is not None:
-        return f" <= {maximum}"
-    return ""
+def load_section(cfg: DictConfig, prefix: str, schema: type, allowed: Iterable[str] | None = None, **extra):
+    """Section ``prefix`` of ``cfg`` as the dataclass ``schema``: strict keys (``allowed``,
+    default the fields), every field read with :func:`get_value` (so an unset ``???`` or a
+    broken interpolation names its key), a key that runs recorded before it existed lack read
+    as its value in config/migration.py, and the fields checked by ``schema.__post_init__``.
+    ``extra``: the dataclass's init-only arguments."""
+    names = field_names(schema)
+    section = get_value(cfg, prefix)
+    check_keys(section, prefix, names if allowed is None else allowed)
+    values = {}
+    for name in names:
+        key = f"{prefix}.{name}"
+        if name in section:
+            values[name] = get_value(cfg, key)
+        elif key in ADDED_KEY_DEFAULTS:
+            values[name] = ADDED_KEY_DEFAULTS[key]
+        else:
+            raise ConfigError(f"{key} is missing from the config")
+    return schema(**values, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,24 +131,12 @@ TRAIN_TOP_KEYS = (
     "train",
     "runtime",
 )
-TRAIN_DATA_KEYS = ("name", "root", "batch_size", "val_size", "limit_train", "limit_test", "num_workers", "augment")
-ROUTER_KEYS = ("policy", "k", "gamma", "k_min", "k_max", "lam", "outage_target")
-TRAIN_KEYS = (
-    "epochs",
-    "lr",
-    "weight_decay",
-    "warmup_steps",
-    "aux_loss_coef",
-    "z_loss_coef",
-    "energy_loss_coef",
-    "grad_clip",
-    "precision",
-    "log_every",
-    "stop_after_epochs",
-)
+TRAIN_DATA_KEYS = field_names(DataConfig)
+ROUTER_KEYS = field_names(RouterConfig)
+TRAIN_KEYS = field_names(TrainConfig)
 EVAL_TOP_KEYS = ("ckpt", "seed", "device", "progress", "data", "eval", "runtime", "channel")
-EVAL_DATA_KEYS = ("root", "batch_size", "limit_test", "num_workers")
-EVAL_KEYS = ("policies", "gammas", "lams", "k_min", "k_max", "outage_targets", "channel_draws")
+EVAL_DATA_KEYS = field_names(EvalDataConfig)
+EVAL_KEYS = field_names(EvalConfig)
 
 
 def check_keys(section: Mapping, prefix: str, allowed: Iterable[str]) -> None:
@@ -215,7 +175,7 @@ def allowed_keys(config_name: str, prefix: str) -> tuple[str, ...] | None:
         "router": ROUTER_KEYS,
         "eval_router": ROUTER_KEYS,
         "train": TRAIN_KEYS,
-        "model": tuple(dict.fromkeys(key for keys in MODEL_KEYS.values() for key in keys)),
+        "model": tuple(dict.fromkeys(key for schema in MODELS.values() for key in schema.keys())),
     }
     return table.get(prefix)
 
@@ -244,190 +204,38 @@ def validate_device(cfg: DictConfig, key: str = "device") -> str:
     raise ConfigError(f"{key}={value!r}: must be one of {', '.join(DEVICES)}")
 
 
-def validate_data(cfg: DictConfig, *, training: bool) -> None:
+def validate_data(cfg: DictConfig, *, training: bool) -> DataConfig | EvalDataConfig:
     """``data.*`` of train.yaml (``training``) or evaluate.yaml."""
-    check_keys(get_value(cfg, "data"), "data", TRAIN_DATA_KEYS if training else EVAL_DATA_KEYS)
-    name = get_str(cfg, "data.name", choices=DATASETS) if training else None
-    validate_data_root(cfg)
-    get_int(cfg, "data.batch_size", minimum=1)
-    # Each worker is a process: a few per core, never thousands.
-    get_int(
-        cfg,
-        "data.num_workers",
-        minimum=0,
-        maximum=MAX_WORKERS_PER_CPU * (os.cpu_count() or 1),
-        why=f"{MAX_WORKERS_PER_CPU} per CPU core of this machine",
-    )
-    get_int(cfg, "data.limit_test", minimum=1, optional=True)
-    if training:
-        limit_train = get_int(cfg, "data.limit_train", minimum=1, optional=True)
-        val_size = get_int(cfg, "data.val_size", minimum=0)
-        available = DATASET_TRAIN_SIZES[name]
-        train_images, _ = split_sizes(available, val_size, limit_train)
-        if train_images < 1:  # with data.limit_train the validation set is capped at limit_train // 5
-            raise ConfigError(
-                f"data.val_size={val_size}: must be smaller than the {available} training images of data.name={name}"
-            )
-        if train_images == 1:
-            fix = "data.limit_train=2 or more" if limit_train is not None else f"data.val_size={available - 2} or less"
-            key = f"data.limit_train={limit_train}" if limit_train is not None else f"data.val_size={val_size}"
-            raise ConfigError(
-                f"{key}: leaves 1 training image, and a batch of one image cannot train (BatchNorm "
-                f"needs two; train.py drops such a batch); pass {fix}"
-            )
-        get_bool(cfg, "data.augment")
-
-
-def validate_data_root(cfg: DictConfig) -> str:
-    """``data.root`` must be an existing directory, except the default ``data`` (created on
-    first use): a mistyped path then fails here instead of receiving a fresh copy of the data."""
-    value = get_str(cfg, "data.root")
-    path = data_root(cfg)
-    if os.path.isdir(path) or (value == DEFAULT_DATA_ROOT and not os.path.exists(path)):
-        return path
-    what = "not a directory" if os.path.exists(path) else "no such directory"
-    raise ConfigError(
-        f"data.root={value!r}: {what} ({path}); create it first (only the default "
-        f"data.root={DEFAULT_DATA_ROOT} is created on first use)"
-    )
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the memory estimate needs of a model, besides its expert layers: the routed tokens
-    per image, lower bounds on its other weights and on the attention scores it keeps, and
-    the keys that size them."""
-
-    num_experts: int
-    num_moe_layers: int
-    d_model: int
-    hidden_mult: int
-    layers_key: str = "model.num_moe_layers"  # the key that sets num_moe_layers
-    tokens_per_input: int = 1
-    block_params: int = 0  # weights besides the experts (attention, depthwise convs, dense MLPs)
-    block_keys: tuple[str, ...] = ()
-    blocks: int = 0  # blocks that each keep attention_per_block scores per image
-    attention_per_block: int = 0
-
-
-# The keys of each model (config group `model`); `name` picks the architecture.
-MODEL_KEYS = {
-    "cnn": (
-        "name",
-        "d_model",
-        "num_experts",
-        "num_moe_layers",
-        "hidden_mult",
-        "link_dropout",
-        "combine",
-        "balance_on",
-        "channel_gate",
-    ),
-    "vmoe": (
-        "name",
-        "d_model",
-        "num_experts",
-        "depth",
-        "moe_every",
-        "num_heads",
-        "patch_size",
-        "hidden_mult",
-        "class_token",
-        "stem",
-        "link_dropout",
-        "combine",
-        "balance_on",
-        "channel_gate",
-    ),
-    "convmoe": (
-        "name",
-        "d_model",
-        "num_experts",
-        "depth",
-        "hidden_mult",
-        "kernel_size",
-        "link_dropout",
-        "combine",
-        "balance_on",
-        "channel_gate",
-    ),
-}
+    return load_section(cfg, "data", DataConfig if training else EvalDataConfig)
 
 
 def model_name(cfg: DictConfig) -> str:
-    """``model.name``; checkpoints written before the token model have none and are ``cnn``."""
+    """``model.name`` (absent in runs recorded before the token models: config/migration.py)."""
     if OmegaConf.select(cfg, "model.name", default=None) is None:
-        return "cnn"
-    return get_str(cfg, "model.name", choices=tuple(MODEL_KEYS))
+        return ADDED_KEY_DEFAULTS["model.name"]
+    return get_str(cfg, "model.name", choices=tuple(MODELS))
+
+
+def dataset_image_size(cfg: DictConfig) -> tuple[int | None, str]:
+    """The side of ``data.name``'s images (None when the config names no dataset) and where it comes from."""
+    name = OmegaConf.select(cfg, "data.name", default=None)
+    return DATASET_IMAGE_SIZES.get(name), f"data.name={name}"
+
+
+def load_model(cfg: DictConfig) -> ModelConfig:
+    """``model.*`` as the config dataclass of ``model.name`` (strict keys), checked against
+    the dataset's image size."""
+    schema = MODELS[model_name(cfg)]
+    model = load_section(cfg, "model", schema, allowed=schema.keys())
+    image_size, source = dataset_image_size(cfg)
+    if image_size is not None:
+        model.check_image_size(image_size, source)
+    return model
 
 
 def validate_model(cfg: DictConfig) -> ModelShape:
-    """Check ``model.*`` (strict keys) against the architecture and the dataset's image size."""
-    name = model_name(cfg)
-    check_keys(get_value(cfg, "model"), "model", MODEL_KEYS[name])
-    num_experts = get_int(cfg, "model.num_experts", minimum=1)
-    d_model = get_int(cfg, "model.d_model", minimum=1)
-    hidden_mult = get_int(cfg, "model.hidden_mult", minimum=1)
-    # Absent from checkpoints written before it existed: no dropout.
-    link_dropout = OmegaConf.select(cfg, "model.link_dropout", default=0.0)
-    if not is_real(link_dropout) or not 0.0 <= link_dropout < 1.0:
-        raise ConfigError(f"model.link_dropout={format_value(link_dropout)}: must be a probability in [0, 1)")
-    validate_moe_choices(cfg)
-    if OmegaConf.select(cfg, "model.channel_gate", default=None) is not None:  # absent in older runs: false
-        get_bool(cfg, "model.channel_gate")
-    shape = dict(num_experts=num_experts, d_model=d_model, hidden_mult=hidden_mult)
-    if name == "cnn":
-        num_moe_layers = get_int(cfg, "model.num_moe_layers", minimum=1)
-    elif name == "convmoe":
-        num_moe_layers = get_int(cfg, "model.depth", minimum=1)
-        kernel_size = get_int(cfg, "model.kernel_size", minimum=1)
-        if kernel_size % 2 == 0:
-            raise ConfigError(f"model.kernel_size={kernel_size}: must be odd (a centred depthwise conv)")
-        image_size = DATASET_IMAGE_SIZES.get(OmegaConf.select(cfg, "data.name", default=None))
-        if image_size is not None and image_size % 4:
-            raise ConfigError(
-                f"model.name=convmoe: the image size {image_size} of data.name={cfg.data.name} "
-                "must be divisible by 4 (the stem's two 2x poolings)"
-            )
-        shape.update(
-            layers_key="model.depth",
-            tokens_per_input=(image_size or 4) ** 2 // 16,
-            block_params=num_moe_layers * d_model * kernel_size**2,
-            block_keys=("model.depth", "model.d_model", "model.kernel_size"),
-        )
-    else:
-        depth = get_int(cfg, "model.depth", minimum=1)
-        moe_every = get_int(
-            cfg, "model.moe_every", minimum=1, maximum=depth, why=f"at most model.depth={depth}, else no block is an MoE block"
-        )
-        num_heads = get_int(cfg, "model.num_heads", minimum=1)
-        if d_model % num_heads:
-            raise ConfigError(f"model.num_heads={num_heads}: must divide model.d_model={d_model}")
-        patch_size = get_int(cfg, "model.patch_size", minimum=1)
-        image_size = DATASET_IMAGE_SIZES.get(OmegaConf.select(cfg, "data.name", default=None))
-        if image_size is not None and image_size % patch_size:
-            divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
-            raise ConfigError(
-                f"model.patch_size={patch_size}: must divide the image size {image_size} "
-                f"of data.name={cfg.data.name} (one of {', '.join(map(str, divisors))})"
-            )
-        get_bool(cfg, "model.class_token")
-        if get_str(cfg, "model.stem", choices=STEMS) == "conv2" and patch_size % 2:
-            raise ConfigError(
-                f"model.patch_size={patch_size}: must be even with model.stem=conv2 (its stride-2 conv halves the image)"
-            )
-        num_moe_layers = depth // moe_every
-        tokens = ((image_size or patch_size) // patch_size) ** 2 + int(cfg.model.class_token)
-        # attention (4 d^2) in every block, a dense MLP in the blocks without experts
-        shape.update(
-            layers_key="model.depth",
-            tokens_per_input=tokens,
-            block_params=depth * 4 * d_model**2 + (depth - num_moe_layers) * 2 * hidden_mult * d_model**2,
-            block_keys=("model.depth", "model.d_model"),
-            blocks=depth,
-            attention_per_block=num_heads * tokens**2,
-        )
-    return ModelShape(num_moe_layers=num_moe_layers, **shape)
+    """Check ``model.*``; the model's shape on the dataset's images (for the memory estimate)."""
+    return load_model(cfg).shape(dataset_image_size(cfg)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,20 +351,6 @@ def check_memory(terms: list[MemoryTerm], device: str, configs: Iterable[DictCon
             )
 
 
-def validate_moe_choices(cfg: DictConfig) -> tuple[str, str]:
-    """``model.combine`` and ``model.balance_on`` (moe.COMBINE_RULES, moe.BALANCE_ON).  Absent
-    from checkpoints written before they existed: the first choice, what those runs did."""
-    from ..moe import BALANCE_ON, COMBINE_RULES
-
-    chosen = []
-    for key, choices in (("model.combine", COMBINE_RULES), ("model.balance_on", BALANCE_ON)):
-        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-            chosen.append(choices[0])
-        else:
-            chosen.append(get_str(cfg, key, choices=choices))
-    return chosen[0], chosen[1]
-
-
 def channel_config(cfg: DictConfig):
     """Build and validate ``ChannelConfig`` from ``cfg.channel``."""
     from ..channel import ChannelConfig
@@ -571,68 +365,27 @@ def channel_config(cfg: DictConfig):
         raise ConfigError(str(exc).splitlines()[0]) from None
 
 
-def validate_gamma(value: Any, key: str, num_layers: int) -> float | list[float]:
-    """gamma: a float in (0, 1] for every layer, or a list of ``num_layers`` such floats."""
-    allowed = f"a number in (0, 1] or a list of {num_layers} such numbers (one per MoE layer)"
+validate_gamma = check_gammas  # names kept for callers outside the config package
+validate_lam = check_lam_value
+validate_outage_target = check_outage_target
 
-    def ok(v: Any) -> bool:
-        return is_real(v) and 0.0 < v <= 1.0
 
-    if isinstance(value, (list, tuple)):
-        if len(value) != num_layers or not all(ok(v) for v in value):
-            reason = f"has {len(value)} values for {num_layers} MoE layers; " if len(value) != num_layers else ""
-            raise ConfigError(f"{key}={format_value(value)}: {reason}must be {allowed}")
-        return [float(v) for v in value]
-    if not ok(value):
-        raise ConfigError(f"{key}={format_value(value)}: must be {allowed}")
-    return float(value)
+def load_router(cfg: DictConfig, prefix: str, shape: ModelShape, num_subcarriers: int, frame: str = "token") -> RouterConfig:
+    """``<prefix>.*`` (router or eval_router) for a model of ``shape``, checked against the
+    channel (its subcarriers and its frame mode, channel.frame)."""
+    router = load_section(
+        cfg, prefix, RouterConfig, num_experts=shape.num_experts, num_layers=shape.num_moe_layers, section=prefix
+    )
+    check_policy_fits_frame(router.policy, f"{prefix}.policy", frame)
+    _check_policy_fits_channel(router.policy, f"{prefix}.policy", shape.num_experts, num_subcarriers, router.k_min)
+    return router
 
 
 def validate_router(
     cfg: DictConfig, prefix: str, shape: ModelShape, num_subcarriers: int, frame: str = "token"
 ) -> dict[str, Any]:
-    """Check ``<prefix>.{policy,k,gamma,k_min,k_max}`` against the model and the channel
-    (its subcarriers and its frame mode, channel.frame)."""
-    check_keys(get_value(cfg, prefix), prefix, ROUTER_KEYS)
-    K = shape.num_experts
-    policy = get_str(cfg, f"{prefix}.policy", choices=policy_names())
-    check_policy_fits_frame(policy, f"{prefix}.policy", frame)
-    k = get_int(cfg, f"{prefix}.k", minimum=1, maximum=K, why=f"at most model.num_experts={K}")
-    gamma = validate_gamma(get_value(cfg, f"{prefix}.gamma"), f"{prefix}.gamma", shape.num_moe_layers)
-    k_min = get_int(cfg, f"{prefix}.k_min", minimum=1, maximum=K, why=f"at most model.num_experts={K}")
-    k_max = get_int(cfg, f"{prefix}.k_max", minimum=1, maximum=K, optional=True, why=f"at most model.num_experts={K}")
-    if k_max is not None and k_min > k_max:
-        raise ConfigError(f"{prefix}.k_min={k_min}: must be <= {prefix}.k_max={k_max}")
-    _check_policy_fits_channel(policy, f"{prefix}.policy", K, num_subcarriers, k_min)
-    lam = validate_lam(OmegaConf.select(cfg, f"{prefix}.lam", default=None), f"{prefix}.lam", policy)
-    # Checkpoints written before imperfect CSI existed have no outage_target: trust the estimate.
-    outage_target = None
-    if OmegaConf.select(cfg, f"{prefix}.outage_target", default=None) is not None:
-        outage_target = validate_outage_target(get_value(cfg, f"{prefix}.outage_target"), f"{prefix}.outage_target")
-    return {"policy": policy, "k": k, "gamma": gamma, "k_min": k_min, "k_max": k_max, "lam": lam, "outage_target": outage_target}
-
-
-def validate_lam(value: Any, key: str, policy: str | None = None) -> float | None:
-    """The Lagrange multiplier [1/J] of a policy that reads it (lagrangian): a number >= 0;
-    null for the others (absent in runs recorded before it existed)."""
-    needed = policy is not None and "lam" in get_policy(policy).params
-    if value is None:
-        if needed:
-            raise ConfigError(f"{key}=null: policy {policy!r} needs its multiplier, a number >= 0 (relevance per joule, 1/J)")
-        return None
-    try:
-        return check_lam(value, key)  # the rule lives with the router
-    except ValueError:
-        raise ConfigError(f"{key}={format_value(value)}: must be a number >= 0 (relevance per joule, 1/J) or null") from None
-
-
-def validate_outage_target(value: Any, key: str) -> float | None:
-    """null (plan on the channel estimate) or a probability in (0, 1)."""
-    if value is None:
-        return None
-    if not is_real(value) or not 0.0 < value < 1.0:
-        raise ConfigError(f"{key}={format_value(value)}: must be null (trust the channel estimate) or a probability in (0, 1)")
-    return float(value)
+    """:func:`load_router` as a dict of its fields."""
+    return load_router(cfg, prefix, shape, num_subcarriers, frame).as_dict()
 
 
 def check_policy_fits_frame(policy: str, key: str, frame: str) -> None:
@@ -656,67 +409,73 @@ def _check_policy_fits_channel(policy: str, key: str, num_experts: int, num_subc
         raise ConfigError(f"{key}={policy!r}: needs channel.num_subcarriers >= k_min (got {num_subcarriers} < {k_min})")
 
 
-def validate_train_config(cfg: DictConfig) -> None:
-    """Validate the whole train.yaml config; raises ConfigError on the first bad value."""
+def load_train_config(cfg: DictConfig) -> TrainRun:
+    """The whole train.yaml config, validated and typed; raises ConfigError on the first bad value."""
     check_keys(cfg, "", TRAIN_TOP_KEYS)
-    validate_runtime(cfg)
-    get_int(cfg, "seed", minimum=0)
-    validate_device(cfg)
-    get_bool(cfg, "progress")
-    validate_data(cfg, training=True)
-    shape = validate_model(cfg)
-    channel = channel_config(cfg)
-    validate_router(cfg, "router", shape, channel.num_subcarriers, channel.frame)
-    validate_router(cfg, "eval_router", shape, channel.num_subcarriers, channel.frame)
-    train_images, _ = split_sizes(DATASET_TRAIN_SIZES[cfg.data.name], cfg.data.val_size, cfg.data.limit_train)
+    runtime = runtime_settings(cfg)
+    seed = get_int(cfg, "seed", minimum=0)
+    device = validate_device(cfg)
+    progress = get_bool(cfg, "progress")
+    run = _load_model_run(cfg, seed, load_section(cfg, "data", DataConfig))
+    shape = run.model.shape(dataset_image_size(cfg)[0])
+    eval_router = load_router(cfg, "eval_router", shape, run.channel.num_subcarriers, run.channel.frame)
     terms = memory_terms(
         shape,
-        batch_size=cfg.data.batch_size,
-        images=train_images,
-        num_subcarriers=channel.num_subcarriers,
-        frame=channel.frame,
+        batch_size=run.data.batch_size,
+        images=run.data.train_images,
+        num_subcarriers=run.channel.num_subcarriers,
+        frame=run.channel.frame,
         training=True,
-        local_experts=runtime_settings(cfg).name == "local",
+        local_experts=runtime.name == "local",
     )
-    check_memory(terms, cfg.device, [cfg], "training")
-    check_keys(get_value(cfg, "train"), "train", TRAIN_KEYS)
-    get_int(cfg, "train.epochs", minimum=1)
-    # AdamW's first step moves a weight by lr / (1 - beta1) = 10 lr, a float32 scalar.
-    get_float(cfg, "train.lr", exclusive_minimum=0.0, maximum=MAX_LR, why="AdamW's first step, 10 lr, must be a float32")
-    get_float(cfg, "train.weight_decay", minimum=0.0)
-    get_float(cfg, "train.aux_loss_coef", minimum=0.0)
-    get_float(cfg, "train.z_loss_coef", minimum=0.0)
-    if OmegaConf.select(cfg, "train.energy_loss_coef", default=None) is not None:  # absent in older runs: 0
-        get_float(cfg, "train.energy_loss_coef", minimum=0.0)
-    if OmegaConf.select(cfg, "train.precision", default=None) is not None:  # absent in older runs: fp32
-        from ..moe import PRECISIONS
-
-        get_str(cfg, "train.precision", choices=tuple(PRECISIONS))
-    get_float(cfg, "train.grad_clip", exclusive_minimum=0.0, optional=True)
-    get_int(cfg, "train.warmup_steps", minimum=0)
-    get_int(cfg, "train.log_every", minimum=1)
-    get_int(cfg, "train.stop_after_epochs", minimum=1, optional=True)
-    get_bool(cfg, "resume_force")
-    if get_str(cfg, "resume", optional=True) is not None:
+    check_memory(terms, device, [cfg], "training")
+    train = load_section(cfg, "train", TrainConfig)
+    resume_force = get_bool(cfg, "resume_force")
+    resume = get_str(cfg, "resume", optional=True)
+    if resume is not None:
         checkpoint_file(resume_path(cfg), key="resume")
+    return replace(
+        run,
+        eval_router=eval_router,
+        train=train,
+        runtime=runtime,
+        device=device,
+        progress=progress,
+        resume=resume,
+        resume_force=resume_force,
+    )
 
 
-def validate_runtime(cfg: DictConfig) -> None:
-    runtime_settings(cfg)
+validate_train_config = load_train_config
 
 
-def validate_checkpoint_config(cfg: DictConfig) -> None:
+def _load_model_run(cfg: DictConfig, seed: int, data: DataConfig) -> TrainRun:
+    """The model, the channel and the training router of ``cfg`` (with ``seed`` and ``data``)."""
+    model = load_model(cfg)
+    channel = channel_config(cfg)
+    shape = model.shape(dataset_image_size(cfg)[0])
+    router = load_router(cfg, "router", shape, channel.num_subcarriers, channel.frame)
+    return TrainRun(seed=seed, data=data, model=model, model_name=model_name(cfg), channel=channel, router=router)
+
+
+def load_checkpoint_config(cfg: DictConfig) -> TrainRun:
     """The parts of a checkpoint's training config that evaluate.py rebuilds: the seed, the
     dataset split, the model, the channel and the training router (only these, so that
-    checkpoints stay usable when train.yaml gains new keys)."""
-    get_int(cfg, "seed", minimum=0)
-    get_str(cfg, "data.name", choices=DATASETS)
-    get_int(cfg, "data.val_size", minimum=0)
-    get_int(cfg, "data.limit_train", minimum=1, optional=True)
-    get_bool(cfg, "data.augment")
-    shape = validate_model(cfg)
-    channel = channel_config(cfg)
-    validate_router(cfg, "router", shape, channel.num_subcarriers, channel.frame)
+    checkpoints stay usable when train.yaml gains new keys).  ``data.root`` is not checked
+    (evaluate.py's own replaces it); the other sections are None."""
+    seed = get_int(cfg, "seed", minimum=0)
+    section = get_value(cfg, "data")
+    # how the training run loaded its data is evaluate.py's own choice now: not checked
+    loading = {"root": ".", "batch_size": 1, "limit_test": None, "num_workers": 0}
+    split = OmegaConf.create({"data": {**section, **loading} if isinstance(section, dict) else section})
+    return _load_model_run(cfg, seed, load_section(split, "data", DataConfig))
+
+
+validate_checkpoint_config = load_checkpoint_config
+
+
+def validate_runtime(cfg: DictConfig) -> RuntimeSettings:
+    return runtime_settings(cfg)
 
 
 def resume_path(cfg: DictConfig) -> str | None:
@@ -724,13 +483,7 @@ def resume_path(cfg: DictConfig) -> str | None:
     return None if resume is None else _absolute(resume)
 
 
-def _absolute(path: str) -> str:
-    from hydra.utils import to_absolute_path
-
-    return to_absolute_path(os.path.expanduser(path))
-
-
-DEFAULT_DATA_ROOT = "data"
+_absolute = absolute_path
 
 
 def data_root(cfg: DictConfig) -> str:
@@ -775,13 +528,6 @@ TORCHRUN_HINT = (
     "torchrun --standalone --nproc-per-node=W+1 train.py (or evaluate.py) runtime=distributed, "
     "for 1 coordinator and W expert workers"
 )
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    name: str = "local"
-    backend: str = "auto"
-    timeout_s: float = 60.0
 
 
 def runtime_settings(cfg: DictConfig) -> RuntimeSettings:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from ..data import DATASET_TEST_SIZES
 from ..selection.policies import POLICY_TABLE, get_policy, policy_names
 from . import (
-    EVAL_KEYS,
+    ADDED_KEY_DEFAULTS,
     EVAL_TOP_KEYS,
     ConfigError,
     allowed_keys,
@@ -37,16 +37,16 @@ from . import (
     get_int,
     get_str,
     get_value,
+    load_section,
     memory_terms,
     runtime_settings,
-    validate_data,
     validate_device,
     validate_gamma,
     validate_lam,
     validate_model,
     validate_outage_target,
-    validate_runtime,
 )
+from .schema import EvalConfig, EvalDataConfig, EvalRun
 
 
 @dataclass(frozen=True)
@@ -95,29 +95,22 @@ def parse_policy(text: Any, key: str, *, num_experts: int, default_k: int) -> tu
     return name, int(k_text)
 
 
-def validate_eval_config(cfg: DictConfig) -> None:
+def validate_eval_config(cfg: DictConfig) -> EvalRun:
     """Validate evaluate.yaml's own keys (the checkpoint is checked by :func:`eval_policies`)."""
     check_keys(cfg, "", EVAL_TOP_KEYS)
-    validate_runtime(cfg)
-    get_str(cfg, "ckpt")
-    get_int(cfg, "seed", minimum=0, optional=True)
-    validate_device(cfg)
-    get_bool(cfg, "progress")
-    validate_data(cfg, training=False)
+    runtime = runtime_settings(cfg)
+    ckpt = get_str(cfg, "ckpt")
+    seed = get_int(cfg, "seed", minimum=0, optional=True)
+    device = validate_device(cfg)
+    progress = get_bool(cfg, "progress")
+    data = load_section(cfg, "data", EvalDataConfig)
+    channel = {}
     if "channel" in cfg:  # evaluation-time changes of the checkpoint's channel; values are checked once merged
-        check_keys(get_value(cfg, "channel") or {}, "channel", allowed_keys("train", "channel"))
-    check_keys(get_value(cfg, "eval"), "eval", EVAL_KEYS)
-    policies = get_value(cfg, "eval.policies")
-    if not isinstance(policies, list) or not policies:
-        raise ConfigError(f"eval.policies={format_value(policies)}: must be a non-empty list such as [topk@2, dense, des, jesa]")
-    gammas = get_value(cfg, "eval.gammas")
-    if not isinstance(gammas, list) or not gammas:
-        raise ConfigError(f"eval.gammas={format_value(gammas)}: must be a non-empty list of numbers in (0, 1]")
-    get_int(cfg, "eval.channel_draws", minimum=1)
-    k_min = get_int(cfg, "eval.k_min", minimum=1)
-    k_max = get_int(cfg, "eval.k_max", minimum=1, optional=True)
-    if k_max is not None and k_min > k_max:
-        raise ConfigError(f"eval.k_min={k_min}: must be <= eval.k_max={k_max}")
+        channel = get_value(cfg, "channel") or {}
+        check_keys(channel, "channel", allowed_keys("train", "channel"))
+    evaluation = load_section(cfg, "eval", EvalConfig)
+    overrides = {key: value for key, value in channel.items() if value is not None}
+    return EvalRun(ckpt, seed, device, progress, data, evaluation, runtime, overrides)
 
 
 def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | None = None) -> list[EvalPolicy]:
@@ -141,7 +134,7 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
             "probabilities in (0, 1), e.g. [null,0.05]"
         )
     targets = [validate_outage_target(q, f"eval.outage_targets[{i}]") for i, q in enumerate(targets_value)]
-    lams_value = get_value(cfg, "eval.lams") if "lams" in cfg.eval else []
+    lams_value = get_value(cfg, "eval.lams") if "lams" in cfg.eval else ADDED_KEY_DEFAULTS["eval.lams"]
     if not isinstance(lams_value, list):
         raise ConfigError(f"eval.lams={format_value(lams_value)}: must be a list of numbers >= 0 (1/J), e.g. [1e4,3e4]")
     lams = [validate_lam(v, f"eval.lams[{i}]") for i, v in enumerate(lams_value)]

@@ -4,31 +4,27 @@ checkpoint's config)."""
 
 from __future__ import annotations
 
-from typing import Any
+from omegaconf import DictConfig
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
-from ..config import channel_config, validate_model
+from ..config import channel_config, load_model, load_section, validate_model
 from ..config.eval import EvalPolicy
+from ..config.schema import RouterConfig
+from ..models import ModelConfig
 
 
 def router_specs(cfg: DictConfig, prefix: str, failure_energy: float) -> list:
     """One ``RouterSpec`` per MoE layer from ``cfg.<prefix>`` (gamma may differ per layer)."""
-    section = cfg[prefix]
-    num_layers = validate_model(cfg).num_moe_layers
-    return setting_specs(
-        EvalPolicy(
-            section.policy,
-            int(section.k),
-            _plain(section.gamma),
-            int(section.k_min),
-            _plain(section.k_max),
-            OmegaConf.select(section, "outage_target", default=None),
-            OmegaConf.select(section, "lam", default=None),
-        ),
-        num_layers,
-        failure_energy,
+    shape = validate_model(cfg)
+    router = load_section(
+        cfg, prefix, RouterConfig, num_experts=shape.num_experts, num_layers=shape.num_moe_layers, section=prefix
     )
+    return layer_specs(router, shape.num_moe_layers, failure_energy)
+
+
+def layer_specs(router: RouterConfig, num_layers: int, failure_energy: float) -> list:
+    """One ``RouterSpec`` per MoE layer of a validated router section."""
+    setting = EvalPolicy(router.policy, router.k, router.gamma, router.k_min, router.k_max, router.outage_target, router.lam)
+    return setting_specs(setting, num_layers, failure_energy)
 
 
 def setting_specs(setting: EvalPolicy, num_layers: int, failure_energy: float) -> list:
@@ -51,27 +47,12 @@ def setting_specs(setting: EvalPolicy, num_layers: int, failure_energy: float) -
     ]
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-def build_model(cfg: DictConfig, info):
-    """The classifier described by ``cfg.model`` for a dataset described by ``info`` (DataInfo)."""
-    model = _plain(cfg.model)
-    name = model.pop("name", "cnn")
-    if name == "convmoe":
-        from ..models.convmoe import ConvMoEClassifier
-
-        return ConvMoEClassifier(in_channels=info.in_channels, num_classes=info.num_classes, image_size=info.image_size, **model)
-    if name == "vmoe":
-        from ..models.vmoe import VMoEClassifier
-
-        return VMoEClassifier(in_channels=info.in_channels, num_classes=info.num_classes, image_size=info.image_size, **model)
-    from ..models import DMoEClassifier
-
-    return DMoEClassifier(in_channels=info.in_channels, num_classes=info.num_classes, image_size=info.image_size, **model)
+def build_model(model: DictConfig | ModelConfig, info):
+    """The classifier of a model config (a validated ``ModelConfig``, or a config whose
+    ``model`` section describes it) for a dataset described by ``info`` (DataInfo)."""
+    if not isinstance(model, ModelConfig):
+        model = load_model(model)
+    return model.build(info.in_channels, info.num_classes, info.image_size)
 
 
 def build_channel(cfg: DictConfig, seed: int | None = None):

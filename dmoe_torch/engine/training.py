@@ -25,14 +25,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ..channel.geometry import ADDED_CHANNEL_KEYS, ChannelConfig
 from ..channel.links import VAL_STREAM, eval_stream, layer_links, train_stream
-from ..config import ConfigError, resume_path, validate_train_config
+from ..config import ConfigError, load_train_config, resume_path
+from ..config.migration import ADDED_KEY_DEFAULTS
+from ..config.schema import TrainRun
 from ..moe import PRECISIONS, MetricAverager, MoELayer
 from ..output import report
 from ..runtime import attach_experts, clip_grad_norm
 from ..utils import atomic_write_json, atomic_write_text, derive_seed, device_label, resolve_device, seed_everything
-from .build import build_channel, build_model, router_specs
+from .build import build_channel, build_model, layer_specs
 from .checkpoint import CHECKPOINT_NAME, capture_rng_state, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint
 from .evaluation import combine_layers, dataset_and_info, evaluate_with_bar, routing_generator
 from .rundir import check_rerun_dir, check_run_dir_owner, lock_run_dir
@@ -57,23 +58,6 @@ RESUME_FREE_KEYS = (
     "runtime.backend",
     "runtime.timeout_s",
 )
-
-# Config keys added after runs may have been recorded, with the value their absence means, so
-# that rerunning an older run directory is not refused for a key it could not have had.
-ADDED_KEY_DEFAULTS = {
-    "model.link_dropout": 0.0,
-    "model.combine": "renormalized",
-    "model.balance_on": "selection",
-    "train.z_loss_coef": 0.0,
-    "train.energy_loss_coef": 0.0,
-    "train.precision": "fp32",
-    "model.channel_gate": False,
-    "router.lam": None,
-    "eval_router.lam": None,
-}
-
-# channel.model and its keys (docs/method.md, "Channel models"): absent means the rayleigh channel.
-ADDED_KEY_DEFAULTS.update({f"channel.{name}": getattr(ChannelConfig, name) for name in ADDED_CHANNEL_KEYS})
 
 
 def autocast(precision: str, device: torch.device):
@@ -358,252 +342,296 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> int:
     events to ``output_dir``.  Returns the process exit status: 0 when training finished,
     128 + signal number when stopped by SIGINT / SIGTERM (after saving a checkpoint).
     """
-    validate_train_config(cfg)
+    run = load_train_config(cfg)  # validated once; the steps below read it typed
     output_dir = Path(output_dir)
     lock_run_dir(output_dir)  # creates it; a second process on it stops here
     check_run_dir_owner(output_dir, "train")
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
-    ckpt_path = output_dir / CHECKPOINT_NAME
-    resume_from = resume_path(cfg) or (str(ckpt_path) if ckpt_path.is_file() else None)
-    checkpoint = load_checkpoint(resume_from, key="resume") if resume_from else None
-    # A rerun (or resume=PATH) must not change what the run computes, unless resume_force=true.
-    diffs = check_rerun_dir(
-        output_dir,
-        cfg,
-        free_keys=RESUME_FREE_KEYS,
-        added_defaults=ADDED_KEY_DEFAULTS,
-        checkpoint=checkpoint,
-        checkpoint_path=resume_from,
-    )
-    metrics_path = output_dir / "metrics.json"
-    # A rerun of a finished run redoes only the test; its TensorBoard points are there already.
-    logged_test = (
-        json.loads(metrics_path.read_text()).get("test")
-        if checkpoint is not None and metrics_path.is_file() and int(checkpoint["epoch"]) >= int(cfg.train.epochs)
-        else None
-    )
-
-    seed = int(cfg.seed)
-    seed_everything(seed)
-    device = resolve_device(cfg.device)
-    config_dict["device"] = device_label(device)  # config.yaml records the device used, not "auto"
-    train_ds, val_ds, test_ds, info = dataset_and_info(cfg, limit_train=cfg.data.limit_train)
-    from ..data import make_loader
-
-    batch_size = int(cfg.data.batch_size)
-    # BatchNorm cannot train on a batch of one image: drop the last batch only in that case.
-    drop_last = len(train_ds) % batch_size == 1
-    steps_per_epoch = len(train_ds) // batch_size + (0 if drop_last or len(train_ds) % batch_size == 0 else 1)
-    if steps_per_epoch < 1:  # validate_data refuses configs that leave one image; a smaller data file could
-        raise ConfigError(
-            f"data.root={cfg.data.root!r}: the training set has only {len(train_ds)} image(s); a batch of "
-            "one image cannot train (BatchNorm needs two)"
-        )
-    epochs = int(cfg.train.epochs)
-
-    model = build_model(cfg, info).to(device)
-    channel = build_channel(cfg)
-    specs = router_specs(cfg, "router", channel.failure_energy_j)
-    eval_specs = router_specs(cfg, "eval_router", channel.failure_energy_j)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(epochs * steps_per_epoch, int(cfg.train.warmup_steps)))
-    # Generators whose state a mid-epoch checkpoint records; "router" (random routing) is
-    # created per epoch below.
-    generators = {"augment": train_ds.generator}
-
-    start_epoch, global_step = 0, 0
-    history: list[dict[str, Any]] = []
-    progress = EpochProgress()
-    epoch_time_before = 0.0  # seconds the epoch in progress ran before an interruption
-    if checkpoint is not None:
-        load_model_state(model, checkpoint["model"], key="resume")
-        if diffs:
-            log.warning(
-                "resuming %s with a different config (resume_force=true: %s); the result will differ from an uninterrupted run",
-                resume_from,
-                "; ".join(diffs),
-            )
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch, global_step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
-        history = list(checkpoint["metrics"].get("history", []))
-        if checkpoint["step_in_epoch"]:
-            progress = EpochProgress.from_state_dict(checkpoint["metrics"]["epoch_progress"])
-            epoch_time_before = float(checkpoint["metrics"].get("epoch_elapsed_s", 0.0))
-        log.info("Resuming from %s at epoch %d, step %d", resume_from, start_epoch + 1, checkpoint["step_in_epoch"])
-    attach_experts(model, optimizer, payload_bits=channel.payload_bits)  # runtime=distributed: experts to the workers
-
-    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(config_dict))
-    from torch.utils.tensorboard import SummaryWriter
-
-    # TensorBoard drops the events of earlier writers from purge_step on: those a killed run logged
-    # after its checkpoint (which holds every point up to its global_step, the epoch-end ones
-    # included), or all of them when the run starts afresh (a run that failed before saving).
-    if checkpoint is not None:
-        purge_step = global_step + 1
-    else:
-        purge_step = 0 if any(output_dir.glob("events.out.tfevents.*")) else None
-    writer = SummaryWriter(log_dir=str(output_dir), purge_step=purge_step)
-    val_loader = make_loader(val_ds, batch_size, shuffle=False, seed=seed, num_workers=int(cfg.data.num_workers))
-    val_metrics: dict[str, Any] = history[-1]["val"] if history else {}
-
-    def save(epoch: int, step_in_epoch: int, progress_state: dict | None) -> None:
-        metrics = {"history": history}
-        if progress_state is not None:
-            metrics["epoch_progress"] = progress_state
-            metrics["epoch_elapsed_s"] = epoch_time_before + time.perf_counter() - epoch_start
-        save_checkpoint(
-            ckpt_path,
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            epoch=epoch,
-            step_in_epoch=step_in_epoch,
-            global_step=global_step,
-            config=config_dict,
-            metrics=metrics,
-            rng=capture_rng_state(generators),
-        )
-
-    show = bool(cfg.progress)
-    stop_after = cfg.train.stop_after_epochs
-    precision = OmegaConf.select(cfg, "train.precision", default="fp32")  # absent in older runs: fp32
-    if checkpoint is not None and not progress.steps:
-        # At an epoch boundary nothing below draws from the global RNGs before the loop does.
-        restore_rng_state(checkpoint["rng"], generators)
+    session = TrainingSession(cfg, run, output_dir)
+    session.build()
+    session.restore()
+    session.open_writer()
     try:
         with StopSignal() as stop:
-            for epoch in range(start_epoch, epochs):
-                epoch_start = time.perf_counter()
-                train_ds.generator.manual_seed(derive_seed(seed, "augment", epoch))
-                generators["router"] = routing_generator(seed, train_stream(epoch))
-                loader = make_loader(
-                    train_ds,
-                    batch_size,
-                    shuffle=True,
-                    seed=derive_seed(seed, "shuffle", epoch),
-                    num_workers=int(cfg.data.num_workers),
-                    drop_last=drop_last,
-                )
-                batches = iter(loader)
-                if progress.steps:  # mid-epoch resume: replay the batch order, then the RNG states
-                    for _ in range(progress.steps):
-                        next(batches)
-                    restore_rng_state(checkpoint["rng"], generators)
-                bar = tqdm(
-                    total=steps_per_epoch,
-                    initial=progress.steps,
-                    desc=f"epoch {epoch + 1}/{epochs}",
-                    disable=not show,
-                    leave=False,
-                    dynamic_ncols=True,
-                )
-                step_logger = _StepLogger(writer, bar, scheduler, int(cfg.train.log_every), global_step)
-                finished = train_one_epoch(
-                    model,
-                    batches,
-                    optimizer,
-                    scheduler,
-                    channel=channel,
-                    specs=specs,
-                    stream=train_stream(epoch),
-                    device=device,
-                    aux_loss_coef=float(cfg.train.aux_loss_coef),
-                    grad_clip=None if cfg.train.grad_clip is None else float(cfg.train.grad_clip),
-                    z_loss_coef=float(OmegaConf.select(cfg, "train.z_loss_coef", default=0.0)),
-                    energy_loss_coef=float(OmegaConf.select(cfg, "train.energy_loss_coef", default=0.0)),
-                    precision=precision,
-                    generator=generators["router"],
-                    progress=progress,
-                    stop=stop,
-                    on_step=step_logger,
-                )
-                bar.close()
-                global_step = step_logger.global_step
-                if not finished:
-                    save(epoch, progress.steps, progress.state_dict())
-                    return _interrupted(stop, ckpt_path, epoch, progress.steps)
-                step_logger.flush(progress)
+            for epoch in range(session.start_epoch, run.train.epochs):
+                status = session.train_epoch(epoch, stop)
+                if status is not None:
+                    return status
+            return session.test()
+    finally:
+        session.writer.close()
 
-                train_summary = progress.summary(model.tokens_per_input)
-                with autocast(precision, device), DivergenceWatch(model, f"in the validation after epoch {epoch + 1}"):
-                    val_metrics = (
-                        evaluate_with_bar(
-                            model,
-                            val_loader,
-                            desc="validation",
-                            show=show,
-                            seed=seed,
-                            stream=VAL_STREAM,
-                            channel=channel,
-                            specs=eval_specs,
-                            device=device,
-                        )
-                        if len(val_ds)
-                        else {}
-                    )
-                record = {
-                    "epoch": epoch + 1,
-                    "global_step": global_step,
-                    "lr": scheduler.get_last_lr()[0],
-                    "train": train_summary,
-                    "val": val_metrics,
-                    "epoch_time_s": epoch_time_before + time.perf_counter() - epoch_start,  # all invocations
-                }
-                history.append(record)
-                report.log_epoch(writer, record, global_step)
-                log.info(epoch_line(record, epochs))
-                progress, epoch_time_before = EpochProgress(), 0.0
-                save(epoch + 1, 0, None)
-                if stop.requested:
-                    return _interrupted(stop, ckpt_path, epoch + 1, 0)
-                if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < epochs:
-                    log.info(
-                        "Stopping after epoch %d of %d (train.stop_after_epochs=%d); checkpoint saved to %s; "
-                        "run again to continue.",
-                        epoch + 1,
-                        epochs,
-                        stop_after,
-                        ckpt_path,
-                    )
-                    return 0
 
-            # A signal from here on lets the test evaluation finish (seconds); the checkpoint is saved.
-            test_loader = make_loader(test_ds, batch_size, shuffle=False, seed=seed, num_workers=int(cfg.data.num_workers))
-            with autocast(precision, device), DivergenceWatch(model, "in the test after the last epoch"):
-                test_metrics = evaluate_with_bar(
-                    model,
-                    test_loader,
-                    desc="test",
-                    show=show,
-                    seed=seed,
-                    stream=eval_stream(0),
-                    channel=channel,
-                    specs=eval_specs,
-                    device=device,
+class TrainingSession:
+    """The state of one train.py run and its steps, in the order :func:`fit` calls them:
+    :meth:`build` (data, model, channel, optimizer), :meth:`restore` (from a checkpoint),
+    :meth:`open_writer` (config.yaml, TensorBoard), :meth:`train_epoch` per epoch (train,
+    validate, save), :meth:`test`."""
+
+    def __init__(self, cfg: DictConfig, run: TrainRun, output_dir: Path) -> None:
+        self.cfg, self.run, self.output_dir = cfg, run, output_dir
+        self.config_dict = OmegaConf.to_container(cfg, resolve=True)
+        self.ckpt_path = output_dir / CHECKPOINT_NAME
+        self.metrics_path = output_dir / "metrics.json"
+        self.resume_from = resume_path(cfg) or (str(self.ckpt_path) if self.ckpt_path.is_file() else None)
+        self.checkpoint = load_checkpoint(self.resume_from, key="resume") if self.resume_from else None
+        # A rerun (or resume=PATH) must not change what the run computes, unless resume_force=true.
+        self.diffs = check_rerun_dir(
+            output_dir,
+            cfg,
+            free_keys=RESUME_FREE_KEYS,
+            added_defaults=ADDED_KEY_DEFAULTS,
+            checkpoint=self.checkpoint,
+            checkpoint_path=self.resume_from,
+        )
+        # A rerun of a finished run redoes only the test; its TensorBoard points are there already.
+        finished = self.checkpoint is not None and int(self.checkpoint["epoch"]) >= run.train.epochs
+        self.logged_test = (
+            json.loads(self.metrics_path.read_text()).get("test") if finished and self.metrics_path.is_file() else None
+        )
+        self.start_epoch, self.global_step = 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.progress = EpochProgress()
+        self.epoch_time_before = 0.0  # seconds the epoch in progress ran before an interruption
+        self.epoch_start = 0.0
+
+    def build(self) -> None:
+        """Seed, then the datasets, the model, the channel, the router specs and the optimizer."""
+        run = self.run
+        seed_everything(run.seed)
+        self.device = resolve_device(run.device)
+        self.config_dict["device"] = device_label(self.device)  # config.yaml records the device used, not "auto"
+        self.train_ds, self.val_ds, self.test_ds, info = dataset_and_info(self.cfg, limit_train=run.data.limit_train)
+        batch_size = run.data.batch_size
+        # BatchNorm cannot train on a batch of one image: drop the last batch only in that case.
+        self.drop_last = len(self.train_ds) % batch_size == 1
+        remainder = 0 if self.drop_last or len(self.train_ds) % batch_size == 0 else 1
+        self.steps_per_epoch = len(self.train_ds) // batch_size + remainder
+        if self.steps_per_epoch < 1:  # the config check refuses configs that leave one image; a smaller data file could
+            raise ConfigError(
+                f"data.root={run.data.root!r}: the training set has only {len(self.train_ds)} image(s); a batch of "
+                "one image cannot train (BatchNorm needs two)"
+            )
+        self.model = build_model(run.model, info).to(self.device)
+        self.channel = build_channel(self.cfg)
+        num_layers = self.model.num_moe_layers
+        self.specs = layer_specs(run.router, num_layers, self.channel.failure_energy_j)
+        self.eval_specs = layer_specs(run.eval_router, num_layers, self.channel.failure_energy_j)
+        train = run.train
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(train.lr), weight_decay=float(train.weight_decay))
+        total_steps = train.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total_steps, train.warmup_steps))
+        # Generators whose state a mid-epoch checkpoint records; "router" (random routing) is
+        # created per epoch.
+        self.generators = {"augment": self.train_ds.generator}
+
+    def restore(self) -> None:
+        """Continue from the checkpoint, if any; then hand the experts to the runtime."""
+        checkpoint = self.checkpoint
+        if checkpoint is not None:
+            load_model_state(self.model, checkpoint["model"], key="resume")
+            if self.diffs:
+                log.warning(
+                    "resuming %s with a different config (resume_force=true: %s); the result will differ from an "
+                    "uninterrupted run",
+                    self.resume_from,
+                    "; ".join(self.diffs),
                 )
-            results = {
-                "epochs_completed": epochs,
-                "global_step": global_step,
-                "val": val_metrics,
-                "test": test_metrics,
-                "train_router": OmegaConf.to_container(cfg.router, resolve=True),
-                "eval_router": OmegaConf.to_container(cfg.eval_router, resolve=True),
-                "history": history,
-            }
-            atomic_write_json(metrics_path, results)
-            if json.loads(json.dumps(test_metrics)) != logged_test:  # else the same points are in TensorBoard already
-                report.log_scalars(writer, "test", test_metrics, global_step)
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.start_epoch, self.global_step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
+            self.history = list(checkpoint["metrics"].get("history", []))
+            if checkpoint["step_in_epoch"]:
+                self.progress = EpochProgress.from_state_dict(checkpoint["metrics"]["epoch_progress"])
+                self.epoch_time_before = float(checkpoint["metrics"].get("epoch_elapsed_s", 0.0))
+            log.info("Resuming from %s at epoch %d, step %d", self.resume_from, self.start_epoch + 1, checkpoint["step_in_epoch"])
+        # runtime=distributed: experts to the workers
+        attach_experts(self.model, self.optimizer, payload_bits=self.channel.payload_bits)
+
+    def open_writer(self) -> None:
+        """config.yaml, the TensorBoard writer and the validation loader."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        from ..data import make_loader
+
+        atomic_write_text(self.output_dir / "config.yaml", OmegaConf.to_yaml(self.config_dict))
+        # TensorBoard drops the events of earlier writers from purge_step on: those a killed run logged
+        # after its checkpoint (which holds every point up to its global_step, the epoch-end ones
+        # included), or all of them when the run starts afresh (a run that failed before saving).
+        if self.checkpoint is not None:
+            purge_step = self.global_step + 1
+        else:
+            purge_step = 0 if any(self.output_dir.glob("events.out.tfevents.*")) else None
+        self.writer = SummaryWriter(log_dir=str(self.output_dir), purge_step=purge_step)
+        data = self.run.data
+        self.val_loader = make_loader(
+            self.val_ds, data.batch_size, shuffle=False, seed=self.run.seed, num_workers=data.num_workers
+        )
+        self.val_metrics: dict[str, Any] = self.history[-1]["val"] if self.history else {}
+        if self.checkpoint is not None and not self.progress.steps:
+            # At an epoch boundary nothing below draws from the global RNGs before the loop does.
+            restore_rng_state(self.checkpoint["rng"], self.generators)
+
+    def save(self, epoch: int, step_in_epoch: int, progress_state: dict | None) -> None:
+        metrics: dict[str, Any] = {"history": self.history}
+        if progress_state is not None:
+            metrics["epoch_progress"] = progress_state
+            metrics["epoch_elapsed_s"] = self.epoch_time_before + time.perf_counter() - self.epoch_start
+        save_checkpoint(
+            self.ckpt_path,
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            epoch=epoch,
+            step_in_epoch=step_in_epoch,
+            global_step=self.global_step,
+            config=self.config_dict,
+            metrics=metrics,
+            rng=capture_rng_state(self.generators),
+        )
+
+    def epoch_batches(self, epoch: int):
+        """The epoch's shuffled batches, its routing generator seeded; after a mid-epoch
+        resume the batches already trained are skipped and the RNG states restored."""
+        from ..data import make_loader
+
+        seed = self.run.seed
+        self.train_ds.generator.manual_seed(derive_seed(seed, "augment", epoch))
+        self.generators["router"] = routing_generator(seed, train_stream(epoch))
+        loader = make_loader(
+            self.train_ds,
+            self.run.data.batch_size,
+            shuffle=True,
+            seed=derive_seed(seed, "shuffle", epoch),
+            num_workers=self.run.data.num_workers,
+            drop_last=self.drop_last,
+        )
+        batches = iter(loader)
+        if self.progress.steps:  # mid-epoch resume: replay the batch order, then the RNG states
+            for _ in range(self.progress.steps):
+                next(batches)
+            restore_rng_state(self.checkpoint["rng"], self.generators)
+        return batches
+
+    def train_epoch(self, epoch: int, stop: StopSignal) -> int | None:
+        """Train, validate and save one epoch; an exit status when the run stops here, else None."""
+        run, train = self.run, self.run.train
+        self.epoch_start = time.perf_counter()
+        batches = self.epoch_batches(epoch)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.progress.steps,
+            desc=f"epoch {epoch + 1}/{train.epochs}",
+            disable=not run.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        step_logger = _StepLogger(self.writer, bar, self.scheduler, train.log_every, self.global_step)
+        finished = train_one_epoch(
+            self.model,
+            batches,
+            self.optimizer,
+            self.scheduler,
+            channel=self.channel,
+            specs=self.specs,
+            stream=train_stream(epoch),
+            device=self.device,
+            aux_loss_coef=float(train.aux_loss_coef),
+            grad_clip=None if train.grad_clip is None else float(train.grad_clip),
+            z_loss_coef=float(train.z_loss_coef),
+            energy_loss_coef=float(train.energy_loss_coef),
+            precision=train.precision,
+            generator=self.generators["router"],
+            progress=self.progress,
+            stop=stop,
+            on_step=step_logger,
+        )
+        bar.close()
+        self.global_step = step_logger.global_step
+        if not finished:
+            self.save(epoch, self.progress.steps, self.progress.state_dict())
+            return _interrupted(stop, self.ckpt_path, epoch, self.progress.steps)
+        step_logger.flush(self.progress)
+        self.record_epoch(epoch)
+        if stop.requested:
+            return _interrupted(stop, self.ckpt_path, epoch + 1, 0)
+        stop_after = train.stop_after_epochs
+        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < train.epochs:
             log.info(
-                "test accuracy %.4f, energy %.2f uJ/input (%s); outputs in %s",
-                test_metrics["accuracy"],
-                test_metrics["energy_uj"],
-                cfg.eval_router.policy,
-                output_dir,
+                "Stopping after epoch %d of %d (train.stop_after_epochs=%d); checkpoint saved to %s; run again to continue.",
+                epoch + 1,
+                train.epochs,
+                stop_after,
+                self.ckpt_path,
             )
             return 0
-    finally:
-        writer.close()
+        return None
+
+    def record_epoch(self, epoch: int) -> None:
+        """Validate after a finished epoch, log its record and save the checkpoint."""
+        train_summary = self.progress.summary(self.model.tokens_per_input)
+        with (
+            autocast(self.run.train.precision, self.device),
+            DivergenceWatch(self.model, f"in the validation after epoch {epoch + 1}"),
+        ):
+            self.val_metrics = self.evaluate(self.val_loader, "validation", VAL_STREAM) if len(self.val_ds) else {}
+        record = {
+            "epoch": epoch + 1,
+            "global_step": self.global_step,
+            "lr": self.scheduler.get_last_lr()[0],
+            "train": train_summary,
+            "val": self.val_metrics,
+            "epoch_time_s": self.epoch_time_before + time.perf_counter() - self.epoch_start,  # all invocations
+        }
+        self.history.append(record)
+        report.log_epoch(self.writer, record, self.global_step)
+        log.info(epoch_line(record, self.run.train.epochs))
+        self.progress, self.epoch_time_before = EpochProgress(), 0.0
+        self.save(epoch + 1, 0, None)
+
+    def evaluate(self, loader, desc: str, stream: int) -> dict[str, Any]:
+        return evaluate_with_bar(
+            self.model,
+            loader,
+            desc=desc,
+            show=self.run.progress,
+            seed=self.run.seed,
+            stream=stream,
+            channel=self.channel,
+            specs=self.eval_specs,
+            device=self.device,
+        )
+
+    def test(self) -> int:
+        """The test evaluation after the last epoch; writes metrics.json.  A signal from here on
+        lets it finish (seconds); the checkpoint is saved."""
+        from ..data import make_loader
+
+        run, cfg = self.run, self.cfg
+        test_loader = make_loader(
+            self.test_ds, run.data.batch_size, shuffle=False, seed=run.seed, num_workers=run.data.num_workers
+        )
+        with autocast(run.train.precision, self.device), DivergenceWatch(self.model, "in the test after the last epoch"):
+            test_metrics = self.evaluate(test_loader, "test", eval_stream(0))
+        results = {
+            "epochs_completed": run.train.epochs,
+            "global_step": self.global_step,
+            "val": self.val_metrics,
+            "test": test_metrics,
+            "train_router": OmegaConf.to_container(cfg.router, resolve=True),
+            "eval_router": OmegaConf.to_container(cfg.eval_router, resolve=True),
+            "history": self.history,
+        }
+        atomic_write_json(self.metrics_path, results)
+        if json.loads(json.dumps(test_metrics)) != self.logged_test:  # else the same points are in TensorBoard already
+            report.log_scalars(self.writer, "test", test_metrics, self.global_step)
+        log.info(
+            "test accuracy %.4f, energy %.2f uJ/input (%s); outputs in %s",
+            test_metrics["accuracy"],
+            test_metrics["energy_uj"],
+            run.eval_router.policy,
+            self.output_dir,
+        )
+        return 0
 
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:

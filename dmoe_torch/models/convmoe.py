@@ -15,13 +15,60 @@ tokens of the batch in one call, each on its own channel draw (frame id
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from ..moe import MoELayer, RouterSpec, check_positive_int
-from .cnn import ModelOutput, check_routing_inputs
+from ..moe import MoELayer, RouterSpec
+from ..utils import ConfigError, check_int
+from .common import ModelConfig, ModelOutput, ModelShape, check_dataset_dims, layer_inputs
 
-__all__ = ["ConvMoEClassifier"]
+__all__ = ["ConvMoEConfig", "ConvMoEClassifier"]
+
+
+@dataclass(frozen=True)
+class ConvMoEConfig(ModelConfig):
+    """``model=convmoe`` (conf/model/convmoe.yaml): the fields of ModelConfig and
+
+    depth        mixer blocks, each followed by an MoE layer (depth MoE layers)
+    kernel_size  of the depthwise token-mixing convs (odd: a centred conv)
+    """
+
+    layers_key: ClassVar[str] = "model.depth"
+
+    depth: int = 2
+    kernel_size: int = 3
+
+    def check_fields(self) -> None:
+        check_int(self.depth, "model.depth", minimum=1)
+        check_int(self.kernel_size, "model.kernel_size", minimum=1)
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"model.kernel_size={self.kernel_size}: must be odd (a centred depthwise conv)")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.depth
+
+    def check_image_size(self, image_size: int, source: str = "") -> None:
+        if image_size % 4:
+            of = f" of {source}" if source else ""
+            raise ConfigError(
+                f"model.name=convmoe: the image size {image_size}{of} must be divisible by 4 (the stem's two 2x poolings)"
+            )
+
+    def shape(self, image_size: int | None) -> ModelShape:
+        return ModelShape(
+            self.num_experts,
+            self.depth,
+            self.d_model,
+            self.hidden_mult,
+            layers_key=self.layers_key,
+            tokens_per_input=(image_size or 4) ** 2 // 16,
+            block_params=self.depth * self.d_model * self.kernel_size**2,
+            block_keys=("model.depth", "model.d_model", "model.kernel_size"),
+        )
 
 
 def _conv_pool_block(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -57,62 +104,29 @@ class ConvMoEClassifier(nn.Module):
     """Token-level DMoE classifier with a CNN stem.
 
     in_channels, num_classes, image_size  from the dataset (image_size: H = W, divisible by 4)
-    d_model      channels of the feature map = token width (the hidden state sent to an expert)
-    num_experts  K experts per MoE layer (device k hosts expert k of every layer)
-    depth        mixer blocks, each followed by an MoE layer (depth MoE layers)
-    hidden_mult  expert hidden width = hidden_mult * d_model
-    kernel_size  of the depthwise token-mixing convs (odd)
-    link_dropout training-time link dropout of every MoE layer (see MoELayer)
-    combine, balance_on  the MoE layers' combine rule and load-balancing mask (see MoELayer)
-    channel_gate the learned channel-aware gate in every MoE layer (see MoELayer)
+    config   a ConvMoEConfig, or its fields as keyword arguments (d_model: channels of the
+             feature map = token width; depth, kernel_size and those of ModelConfig)
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        image_size: int,
-        d_model: int = 64,
-        num_experts: int = 8,
-        depth: int = 2,
-        hidden_mult: int = 2,
-        kernel_size: int = 3,
-        link_dropout: float = 0.0,
-        combine: str = "renormalized",
-        balance_on: str = "selection",
-        channel_gate: bool = False,
+        self, in_channels: int, num_classes: int, image_size: int, config: ConvMoEConfig | None = None, **fields
     ) -> None:
         super().__init__()
-        for key, value in (
-            ("model.in_channels", in_channels),
-            ("model.num_classes", num_classes),
-            ("model.image_size", image_size),
-            ("model.d_model", d_model),
-            ("model.num_experts", num_experts),
-            ("model.depth", depth),
-            ("model.hidden_mult", hidden_mult),
-            ("model.kernel_size", kernel_size),
-        ):
-            check_positive_int(key, value)
-        if image_size % 4:
-            raise ValueError(f"model.image_size={image_size} must be divisible by 4 (two 2x poolings)")
-        if kernel_size % 2 == 0:
-            raise ValueError(f"model.kernel_size={kernel_size} must be odd (a centred depthwise conv)")
-        self.num_experts = num_experts
-        self.num_moe_layers = depth
+        config = config or ConvMoEConfig(**fields)
+        check_dataset_dims(in_channels, num_classes, image_size)
+        config.check_image_size(image_size)
+        self.config = config
+        d_model = config.d_model
+        self.num_experts = config.num_experts
+        self.num_moe_layers = config.depth
         self.tokens_per_input = (image_size // 4) ** 2
         self.stem = nn.Sequential(*_conv_pool_block(in_channels, 32), *_conv_pool_block(32, d_model))
-        self.mixers = nn.ModuleList(MixerBlock(d_model, kernel_size) for _ in range(depth))
+        self.mixers = nn.ModuleList(MixerBlock(d_model, config.kernel_size) for _ in range(config.depth))
         # channels_last convolutions run ~1.5x faster on CPU (oneDNN) than NCHW ones, and
         # make the [B, d, h, w] -> [B*h*w, d] token view a free reshape.
         self.stem.to(memory_format=torch.channels_last)
         self.mixers.to(memory_format=torch.channels_last)
-        self.moe_layers = nn.ModuleList(
-            MoELayer(
-                d_model, num_experts, hidden_mult, link_dropout, combine=combine, balance_on=balance_on, channel_gate=channel_gate
-            )
-            for _ in range(depth)
-        )
+        self.moe_layers = nn.ModuleList(MoELayer(d_model, config.num_experts, **config.moe_kwargs()) for _ in range(config.depth))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)
 
@@ -129,16 +143,17 @@ class ConvMoEClassifier(nn.Module):
         frames one ``moe.FrameLinks`` [B, K, N] per layer (the image's tokens share it); specs: one RouterSpec
         per MoE layer; delivered: None (perfect CSI) or one bool tensor [B*T, K, N] per MoE
         layer (see MoELayer.forward).  Selections in the output have B*T rows in that order."""
-        check_routing_inputs(x, costs, specs, self.num_moe_layers)
+        inputs = layer_inputs(x, costs, specs, delivered, self.num_moe_layers)
         fmap = self.stem(x.contiguous(memory_format=torch.channels_last))
         B, d, h, w = fmap.shape
         results = []
-        for mixer, moe, layer_costs, spec, layer_delivered in zip(
-            self.mixers, self.moe_layers, costs, specs, delivered or [None] * len(costs), strict=True
-        ):
+        for mixer, moe, (layer_costs, spec, layer_delivered) in zip(self.mixers, self.moe_layers, inputs, strict=True):
             fmap = mixer(fmap)
             tokens = fmap.permute(0, 2, 3, 1).reshape(B * h * w, d)  # row b*T + t, t = i*w + j
             results.append(moe(tokens, layer_costs, spec, generator=generator, delivered=layer_delivered))
             fmap = results[-1].out.view(B, h, w, d).permute(0, 3, 1, 2)  # back to [B, d, h, w], channels_last
         pooled = self.norm(fmap.permute(0, 2, 3, 1).reshape(B, h * w, d)).mean(1)
         return ModelOutput.from_layers(self.head(pooled), results)
+
+
+ConvMoEConfig.classifier = ConvMoEClassifier

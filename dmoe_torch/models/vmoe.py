@@ -14,15 +14,90 @@ channel draw (frame id ``sample_id * T + token``, see ``tokens_per_input``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from ..moe import Expert, MoELayer, RouterSpec, check_positive_int
-from .cnn import ModelOutput, check_routing_inputs
+from ..moe import Expert, MoELayer, RouterSpec
+from ..utils import ConfigError, check_bool, check_int, check_str
+from .common import ModelConfig, ModelOutput, ModelShape, check_dataset_dims, layer_inputs
 
-__all__ = ["VMoEClassifier", "STEMS"]
+__all__ = ["VMoEConfig", "VMoEClassifier", "STEMS"]
 
 STEMS = ("conv", "conv2", "linear")
+
+
+@dataclass(frozen=True)
+class VMoEConfig(ModelConfig):
+    """``model=vmoe`` (conf/model/vmoe.yaml): the fields of ModelConfig and
+
+    depth        transformer blocks
+    moe_every    every moe_every-th block is an MoE block (depth // moe_every of them)
+    num_heads    attention heads (must divide d_model)
+    patch_size   P: tokens = (image_size / P)^2 (+1 with a class token)
+    class_token  prepend a learned class token and classify from it (else: mean of the tokens)
+    stem         "conv": a 3x3 conv-BN-GELU layer (d_model / 2 channels) before the patch
+                 embedding; "conv2": that layer, then a stride-2 3x3 conv-BN-GELU (d_model
+                 channels), and patches of patch_size / 2 on the half-size map (the same tokens;
+                 patch_size must be even); "linear": patch embedding of the raw pixels only
+    """
+
+    layers_key: ClassVar[str] = "model.depth"
+
+    depth: int = 4
+    moe_every: int = 2
+    num_heads: int = 4
+    patch_size: int = 4
+    class_token: bool = False
+    stem: str = "conv"
+
+    def check_fields(self) -> None:
+        depth = check_int(self.depth, "model.depth", minimum=1)
+        why = f"at most model.depth={depth}, else no block is an MoE block"
+        check_int(self.moe_every, "model.moe_every", minimum=1, maximum=depth, why=why)
+        check_int(self.num_heads, "model.num_heads", minimum=1)
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"model.num_heads={self.num_heads}: must divide model.d_model={self.d_model}")
+        check_int(self.patch_size, "model.patch_size", minimum=1)
+        check_bool(self.class_token, "model.class_token")
+        if check_str(self.stem, "model.stem", choices=STEMS) == "conv2" and self.patch_size % 2:
+            raise ConfigError(
+                f"model.patch_size={self.patch_size}: must be even with model.stem=conv2 (its stride-2 conv halves the image)"
+            )
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.depth // self.moe_every
+
+    def check_image_size(self, image_size: int, source: str = "") -> None:
+        if image_size % self.patch_size:
+            divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
+            of = f" of {source}" if source else ""
+            raise ConfigError(
+                f"model.patch_size={self.patch_size}: must divide the image size {image_size}{of} "
+                f"(one of {', '.join(map(str, divisors))})"
+            )
+
+    def tokens_per_input(self, image_size: int | None) -> int:
+        return ((image_size or self.patch_size) // self.patch_size) ** 2 + int(self.class_token)
+
+    def shape(self, image_size: int | None) -> ModelShape:
+        d, L, tokens = self.d_model, self.num_moe_layers, self.tokens_per_input(image_size)
+        # attention (4 d^2) in every block, a dense MLP in the blocks without experts
+        return ModelShape(
+            self.num_experts,
+            L,
+            d,
+            self.hidden_mult,
+            layers_key=self.layers_key,
+            tokens_per_input=tokens,
+            block_params=self.depth * 4 * d**2 + (self.depth - L) * 2 * self.hidden_mult * d**2,
+            block_keys=("model.depth", "model.d_model"),
+            blocks=self.depth,
+            attention_per_block=self.num_heads * tokens**2,
+        )
 
 
 def _conv_bn_gelu(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:
@@ -93,74 +168,22 @@ class VMoEClassifier(nn.Module):
     """Token-level DMoE classifier.
 
     in_channels, num_classes, image_size  from the dataset (image_size: H = W)
-    d_model      token width (the hidden state sent to an expert)
-    num_experts  K experts per MoE block (device k hosts expert k of every block)
-    depth        transformer blocks
-    moe_every    every moe_every-th block is an MoE block (depth // moe_every of them)
-    num_heads    attention heads (must divide d_model)
-    patch_size   P: tokens = (image_size / P)^2 (+1 with a class token)
-    hidden_mult  MLP / expert hidden width = hidden_mult * d_model
-    class_token  prepend a learned class token and classify from it (else: mean of the tokens)
-    link_dropout training-time link dropout of every MoE block (see MoELayer)
-    combine      combine rule of every MoE block (moe.COMBINE_RULES, see MoELayer)
-    balance_on   what the load-balancing loss counts (moe.BALANCE_ON, see MoELayer)
-    channel_gate the learned channel-aware gate in every MoE layer (see MoELayer)
-    stem         "conv": a 3x3 conv-BN-GELU layer (d_model / 2 channels) before the patch
-                 embedding; "conv2": that layer, then a stride-2 3x3 conv-BN-GELU (d_model
-                 channels), and patches of patch_size / 2 on the half-size map (the same tokens;
-                 patch_size must be even); "linear": patch embedding of the raw pixels only
+    config   a VMoEConfig, or its fields as keyword arguments (d_model: token width; depth,
+             moe_every, num_heads, patch_size, class_token, stem and those of ModelConfig)
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        image_size: int,
-        d_model: int = 64,
-        num_experts: int = 8,
-        depth: int = 4,
-        moe_every: int = 2,
-        num_heads: int = 4,
-        patch_size: int = 4,
-        hidden_mult: int = 2,
-        class_token: bool = False,
-        stem: str = "conv",
-        link_dropout: float = 0.0,
-        combine: str = "renormalized",
-        balance_on: str = "selection",
-        channel_gate: bool = False,
-    ) -> None:
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, config: VMoEConfig | None = None, **fields) -> None:
         super().__init__()
-        for key, value in (
-            ("model.in_channels", in_channels),
-            ("model.num_classes", num_classes),
-            ("model.image_size", image_size),
-            ("model.d_model", d_model),
-            ("model.num_experts", num_experts),
-            ("model.depth", depth),
-            ("model.moe_every", moe_every),
-            ("model.num_heads", num_heads),
-            ("model.patch_size", patch_size),
-            ("model.hidden_mult", hidden_mult),
-        ):
-            check_positive_int(key, value)
-        if image_size % patch_size:
-            raise ValueError(f"model.patch_size={patch_size} must divide the image size {image_size}")
-        if moe_every > depth:
-            raise ValueError(f"model.moe_every={moe_every} must be <= model.depth={depth} (else no block is an MoE block)")
-        if d_model % num_heads:
-            raise ValueError(f"model.d_model={d_model} must be divisible by model.num_heads={num_heads}")
-        if stem not in STEMS:
-            raise ValueError(f"model.stem={stem!r} must be one of {', '.join(STEMS)}")
-        if stem == "conv2" and patch_size % 2:
-            raise ValueError(
-                f"model.patch_size={patch_size} must be even with model.stem=conv2 (its stride-2 conv halves the image)"
-            )
-        self.num_experts = num_experts
+        config = config or VMoEConfig(**fields)
+        check_dataset_dims(in_channels, num_classes, image_size)
+        config.check_image_size(image_size)
+        self.config = config
+        d_model, num_heads, patch_size, stem = config.d_model, config.num_heads, config.patch_size, config.stem
+        depth, moe_every = config.depth, config.moe_every
+        self.num_experts = config.num_experts
         self.moe_block_ids = [i for i in range(depth) if (i + 1) % moe_every == 0]
         self.num_moe_layers = len(self.moe_block_ids)
-        num_patches = (image_size // patch_size) ** 2
-        self.tokens_per_input = num_patches + int(class_token)
+        self.tokens_per_input = config.tokens_per_input(image_size)
 
         embed_patch = patch_size
         if stem == "linear":
@@ -174,18 +197,18 @@ class VMoEClassifier(nn.Module):
                 width, embed_patch = d_model, patch_size // 2
             self.stem = nn.Sequential(*layers)
         self.patch_embed = nn.Conv2d(width, d_model, kernel_size=embed_patch, stride=embed_patch)
-        self.class_token = nn.Parameter(torch.zeros(1, 1, d_model)) if class_token else None
+        self.class_token = nn.Parameter(torch.zeros(1, 1, d_model)) if config.class_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.tokens_per_input, d_model) * 0.02)
         self.blocks = nn.ModuleList(
             Block(
                 d_model,
                 num_heads,
-                hidden_mult,
-                num_experts if i in self.moe_block_ids else None,
-                link_dropout,
-                combine,
-                balance_on,
-                channel_gate,
+                config.hidden_mult,
+                config.num_experts if i in self.moe_block_ids else None,
+                config.link_dropout,
+                config.combine,
+                config.balance_on,
+                config.channel_gate,
             )
             for i in range(depth)
         )
@@ -208,23 +231,22 @@ class VMoEClassifier(nn.Module):
         outage), row b*T + t for token t of image b; specs: one RouterSpec per MoE block;
         delivered: None (perfect CSI) or one bool tensor [B*T, K, N] per MoE block (see
         MoELayer.forward).  Selections in the output have B*T rows in the same order."""
-        L = self.num_moe_layers
-        check_routing_inputs(x, costs, specs, L)
+        inputs = layer_inputs(x, costs, specs, delivered, self.num_moe_layers)
         tokens = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)  # [B, T, d]
         if self.class_token is not None:
             tokens = torch.cat([self.class_token.expand(len(x), -1, -1), tokens], dim=1)
         h = tokens + self.pos_embed
         B, T, d = h.shape
         results = []
-        delivered = delivered or [None] * L
         for block in self.blocks:
             h = block(h)
             if block.moe is not None:
-                index = len(results)
-                results.append(
-                    block.moe(h.reshape(B * T, d), costs[index], specs[index], generator=generator, delivered=delivered[index])
-                )
+                layer_costs, spec, layer_delivered = inputs[len(results)]
+                results.append(block.moe(h.reshape(B * T, d), layer_costs, spec, generator=generator, delivered=layer_delivered))
                 h = results[-1].out.view(B, T, d)
         h = self.norm(h)
         pooled = h[:, 0] if self.class_token is not None else h.mean(1)
         return ModelOutput.from_layers(self.head(pooled), results)
+
+
+VMoEConfig.classifier = VMoEClassifier
