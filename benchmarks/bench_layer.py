@@ -7,8 +7,10 @@ in one process, interleaved over repetitions:
 * the layer step: forward (gate, routing, dispatch, experts, combine) + backward, top-2;
 * route() alone for topk@2, des / jesa / optimal / greedy at gamma 0.25 (k_max 2),
   lagrangian, and des / jesa pinned to two experts (k_min = k_max = 2); the exact policies
-  run the torch enumeration (the default) and, for comparison, the numba solvers they used
-  before (``--no-numba`` skips those rows);
+  run their default path (on the CPU for k_max <= 2: des the numba enumeration des_small,
+  jesa numba with des_small inside; optimal / greedy / lagrangian the torch enumeration)
+  and, for comparison, the "numba" rows: des by its branch and bound (``--no-numba`` skips
+  those rows);
 * the layer step routed by des / jesa pinned to two experts (the same expert work as top-2).
 
 Target (issue: the router on the model's device): each router <= 5% of the top-2 layer
@@ -90,7 +92,7 @@ def main() -> None:
 
     def route_once(policy, params, solver):
         if solver == "numba":
-            with mock.patch.object(registry, "enumerable", lambda *a: False):
+            with mock.patch.object(registry, "enumerable", lambda *a: False), mock.patch.object(registry, "SMALL_SET_SIZE", 0):
                 return route(policy, scores, costs, failure_energy=channel.failure_energy_j, check_values=False, **params)
         return route(policy, scores, costs, failure_energy=channel.failure_energy_j, check_values=False, **params)
 
