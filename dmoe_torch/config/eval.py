@@ -113,17 +113,9 @@ def validate_eval_config(cfg: DictConfig) -> EvalRun:
     return EvalRun(ckpt, seed, device, progress, data, evaluation, runtime, overrides)
 
 
-def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | None = None) -> list[EvalPolicy]:
-    """Expand eval.policies x eval.gammas into settings, checked against the checkpoint's model.
-
-    A checkpoint with fewer subcarriers than experts cannot run the static subcarrier plan
-    (policies in STATIC_POLICIES): those entries are skipped, with a line appended to ``notes``
-    saying so; a ConfigError says what to pass when nothing is left.
-    """
-    shape = validate_model(train_cfg)
-    channel = channel_config(train_cfg)
-    num_subcarriers, frame = channel.num_subcarriers, channel.frame
-    K, L = shape.num_experts, shape.num_moe_layers
+def _sweep_values(cfg: DictConfig, K: int, L: int) -> tuple:
+    """(k_min, k_max, gammas, outage targets, multipliers) of ``eval.*`` for a checkpoint with
+    K experts and L MoE layers."""
     k_min = get_int(cfg, "eval.k_min", minimum=1, maximum=K, why=f"at most the checkpoint's model.num_experts={K}")
     k_max = get_int(cfg, "eval.k_max", minimum=1, maximum=K, optional=True, why=f"at most the checkpoint's model.num_experts={K}")
     gammas = [validate_gamma(g, f"eval.gammas[{i}]", L) for i, g in enumerate(get_value(cfg, "eval.gammas"))]
@@ -138,6 +130,21 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
     if not isinstance(lams_value, list):
         raise ConfigError(f"eval.lams={format_value(lams_value)}: must be a list of numbers >= 0 (1/J), e.g. [1e4,3e4]")
     lams = [validate_lam(v, f"eval.lams[{i}]") for i, v in enumerate(lams_value)]
+    return k_min, k_max, gammas, targets, lams
+
+
+def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | None = None) -> list[EvalPolicy]:
+    """Expand eval.policies x eval.gammas into settings, checked against the checkpoint's model.
+
+    A checkpoint with fewer subcarriers than experts cannot run the static subcarrier plan
+    (policies in STATIC_POLICIES): those entries are skipped, with a line appended to ``notes``
+    saying so; a ConfigError says what to pass when nothing is left.
+    """
+    shape = validate_model(train_cfg)
+    channel = channel_config(train_cfg)
+    num_subcarriers, frame = channel.num_subcarriers, channel.frame
+    K = shape.num_experts
+    k_min, k_max, gammas, targets, lams = _sweep_values(cfg, K, shape.num_moe_layers)
     default_k = int(train_cfg.router.k)
     settings: list[EvalPolicy] = []
     skipped: list[str] = []
@@ -186,6 +193,14 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
         )
     if frame_skipped and notes is not None:
         notes.append(f"skipped {', '.join(frame_skipped)}: no image-frame form under channel.frame=image")
+    _check_grid(cfg, train_cfg, shape, channel, settings)
+    return settings
+
+
+def _check_grid(cfg: DictConfig, train_cfg: DictConfig, shape, channel, settings: list[EvalPolicy]) -> None:
+    """ConfigError when the evaluation needs more memory than this machine has, or when two
+    settings of the grid are the same."""
+    num_subcarriers, frame = channel.num_subcarriers, channel.frame
     test_images = DATASET_TEST_SIZES[train_cfg.data.name]
     terms = memory_terms(
         shape,
@@ -205,4 +220,3 @@ def eval_policies(cfg: DictConfig, train_cfg: DictConfig, notes: list[str] | Non
             f"eval.policies / eval.gammas / eval.lams / eval.outage_targets: duplicate setting {label} "
             f"(gamma {gamma}, lam {lam}, outage target {target})"
         )
-    return settings

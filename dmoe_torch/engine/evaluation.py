@@ -277,6 +277,37 @@ def with_channel_overrides(train_cfg: DictConfig, cfg: DictConfig) -> tuple[Dict
     return merged, [f"{key} {trained[key]!r} -> {used[key]!r}" for key in used if used[key] != trained[key]]
 
 
+def evaluate_settings(model, loader, settings: list[EvalPolicy], *, channel, seed: int, device, draws: int, show: bool):
+    """Every setting over ``draws`` channel draws (one draw shared by every setting): per
+    setting, the metrics of each draw and, per draw, the per-image correctness and energy."""
+    num_layers = model.num_moe_layers
+    per_setting: list[list[dict[str, float]]] = [[] for _ in settings]
+    per_image: list[list[dict]] = [[] for _ in settings]  # per draw: per-image correctness and energy
+    total = len(settings) * draws * len(loader)
+    with tqdm(total=total, desc="evaluate", disable=not show, dynamic_ncols=True) as bar:
+        for draw in range(draws):
+            costs_cache: list = []  # one channel draw, shared by every setting
+            for index, setting in enumerate(settings):
+                bar.set_postfix_str(f"draw {draw + 1}/{draws} {setting.label} {report.format_gamma(setting.gamma)}")
+                specs = setting_specs(setting, num_layers, channel.failure_energy_j)
+                stream = eval_stream(draw)
+                per_setting[index].append(
+                    evaluate(
+                        model,
+                        loader,
+                        channel=channel,
+                        specs=specs,
+                        stream=stream,
+                        device=device,
+                        generator=routing_generator(seed, stream),
+                        costs_cache=costs_cache,
+                        on_batch=lambda: bar.update(1),
+                        per_image=per_image[index],
+                    )
+                )
+    return per_setting, per_image
+
+
 def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     """Evaluate every setting of eval.policies x eval.gammas over eval.channel_draws draws.
 
@@ -308,34 +339,12 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, An
     model.to(device)
     channel = build_channel(run_cfg)
     attach_experts(model, payload_bits=channel.payload_bits)  # runtime=distributed: experts to the workers
-    num_layers = model.num_moe_layers
     loader = make_loader(test_ds, int(cfg.data.batch_size), shuffle=False, seed=seed, num_workers=int(cfg.data.num_workers))
     draws = int(cfg.eval.channel_draws)
 
-    per_setting: list[list[dict[str, float]]] = [[] for _ in settings]
-    per_image: list[list[dict]] = [[] for _ in settings]  # per draw: per-image correctness and energy
-    total = len(settings) * draws * len(loader)
-    with tqdm(total=total, desc="evaluate", disable=not bool(cfg.progress), dynamic_ncols=True) as bar:
-        for draw in range(draws):
-            costs_cache: list = []  # one channel draw, shared by every setting
-            for index, setting in enumerate(settings):
-                bar.set_postfix_str(f"draw {draw + 1}/{draws} {setting.label} {report.format_gamma(setting.gamma)}")
-                specs = setting_specs(setting, num_layers, channel.failure_energy_j)
-                stream = eval_stream(draw)
-                per_setting[index].append(
-                    evaluate(
-                        model,
-                        loader,
-                        channel=channel,
-                        specs=specs,
-                        stream=stream,
-                        device=device,
-                        generator=routing_generator(seed, stream),
-                        costs_cache=costs_cache,
-                        on_batch=lambda: bar.update(1),
-                        per_image=per_image[index],
-                    )
-                )
+    per_setting, per_image = evaluate_settings(
+        model, loader, settings, channel=channel, seed=seed, device=device, draws=draws, show=bool(cfg.progress)
+    )
     rows = [
         report.summarise_draws(s, results, images) for s, results, images in zip(settings, per_setting, per_image, strict=True)
     ]
