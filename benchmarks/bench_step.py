@@ -96,6 +96,40 @@ def time_steps(name, frame, policy, params, args, info, x, y, channels) -> tuple
     return times, statistics.fmean(experts)
 
 
+def print_table(cells: list, ms: dict, experts: dict, args) -> list[dict]:
+    """Print each cell's median step time beside its model's and convmoe's top-2 step; the rows."""
+    print(
+        f"training step, batch {args.batch} Fashion-MNIST images, K=8, N=16, {args.threads} threads, "
+        f"median of {args.steps * args.reps} steps per cell"
+    )
+    header = (
+        f"{'model':<8} {'frame':<6} {'policy':<16} {'step ms':>8} {'vs own topk':>11} "
+        f"{'vs convmoe topk':>15} {'experts/token':>13}"
+    )
+    print(header)
+    rows = []
+    base = ms["convmoe", "token", "topk@2"]
+    for name, frame, label, policy, params in cells:
+        key = (name, frame, label)
+        own = ms[name, "token", "topk@2"]
+        used = statistics.fmean(experts[key])
+        print(f"{name:<8} {frame:<6} {label:<16} {ms[key]:8.1f} {ms[key] / own:11.3f} {ms[key] / base:15.3f} {used:13.2f}")
+        rows.append(
+            dict(
+                model=name,
+                frame=frame,
+                label=label,
+                policy=policy,
+                params=params,
+                step_ms=ms[key],
+                ratio_vs_own_topk=ms[key] / own,
+                ratio_vs_convmoe_topk=ms[key] / base,
+                experts_per_token=used,
+            )
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
@@ -129,35 +163,7 @@ def main() -> None:
             experts[name, frame, label].append(used)
     ms = {key: statistics.median(values) * 1e3 for key, values in samples.items()}
 
-    print(
-        f"training step, batch {args.batch} Fashion-MNIST images, K=8, N=16, {args.threads} threads, "
-        f"median of {args.steps * args.reps} steps per cell"
-    )
-    header = (
-        f"{'model':<8} {'frame':<6} {'policy':<16} {'step ms':>8} {'vs own topk':>11} "
-        f"{'vs convmoe topk':>15} {'experts/token':>13}"
-    )
-    print(header)
-    rows = []
-    base = ms["convmoe", "token", "topk@2"]
-    for name, frame, label, policy, params in cells:
-        key = (name, frame, label)
-        own = ms[name, "token", "topk@2"]
-        used = statistics.fmean(experts[key])
-        print(f"{name:<8} {frame:<6} {label:<16} {ms[key]:8.1f} {ms[key] / own:11.3f} {ms[key] / base:15.3f} {used:13.2f}")
-        rows.append(
-            dict(
-                model=name,
-                frame=frame,
-                label=label,
-                policy=policy,
-                params=params,
-                step_ms=ms[key],
-                ratio_vs_own_topk=ms[key] / own,
-                ratio_vs_convmoe_topk=ms[key] / base,
-                experts_per_token=used,
-            )
-        )
+    rows = print_table(cells, ms, experts, args)
     shares = {name: 1.0 - ms[name, "token", "none"] / ms[name, "token", "topk@2"] for name in models}
     image_vs_token = (
         ms["convmoe", "image", "jesa 0.25"] / ms["convmoe", "token", "jesa 0.25"]
@@ -165,7 +171,7 @@ def main() -> None:
         else math.nan
     )
     print("expert share of a top-2 step (1 - none / topk): " + ", ".join(f"{n} {s:.0%}" for n, s in shares.items()))
-    vmoe_ratio = ms["vmoe", "token", "topk@2"] / base if "vmoe" in models else None
+    vmoe_ratio = ms["vmoe", "token", "topk@2"] / ms["convmoe", "token", "topk@2"] if "vmoe" in models else None
     print(
         f"vmoe / convmoe topk step: {vmoe_ratio or float('nan'):.2f}x; "
         f"convmoe image-frame jesa / token-frame jesa: {image_vs_token:.2f}x (target <= 1.5x)"

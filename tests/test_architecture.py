@@ -186,3 +186,33 @@ def test_the_package_keeps_at_most_six_top_level_modules():
     """Everything else lives in a package named for what it owns (docs/architecture.md)."""
     top_level = sorted(p.name for p in (REPO / PACKAGE).glob("*.py"))
     assert len(top_level) <= 6, f"dmoe_torch/ has {len(top_level)} top-level modules: {top_level}"
+
+
+MAX_FUNCTION_LINES = 80
+CODE_ROOTS = (PACKAGE, "benchmarks", "scripts", "examples", "train.py", "evaluate.py")
+
+
+def long_functions(source: str, max_lines: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """(name, lines) of every function in ``source`` longer than ``max_lines`` lines, numba
+    kernels (decorated with njit / jit) excepted: a kernel is one loop nest, kept whole for speed."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            kernel = any("jit" in ast.unparse(d) for d in node.decorator_list)
+            lines = node.end_lineno - node.lineno + 1
+            if lines > max_lines and not kernel:
+                found.append((node.name, lines))
+    return found
+
+
+def test_no_function_outside_numba_kernels_is_longer_than_80_lines():
+    paths = [p for root in CODE_ROOTS for p in ([REPO / root] if root.endswith(".py") else sorted((REPO / root).rglob("*.py")))]
+    offenders = [f"{p.relative_to(REPO)}:{name} ({n} lines)" for p in paths for name, n in long_functions(p.read_text())]
+    assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {offenders}"
+
+
+def test_the_length_check_sees_long_functions_and_spares_kernels():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions(f"def long():\n{body}\n") == [("long", MAX_FUNCTION_LINES + 1)]
+    assert long_functions(f"@njit(cache=True)\ndef kernel():\n{body}\n") == []
+    assert long_functions(f"def short():\n{body[: body.rindex(chr(10))]}\n") == []

@@ -15,9 +15,10 @@ once per input.
 Devices.  Token routing runs on the scores' device.  The exact policies (des, jesa,
 optimal) enumerate the candidate sets in torch (enumerate.py) where that is faster, as
 ``enumerable`` measured it: on an accelerator for k_max <= 3 (no host round trip), on the
-CPU for des up to 92 candidate sets and for optimal (enumeration beats HiGHS by 100x);
-otherwise they run numba (des, jesa) or HiGHS (optimal) on the CPU and move the result
-back.  Both paths are exact and agree (tests/selection/test_enumerate.py).
+CPU for des up to 92 candidate sets and for optimal (enumeration beats HiGHS by 100x).  On
+the CPU with k_max <= 2, des (and jesa's DES steps) run ``des_small``: the same enumeration
+in one numba pass over the rows, des_enumerate's answer bit for bit.  Otherwise they run
+numba (des, jesa) or HiGHS (optimal) on the CPU and move the result back.  Both paths are exact and agree (tests/selection/test_enumerate.py).
 """
 
 from __future__ import annotations
