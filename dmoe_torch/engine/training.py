@@ -180,7 +180,7 @@ class EpochProgress:
             "inputs": self.inputs,
             "correct": self.correct,
             "loss_sum": self.loss_sum,
-            "batch_metrics": self.batch_metrics,
+            "batch_metrics": [[{k: v.cpu() for k, v in m.items()} for m in step] for step in self.batch_metrics],
             "logged": list(self.logged),
         }
 
@@ -243,6 +243,8 @@ def train_one_epoch(
     NaN or infinite gate scores (weights that diverged in the previous step).
     """
     model.train()
+    # a resumed epoch's metrics come from the checkpoint on the CPU: on the device with the new ones
+    progress.batch_metrics = [[{k: v.to(device) for k, v in m.items()} for m in step] for step in progress.batch_metrics]
     with DivergenceWatch(model) as watch:
         for images, labels, sample_ids in batches:
             watch.where = f"at step {progress.steps + 1} of this epoch"
@@ -279,7 +281,9 @@ def train_one_epoch(
             progress.inputs += batch
             progress.correct += int((output.logits.detach().argmax(1) == labels).sum())
             progress.loss_sum += loss_value * batch
-            progress.batch_metrics.append([{k: v.detach().cpu() for k, v in m.items()} for m in output.layer_metrics])
+            # kept on the model's device (no copy per step): read at the logging steps, moved to the
+            # CPU only when a checkpoint saves them (state_dict)
+            progress.batch_metrics.append([{k: v.detach() for k, v in m.items()} for m in output.layer_metrics])
             if on_step is not None:
                 on_step(progress, loss_value)
             if stop is not None and stop.requested:
