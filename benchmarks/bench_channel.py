@@ -18,8 +18,6 @@ Prints a table with ratios vs rayleigh and writes benchmarks/results/channel.jso
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
@@ -29,7 +27,7 @@ from dmoe_torch.channel import ChannelConfig, WirelessChannel
 from dmoe_torch.channel.links import layer_costs
 from dmoe_torch.models.vmoe import VMoEClassifier
 from dmoe_torch.moe import RouterSpec
-from dmoe_torch.utils import atomic_write_json
+from dmoe_torch.utils import atomic_write_json, machine_facts
 
 # (label, ChannelConfig overrides); the first row is the baseline.
 MODELS = [
@@ -108,11 +106,7 @@ def main() -> None:
         rows.append(row)
     result = dict(
         benchmark="channel_models",
-        machine=dict(
-            platform=platform.platform(),
-            processor=platform.processor(),
-            cpus=os.cpu_count(),
-            torch=torch.__version__,
+        machine=machine_facts(
             threads=args.threads,
             note="shared machine: other jobs ran alongside",
         ),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from unittest import mock
@@ -36,7 +35,7 @@ import torch
 from dmoe_torch.channel import ChannelConfig, WirelessChannel
 from dmoe_torch.moe import MoELayer, RouterSpec
 from dmoe_torch.selection import registry, route
-from dmoe_torch.utils import atomic_write_json
+from dmoe_torch.utils import atomic_write_json, machine_facts
 
 ROWS, D, K, N = 256 * 49, 64, 8, 16
 GAMMA = dict(gamma=0.25, k_max=2)
@@ -125,11 +124,7 @@ def main() -> None:
         rows.append(dict(label=label, ms=ms[label], ratio_vs_topk_layer_step=ms[label] / base))
     result = dict(
         benchmark="moe_layer_router",
-        machine=dict(
-            platform=platform.platform(),
-            processor=platform.processor(),
-            cpus=os.cpu_count(),
-            torch=torch.__version__,
+        machine=machine_facts(
             threads=args.threads,
             device=str(device),
             gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,

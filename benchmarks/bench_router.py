@@ -15,8 +15,6 @@ Prints a table with ratios vs topk and writes benchmarks/results/router.json.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
@@ -28,7 +26,7 @@ from dmoe_torch.models import DMoEClassifier
 from dmoe_torch.models.vmoe import VMoEClassifier
 from dmoe_torch.moe import RouterSpec
 from dmoe_torch.selection import route
-from dmoe_torch.utils import atomic_write_json
+from dmoe_torch.utils import atomic_write_json, machine_facts
 
 # (label, policy, router parameters).  The "=2" rows pin des / jesa to exactly two experts
 # (k_min = k_max = 2, a target any pair meets), so they run the same expert compute as top-2
@@ -170,11 +168,7 @@ def main() -> None:
         )
     result = dict(
         benchmark="router_overhead",
-        machine=dict(
-            platform=platform.platform(),
-            processor=platform.processor(),
-            cpus=os.cpu_count(),
-            torch=torch.__version__,
+        machine=machine_facts(
             device=args.device,
             threads=args.threads,
         ),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -38,7 +37,7 @@ from dmoe_torch.channel.links import layer_links
 from dmoe_torch.data import build_datasets
 from dmoe_torch.engine.build import build_model
 from dmoe_torch.moe import RouterSpec
-from dmoe_torch.utils import atomic_write_json
+from dmoe_torch.utils import atomic_write_json, machine_facts
 
 REPO = Path(__file__).resolve().parents[1]
 # (model, frame, label, policy, router parameters)
@@ -178,11 +177,7 @@ def main() -> None:
     )
     result = dict(
         benchmark="training_step",
-        machine=dict(
-            platform=platform.platform(),
-            processor=platform.processor(),
-            cpus=os.cpu_count(),
-            torch=torch.__version__,
+        machine=machine_facts(
             threads=args.threads,
             omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
         ),

@@ -201,3 +201,13 @@ def _range_text(minimum: int | None, maximum: int | None) -> str:
     if maximum is not None:
         return f" <= {maximum}"
     return ""
+
+
+def machine_facts(**extra: Any) -> dict[str, Any]:
+    """What a benchmark's JSON records of the machine it ran on (platform, processor, CPU
+    count, torch version), plus ``extra`` (threads, device, notes)."""
+    import platform
+
+    return dict(
+        platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(), torch=torch.__version__, **extra
+    )

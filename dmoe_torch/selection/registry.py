@@ -18,7 +18,8 @@ optimal) enumerate the candidate sets in torch (enumerate.py) where that is fast
 CPU for des up to 92 candidate sets and for optimal (enumeration beats HiGHS by 100x).  On
 the CPU with k_max <= 2, des (and jesa's DES steps) run ``des_small``: the same enumeration
 in one numba pass over the rows, des_enumerate's answer bit for bit.  Otherwise they run
-numba (des, jesa) or HiGHS (optimal) on the CPU and move the result back.  Both paths are exact and agree (tests/selection/test_enumerate.py).
+numba (des, jesa) or HiGHS (optimal) on the CPU and move the result back.  All paths are
+exact and agree (tests/selection/test_enumerate.py).
 """
 
 from __future__ import annotations
