@@ -34,8 +34,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import EVAL_KEYS, ConfigError, model_name, validate_model
-from ..data import DATASET_IMAGE_SIZES
+from ..config import EVAL_KEYS, ConfigError, validate_model
 from ..utils import atomic_write, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,17 +117,12 @@ def checkpoint_facts(ckpt: str) -> dict[str, Any]:
     except ConfigError as exc:
         raise ConfigError(f"CKPT={str(path)!r}: the checkpoint's config is invalid ({exc})") from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    tokens = 1  # routed inputs per image: 1 for the per-image model, the tokens for vmoe / convmoe
-    if model_name(config) == "vmoe":
-        tokens = (DATASET_IMAGE_SIZES[config.data.name] // int(config.model.patch_size)) ** 2 + int(config.model.class_token)
-    elif model_name(config) == "convmoe":
-        tokens = (DATASET_IMAGE_SIZES[config.data.name] // 4) ** 2  # the positions of the stem's feature map
     return {
         "path": path,
         "sha": digest,
         "K": shape.num_experts,
         "L": shape.num_moe_layers,
-        "T": tokens,
+        "T": shape.tokens_per_input,  # routed inputs per image
         "d_min_m": float(config.channel.d_min_m),
         "bandwidth_hz": float(config.channel.subcarrier_bandwidth_hz),
         "latency_s": float(config.channel.latency_budget_s),
