@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .common import Selection, is_int, is_real, validate_inputs
+from .static_kernels import static_selection_numpy, topk_mask
 
 __all__ = ["static_subcarriers", "static_costs", "topk", "channel_topk", "random_topk", "dense"]
 
@@ -88,6 +90,31 @@ def _validate(scores: torch.Tensor, costs: torch.Tensor) -> tuple[torch.Tensor, 
 
 def _static_selection(mask: torch.Tensor, costs: torch.Tensor, failure_energy: float) -> Selection:
     """Build the Selection of a static-plan policy from its mask [B, K] and costs [B, K, N]."""
+    if mask.device.type == "cpu":  # one numba pass instead of ~10 torch ops (static_kernels.py)
+        return _static_selection_cpu(mask, costs, failure_energy)
+    return _static_selection_torch(mask, costs, failure_energy)
+
+
+def _static_selection_cpu(mask: torch.Tensor, costs: torch.Tensor, failure_energy: float) -> Selection:
+    B, N = mask.shape[0], costs.shape[2]
+    subcarrier, failed, energy, dropped, overrun = static_selection_numpy(
+        mask.numpy(), static_costs(costs).numpy(), failure_energy, N
+    )
+    return Selection(
+        mask=mask,
+        subcarrier=torch.from_numpy(subcarrier),
+        energy=torch.from_numpy(energy),
+        violation=torch.from_numpy(dropped.copy()),
+        dropped=torch.from_numpy(dropped),
+        nodes=torch.from_numpy(np.zeros(B, dtype=np.int64)),
+        lower_bound=torch.from_numpy(np.full(B, np.nan)),
+        certified=torch.from_numpy(np.zeros(B, dtype=np.bool_)),
+        failed=torch.from_numpy(failed),
+        frame_overrun=torch.from_numpy(overrun),
+    )
+
+
+def _static_selection_torch(mask: torch.Tensor, costs: torch.Tensor, failure_energy: float) -> Selection:
     B, K, N = costs.shape
     link_cost = static_costs(costs).contiguous()  # one copy: the ops below on the strided view cost 3x
     failed = mask & torch.isinf(link_cost)
@@ -129,6 +156,8 @@ def topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_energy: f
 
 def topk_validated(s: torch.Tensor, c: torch.Tensor, k: int, failure_energy: float) -> Selection:
     """:func:`topk` on checked inputs (float64 scores [B, K], costs [B, K, N] on one device, N >= K)."""
+    if s.device.type == "cpu":
+        return _static_selection(torch.from_numpy(topk_mask(s.numpy(), k)), c, failure_energy)
     return _static_selection(_mask_from_ranking(_top_scores(s, k), k, s.shape[1]), c, failure_energy)
 
 

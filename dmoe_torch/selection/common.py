@@ -193,15 +193,24 @@ def result_arrays(B: int, K: int):
     )
 
 
-def selection_from_arrays(mask, energy, violation, dropped, nodes, bound) -> Selection:
-    """A Selection from numpy arrays [B, K] / [B]; feasible rows (not violation) are certified."""
+def selection_from_arrays(mask, energy, violation, dropped, nodes, bound, *, subcarrier=None, certified=None) -> Selection:
+    """A CPU Selection sharing the numpy arrays' memory: mask, subcarrier [B, K]; energy,
+    violation, dropped, nodes, bound [B].  subcarrier None: all -1; certified None: the
+    feasible rows (not violation).  No failed link (failed and frame_overrun all False)."""
     B, K = mask.shape
-    sel = empty_selection(B, K)
-    sel.mask = torch.from_numpy(mask)
-    sel.energy = torch.from_numpy(energy)
-    sel.violation = torch.from_numpy(violation)
-    sel.dropped = torch.from_numpy(dropped)
-    sel.nodes = torch.from_numpy(nodes)
-    sel.lower_bound = torch.from_numpy(bound)
-    sel.certified = ~sel.violation
-    return sel
+    if subcarrier is None:
+        subcarrier = np.full((B, K), -1, dtype=np.int64)
+    if certified is None:
+        certified = ~violation
+    return Selection(
+        mask=torch.from_numpy(mask),
+        subcarrier=torch.from_numpy(subcarrier),
+        energy=torch.from_numpy(energy),
+        violation=torch.from_numpy(violation),
+        dropped=torch.from_numpy(dropped),
+        nodes=torch.from_numpy(nodes),
+        lower_bound=torch.from_numpy(bound),
+        certified=torch.from_numpy(certified),
+        failed=torch.from_numpy(np.zeros((B, K), dtype=np.bool_)),  # calloc: untouched pages cost nothing
+        frame_overrun=torch.from_numpy(np.zeros(B, dtype=np.bool_)),
+    )

@@ -49,9 +49,9 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .common import RELEVANCE_TOL, Selection, empty_selection, validate_inputs
+from .common import RELEVANCE_TOL, Selection, selection_from_arrays, validate_inputs
 from .des import des_numpy
-from .des_small import SMALL_SET_SIZE, des_small_numpy
+from .small_sets import ENERGY_RTOL, SMALL_SET_SIZE, des_small_numpy, jesa_small_numpy
 from .threads import row_chunks, run_parallel, solver_threads
 
 __all__ = ["jesa", "jesa_validated", "jesa_numpy", "JesaResult", "min_cost_assignment", "DEFAULT_MAX_ITERATIONS"]
@@ -59,9 +59,8 @@ __all__ = ["jesa", "jesa_validated", "jesa_numpy", "JesaResult", "min_cost_assig
 # Upper limit on DES solves per row in the iterative phase (the energy strictly decreases
 # every iteration, so the loop also ends on its own; the limit bounds the worst case).
 DEFAULT_MAX_ITERATIONS = 16
-# Relative slack when comparing energies: an iteration must improve by more than this, and a
-# result within it of the lower bound counts as optimal.
-ENERGY_RTOL = 1e-12
+# ENERGY_RTOL (small_sets.py): relative slack when comparing energies; an iteration must
+# improve by more than it, and a result within it of the lower bound counts as optimal.
 
 
 class JesaResult(NamedTuple):
@@ -480,29 +479,65 @@ def jesa_numpy(
     gamma = float(gamma)
     max_iterations = max(1, int(max_iterations))
     threads = solver_threads(num_threads)
+    if B == 0:
+        flags = np.zeros(0, dtype=np.bool_)
+        counts = np.zeros(0, dtype=np.int64)
+        return JesaResult(
+            np.zeros((0, K), np.bool_), np.zeros((0, K), np.int64), np.zeros(0), flags, flags, flags, counts, np.zeros(0), counts
+        )
+    if k_max <= SMALL_SET_SIZE:  # the whole row in one numba call (small_sets.py)
+        mask, sub, energy, lower, violation, certified, iterations, fallback = jesa_small_numpy(
+            s, e, gamma - RELEVANCE_TOL, k_min, k_max, max_iterations, num_threads=threads
+        )
+        nodes = np.zeros(B, dtype=np.int64)
+    else:
+        mask, sub, energy, lower, violation, certified, iterations, fallback, nodes = _steps(
+            s, e, gamma, k_min, k_max, max_iterations, threads
+        )
+    dropped = violation & ~mask.any(1)  # the final rows' (fallback rows: below)
+    lower_bound = np.where(violation, np.nan, lower)
+    # (4) P2 fallback: maximum-relevance matchable set; feasible iff it meets gamma and k_min
+    rows = np.flatnonzero(fallback)
+    if rows.size:
+        e_rows = e[rows]
+        best_sub = np.empty((rows.size, K), dtype=np.int64)
+        best_cost = np.empty((rows.size, K))
+        run_parallel(_best_links_rows, threads, e_rows, row_chunks(rows.size, threads), best_sub, best_cost)
+        f_mask = np.zeros((rows.size, K), dtype=np.bool_)
+        f_sub = np.full((rows.size, K), -1, dtype=np.int64)
+        f_energy = np.zeros(rows.size)
+        f_feasible = np.zeros(rows.size, dtype=np.bool_)
+        args = (s[rows], e_rows, best_cost, k_max, k_min, gamma - RELEVANCE_TOL, row_chunks(rows.size, threads))
+        run_parallel(_fallback_rows, threads, *args, f_mask, f_sub, f_energy, f_feasible)
+        mask[rows] = f_mask
+        sub[rows] = f_sub
+        empty = ~f_mask.any(1)
+        energy[rows] = np.where(empty, 0.0, f_energy)
+        # P1 under c* infeasible implies P2 infeasible, whatever the float sums say
+        violation[rows] = violation[rows] | ~f_feasible
+        dropped[rows] = empty
+    return JesaResult(mask, sub, energy, violation, dropped, certified, nodes, lower_bound, iterations)
+
+
+def _steps(s, e, gamma, k_min, k_max, max_iterations, threads):
+    """JESA's steps (1)-(3) as batched passes (any k_max): (mask, sub, energy, lower (DES's
+    energy under c*), violation, certified, iterations, fallback (rows needing step 4), nodes)."""
+    B, K, N = e.shape
     sub = np.full((B, K), -1, dtype=np.int64)
     energy = np.zeros(B)
     certified = np.zeros(B, dtype=np.bool_)
     dropped = np.zeros(B, dtype=np.bool_)
     iterations = np.zeros(B, dtype=np.int64)
-    if B == 0:
-        empty = np.zeros((0, K), dtype=np.bool_)
-        return JesaResult(
-            empty, sub, energy, certified.copy(), dropped, certified, np.zeros(0, dtype=np.int64), np.zeros(0), iterations
-        )
-
     # (1) c*, DES under c* for the whole batch
     best_sub = np.empty((B, K), dtype=np.int64)
     best_cost = np.empty((B, K))
     chunks = row_chunks(B, threads)
     run_parallel(_best_links_rows, threads, e, chunks, best_sub, best_cost)
     mask, lower, violation, nodes = _des(s, best_cost, gamma, k_min, k_max, threads)
-    lower_bound = np.where(violation, np.nan, lower)
     # (2) distinct best links: final (certified when feasible)
     status = np.empty(B, dtype=np.int64)
     args = (e, mask, violation, lower, best_sub, chunks, status, sub, energy, certified, dropped, iterations)
     run_parallel(_first_pass, threads, *args)
-
     # (3) iterative phase on the rows whose selected experts' best links collide
     fallback = status == 2
     rows = np.flatnonzero(status == 1)
@@ -519,24 +554,7 @@ def jesa_numpy(
         nodes[rows] += r_nodes
         iterations[rows] = r_iterations
         fallback[rows[~found]] = True
-
-    # (4) P2 fallback: maximum-relevance matchable set; feasible iff it meets gamma and k_min
-    rows = np.flatnonzero(fallback)
-    if rows.size:
-        f_mask = np.zeros((rows.size, K), dtype=np.bool_)
-        f_sub = np.full((rows.size, K), -1, dtype=np.int64)
-        f_energy = np.zeros(rows.size)
-        f_feasible = np.zeros(rows.size, dtype=np.bool_)
-        args = (s[rows], e[rows], best_cost[rows], k_max, k_min, gamma - RELEVANCE_TOL, row_chunks(rows.size, threads))
-        run_parallel(_fallback_rows, threads, *args, f_mask, f_sub, f_energy, f_feasible)
-        mask[rows] = f_mask
-        sub[rows] = f_sub
-        empty = ~f_mask.any(1)
-        energy[rows] = np.where(empty, 0.0, f_energy)
-        # P1 under c* infeasible implies P2 infeasible, whatever the float sums say
-        violation[rows] = violation[rows] | ~f_feasible
-        dropped[rows] = empty
-    return JesaResult(mask, sub, energy, violation, dropped, certified, nodes, lower_bound, iterations)
+    return mask, sub, energy, lower, violation, certified, iterations, fallback, nodes
 
 
 def jesa(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1, k_max: int | None = None) -> Selection:
@@ -555,17 +573,7 @@ def jesa(scores: torch.Tensor, costs: torch.Tensor, gamma: float, k_min: int = 1
 
 def jesa_validated(s: torch.Tensor, c: torch.Tensor, gamma: float, k_min: int, k_max: int) -> Selection:
     """:func:`jesa` on inputs already checked by ``validate_inputs`` (CPU float64, k_max resolved)."""
-    B, K = s.shape
-    if B == 0:
-        return empty_selection(0, K)
     r = jesa_numpy(s.numpy(), c.numpy(), gamma, k_min, k_max)
-    sel = empty_selection(B, K)
-    sel.mask = torch.from_numpy(r.mask)
-    sel.subcarrier = torch.from_numpy(r.subcarrier)
-    sel.energy = torch.from_numpy(r.energy)
-    sel.violation = torch.from_numpy(r.violation)
-    sel.dropped = torch.from_numpy(r.dropped)
-    sel.nodes = torch.from_numpy(r.nodes)
-    sel.lower_bound = torch.from_numpy(r.lower_bound)
-    sel.certified = torch.from_numpy(r.certified)
-    return sel
+    return selection_from_arrays(
+        r.mask, r.energy, r.violation, r.dropped, r.nodes, r.lower_bound, subcarrier=r.subcarrier, certified=r.certified
+    )

@@ -30,7 +30,6 @@ import torch
 from . import baselines
 from .common import Selection, empty_selection, is_real, validate_inputs
 from .des import des_validated
-from .des_small import SMALL_SET_SIZE, des_small
 from .enumerate import des_enumerate, enumerable, jesa_enumerate, optimal_enumerate
 from .frame import FrameSelection, plan_from_owner, validate_frame_inputs
 from .frame_baselines import frame_tokenwise, frame_topk_capacity, frame_topk_overrun
@@ -38,6 +37,8 @@ from .frame_jesa import frame_jesa
 from .heuristics import greedy_select, lagrangian_select
 from .jesa import jesa_validated
 from .policies import POLICY_TABLE, RouteArgs, get_policy, register_policy
+from .small_sets import SMALL_SET_SIZE, des_small
+from .static_kernels import static_plan_numpy
 
 __all__ = ["route", "route_frames", "RESCUE_ROUNDS"]
 
@@ -122,7 +123,9 @@ def _des(s: torch.Tensor, c: torch.Tensor, a: RouteArgs) -> Selection:
     static = baselines.static_costs(c)
     if s.device.type == "cpu" and a.k_max <= SMALL_SET_SIZE:  # des_enumerate's answer, one numba pass
         result = des_small(s, static, a.gamma, a.k_min, a.k_max)
-    elif enumerable(s.shape[1], a.k_min, a.k_max, s.device, "des"):
+        result.subcarrier = torch.from_numpy(static_plan_numpy(result.mask.numpy(), c.shape[2]))
+        return result
+    if enumerable(s.shape[1], a.k_min, a.k_max, s.device, "des"):
         result = des_enumerate(s, static, a.gamma, a.k_min, a.k_max)
     else:
         result = _on_host(des_validated, s, static, a.gamma, a.k_min, a.k_max)

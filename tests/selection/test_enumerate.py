@@ -26,7 +26,6 @@ import torch
 from dmoe_torch.selection import RELEVANCE_TOL, registry, route
 from dmoe_torch.selection import enumerate as enum
 from dmoe_torch.selection.des import des_numpy
-from dmoe_torch.selection.des_small import SMALL_SET_SIZE, des_small
 from dmoe_torch.selection.enumerate import (
     MAX_CANDIDATE_SETS,
     MAX_CANDIDATE_SETS_CPU,
@@ -40,6 +39,7 @@ from dmoe_torch.selection.enumerate import (
 )
 from dmoe_torch.selection.exact import brute_force_p2, milp_p2
 from dmoe_torch.selection.jesa import jesa_numpy
+from dmoe_torch.selection.small_sets import SMALL_SET_SIZE, des_small
 
 RTOL = 1e-9
 GAMMAS = (0.05, 0.3, 0.5, 0.7, 0.9, 1.0)

@@ -9,6 +9,7 @@ lower_bound <= optimum.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
@@ -21,7 +22,7 @@ from dmoe_torch.channel import ChannelConfig, WirelessChannel
 from dmoe_torch.selection import RELEVANCE_TOL, jesa
 from dmoe_torch.selection.des import des_numpy
 from dmoe_torch.selection.exact import brute_force_p2, milp_p2
-from dmoe_torch.selection.jesa import jesa_numpy, min_cost_assignment
+from dmoe_torch.selection.jesa import JesaResult, jesa_numpy, min_cost_assignment
 
 RTOL = 1e-9
 
@@ -349,6 +350,45 @@ def test_jesa_rejects_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         jesa(args["scores"], args["costs"], args["gamma"], args["k_min"], args["k_max"])
+
+
+# --------------------------------------------------------------------------------------
+# sets of at most two experts: the per-row kernel (small_sets.py) against the batched steps
+# --------------------------------------------------------------------------------------
+def test_small_set_kernel_equals_the_batched_steps(monkeypatch):
+    """For k_max <= 2 jesa_numpy runs each row in one kernel (jesa_small_numpy); on costs
+    without exact ties it must give the batched steps' answer in every field (not nodes)."""
+    jesa_module = importlib.import_module("dmoe_torch.selection.jesa")  # the package's `jesa` is the function
+    rng = np.random.default_rng(12)
+    iterated = fallback = uncertified = rows = 0
+    for _ in range(150):
+        K = int(rng.integers(1, 11))
+        N = int(rng.integers(1, 9))
+        k_max = int(rng.integers(1, min(K, 2) + 1))
+        k_min = int(rng.integers(1, min(k_max, N) + 1))
+        gamma = float(rng.choice([0.1, 0.3, 0.5, 0.7, 0.9, 1.0]))
+        max_iterations = int(rng.choice([1, 2, 16]))
+        s = random_scores(rng, 120, K)  # tied and zero scores included
+        e = rng.lognormal(0.0, 1.0, (120, K, N)) * 1e-5
+        if rng.random() < 0.5:  # every expert's best link on subcarrier 0: collisions
+            e[:, :, 0] *= 1e-3
+        e[rng.random((120, K, N)) < rng.choice([0.0, 0.2, 0.6])] = np.inf
+        e[rng.random((120, K)) < 0.1] = np.inf
+        small = jesa_numpy(s, e, gamma, k_min, k_max, max_iterations)
+        monkeypatch.setattr(jesa_module, "SMALL_SET_SIZE", 0)  # the batched steps (and DES by branch and bound)
+        batched = jesa_numpy(s, e, gamma, k_min, k_max, max_iterations)
+        monkeypatch.undo()
+        what = f"K={K} N={N} k={k_min}..{k_max} gamma={gamma} it={max_iterations}"
+        for field in JesaResult._fields:
+            if field != "nodes":
+                np.testing.assert_array_equal(getattr(small, field), getattr(batched, field), err_msg=f"{what} {field}")
+        rows += len(s)
+        iterated += int((small.iterations > 1).sum())
+        uncertified += int((~small.certified & ~small.violation).sum())
+        fallback += int((small.violation & ~np.isnan(small.lower_bound)).sum())
+    assert not np.any(small.nodes)
+    # the iteration, its uncertified answers and the P2 fallback after a feasible P1 all ran
+    assert rows == 18_000 and iterated > 500 and uncertified > 50 and fallback > 5
 
 
 # --------------------------------------------------------------------------------------

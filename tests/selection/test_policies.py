@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
 
 from dmoe_torch.selection import POLICIES, Selection, channel_topk, dense, des, jesa, random_topk, route, topk
-from dmoe_torch.selection.baselines import static_costs
+from dmoe_torch.selection.baselines import _static_selection_cpu, _static_selection_torch, static_costs, static_plan_for
 from dmoe_torch.selection.exact import milp_p2
+from dmoe_torch.selection.static_kernels import static_plan_numpy, topk_mask
 
 FAILURE_J = 2e-4  # P_ap * T_max with the default 0.2 W and 1 ms
 
@@ -264,3 +266,51 @@ def test_fixed_k_is_ignored_by_target_policies():
     costs = torch.full((2, 1, 2), 1e-5, dtype=torch.float64)
     sel = route("jesa", scores, costs, gamma=1.0)
     assert sel.mask.all() and not sel.violation.any()
+
+
+# --------------------------------------------------------------------------------------
+# the CPU kernels of the static-plan policies (static_kernels.py) against the torch path
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+def test_cpu_topk_mask_keeps_what_a_stable_descending_sort_keeps(seed):
+    g = torch.Generator().manual_seed(seed)
+    K = 1 + seed
+    scores = torch.softmax(2.0 * torch.randn(500, K, generator=g, dtype=torch.float64), 1)
+    scores[::3] = torch.randint(0, 3, (len(scores[::3]), K), generator=g).double()  # exact ties, zeros
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    for k in range(1, K + 1):
+        expected = torch.zeros(500, K, dtype=torch.bool).scatter_(1, order[:, :k], True)
+        assert torch.equal(torch.from_numpy(topk_mask(scores.numpy(), k)), expected), f"K={K} k={k}"
+
+
+@pytest.mark.parametrize("K,N", [(8, 16), (8, 8), (5, 7), (1, 1)])
+def test_cpu_static_selection_equals_the_torch_path(K, N):
+    scores, costs = instance(400, K, N, seed=K + N, outage=0.3)
+    costs[::7] = math.inf  # whole rows in outage: every attempt fails
+    masks = [torch.from_numpy(topk_mask(scores.double().numpy(), k)) for k in range(1, K + 1)]
+    masks.append(torch.isfinite(static_costs(costs)))  # dense
+    masks.append(torch.zeros(400, K, dtype=torch.bool))  # nothing selected
+    failed = dropped = 0
+    for mask in masks:
+        cpu = _static_selection_cpu(mask, costs, FAILURE_J)
+        reference = _static_selection_torch(mask, costs, FAILURE_J)
+        for field in fields(Selection):
+            got, want = getattr(cpu, field.name), getattr(reference, field.name)
+            assert got.dtype == want.dtype and got.shape == want.shape, field.name
+            if field.name == "energy":  # more than two delivered links: another summation order
+                torch.testing.assert_close(got, want, rtol=1e-13, atol=0.0)
+                if mask.sum(1).max() <= 2:
+                    assert torch.equal(got, want)
+            elif field.name == "lower_bound":
+                assert got.isnan().all() and want.isnan().all()
+            else:
+                assert torch.equal(got, want), field.name
+        failed += int(cpu.failed.sum())
+        dropped += int(cpu.dropped[mask.any(1)].sum())
+    assert failed > 0 and dropped > 0  # links in outage and rows with nothing delivered were covered
+
+
+def test_cpu_static_plan_of_des():
+    mask = torch.rand(300, 8, generator=torch.Generator().manual_seed(0)) < 0.3
+    for N in (8, 11):
+        assert torch.equal(torch.from_numpy(static_plan_numpy(mask.numpy(), N)), static_plan_for(mask, N))
