@@ -486,7 +486,7 @@ def jesa_numpy(
             np.zeros((0, K), np.bool_), np.zeros((0, K), np.int64), np.zeros(0), flags, flags, flags, counts, np.zeros(0), counts
         )
     if k_max <= SMALL_SET_SIZE:  # the whole row in one numba call (small_sets.py)
-        mask, sub, energy, lower, violation, certified, iterations, fallback = jesa_small_numpy(
+        mask, sub, energy, _, violation, certified, iterations, fallback, dropped, lower_bound = jesa_small_numpy(
             s, e, gamma - RELEVANCE_TOL, k_min, k_max, max_iterations, num_threads=threads
         )
         nodes = np.zeros(B, dtype=np.int64)
@@ -494,8 +494,8 @@ def jesa_numpy(
         mask, sub, energy, lower, violation, certified, iterations, fallback, nodes = _steps(
             s, e, gamma, k_min, k_max, max_iterations, threads
         )
-    dropped = violation & ~mask.any(1)  # the final rows' (fallback rows: below)
-    lower_bound = np.where(violation, np.nan, lower)
+        dropped = violation & ~mask.any(1)  # the final rows' (fallback rows: below)
+        lower_bound = np.where(violation, np.nan, lower)
     # (4) P2 fallback: maximum-relevance matchable set; feasible iff it meets gamma and k_min
     rows = np.flatnonzero(fallback)
     if rows.size:

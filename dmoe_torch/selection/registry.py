@@ -38,7 +38,6 @@ from .heuristics import greedy_select, lagrangian_select
 from .jesa import jesa_validated
 from .policies import POLICY_TABLE, RouteArgs, get_policy, register_policy
 from .small_sets import SMALL_SET_SIZE, des_small
-from .static_kernels import static_plan_numpy
 
 __all__ = ["route", "route_frames", "RESCUE_ROUNDS"]
 
@@ -122,9 +121,7 @@ def _des(s: torch.Tensor, c: torch.Tensor, a: RouteArgs) -> Selection:
     """DES (P1) on the static plan: costs c[b, k, k mod N], subcarrier a(k) for selected experts."""
     static = baselines.static_costs(c)
     if s.device.type == "cpu" and a.k_max <= SMALL_SET_SIZE:  # des_enumerate's answer, one numba pass
-        result = des_small(s, static, a.gamma, a.k_min, a.k_max)
-        result.subcarrier = torch.from_numpy(static_plan_numpy(result.mask.numpy(), c.shape[2]))
-        return result
+        return des_small(s, static, a.gamma, a.k_min, a.k_max, num_subcarriers=c.shape[2])
     if enumerable(s.shape[1], a.k_min, a.k_max, s.device, "des"):
         result = des_enumerate(s, static, a.gamma, a.k_min, a.k_max)
     else:

@@ -110,12 +110,45 @@ def _solve_row(s, c, threshold, k_min, k_max, out_mask, suffix):
 
 
 @njit(cache=True, parallel=True)
-def _des_small_rows(scores, costs, threshold, k_min, k_max, num_chunks, mask, energy, feasible):
-    B = scores.shape[0]
+def _des_small_rows(scores, costs, threshold, k_min, k_max, num_subcarriers, num_chunks, out):
+    """out: (mask, subcarrier, energy, violation, dropped, bound) of each row; subcarrier the
+    static plan a(k) = k mod num_subcarriers where selected (-1 elsewhere, and everywhere
+    when num_subcarriers is 0).  (Written here: numpy's mask.any(1) alone costs ~1 ms.)"""
+    mask, subcarrier, energy, violation, dropped, bound = out
+    B, K = scores.shape
     for chunk in prange(num_chunks):
-        suffix = np.empty(scores.shape[1])
+        suffix = np.empty(K)
         for b in range(chunk * B // num_chunks, (chunk + 1) * B // num_chunks):
-            energy[b], feasible[b] = _solve_row(scores[b], costs[b], threshold, k_min, k_max, mask[b], suffix)
+            energy[b], feasible = _solve_row(scores[b], costs[b], threshold, k_min, k_max, mask[b], suffix)
+            violation[b] = not feasible
+            bound[b] = energy[b] if feasible else np.nan
+            selected = 0
+            for k in range(K):
+                subcarrier[b, k] = -1
+                if mask[b, k]:
+                    selected += 1
+                    if num_subcarriers > 0:
+                        subcarrier[b, k] = k % num_subcarriers
+            dropped[b] = selected == 0
+
+
+def _des_small_arrays(scores, costs, threshold, k_min, k_max, num_subcarriers, num_threads):
+    if not 1 <= k_min <= k_max <= SMALL_SET_SIZE:
+        raise ValueError(f"need 1 <= k_min <= k_max <= {SMALL_SET_SIZE}, got k_min={k_min}, k_max={k_max}")
+    B, K = scores.shape
+    out = (
+        np.zeros((B, K), dtype=np.bool_),
+        np.empty((B, K), dtype=np.int64),
+        np.zeros(B),
+        np.zeros(B, dtype=np.bool_),
+        np.zeros(B, dtype=np.bool_),
+        np.zeros(B),
+    )
+    if B:
+        chunks = row_chunks(B, solver_threads(num_threads))
+        args = (scores, costs, float(threshold), int(k_min), int(k_max), int(num_subcarriers), chunks, out)
+        run_parallel(_des_small_rows, num_threads, *args)
+    return out
 
 
 def des_small_numpy(scores: np.ndarray, costs: np.ndarray, threshold: float, k_min: int, k_max: int, *, num_threads=None):
@@ -125,28 +158,20 @@ def des_small_numpy(scores: np.ndarray, costs: np.ndarray, threshold: float, k_m
     Returns (mask bool[B, K], energy float64[B] J, feasible bool[B]), des_enumerate's answer
     (see the module docstring).  num_threads: as des_numpy's (results do not depend on it).
     """
-    if not 1 <= k_min <= k_max <= SMALL_SET_SIZE:
-        raise ValueError(f"need 1 <= k_min <= k_max <= {SMALL_SET_SIZE}, got k_min={k_min}, k_max={k_max}")
-    B, K = scores.shape
-    mask = np.zeros((B, K), dtype=np.bool_)
-    energy = np.zeros(B)
-    feasible = np.zeros(B, dtype=np.bool_)
-    if B:
-        chunks = row_chunks(B, solver_threads(num_threads))
-        run_parallel(
-            _des_small_rows, num_threads, scores, costs, float(threshold), int(k_min), int(k_max), chunks, mask, energy, feasible
-        )
-    return mask, energy, feasible
+    mask, _, energy, violation, _, _ = _des_small_arrays(scores, costs, threshold, k_min, k_max, 0, num_threads)
+    return mask, energy, ~violation
 
 
-def des_small(s: torch.Tensor, c: torch.Tensor, gamma: float, k_min: int, k_max: int) -> Selection:
-    """des_enumerate's Selection (P1; subcarrier all -1, lower_bound = energy on feasible rows,
-    nan elsewhere, certified = feasible, nodes 0) from the kernel: s float64 [B, K], c float64
-    [B, K] J (a strided view is fine) on the CPU, checked, 1 <= k_min <= k_max <= 2."""
-    mask, energy, feasible = des_small_numpy(s.numpy(), c.numpy(), gamma - RELEVANCE_TOL, k_min, k_max)
-    violation = ~feasible
-    bound = np.where(feasible, energy, np.nan)
-    return selection_from_arrays(mask, energy, violation, ~mask.any(1), np.zeros(mask.shape[0], dtype=np.int64), bound)
+def des_small(s: torch.Tensor, c: torch.Tensor, gamma: float, k_min: int, k_max: int, num_subcarriers: int = 0) -> Selection:
+    """des_enumerate's Selection (P1; lower_bound = energy on feasible rows, nan elsewhere,
+    certified = feasible, nodes 0) from the kernel: s float64 [B, K], c float64 [B, K] J (a
+    strided view is fine) on the CPU, checked, 1 <= k_min <= k_max <= 2.  subcarrier: the
+    static plan a(k) = k mod num_subcarriers of the selected experts (0: all -1)."""
+    mask, subcarrier, energy, violation, dropped, bound = _des_small_arrays(
+        s.numpy(), c.numpy(), gamma - RELEVANCE_TOL, k_min, k_max, num_subcarriers, None
+    )
+    nodes = np.zeros(mask.shape[0], dtype=np.int64)
+    return selection_from_arrays(mask, energy, violation, dropped, nodes, bound, subcarrier=subcarrier)
 
 
 # --------------------------------------------------------------------------------------
@@ -260,8 +285,10 @@ def _jesa_iterate_row(s, e, lower, threshold, k_min, k_max, max_iterations, mask
 
 @njit(cache=True, parallel=True)
 def _jesa_small_rows(s_all, e_all, threshold, k_min, k_max, max_iterations, num_chunks, out):
-    """JESA per row; out: (mask, sub, energy, lower, violation, certified, iterations, fallback)."""
-    mask_all, sub_all, energy_all, lower_all, violation_all, certified_all, iterations_all, fallback_all = out
+    """JESA per row; out: (mask, sub, energy, lower, violation, certified, iterations, fallback,
+    dropped, bound); lower is DES's energy under c*, bound the same but nan where infeasible."""
+    mask_all, sub_all, energy_all, lower_all, violation_all, certified_all, iterations_all, fallback_all = out[:8]
+    dropped_all, bound_all = out[8:]
     B, K, N = e_all.shape
     for chunk in prange(num_chunks):
         best_sub = np.empty(K, np.int64)
@@ -280,20 +307,24 @@ def _jesa_small_rows(s_all, e_all, threshold, k_min, k_max, max_iterations, num_
                 work[0, k] = low
             lower, feasible = _solve_row(s, work[0], threshold, k_min, k_max, mask, work[1])
             lower_all[b] = lower
+            bound_all[b] = lower if feasible else np.nan
             violation_all[b] = not feasible
             iterations_all[b] = 1
             used[:] = False
             distinct = True
+            selected = 0
             for k in range(K):
                 sub[k] = -1
                 if mask[k]:
                     distinct = distinct and not used[best_sub[k]]
                     used[best_sub[k]] = True
                     sub[k] = best_sub[k]
+                    selected += 1
+            dropped_all[b] = selected == 0
             if distinct:  # each selected expert on its own best link: optimal for P2
                 energy_all[b] = lower
                 certified_all[b] = feasible
-                iterations_all[b] = 1 if mask.any() else 0
+                iterations_all[b] = 1 if selected else 0
             elif not feasible:
                 fallback_all[b] = True
             else:
@@ -312,7 +343,8 @@ def jesa_small_numpy(
 
     Returns (mask bool[B, K], subcarrier int64[B, K], energy float64[B] J, lower float64[B]
     (DES's energy under c*), violation, certified bool[B], iterations int64[B], fallback
-    bool[B]): rows with fallback set need JESA's P2 fallback (jesa.py), the others are final.
+    bool[B], dropped bool[B], lower_bound float64[B] (lower, nan where P1 under c* is
+    infeasible)): rows with fallback set need JESA's P2 fallback (jesa.py), the others are final.
     """
     if not 1 <= k_min <= k_max <= SMALL_SET_SIZE:
         raise ValueError(f"need 1 <= k_min <= k_max <= {SMALL_SET_SIZE}, got k_min={k_min}, k_max={k_max}")
@@ -326,6 +358,8 @@ def jesa_small_numpy(
         np.zeros(B, dtype=np.bool_),
         np.zeros(B, dtype=np.int64),
         np.zeros(B, dtype=np.bool_),
+        np.zeros(B, dtype=np.bool_),
+        np.zeros(B),
     )
     if B:
         chunks = row_chunks(B, solver_threads(num_threads))

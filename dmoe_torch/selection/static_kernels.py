@@ -7,7 +7,6 @@ fields in one pass over the rows, into numpy arrays the Selection then shares:
 
 * ``topk_mask``: the k highest scores per row, ties to the lower index (what a stable
   descending sort keeps);
-* ``static_plan_numpy``: the subcarriers a(k) of the selected experts, -1 elsewhere;
 * ``static_selection_numpy``: from a mask [B, K] and the static link costs [B, K] (expert k
   on subcarrier a(k) = k mod N): subcarrier, failed (selected links in outage), energy (the
   delivered links' costs + failure_energy per failed link), dropped (no delivered link) and
@@ -22,7 +21,7 @@ from numba import njit, prange
 
 from .threads import row_chunks, run_parallel, solver_threads
 
-__all__ = ["topk_mask", "static_plan_numpy", "static_selection_numpy"]
+__all__ = ["topk_mask", "static_selection_numpy"]
 
 
 @njit(cache=True, parallel=True)
@@ -92,23 +91,3 @@ def static_selection_numpy(
         chunks = row_chunks(B, solver_threads(num_threads))
         run_parallel(_static_rows, num_threads, mask, link_cost, float(failure_energy), int(num_subcarriers), chunks, out)
     return out
-
-
-@njit(cache=True, parallel=True)
-def _plan_rows(mask, num_subcarriers, num_chunks, subcarrier):
-    B, K = mask.shape
-    plan = np.arange(K) % num_subcarriers
-    for chunk in prange(num_chunks):
-        for b in range(chunk * B // num_chunks, (chunk + 1) * B // num_chunks):
-            for k in range(K):
-                subcarrier[b, k] = plan[k] if mask[b, k] else -1
-
-
-def static_plan_numpy(mask: np.ndarray, num_subcarriers: int, *, num_threads=None) -> np.ndarray:
-    """int64[B, K]: subcarrier a(k) = k mod N where mask bool[B, K] is set, -1 elsewhere."""
-    B, K = mask.shape
-    subcarrier = np.empty((B, K), dtype=np.int64)
-    if B:
-        chunks = row_chunks(B, solver_threads(num_threads))
-        run_parallel(_plan_rows, num_threads, mask, int(num_subcarriers), chunks, subcarrier)
-    return subcarrier

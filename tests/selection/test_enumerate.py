@@ -216,7 +216,7 @@ def test_des_small_kernel_equals_des_enumerate_bit_for_bit(tied):
 
 def test_router_des_on_the_cpu_takes_the_small_kernel_for_pairs(monkeypatch):
     calls = []
-    monkeypatch.setattr(registry, "des_small", lambda *args: calls.append(args) or des_enumerate(*args))
+    monkeypatch.setattr(registry, "des_small", lambda *args, **_: calls.append(args) or des_enumerate(*args))
     s = torch.softmax(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), 1)
     c = torch.rand(64, 8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     route("des", s, c, gamma=0.5, k_max=2)

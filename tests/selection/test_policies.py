@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dmoe_torch.selection import POLICIES, Selection, channel_topk, dense, des, jesa, random_topk, route, topk
-from dmoe_torch.selection.baselines import _static_selection_cpu, _static_selection_torch, static_costs, static_plan_for
+from dmoe_torch.selection.baselines import _static_selection_cpu, _static_selection_torch, static_costs
 from dmoe_torch.selection.exact import milp_p2
-from dmoe_torch.selection.static_kernels import static_plan_numpy, topk_mask
+from dmoe_torch.selection.static_kernels import topk_mask
 
 FAILURE_J = 2e-4  # P_ap * T_max with the default 0.2 W and 1 ms
 
@@ -308,9 +308,3 @@ def test_cpu_static_selection_equals_the_torch_path(K, N):
         failed += int(cpu.failed.sum())
         dropped += int(cpu.dropped[mask.any(1)].sum())
     assert failed > 0 and dropped > 0  # links in outage and rows with nothing delivered were covered
-
-
-def test_cpu_static_plan_of_des():
-    mask = torch.rand(300, 8, generator=torch.Generator().manual_seed(0)) < 0.3
-    for N in (8, 11):
-        assert torch.equal(torch.from_numpy(static_plan_numpy(mask.numpy(), N)), static_plan_for(mask, N))
