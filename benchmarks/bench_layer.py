@@ -8,9 +8,11 @@ in one process, interleaved over repetitions:
 * route() alone for topk@2, des / jesa / optimal / greedy at gamma 0.25 (k_max 2),
   lagrangian, and des / jesa pinned to two experts (k_min = k_max = 2); the exact policies
   run their default path (on the CPU for k_max <= 2: des the numba enumeration des_small,
-  jesa numba with des_small inside; optimal / greedy / lagrangian the torch enumeration)
-  and, for comparison, the "numba" rows: des by its branch and bound (``--no-numba`` skips
-  those rows);
+  jesa its numba row kernel, both in small_sets.py; optimal / greedy / lagrangian the torch
+  enumeration; topk's Selection one numba pass, static_kernels.py)
+  and, for comparison, the "numba" rows: the general CPU solvers, des by its branch and
+  bound and jesa by its batched steps (one numba pass per step and round, DES by branch and
+  bound) (``--no-numba`` skips those rows);
 * the layer step routed by des / jesa pinned to two experts (the same expert work as top-2).
 
 Target (issue: the router on the model's device): each router <= 5% of the top-2 layer
@@ -25,6 +27,7 @@ benchmarks/results/layer.json (benchmarks/results/layer_<device>.json off the CP
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import time
@@ -37,6 +40,7 @@ from dmoe_torch.moe import MoELayer, RouterSpec
 from dmoe_torch.selection import registry, route
 from dmoe_torch.utils import atomic_write_json, machine_facts
 
+jesa_module = importlib.import_module("dmoe_torch.selection.jesa")  # the package's `jesa` is the function
 ROWS, D, K, N = 256 * 49, 64, 8, 16
 GAMMA = dict(gamma=0.25, k_max=2)
 PINNED = dict(gamma=0.01, k_min=2, k_max=2)  # any pair reaches gamma: exactly two experts, as top-2
@@ -91,7 +95,11 @@ def main() -> None:
 
     def route_once(policy, params, solver):
         if solver == "numba":
-            with mock.patch.object(registry, "enumerable", lambda *a: False), mock.patch.object(registry, "SMALL_SET_SIZE", 0):
+            with (
+                mock.patch.object(registry, "enumerable", lambda *a: False),
+                mock.patch.object(registry, "SMALL_SET_SIZE", 0),
+                mock.patch.object(jesa_module, "SMALL_SET_SIZE", 0),
+            ):
                 return route(policy, scores, costs, failure_energy=channel.failure_energy_j, check_values=False, **params)
         return route(policy, scores, costs, failure_energy=channel.failure_energy_j, check_values=False, **params)
 

@@ -16,10 +16,10 @@ Devices.  Token routing runs on the scores' device.  The exact policies (des, je
 optimal) enumerate the candidate sets in torch (enumerate.py) where that is faster, as
 ``enumerable`` measured it: on an accelerator for k_max <= 3 (no host round trip), on the
 CPU for des up to 92 candidate sets and for optimal (enumeration beats HiGHS by 100x).  On
-the CPU with k_max <= 2, des (and jesa's DES steps) run ``des_small``: the same enumeration
-in one numba pass over the rows, des_enumerate's answer bit for bit.  Otherwise they run
-numba (des, jesa) or HiGHS (optimal) on the CPU and move the result back.  All paths are
-exact and agree (tests/selection/test_enumerate.py).
+the CPU with k_max <= 2, des runs ``des_small``: the same enumeration in one numba pass over
+the rows, des_enumerate's answer bit for bit, and jesa its per-row kernel (small_sets.py).
+Otherwise they run numba (des, jesa) or HiGHS (optimal) on the CPU and move the result back.
+All paths are exact and agree (tests/selection/test_enumerate.py, test_jesa.py).
 """
 
 from __future__ import annotations
