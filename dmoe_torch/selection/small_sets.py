@@ -296,7 +296,9 @@ def _jesa_small_rows(s_all, e_all, threshold, k_min, k_max, max_iterations, num_
         used = np.empty(N, np.bool_)
         for b in range(chunk * B // num_chunks, (chunk + 1) * B // num_chunks):
             s, e, mask, sub = s_all[b], e_all[b], mask_all[b], sub_all[b]
-            for k in range(K):  # c*: each expert on its cheapest link (lowest index on ties)
+            # c*: each expert on its cheapest link (lowest index on ties); jesa._best_links' loop,
+            # written again: numba's cache would not see a change to another module's function
+            for k in range(K):
                 arg = 0
                 low = e[k, 0]
                 for n in range(1, N):
