@@ -88,9 +88,12 @@ def _validate(scores: torch.Tensor, costs: torch.Tensor) -> tuple[torch.Tensor, 
     return s, c
 
 
-def _static_selection(mask: torch.Tensor, costs: torch.Tensor, failure_energy: float) -> Selection:
-    """Build the Selection of a static-plan policy from its mask [B, K] and costs [B, K, N]."""
-    if mask.device.type == "cpu":  # one numba pass instead of ~10 torch ops (static_kernels.py)
+def _static_selection(mask: torch.Tensor, costs: torch.Tensor, failure_energy: float, most_selected: int) -> Selection:
+    """Build the Selection of a static-plan policy from its mask [B, K] (at most
+    ``most_selected`` experts per row) and costs [B, K, N]."""
+    # On the CPU one numba pass instead of ~10 torch ops (static_kernels.py).  Only for at
+    # most two links a row: a sum of two energies has one rounding, so the bits are torch's.
+    if mask.device.type == "cpu" and most_selected <= 2:
         return _static_selection_cpu(mask, costs, failure_energy)
     return _static_selection_torch(mask, costs, failure_energy)
 
@@ -157,8 +160,8 @@ def topk(scores: torch.Tensor, costs: torch.Tensor, k: int, *, failure_energy: f
 def topk_validated(s: torch.Tensor, c: torch.Tensor, k: int, failure_energy: float) -> Selection:
     """:func:`topk` on checked inputs (float64 scores [B, K], costs [B, K, N] on one device, N >= K)."""
     if s.device.type == "cpu":
-        return _static_selection(torch.from_numpy(topk_mask(s.numpy(), k)), c, failure_energy)
-    return _static_selection(_mask_from_ranking(_top_scores(s, k), k, s.shape[1]), c, failure_energy)
+        return _static_selection(torch.from_numpy(topk_mask(s.numpy(), k)), c, failure_energy, k)
+    return _static_selection(_mask_from_ranking(_top_scores(s, k), k, s.shape[1]), c, failure_energy, k)
 
 
 # Up to this k, top-k takes k argmax passes (each ~0.4 ms at 12,544 x 8 on a core) instead of
@@ -195,7 +198,7 @@ def channel_topk_validated(s: torch.Tensor, c: torch.Tensor, k: int, failure_ene
     link_cost = static_costs(c)
     ranking = torch.sort(link_cost, dim=1, stable=True).indices
     mask = _mask_from_ranking(ranking, k, s.shape[1]) & torch.isfinite(link_cost)
-    return _static_selection(mask, c, failure_energy)
+    return _static_selection(mask, c, failure_energy, k)
 
 
 def random_topk(
@@ -224,7 +227,7 @@ def random_topk_validated(
     # from the CPU generator on every device, so a seed gives the same experts everywhere.
     keys = torch.rand(B, K, generator=generator, dtype=torch.float64).to(s.device, non_blocking=True)
     ranking = torch.argsort(keys, dim=1)
-    return _static_selection(_mask_from_ranking(ranking, k, K), c, failure_energy)
+    return _static_selection(_mask_from_ranking(ranking, k, K), c, failure_energy, k)
 
 
 def dense(scores: torch.Tensor, costs: torch.Tensor, *, failure_energy: float = 0.0) -> Selection:
@@ -238,4 +241,4 @@ def dense(scores: torch.Tensor, costs: torch.Tensor, *, failure_energy: float = 
 
 def dense_validated(s: torch.Tensor, c: torch.Tensor, failure_energy: float) -> Selection:
     """:func:`dense` on checked inputs."""
-    return _static_selection(torch.isfinite(static_costs(c)), c, failure_energy)
+    return _static_selection(torch.isfinite(static_costs(c)), c, failure_energy, s.shape[1])

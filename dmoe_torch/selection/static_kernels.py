@@ -11,7 +11,8 @@ fields in one pass over the rows, into numpy arrays the Selection then shares:
   on subcarrier a(k) = k mod N): subcarrier, failed (selected links in outage), energy (the
   delivered links' costs + failure_energy per failed link), dropped (no delivered link) and
   frame_overrun (a failed link), as baselines._static_selection computes them in torch
-  (tests/selection/test_policies.py compares them bit for bit).
+  (tests/selection/test_policies.py compares them; the energy bit for bit where a row
+  selects at most two experts, the only case the router uses this kernel for).
 """
 
 from __future__ import annotations

@@ -297,10 +297,8 @@ def test_cpu_static_selection_equals_the_torch_path(K, N):
         for field in fields(Selection):
             got, want = getattr(cpu, field.name), getattr(reference, field.name)
             assert got.dtype == want.dtype and got.shape == want.shape, field.name
-            if field.name == "energy":  # more than two delivered links: another summation order
-                torch.testing.assert_close(got, want, rtol=1e-13, atol=0.0)
-                if mask.sum(1).max() <= 2:
-                    assert torch.equal(got, want)
+            if field.name == "energy" and mask.sum(1).max() > 2:  # another summation order (the
+                torch.testing.assert_close(got, want, rtol=1e-13, atol=0.0)  # router keeps torch's there)
             elif field.name == "lower_bound":
                 assert got.isnan().all() and want.isnan().all()
             else:
