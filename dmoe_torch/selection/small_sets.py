@@ -242,36 +242,33 @@ def _assign_pair(e, mask, out_sub):
 
 
 @njit(cache=True)
-def _costs_beside(e, sub, out_cost):
+def _costs_beside(e, sub, out_cost, owner):
     """Each expert's cheapest link on a subcarrier the *other* selected experts' assignment
-    sub [K] (-1: none) leaves free: JESA's updated costs c_k."""
+    sub [K] (-1: none) leaves free: JESA's updated costs c_k.  owner: int64[N] scratch."""
     K, N = e.shape
+    owner[:] = -1
+    for k in range(K):
+        if sub[k] >= 0:
+            owner[sub[k]] = k
     for k in range(K):
         low = np.inf
         for n in range(N):
-            if e[k, n] < low:
-                taken = False
-                for other in range(K):
-                    if other != k and sub[other] == n:
-                        taken = True
-                if not taken:
-                    low = e[k, n]
+            if e[k, n] < low and (owner[n] < 0 or owner[n] == k):
+                low = e[k, n]
         out_cost[k] = low
 
 
 @njit(cache=True)
-def _jesa_iterate_row(s, e, lower, threshold, k_min, k_max, max_iterations, mask, sub, work):
+def _jesa_iterate_row(s, e, lower, threshold, k_min, k_max, max_iterations, mask, sub, work, new_mask, new_sub, owner):
     """JESA's iterative phase on one row whose DES(c*) set ``mask`` has colliding best links.
 
     Rewrites mask / sub with the best candidate; returns (energy J, +inf when no candidate
-    was feasible; DES solves).  work: float64[3, K] scratch (costs, suffix, candidate)."""
-    K = s.shape[0]
+    was feasible; DES solves).  Scratch: work float64[3, K] (costs, suffix), new_mask
+    bool[K], new_sub int64[K], owner int64[N]."""
     energy = _assign_pair(e, mask, sub)
     solves = 1
-    new_mask = np.empty(K, np.bool_)
-    new_sub = np.empty(K, np.int64)
     while solves < max_iterations and energy > lower * (1.0 + ENERGY_RTOL):
-        _costs_beside(e, sub, work[0])
+        _costs_beside(e, sub, work[0], owner)
         _, feasible = _solve_row(s, work[0], threshold, k_min, k_max, new_mask, work[1])
         solves += 1
         new_energy = _assign_pair(e, new_mask, new_sub) if feasible else np.inf
@@ -294,6 +291,9 @@ def _jesa_small_rows(s_all, e_all, threshold, k_min, k_max, max_iterations, num_
         best_sub = np.empty(K, np.int64)
         work = np.empty((3, K))
         used = np.empty(N, np.bool_)
+        new_mask = np.empty(K, np.bool_)
+        new_sub = np.empty(K, np.int64)
+        owner = np.empty(N, np.int64)
         for b in range(chunk * B // num_chunks, (chunk + 1) * B // num_chunks):
             s, e, mask, sub = s_all[b], e_all[b], mask_all[b], sub_all[b]
             # c*: each expert on its cheapest link (lowest index on ties); jesa._best_links' loop,
@@ -330,7 +330,8 @@ def _jesa_small_rows(s_all, e_all, threshold, k_min, k_max, max_iterations, num_
             elif not feasible:
                 fallback_all[b] = True
             else:
-                energy, solves = _jesa_iterate_row(s, e, lower, threshold, k_min, k_max, max_iterations, mask, sub, work)
+                scratch = (work, new_mask, new_sub, owner)
+                energy, solves = _jesa_iterate_row(s, e, lower, threshold, k_min, k_max, max_iterations, mask, sub, *scratch)
                 energy_all[b] = energy
                 iterations_all[b] = solves
                 certified_all[b] = energy <= lower * (1.0 + ENERGY_RTOL)
