@@ -33,7 +33,9 @@ Algorithm (docs/method.md proves the properties used here):
 
 Per-row work runs in numba-compiled loops over the batch; DES runs batched through
 ``des_numpy`` (once for the whole batch, then once per iteration round on the rows still
-improving), so there is no Python work per row.  The row loops run in parallel over chunks of
+improving), so there is no Python work per row; for k_max <= 2 (the MoE layer's sets) each
+row runs steps 1-3 in one kernel call instead (small_sets.jesa_small_numpy, the same answer
+on inputs without exact ties), and only the rows needing step 4 come back here.  The row loops run in parallel over chunks of
 rows on as many threads as torch's intra-op setting (``torch.get_num_threads()``, capped at
 ``NUMBA_NUM_THREADS``; ``jesa_numpy(..., num_threads=n)`` overrides it), with results
 bit-identical for any thread count: see "Threads" in des.py.  The numba code here
