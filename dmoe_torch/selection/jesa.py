@@ -35,8 +35,8 @@ Per-row work runs in numba-compiled loops over the batch; DES runs batched throu
 ``des_numpy`` (once for the whole batch, then once per iteration round on the rows still
 improving), so there is no Python work per row; for k_max <= 2 (the MoE layer's sets) each
 row runs steps 1-3 in one kernel call instead (small_sets.jesa_small_numpy, the same answer
-on inputs without exact ties), and only the rows needing step 4 come back here.  The row loops run in parallel over chunks of
-rows on as many threads as torch's intra-op setting (``torch.get_num_threads()``, capped at
+on inputs without exact ties), and only the rows needing step 4 come back here.  The row
+loops run in parallel over chunks of rows on as many threads as torch's intra-op setting (``torch.get_num_threads()``, capped at
 ``NUMBA_NUM_THREADS``; ``jesa_numpy(..., num_threads=n)`` overrides it), with results
 bit-identical for any thread count: see "Threads" in des.py.  The numba code here
 deliberately calls no jitted function of another module: numba's on-disk cache does not
