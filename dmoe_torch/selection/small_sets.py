@@ -288,7 +288,6 @@ def _jesa_small_rows(s_all, e_all, threshold, k_min, k_max, max_iterations, num_
     dropped_all, bound_all = out[8:]
     B, K, N = e_all.shape
     for chunk in prange(num_chunks):
-        best_sub = np.empty(K, np.int64)
         work = np.empty((3, K))
         used = np.empty(N, np.bool_)
         new_mask = np.empty(K, np.bool_)
@@ -296,16 +295,14 @@ def _jesa_small_rows(s_all, e_all, threshold, k_min, k_max, max_iterations, num_
         owner = np.empty(N, np.int64)
         for b in range(chunk * B // num_chunks, (chunk + 1) * B // num_chunks):
             s, e, mask, sub = s_all[b], e_all[b], mask_all[b], sub_all[b]
-            # c*: each expert on its cheapest link (lowest index on ties); jesa._best_links' loop,
-            # written again: numba's cache would not see a change to another module's function
+            # c*: each expert's cheapest link energy.  Only the minimum here (a branch-free,
+            # memory-bound pass over the row's [K, N] costs; tracking the argmin too doubled
+            # it); the link itself is looked up below for the selected experts only.
             for k in range(K):
-                arg = 0
                 low = e[k, 0]
                 for n in range(1, N):
-                    if e[k, n] < low:
-                        low = e[k, n]
-                        arg = n
-                best_sub[k] = arg
+                    value = e[k, n]
+                    low = value if value < low else low
                 work[0, k] = low
             lower, feasible = _solve_row(s, work[0], threshold, k_min, k_max, mask, work[1])
             lower_all[b] = lower
@@ -318,9 +315,12 @@ def _jesa_small_rows(s_all, e_all, threshold, k_min, k_max, max_iterations, num_
             for k in range(K):
                 sub[k] = -1
                 if mask[k]:
-                    distinct = distinct and not used[best_sub[k]]
-                    used[best_sub[k]] = True
-                    sub[k] = best_sub[k]
+                    best = 0  # its cheapest link, lowest index on ties (as jesa._best_links)
+                    while e[k, best] != work[0, k]:
+                        best += 1
+                    distinct = distinct and not used[best]
+                    used[best] = True
+                    sub[k] = best
                     selected += 1
             dropped_all[b] = selected == 0
             if distinct:  # each selected expert on its own best link: optimal for P2
