@@ -137,12 +137,12 @@ def _des_small_arrays(scores, costs, threshold, k_min, k_max, num_subcarriers, n
         raise ValueError(f"need 1 <= k_min <= k_max <= {SMALL_SET_SIZE}, got k_min={k_min}, k_max={k_max}")
     B, K = scores.shape
     out = (
-        np.zeros((B, K), dtype=np.bool_),
+        np.empty((B, K), dtype=np.bool_),  # the kernel writes every field of every row: no fill
         np.empty((B, K), dtype=np.int64),
-        np.zeros(B),
-        np.zeros(B, dtype=np.bool_),
-        np.zeros(B, dtype=np.bool_),
-        np.zeros(B),
+        np.empty(B),
+        np.empty(B, dtype=np.bool_),
+        np.empty(B, dtype=np.bool_),
+        np.empty(B),
     )
     if B:
         chunks = row_chunks(B, solver_threads(num_threads))
@@ -353,8 +353,8 @@ def jesa_small_numpy(
         raise ValueError(f"need 1 <= k_min <= k_max <= {SMALL_SET_SIZE}, got k_min={k_min}, k_max={k_max}")
     B, K, _ = costs.shape
     out = (
-        np.zeros((B, K), dtype=np.bool_),
-        np.full((B, K), -1, dtype=np.int64),
+        np.empty((B, K), dtype=np.bool_),  # mask and subcarrier: written on every row
+        np.empty((B, K), dtype=np.int64),
         np.zeros(B),
         np.zeros(B),
         np.zeros(B, dtype=np.bool_),
